@@ -1,0 +1,306 @@
+//! crd's kernel side: two BPF iterator programs that copy the fd state of the tasks
+//! userspace asked for into a ring buffer, as fixed-size records (`crd-common`).
+//!
+//! - `crd_task` (`iter/task`): one [`TaskRecord`] per thread: identity, real parent, comm,
+//!   and the `files_struct` pointer that tells which threads share one fd table.
+//! - `crd_task_file` (`iter/task_file`): one [`FdRecord`] per fd of each fd table.
+//!
+//! Rust eBPF emits no CO-RE relocations, so every field is read at an offset that
+//! userspace resolved from the running kernel's BTF and froze into `.rodata`
+//! ([`CRD_CONFIG`]); the verifier then sees the offsets as constants.
+//!
+//! **No silent loss**: when the ring buffer is full the program returns 1. The kernel then
+//! ends the current `read()` of the iterator and retries the same (task, fd) on the next
+//! `read()`, after userspace has drained the ring. Nothing is ever dropped.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel,
+    macros::map,
+    maps::{Array, HashMap, RingBuf},
+};
+use crd_common::{
+    COMM_LEN, Config, FD_CLOEXEC, FD_HAS_PIPE, FD_PIPE_QUEUE_TRUNCATED, FdRecord,
+    MAX_PIPE_BUFS_WALKED, Offsets, RECORD_FD, RECORD_TASK, STAT_COUNT, STAT_READ_FAILED,
+    STAT_RING_FULL, STAT_SUBMITTED, TaskRecord,
+};
+
+/// Set by userspace before load (`EbpfLoader::set_global`); zero here only as a
+/// placeholder. Lives in `.rodata`, which aya freezes.
+#[unsafe(no_mangle)]
+static CRD_CONFIG: Config = Config {
+    offsets: Offsets {
+        task_pid: 0,
+        task_tgid: 0,
+        task_real_parent: 0,
+        task_comm: 0,
+        task_files: 0,
+        files_fdt: 0,
+        fdtable_close_on_exec: 0,
+        file_f_flags: 0,
+        file_f_mode: 0,
+        file_f_pos: 0,
+        file_f_inode: 0,
+        file_f_ref: 0,
+        inode_i_mode: 0,
+        inode_i_ino: 0,
+        inode_i_sb: 0,
+        inode_i_rdev: 0,
+        inode_i_pipe: 0,
+        sb_s_magic: 0,
+        sb_s_dev: 0,
+        pipe_head: 0,
+        pipe_tail: 0,
+        pipe_ring_size: 0,
+        pipe_readers: 0,
+        pipe_writers: 0,
+        pipe_bufs: 0,
+        pipe_buffer_len: 0,
+        pipe_buffer_size: 0,
+        file_ref_bias: 0,
+    },
+    match_all: 0,
+    _pad: 0,
+};
+
+/// Records for userspace. Its size can be overridden at load time.
+#[map]
+#[allow(non_upper_case_globals)]
+static crd_events: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// The thread-group ids to report (key: tgid; value unused).
+#[map]
+#[allow(non_upper_case_globals)]
+static crd_tgids: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
+
+/// Counters (`STAT_*`) that let userspace prove nothing was lost.
+#[map]
+#[allow(non_upper_case_globals)]
+static crd_stats: Array<u64> = Array::with_max_entries(STAT_COUNT, 0);
+
+/// `struct bpf_iter_meta`.
+#[repr(C)]
+pub struct IterMeta {
+    seq: u64,
+    session_id: u64,
+    seq_num: u64,
+}
+
+/// `struct bpf_iter__task`: every member is an 8-byte `__bpf_md_ptr`.
+#[repr(C)]
+pub struct TaskCtx {
+    meta: *const IterMeta,
+    task: *const u8,
+}
+
+/// `struct bpf_iter__task_file`.
+#[repr(C)]
+pub struct TaskFileCtx {
+    meta: *const IterMeta,
+    task: *const u8,
+    fd: u32,
+    _pad: u32,
+    file: *const u8,
+}
+
+const S_IFMT: u32 = 0o170000;
+const S_IFIFO: u32 = 0o010000;
+
+#[inline(always)]
+fn config() -> &'static Offsets {
+    // SAFETY: CRD_CONFIG is a valid static; the volatile read stops the compiler from
+    // folding the placeholder zeros, so the loaded (frozen) values are used.
+    unsafe { &*core::ptr::read_volatile(&&raw const CRD_CONFIG.offsets) }
+}
+
+#[inline(always)]
+fn match_all() -> bool {
+    // SAFETY: as in `config`.
+    unsafe { core::ptr::read_volatile(&raw const CRD_CONFIG.match_all) != 0 }
+}
+
+#[inline(always)]
+fn bump(stat: u32) {
+    if let Some(counter) = crd_stats.get_ptr_mut(stat) {
+        // SAFETY: the pointer comes from a successful map lookup; crd runs one iteration
+        // of its own maps at a time, so nothing else writes the counter concurrently.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Reads a `T` at `base + offset` in kernel memory; counts a failure and yields the
+/// default instead of aborting, so one unreadable field never hides a whole record.
+#[inline(always)]
+fn read<T: Default + Copy>(base: u64, offset: u32) -> T {
+    if base == 0 {
+        return T::default();
+    }
+    // SAFETY: bpf_probe_read_kernel validates the address itself and fails cleanly.
+    match unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) } {
+        Ok(value) => value,
+        Err(_) => {
+            bump(STAT_READ_FAILED);
+            T::default()
+        }
+    }
+}
+
+/// Whether userspace asked for this task's thread group.
+#[inline(always)]
+fn wanted(tgid: u32) -> bool {
+    match_all() || crd_tgids.get_ptr(tgid).is_some()
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task")]
+pub extern "C" fn crd_task(ctx: *const TaskCtx) -> i32 {
+    // SAFETY: the kernel passes a valid context; `task` is NULL on the final call.
+    let task = unsafe { (*ctx).task } as u64;
+    if task == 0 {
+        return 0;
+    }
+    let off = config();
+    let tgid: u32 = read(task, off.task_tgid);
+    if !wanted(tgid) {
+        return 0;
+    }
+    let parent: u64 = read(task, off.task_real_parent);
+    let record = TaskRecord {
+        kind: RECORD_TASK,
+        pid: read(task, off.task_pid),
+        tgid,
+        parent_tgid: read(parent, off.task_tgid),
+        files: read(task, off.task_files),
+        comm: read::<[u8; COMM_LEN]>(task, off.task_comm),
+    };
+    emit(record)
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
+    // SAFETY: the kernel passes a valid context; `task` and `file` are NULL on the
+    // final call.
+    let (task, fd, file) = unsafe { ((*ctx).task as u64, (*ctx).fd, (*ctx).file as u64) };
+    if task == 0 || file == 0 {
+        return 0;
+    }
+    let off = config();
+    let tgid: u32 = read(task, off.task_tgid);
+    if !wanted(tgid) {
+        return 0;
+    }
+    let files: u64 = read(task, off.task_files);
+    let inode: u64 = read(file, off.file_f_inode);
+    let sb: u64 = read(inode, off.inode_i_sb);
+    let i_mode = read::<u16>(inode, off.inode_i_mode) as u32;
+    let mut record = FdRecord {
+        kind: RECORD_FD,
+        fd,
+        tgid,
+        pid: read(task, off.task_pid),
+        files,
+        file,
+        inode,
+        pipe: 0,
+        pos: read(file, off.file_f_pos),
+        file_refs: read(file, off.file_f_ref),
+        ino: read(inode, off.inode_i_ino),
+        sb_magic: read(sb, off.sb_s_magic),
+        f_flags: read(file, off.file_f_flags),
+        f_mode: read(file, off.file_f_mode),
+        i_mode,
+        s_dev: read(sb, off.sb_s_dev),
+        i_rdev: read(inode, off.inode_i_rdev),
+        flags: 0,
+        pipe_ring_size: 0,
+        pipe_readers: 0,
+        pipe_writers: 0,
+        pipe_queued: 0,
+    };
+    if close_on_exec(files, fd, off) {
+        record.flags |= FD_CLOEXEC;
+    }
+    // `i_pipe` shares a union with `i_cdev`, `i_link` and `i_dir_seq`: it means a pipe
+    // only when the inode is a FIFO.
+    if i_mode & S_IFMT == S_IFIFO {
+        let pipe: u64 = read(inode, off.inode_i_pipe);
+        if pipe != 0 {
+            fill_pipe(&mut record, pipe, off);
+        }
+    }
+    emit(record)
+}
+
+/// Tests `fd`'s bit in `files->fdt->close_on_exec`.
+#[inline(always)]
+fn close_on_exec(files: u64, fd: u32, off: &Offsets) -> bool {
+    let fdt: u64 = read(files, off.files_fdt);
+    let bitmap: u64 = read(fdt, off.fdtable_close_on_exec);
+    if bitmap == 0 {
+        return false;
+    }
+    let word: u64 = read(bitmap, (fd / 64) * 8);
+    word & (1u64 << (fd % 64)) != 0
+}
+
+/// Copies the pipe's bookkeeping and sums the lengths of its occupied buffers.
+#[inline(always)]
+fn fill_pipe(record: &mut FdRecord, pipe: u64, off: &Offsets) {
+    record.pipe = pipe;
+    record.flags |= FD_HAS_PIPE;
+    let head: u32 = read(pipe, off.pipe_head);
+    let tail: u32 = read(pipe, off.pipe_tail);
+    let ring_size: u32 = read(pipe, off.pipe_ring_size);
+    record.pipe_ring_size = ring_size;
+    record.pipe_readers = read(pipe, off.pipe_readers);
+    record.pipe_writers = read(pipe, off.pipe_writers);
+    let used = head.wrapping_sub(tail);
+    let bufs: u64 = read(pipe, off.pipe_bufs);
+    if ring_size == 0 || bufs == 0 {
+        return;
+    }
+    let mask = ring_size - 1;
+    let mut queued: u32 = 0;
+    for i in 0..MAX_PIPE_BUFS_WALKED {
+        if i >= used {
+            break;
+        }
+        let slot = (tail.wrapping_add(i) & mask) as u64;
+        let buffer = bufs + slot * off.pipe_buffer_size as u64;
+        queued = queued.wrapping_add(read::<u32>(buffer, off.pipe_buffer_len));
+    }
+    if used > MAX_PIPE_BUFS_WALKED {
+        record.flags |= FD_PIPE_QUEUE_TRUNCATED;
+    }
+    record.pipe_queued = queued;
+}
+
+/// Pushes one record; on a full ring, pauses the iteration (return 1) so the same
+/// element is retried after userspace drains the ring.
+#[inline(always)]
+fn emit<T: 'static>(record: T) -> i32 {
+    match crd_events.reserve::<T>(0) {
+        Some(mut entry) => {
+            entry.write(record);
+            entry.submit(0);
+            bump(STAT_SUBMITTED);
+            0
+        }
+        None => {
+            bump(STAT_RING_FULL);
+            1
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "license")]
+pub static LICENSE: [u8; 4] = *b"GPL\0";

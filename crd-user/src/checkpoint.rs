@@ -1,0 +1,93 @@
+//! Checkpoint: freeze → harvest → extras → thaw → graph → image.
+//!
+//! The targets are frozen only for the harvest and the pipe copies; they are resumed
+//! (by dropping [`Frozen`]) before the graph is built and the image is written, on every
+//! path out of [`checkpoint`].
+use std::path::Path;
+
+use crate::{
+    freeze::{FreezeError, Frozen},
+    graph::Graph,
+    harvest::{
+        Harvest, Source,
+        bpf::{BpfError, BpfHarvester, HarvestStats, Scope},
+        extras::{self, ExtrasError},
+        procfs::{self, ProcfsError},
+    },
+    image::{self, Header, ImageBody, ImageError},
+    types::Tgid,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Freeze(#[from] FreezeError),
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    #[error(transparent)]
+    Procfs(#[from] ProcfsError),
+    #[error(transparent)]
+    Extras(#[from] ExtrasError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("interrupted; the target was resumed and no image was written")]
+    Interrupted,
+}
+
+/// What to checkpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub root: Tgid,
+    /// Include all descendants.
+    pub tree: bool,
+    pub source: Source,
+}
+
+/// A finished checkpoint.
+pub struct Checkpoint {
+    pub body: ImageBody,
+    /// BPF harvest counters (zero for procfs).
+    pub stats: HarvestStats,
+}
+
+/// Checkpoints `options.root` into an image body, leaving the targets running.
+/// `interrupted` is polled between steps (Ctrl-C).
+pub fn checkpoint(options: Options, interrupted: &dyn Fn() -> bool) -> Result<Checkpoint, CheckpointError> {
+    // Load BPF before freezing: the targets stay frozen for as short as possible.
+    let mut harvester = match options.source {
+        Source::Bpf => Some(BpfHarvester::load(false)?),
+        Source::Procfs => None,
+    };
+    let check = || if interrupted() { Err(CheckpointError::Interrupted) } else { Ok(()) };
+    check()?;
+    let frozen = Frozen::freeze(options.root, options.tree, interrupted).map_err(|e| match e {
+        FreezeError::Interrupted => CheckpointError::Interrupted,
+        e => e.into(),
+    })?;
+    let tgids: Vec<Tgid> = frozen.processes().collect();
+    let (mut harvest, stats): (Harvest, HarvestStats) = match harvester.as_mut() {
+        Some(h) => h.harvest(Scope::Processes(&tgids), interrupted).map_err(|e| match e {
+            BpfError::Interrupted => CheckpointError::Interrupted,
+            e => e.into(),
+        })?,
+        None => (procfs::harvest(&tgids)?, HarvestStats::default()),
+    };
+    check()?;
+    let extras = extras::collect(&mut harvest, &frozen)?;
+    let root = frozen.root();
+    frozen.thaw();
+    check()?;
+    let graph = Graph::build(root, &harvest, &extras);
+    Ok(Checkpoint { body: ImageBody { header: Header::now(options.source, options.tree), graph }, stats })
+}
+
+/// Checkpoints and writes the image atomically to `output`.
+pub fn checkpoint_to_file(
+    options: Options,
+    output: &Path,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<Checkpoint, CheckpointError> {
+    let done = checkpoint(options, interrupted)?;
+    image::write(output, &done.body)?;
+    Ok(done)
+}

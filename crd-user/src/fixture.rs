@@ -1,0 +1,283 @@
+//! Fixture: a process tree wired with pipes and files from a list of steps, for
+//! `crd demo` and the integration tests (`crd fixture STEP...`, hidden).
+//!
+//! Steps run in order; `fork` splits the list: the child runs the remaining steps, the
+//! parent stops there. Every process then writes its PID as one line to the fd named
+//! by `$CRD_FIXTURE_READY` (if set), closes it, and waits for a signal. Every process
+//! dies with its parent (PR_SET_PDEATHSIG), so nothing outlives the test that made it.
+//!
+//! | step                  | effect                                                      |
+//! |-----------------------|-------------------------------------------------------------|
+//! | `pipe:R:W`            | pipe2, read end at fd R, write end at fd W                  |
+//! | `dup:A:B`             | dup2(A, B)                                                  |
+//! | `open:FD:MODE:PATH`   | open PATH at fd FD; MODE letters r w a(ppend) c(reate) t(runc) n(onblock) |
+//! | `mkfifo:PATH`         | mkfifo PATH (mode 0600)                                     |
+//! | `seek:FD:N`           | lseek(FD, N, SEEK_SET)                                      |
+//! | `write:FD:TEXT`       | write TEXT to FD                                            |
+//! | `fill:FD:N`           | write N bytes (a repeating pattern) to FD                   |
+//! | `pipesz:FD:N`         | F_SETPIPE_SZ                                                |
+//! | `cloexec:FD`          | set FD_CLOEXEC                                              |
+//! | `nonblock:FD`         | set O_NONBLOCK on the description                           |
+//! | `close:FD`            | close FD                                                    |
+//! | `threads:N`           | start N threads that sleep                                  |
+//! | `fork`                | fork; the child runs the rest                               |
+use std::{
+    io::{BufRead, BufReader},
+    os::{
+        fd::{AsRawFd, BorrowedFd, IntoRawFd, RawFd},
+        unix::process::CommandExt,
+    },
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use nix::{
+    fcntl::{self, FcntlArg, FdFlag, OFlag},
+    sys::stat::Mode,
+    unistd::{self, ForkResult},
+};
+
+/// The environment variable naming the fd on which each process reports readiness.
+pub const READY_ENV: &str = "CRD_FIXTURE_READY";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FixtureError {
+    #[error("bad fixture step {0:?}")]
+    BadStep(String),
+    #[error("fixture step {step:?} failed: {source}")]
+    Failed { step: String, source: nix::Error },
+}
+
+/// The pattern `fill` writes: byte i is `(i % 251) as u8`, so order errors show.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+fn num<T: std::str::FromStr>(step: &str, s: Option<&str>) -> Result<T, FixtureError> {
+    s.and_then(|s| s.parse().ok()).ok_or_else(|| FixtureError::BadStep(step.to_string()))
+}
+
+fn move_fd(from: RawFd, to: RawFd, step: &str) -> Result<(), FixtureError> {
+    if from != to {
+        let failed = |source| FixtureError::Failed { step: step.to_string(), source };
+        // SAFETY: `from` is an fd this process just created and owns; dup2 onto `to`
+        // deliberately replaces whatever was there, as the step asks.
+        let ret = unsafe { libc::dup2(from, to) };
+        if ret < 0 {
+            return Err(failed(nix::Error::last()));
+        }
+        // SAFETY: `from` is owned by us and no longer needed.
+        unsafe { libc::close(from) };
+    }
+    Ok(())
+}
+
+fn borrowed(fd: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: the fixture names fds that its own earlier steps opened and keeps them
+    // open for its whole life; a wrong number only makes the syscall fail with EBADF.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+/// Runs the steps, reports readiness, and waits forever (until killed).
+pub fn run(steps: &[String]) -> Result<(), FixtureError> {
+    die_with_parent();
+    let mut i = 0;
+    while i < steps.len() {
+        let step = steps[i].as_str();
+        i += 1;
+        let mut parts = step.splitn(4, ':');
+        let op = parts.next().unwrap_or_default();
+        let failed = |source| FixtureError::Failed { step: step.to_string(), source };
+        match op {
+            "pipe" => {
+                let (r, w): (RawFd, RawFd) = (num(step, parts.next())?, num(step, parts.next())?);
+                let (pr, pw) = unistd::pipe().map_err(failed)?;
+                let (pr, pw) = (pr.into_raw_fd(), pw.into_raw_fd());
+                // Park both ends above the requested numbers first, so moving one
+                // cannot clobber the other.
+                let high_r = fcntl::fcntl(borrowed(pr), FcntlArg::F_DUPFD(1000)).map_err(failed)?;
+                let high_w = fcntl::fcntl(borrowed(pw), FcntlArg::F_DUPFD(1000)).map_err(failed)?;
+                // SAFETY: pr and pw are ours and replaced by their high copies.
+                unsafe {
+                    libc::close(pr);
+                    libc::close(pw);
+                }
+                move_fd(high_r, r, step)?;
+                move_fd(high_w, w, step)?;
+            }
+            "dup" => {
+                let (a, b): (RawFd, RawFd) = (num(step, parts.next())?, num(step, parts.next())?);
+                // SAFETY: dup2 of an fd we hold onto the requested number.
+                if unsafe { libc::dup2(a, b) } < 0 {
+                    return Err(failed(nix::Error::last()));
+                }
+            }
+            "open" => {
+                let fd: RawFd = num(step, parts.next())?;
+                let mode = parts.next().unwrap_or_default();
+                let path = parts.next().ok_or_else(|| FixtureError::BadStep(step.to_string()))?;
+                let mut flags = match (mode.contains('r'), mode.contains('w')) {
+                    (true, true) => OFlag::O_RDWR,
+                    (false, true) => OFlag::O_WRONLY,
+                    _ => OFlag::O_RDONLY,
+                };
+                for (letter, flag) in [('a', OFlag::O_APPEND), ('c', OFlag::O_CREAT), ('t', OFlag::O_TRUNC), ('n', OFlag::O_NONBLOCK)] {
+                    if mode.contains(letter) {
+                        flags |= flag;
+                    }
+                }
+                let opened = fcntl::open(path, flags, Mode::from_bits_truncate(0o600)).map_err(failed)?;
+                move_fd(opened.into_raw_fd(), fd, step)?;
+            }
+            "mkfifo" => {
+                let path = parts.next().ok_or_else(|| FixtureError::BadStep(step.to_string()))?;
+                unistd::mkfifo(path, Mode::from_bits_truncate(0o600)).map_err(failed)?;
+            }
+            "seek" => {
+                let (fd, to): (RawFd, i64) = (num(step, parts.next())?, num(step, parts.next())?);
+                unistd::lseek(borrowed(fd), to, unistd::Whence::SeekSet).map_err(failed)?;
+            }
+            "write" | "fill" => {
+                let fd: RawFd = num(step, parts.next())?;
+                let data = if op == "write" {
+                    parts.collect::<Vec<_>>().join(":").into_bytes()
+                } else {
+                    pattern(num(step, parts.next())?)
+                };
+                let mut done = 0;
+                while done < data.len() {
+                    done += unistd::write(borrowed(fd), &data[done..]).map_err(failed)?;
+                }
+            }
+            "pipesz" => {
+                let (fd, size): (RawFd, i32) = (num(step, parts.next())?, num(step, parts.next())?);
+                fcntl::fcntl(borrowed(fd), FcntlArg::F_SETPIPE_SZ(size)).map_err(failed)?;
+            }
+            "cloexec" => {
+                let fd: RawFd = num(step, parts.next())?;
+                fcntl::fcntl(borrowed(fd), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(failed)?;
+            }
+            "nonblock" => {
+                let fd: RawFd = num(step, parts.next())?;
+                let flags = fcntl::fcntl(borrowed(fd), FcntlArg::F_GETFL).map_err(failed)?;
+                let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+                fcntl::fcntl(borrowed(fd), FcntlArg::F_SETFL(flags)).map_err(failed)?;
+            }
+            "close" => {
+                let fd: RawFd = num(step, parts.next())?;
+                unistd::close(fd).map_err(failed)?;
+            }
+            "threads" => {
+                let n: usize = num(step, parts.next())?;
+                for _ in 0..n {
+                    std::thread::spawn(|| loop {
+                        std::thread::sleep(Duration::from_secs(3600));
+                    });
+                }
+            }
+            "fork" => {
+                // SAFETY: the fixture is single-threaded at a fork unless a `threads`
+                // step came first; the child only runs the step interpreter, which does
+                // plain syscalls and small allocations.
+                match unsafe { unistd::fork() }.map_err(failed)? {
+                    ForkResult::Child => {
+                        die_with_parent();
+                        continue;
+                    }
+                    ForkResult::Parent { .. } => break,
+                }
+            }
+            _ => return Err(FixtureError::BadStep(step.to_string())),
+        }
+    }
+    report_ready();
+    loop {
+        // SAFETY: pause has no preconditions; the process waits for a signal.
+        unsafe { libc::pause() };
+    }
+}
+
+fn die_with_parent() {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+}
+
+fn report_ready() {
+    let Some(fd) = std::env::var(READY_ENV).ok().and_then(|v| v.parse::<RawFd>().ok()) else { return };
+    let line = format!("{}\n", std::process::id());
+    let _ = unistd::write(borrowed(fd), line.as_bytes());
+    let _ = unistd::close(fd);
+}
+
+
+/// Where a spawned fixture reports readiness: high enough that no step uses it.
+const READY_FD: RawFd = 900;
+
+/// A running fixture tree, killed (with every descendant) when dropped.
+pub struct Spawned {
+    child: Child,
+    /// PIDs of the fixture's processes, in the order they became ready.
+    pub pids: Vec<u32>,
+}
+
+impl Spawned {
+    /// The root process's PID.
+    pub fn root(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // Descendants die with their parent (PR_SET_PDEATHSIG).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `EXE fixture STEPS...` (EXE is a crd binary) and waits until its `processes`
+/// processes are all set up.
+pub fn spawn(exe: &Path, steps: &[&str], processes: usize) -> std::io::Result<Spawned> {
+    let (ready_r, ready_w) = unistd::pipe2(OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+    let ready_w_raw = ready_w.as_raw_fd();
+    let mut command = Command::new(exe);
+    command
+        .arg("fixture")
+        .args(steps)
+        .env(READY_ENV, READY_FD.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2 and
+    // close_range, which are async-signal-safe; dup2 clears close-on-exec on the copy, so exactly the
+    // ready fd survives the exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(ready_w_raw, READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Start from a clean table: only 0-2 and the ready fd, whatever the
+            // caller had open.
+            libc::close_range(3, READY_FD as u32 - 1, 0);
+            libc::close_range(READY_FD as u32 + 1, u32::MAX, 0);
+            Ok(())
+        });
+    }
+    let child = command.spawn()?;
+    drop(ready_w);
+    let mut spawned = Spawned { child, pids: Vec::new() };
+    let mut lines = BufReader::new(std::fs::File::from(ready_r)).lines();
+    while spawned.pids.len() < processes {
+        match lines.next() {
+            Some(Ok(line)) => spawned.pids.push(line.trim().parse().unwrap_or(0)),
+            _ => {
+                return Err(std::io::Error::other(format!(
+                    "fixture {steps:?} stopped after {} of {processes} processes were ready",
+                    spawned.pids.len()
+                )));
+            }
+        }
+    }
+    Ok(spawned)
+}

@@ -1,0 +1,475 @@
+//! Graph: records → objref graph.
+//!
+//! linux-cr's nested sharing: an object shared by several users — an fd table shared by
+//! threads, an open file description shared by dup'ed fds or across fork, an inode
+//! (pipe, file...) shared by several descriptions — is saved once, where it is first
+//! encountered, under a fresh [`ObjRef`]; every later encounter records only that
+//! objref ([`Encounter::Again`], linux-cr's `CR_FD_OBJREF`). Walking the graph in order
+//! therefore always meets an object's full record before any reference to it, which is
+//! exactly the order restore needs to recreate each object once.
+//!
+//! Objrefs count from 1 in first-encounter order over a deterministic walk (processes
+//! in tree order, threads by TID, fds by number), so the same state always gives the
+//! same graph. This module knows nothing of BPF or /proc: it takes a [`Harvest`].
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    harvest::{FdInfo, Harvest, InodeKind, TaskInfo, extras::Extras},
+    types::{Access, DeviceId, Fd, KernelPtr, ObjRef, Pid, Tgid},
+};
+
+/// The first encounter of an object carries it; later ones refer to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Encounter<T> {
+    First { objref: ObjRef, object: T },
+    Again(ObjRef),
+}
+
+impl<T> Encounter<T> {
+    pub fn objref(&self) -> ObjRef {
+        match self {
+            Encounter::First { objref, .. } | Encounter::Again(objref) => *objref,
+        }
+    }
+
+    /// The object, on its first encounter.
+    pub fn first(&self) -> Option<&T> {
+        match self {
+            Encounter::First { object, .. } => Some(object),
+            Encounter::Again(_) => None,
+        }
+    }
+}
+
+/// The checkpointed process tree and everything its fds reach.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Graph {
+    pub root: Tgid,
+    /// Every thread, processes in tree order (parents first, siblings by PID), threads
+    /// of a process by TID.
+    pub tasks: Vec<Task>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub pid: Pid,
+    pub tgid: Tgid,
+    /// The real parent's PID (outside the graph for the root).
+    pub parent: Tgid,
+    pub comm: String,
+    pub fd_table: Encounter<FdTable>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdTable {
+    /// By fd number.
+    pub fds: Vec<FdSlot>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdSlot {
+    pub fd: Fd,
+    pub close_on_exec: bool,
+    pub file: Encounter<FileDesc>,
+}
+
+/// An open file description.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDesc {
+    /// Open flags (O_APPEND, O_NONBLOCK...), without O_CLOEXEC.
+    pub flags: u32,
+    pub access: Access,
+    pub pos: i64,
+    /// Also referenced from outside the checkpointed set (an fd of another process, an
+    /// mmap...): the kernel counts more references than the set holds.
+    pub held_outside: bool,
+    pub inode: Encounter<Inode>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub kind: InodeKind,
+    pub ino: u64,
+    pub mode: u32,
+    pub dev: DeviceId,
+    pub rdev: DeviceId,
+    /// Path of a named object (regular file, directory, FIFO, device), as
+    /// /proc/PID/fd/N shows it.
+    pub path: Option<String>,
+    pub pipe: Option<Pipe>,
+}
+
+/// The pipe of a pipe or FIFO inode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pipe {
+    /// Capacity in bytes (F_GETPIPE_SZ).
+    pub capacity: u32,
+    /// Bytes queued, oldest first.
+    pub data: Vec<u8>,
+    /// Some read or write end is open outside the checkpointed set: its peer cannot be
+    /// reconnected from an image.
+    pub held_outside: bool,
+}
+
+/// The kinds of object that get objrefs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Class {
+    FdTable,
+    File,
+    Inode,
+}
+
+/// linux-cr's objhash at checkpoint time: kernel identity → objref.
+#[derive(Default)]
+struct ObjHash {
+    refs: HashMap<(Class, KernelPtr), ObjRef>,
+    next: u32,
+}
+
+impl ObjHash {
+    /// Registers the object on first encounter (building it with `make`, which may
+    /// register objects nested inside it) or refers to it.
+    fn encounter<T>(&mut self, class: Class, key: KernelPtr, make: impl FnOnce(&mut Self) -> T) -> Encounter<T> {
+        if let Some(&objref) = self.refs.get(&(class, key)) {
+            return Encounter::Again(objref);
+        }
+        self.next += 1;
+        let objref = ObjRef(self.next);
+        self.refs.insert((class, key), objref);
+        Encounter::First { objref, object: make(self) }
+    }
+}
+
+/// How many descriptions/slots inside the set reference each object, to compare with
+/// what the kernel counts (linux-cr's leak check).
+#[derive(Default)]
+struct InsideCounts {
+    slots_per_file: HashMap<KernelPtr, u64>,
+    readers_per_pipe: HashMap<KernelPtr, HashSet<KernelPtr>>,
+    writers_per_pipe: HashMap<KernelPtr, HashSet<KernelPtr>>,
+}
+
+impl InsideCounts {
+    fn of(harvest: &Harvest) -> Self {
+        let mut counts = Self::default();
+        for f in &harvest.fds {
+            *counts.slots_per_file.entry(f.file.id).or_default() += 1;
+            if let Some(pipe) = &f.file.inode.pipe {
+                if f.file.access.read {
+                    counts.readers_per_pipe.entry(pipe.id).or_default().insert(f.file.id);
+                }
+                if f.file.access.write {
+                    counts.writers_per_pipe.entry(pipe.id).or_default().insert(f.file.id);
+                }
+            }
+        }
+        counts
+    }
+}
+
+impl Graph {
+    /// Builds the graph of `harvest`, rooted at `root`.
+    pub fn build(root: Tgid, harvest: &Harvest, extras: &Extras) -> Graph {
+        let inside = InsideCounts::of(harvest);
+        let mut tables: HashMap<KernelPtr, Vec<&FdInfo>> = HashMap::new();
+        for f in &harvest.fds {
+            tables.entry(f.fd_table).or_default().push(f);
+        }
+        for fds in tables.values_mut() {
+            fds.sort_by_key(|f| f.fd);
+        }
+        let mut objhash = ObjHash::default();
+        let tasks = tree_order(root, &harvest.tasks)
+            .into_iter()
+            .map(|t| Task {
+                pid: t.pid,
+                tgid: t.tgid,
+                parent: t.parent,
+                comm: t.comm.clone(),
+                fd_table: objhash.encounter(Class::FdTable, t.fd_table, |objhash| FdTable {
+                    fds: tables
+                        .get(&t.fd_table)
+                        .into_iter()
+                        .flatten()
+                        .map(|f| FdSlot {
+                            fd: f.fd,
+                            close_on_exec: f.close_on_exec,
+                            file: objhash.encounter(Class::File, f.file.id, |objhash| {
+                                file_desc(f, &inside, extras, objhash)
+                            }),
+                        })
+                        .collect(),
+                }),
+            })
+            .collect();
+        Graph { root, tasks }
+    }
+
+    /// Every fd slot with the task that first shows it: (task, slot). Threads sharing a
+    /// table are listed once, under the first of them.
+    pub fn slots(&self) -> impl Iterator<Item = (&Task, &FdSlot)> {
+        self.tasks
+            .iter()
+            .filter_map(|t| t.fd_table.first().map(|table| (t, table)))
+            .flat_map(|(t, table)| table.fds.iter().map(move |slot| (t, slot)))
+    }
+
+    /// Each object's users, by objref: for a file or inode, the (process, fd) slots that
+    /// reach it; for an fd table, the threads that share it.
+    pub fn users(&self) -> BTreeMap<ObjRef, Vec<(Pid, Option<Fd>)>> {
+        let mut users: BTreeMap<ObjRef, Vec<(Pid, Option<Fd>)>> = BTreeMap::new();
+        let mut inode_of_file: HashMap<ObjRef, ObjRef> = HashMap::new();
+        for t in &self.tasks {
+            users.entry(t.fd_table.objref()).or_default().push((t.pid, None));
+        }
+        for (_, slot) in self.slots() {
+            if let Encounter::First { objref, object } = &slot.file {
+                inode_of_file.insert(*objref, object.inode.objref());
+            }
+        }
+        for (t, slot) in self.slots() {
+            let file = slot.file.objref();
+            users.entry(file).or_default().push((t.pid, Some(slot.fd)));
+            if let Some(inode) = inode_of_file.get(&file) {
+                users.entry(*inode).or_default().push((t.pid, Some(slot.fd)));
+            }
+        }
+        users
+    }
+
+    /// Objects shared with processes outside the set, one line each, for warnings.
+    pub fn held_outside(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (t, slot) in self.slots() {
+            let Encounter::First { objref, object: file } = &slot.file else { continue };
+            if let Encounter::First { objref: inode_ref, object: inode } = &file.inode {
+                if inode.pipe.as_ref().is_some_and(|p| p.held_outside) {
+                    out.push(format!(
+                        "{} {inode_ref} (first seen at PID {} fd {}) has an end open outside the checkpointed processes",
+                        inode.kind, t.tgid, slot.fd
+                    ));
+                }
+            }
+            if file.held_outside {
+                out.push(format!(
+                    "open file {objref} (PID {} fd {}) is also held outside the checkpointed processes",
+                    t.tgid, slot.fd
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn file_desc(f: &FdInfo, inside: &InsideCounts, extras: &Extras, objhash: &mut ObjHash) -> FileDesc {
+    let slots_inside = inside.slots_per_file.get(&f.file.id).copied().unwrap_or(0);
+    FileDesc {
+        flags: f.file.flags,
+        access: f.file.access,
+        pos: f.file.pos,
+        held_outside: f.file.refs > slots_inside,
+        inode: objhash.encounter(Class::Inode, f.file.inode.id, |_| {
+            let i = &f.file.inode;
+            Inode {
+                kind: i.kind,
+                ino: i.ino,
+                mode: i.mode,
+                dev: i.dev,
+                rdev: i.rdev,
+                path: if i.kind.has_path() { f.link.clone() } else { None },
+                pipe: i.pipe.as_ref().map(|p| {
+                    let count = |m: &HashMap<KernelPtr, HashSet<KernelPtr>>| {
+                        m.get(&p.id).map_or(0, |s| s.len()) as u32
+                    };
+                    let contents = extras.pipes.get(&i.id).cloned().unwrap_or_default();
+                    Pipe {
+                        capacity: contents.capacity,
+                        data: contents.data,
+                        held_outside: p.readers > count(&inside.readers_per_pipe)
+                            || p.writers > count(&inside.writers_per_pipe),
+                    }
+                }),
+            }
+        }),
+    }
+}
+
+/// Tasks in the graph's order: processes depth-first from `root` (children by PID),
+/// then any process whose parent is not in the set; threads of a process by TID.
+fn tree_order(root: Tgid, tasks: &[TaskInfo]) -> Vec<&TaskInfo> {
+    let mut threads: BTreeMap<Tgid, Vec<&TaskInfo>> = BTreeMap::new();
+    for t in tasks {
+        threads.entry(t.tgid).or_default().push(t);
+    }
+    for list in threads.values_mut() {
+        // The group leader (pid == tgid) first, then by TID.
+        list.sort_by_key(|t| (t.pid.0 != t.tgid.0, t.pid));
+    }
+    let mut children: BTreeMap<Tgid, Vec<Tgid>> = BTreeMap::new();
+    for (tgid, list) in &threads {
+        if *tgid != root {
+            children.entry(list[0].parent).or_default().push(*tgid);
+        }
+    }
+    let mut order: Vec<&TaskInfo> = Vec::new();
+    let mut seen = HashSet::new();
+    // Depth-first from the root, then from every process not reached (its parent is
+    // outside the set), by PID.
+    for start in std::iter::once(root).chain(threads.keys().copied()) {
+        let mut stack = vec![start];
+        while let Some(tgid) = stack.pop() {
+            if !seen.insert(tgid) {
+                continue;
+            }
+            order.extend(threads.get(&tgid).into_iter().flatten());
+            if let Some(kids) = children.get(&tgid) {
+                stack.extend(kids.iter().rev());
+            }
+        }
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::harvest::{FileInfo, InodeInfo, PipeInfo, extras::PipeContents};
+
+    fn task(pid: u32, tgid: u32, parent: u32, table: u64) -> TaskInfo {
+        TaskInfo {
+            pid: Pid(pid),
+            tgid: Tgid(tgid),
+            parent: Tgid(parent),
+            comm: "t".into(),
+            fd_table: KernelPtr(table),
+        }
+    }
+
+    fn pipe_end(tgid: u32, table: u64, fd: u32, file: u64, inode: u64, read: bool) -> FdInfo {
+        FdInfo {
+            tgid: Tgid(tgid),
+            fd_table: KernelPtr(table),
+            fd: Fd(fd),
+            close_on_exec: false,
+            link: None,
+            file: FileInfo {
+                id: KernelPtr(file),
+                flags: if read { 0 } else { 1 },
+                access: Access { read, write: !read },
+                pos: 0,
+                refs: 1,
+                inode: InodeInfo {
+                    id: KernelPtr(inode),
+                    kind: InodeKind::Pipe,
+                    ino: inode,
+                    mode: libc::S_IFIFO | 0o600,
+                    dev: DeviceId { major: 0, minor: 14 },
+                    rdev: DeviceId { major: 0, minor: 0 },
+                    pipe: Some(PipeInfo { id: KernelPtr(inode + 1), readers: 1, writers: 1 }),
+                },
+            },
+        }
+    }
+
+    /// A parent (two threads) holding both ends of a pipe, the read end dup'ed to fd 5,
+    /// and a child holding the read end across fork.
+    fn family() -> Harvest {
+        let mut child_end = pipe_end(20, 0x200, 3, 0xf1, 0x100, true);
+        child_end.file.refs = 3;
+        let mut parent_read = pipe_end(10, 0x100, 3, 0xf1, 0x100, true);
+        parent_read.file.refs = 3;
+        let mut parent_dup = parent_read.clone();
+        parent_dup.fd = Fd(5);
+        Harvest {
+            tasks: vec![task(20, 20, 10, 0x200), task(11, 10, 1, 0x100), task(10, 10, 1, 0x100)],
+            fds: vec![child_end, parent_dup, pipe_end(10, 0x100, 4, 0xf2, 0x100, false), parent_read],
+        }
+    }
+
+    #[test]
+    fn shared_objects_are_saved_once_then_referenced() {
+        let g = Graph::build(Tgid(10), &family(), &Extras::default());
+        let order: Vec<u32> = g.tasks.iter().map(|t| t.pid.0).collect();
+        assert_eq!(order, [10, 11, 20], "leader, its thread, then the child");
+        // Thread 11 shares the leader's table: only an objref.
+        assert_eq!(g.tasks[0].fd_table.objref(), ObjRef(1));
+        assert_eq!(g.tasks[1].fd_table, Encounter::Again(ObjRef(1)));
+        let table = g.tasks[0].fd_table.first().unwrap();
+        let fds: Vec<u32> = table.fds.iter().map(|s| s.fd.0).collect();
+        assert_eq!(fds, [3, 4, 5]);
+        // fd 3: file #2 with pipe inode #3 (first encounters, nested).
+        let file = table.fds[0].file.first().expect("first encounter of the read end");
+        assert_eq!(table.fds[0].file.objref(), ObjRef(2));
+        assert_eq!(file.inode.objref(), ObjRef(3));
+        // fd 4: the write end is a new file #4 on the same inode #3.
+        let write_end = table.fds[1].file.first().unwrap();
+        assert_eq!(table.fds[1].file.objref(), ObjRef(4));
+        assert_eq!(write_end.inode, Encounter::Again(ObjRef(3)));
+        // fd 5 (dup of 3): the same description.
+        assert_eq!(table.fds[2].file, Encounter::Again(ObjRef(2)));
+        // The child: its own table #5, the inherited description #2.
+        let child = g.tasks[2].fd_table.first().unwrap();
+        assert_eq!(g.tasks[2].fd_table.objref(), ObjRef(5));
+        assert_eq!(child.fds[0].file, Encounter::Again(ObjRef(2)));
+        assert!(g.held_outside().is_empty(), "{:?}", g.held_outside());
+    }
+
+    #[test]
+    fn numbering_does_not_depend_on_record_order() {
+        let mut shuffled = family();
+        shuffled.tasks.reverse();
+        shuffled.fds.rotate_left(2);
+        assert_eq!(
+            Graph::build(Tgid(10), &family(), &Extras::default()),
+            Graph::build(Tgid(10), &shuffled, &Extras::default())
+        );
+    }
+
+    #[test]
+    fn a_pipe_end_held_outside_is_marked() {
+        let mut h = family();
+        // The kernel counts two writers; the set holds one write description.
+        for f in &mut h.fds {
+            f.file.inode.pipe.as_mut().unwrap().writers = 2;
+        }
+        let g = Graph::build(Tgid(10), &h, &Extras::default());
+        let table = g.tasks[0].fd_table.first().unwrap();
+        let inode = table.fds[0].file.first().unwrap().inode.first().unwrap();
+        assert!(inode.pipe.as_ref().unwrap().held_outside);
+        assert_eq!(g.held_outside().len(), 1);
+    }
+
+    #[test]
+    fn a_description_with_more_kernel_references_is_held_outside() {
+        let mut h = family();
+        for f in h.fds.iter_mut().filter(|f| f.file.id == KernelPtr(0xf1)) {
+            f.file.refs = 4; // three slots in the set, one more somewhere else
+        }
+        let g = Graph::build(Tgid(10), &h, &Extras::default());
+        let file = g.tasks[0].fd_table.first().unwrap().fds[0].file.first().unwrap();
+        assert!(file.held_outside);
+        let write_end = g.tasks[0].fd_table.first().unwrap().fds[1].file.first().unwrap();
+        assert!(!write_end.held_outside);
+    }
+
+    #[test]
+    fn pipe_contents_go_with_the_inode() {
+        let mut extras = Extras::default();
+        extras.pipes.insert(KernelPtr(0x100), PipeContents { capacity: 65536, data: b"queued".to_vec() });
+        let g = Graph::build(Tgid(10), &family(), &extras);
+        let inode = g.tasks[0].fd_table.first().unwrap().fds[0].file.first().unwrap().inode.first().unwrap();
+        let pipe = inode.pipe.as_ref().unwrap();
+        assert_eq!((pipe.capacity, pipe.data.as_slice()), (65536, &b"queued"[..]));
+    }
+
+    #[test]
+    fn users_lists_every_slot_of_a_shared_object() {
+        let g = Graph::build(Tgid(10), &family(), &Extras::default());
+        let users = g.users();
+        assert_eq!(users[&ObjRef(1)], vec![(Pid(10), None), (Pid(11), None)]);
+        assert_eq!(users[&ObjRef(2)], vec![(Pid(10), Some(Fd(3))), (Pid(10), Some(Fd(5))), (Pid(20), Some(Fd(3)))]);
+        assert_eq!(users[&ObjRef(3)].len(), 4, "every end of the pipe");
+    }
+}

@@ -1,0 +1,295 @@
+//! The BPF harvester: load crd's iterator programs, run them over the asked-for tasks,
+//! drain the ring buffer, decode the records.
+//!
+//! Records are never lost: the programs pause the iteration when the ring is full (see
+//! `crd-ebpf`), this loop drains and resumes, and at the end the program's own count of
+//! submitted records must equal the count received here, or the harvest is refused.
+use std::{
+    io::{self, Read},
+    mem::size_of,
+};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, RingBuf},
+    programs::Iter,
+};
+use crd_common::{
+    COMM_LEN, Config, FD_CLOEXEC, FD_HAS_PIPE, FdRecord, RECORD_FD, RECORD_TASK, STAT_READ_FAILED,
+    STAT_RING_FULL, STAT_SUBMITTED, TaskRecord,
+};
+
+use super::{
+    FdInfo, FileInfo, Harvest, InodeInfo, InodeKind, PipeInfo, TaskInfo,
+    offsets::{KernelBtf, OffsetsError},
+};
+use crate::types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid};
+
+/// The BPF object, built by `cargo xtask build` and embedded by build.rs (empty when the
+/// crate was built without it).
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/crd.bpf.o"));
+
+/// Default ring buffer size: room for ~2,000 fd records between drains.
+pub const DEFAULT_RING_BYTES: u32 = 256 * 1024;
+
+/// Test hook: `CRD_RING_BYTES=4096` forces a tiny ring buffer to exercise the
+/// pause-and-drain path.
+pub const RING_BYTES_ENV: &str = "CRD_RING_BYTES";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error(
+        "this crd was built without its BPF object: build it with `cargo xtask build` (or use --source procfs)"
+    )]
+    NoObject,
+    #[error(transparent)]
+    Offsets(#[from] OffsetsError),
+    #[error(
+        "cannot load crd's BPF programs ({0}): run as root (CAP_BPF and CAP_PERFMON are needed), or use --source procfs"
+    )]
+    NotPermitted(String),
+    #[error("cannot load crd's BPF programs: {0}")]
+    Load(String),
+    #[error("reading the {iterator} iterator failed: {source}")]
+    Read { iterator: &'static str, source: io::Error },
+    #[error(
+        "BPF harvest incomplete: the programs submitted {submitted} records but {received} arrived; no image was written"
+    )]
+    Lost { submitted: u64, received: u64 },
+    #[error("BPF harvest unreliable: {0} kernel reads failed; no image was written")]
+    ReadFailed(u64),
+    #[error("malformed record from the BPF programs (tag {0}, {1} bytes)")]
+    BadRecord(u32, usize),
+    #[error("interrupted")]
+    Interrupted,
+}
+
+fn load_error(e: impl std::fmt::Display) -> BpfError {
+    let text = e.to_string();
+    let lower = text.to_lowercase();
+    if lower.contains("operation not permitted") || lower.contains("permission denied") {
+        BpfError::NotPermitted(text)
+    } else {
+        BpfError::Load(text)
+    }
+}
+
+/// What to harvest.
+pub enum Scope<'a> {
+    /// These processes only (a tgid filter map in the kernel).
+    Processes(&'a [Tgid]),
+    /// Every process on the machine.
+    All,
+}
+
+/// Counters a harvest leaves behind, for tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HarvestStats {
+    pub records: u64,
+    /// Times the ring filled and the iteration was paused to drain it.
+    pub ring_full: u64,
+    /// `read()` calls on the iterators.
+    pub reads: u64,
+}
+
+/// Loaded programs; one load can serve several harvests.
+pub struct BpfHarvester {
+    ebpf: Ebpf,
+    ring: RingBuf<MapData>,
+    /// See [`crd_common::Offsets::file_ref_bias`].
+    file_ref_bias: i64,
+}
+
+impl BpfHarvester {
+    /// Loads the BPF object with this kernel's field offsets. `match_all` makes the
+    /// programs ignore the tgid filter.
+    pub fn load(match_all: bool) -> Result<Self, BpfError> {
+        if BPF_OBJECT.is_empty() {
+            return Err(BpfError::NoObject);
+        }
+        let offsets = KernelBtf::from_sys_fs()?.offsets()?;
+        let config = Config { offsets, match_all: match_all as u32, _pad: 0 };
+        let ring_bytes = std::env::var(RING_BYTES_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_RING_BYTES);
+        let btf = Btf::from_sys_fs().map_err(|_| OffsetsError::NoBtf)?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("CRD_CONFIG", &config, true)
+            .map_max_entries("crd_events", ring_bytes)
+            .load(BPF_OBJECT)
+            .map_err(load_error)?;
+        for (name, iter_type) in [("crd_task", "task"), ("crd_task_file", "task_file")] {
+            let program: &mut Iter = ebpf
+                .program_mut(name)
+                .ok_or_else(|| BpfError::Load(format!("program {name} missing from the object")))?
+                .try_into()
+                .map_err(load_error)?;
+            program.load(iter_type, &btf).map_err(load_error)?;
+        }
+        let ring = RingBuf::try_from(
+            ebpf.take_map("crd_events").ok_or(BpfError::Load("map crd_events missing".into()))?,
+        )
+        .map_err(load_error)?;
+        Ok(Self { ebpf, ring, file_ref_bias: offsets.file_ref_bias as i64 })
+    }
+
+    /// Runs both iterators over `scope` and decodes every record.
+    pub fn harvest(
+        &mut self,
+        scope: Scope<'_>,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<(Harvest, HarvestStats), BpfError> {
+        if let Scope::Processes(tgids) = scope {
+            let mut filter: HashMap<_, u32, u8> =
+                HashMap::try_from(self.ebpf.map_mut("crd_tgids").ok_or(BpfError::Load("map crd_tgids missing".into()))?)
+                    .map_err(load_error)?;
+            let old: Vec<u32> = filter.keys().filter_map(Result::ok).collect();
+            for key in old {
+                let _ = filter.remove(&key);
+            }
+            for tgid in tgids {
+                filter.insert(tgid.0, 0, 0).map_err(load_error)?;
+            }
+        }
+        let mut stats = HarvestStats::default();
+        let mut harvest = Harvest::default();
+        let before = self.counters()?;
+        for (name, iterator) in [("crd_task", "task"), ("crd_task_file", "task_file")] {
+            self.run_iterator(name, iterator, &mut harvest, &mut stats, interrupted)?;
+        }
+        let after = self.counters()?;
+        let submitted = after[STAT_SUBMITTED as usize] - before[STAT_SUBMITTED as usize];
+        stats.ring_full = after[STAT_RING_FULL as usize] - before[STAT_RING_FULL as usize];
+        let failed = after[STAT_READ_FAILED as usize] - before[STAT_READ_FAILED as usize];
+        if submitted != stats.records {
+            return Err(BpfError::Lost { submitted, received: stats.records });
+        }
+        if failed != 0 {
+            return Err(BpfError::ReadFailed(failed));
+        }
+        Ok((harvest.dedup(), stats))
+    }
+
+    fn counters(&self) -> Result<[u64; 3], BpfError> {
+        let stats: Array<_, u64> = Array::try_from(
+            self.ebpf.map("crd_stats").ok_or(BpfError::Load("map crd_stats missing".into()))?,
+        )
+        .map_err(load_error)?;
+        let mut out = [0; 3];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = stats.get(&(i as u32), 0).map_err(load_error)?;
+        }
+        Ok(out)
+    }
+
+    fn run_iterator(
+        &mut self,
+        name: &str,
+        iterator: &'static str,
+        harvest: &mut Harvest,
+        stats: &mut HarvestStats,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<(), BpfError> {
+        let program: &mut Iter = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| BpfError::Load(format!("program {name} missing")))?
+            .try_into()
+            .map_err(load_error)?;
+        let link_id = program.attach().map_err(load_error)?;
+        let link = program.take_link(link_id).map_err(load_error)?;
+        let mut file = link.into_file().map_err(load_error)?;
+        // The programs write nothing to the seq_file: a read() runs the iteration until
+        // it ends (0) or the ring fills (EAGAIN, or a short read), then we drain.
+        let mut sink = [0u8; 64];
+        loop {
+            if interrupted() {
+                return Err(BpfError::Interrupted);
+            }
+            stats.reads += 1;
+            let done = match file.read(&mut sink) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
+                Err(source) => return Err(BpfError::Read { iterator, source }),
+            };
+            while let Some(item) = self.ring.next() {
+                stats.records += 1;
+                decode(&item, self.file_ref_bias, harvest)?;
+            }
+            if done {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Decodes one ring buffer record into the typed harvest.
+pub fn decode(bytes: &[u8], file_ref_bias: i64, harvest: &mut Harvest) -> Result<(), BpfError> {
+    let tag = bytes.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
+    match tag {
+        RECORD_TASK if bytes.len() >= size_of::<TaskRecord>() => {
+            // SAFETY: the length was checked; TaskRecord is plain old data, valid for
+            // any bytes, and read_unaligned needs no alignment.
+            let r: TaskRecord = unsafe { bytes.as_ptr().cast::<TaskRecord>().read_unaligned() };
+            harvest.tasks.push(task_info(&r));
+        }
+        RECORD_FD if bytes.len() >= size_of::<FdRecord>() => {
+            // SAFETY: as above, for FdRecord.
+            let r: FdRecord = unsafe { bytes.as_ptr().cast::<FdRecord>().read_unaligned() };
+            harvest.fds.push(fd_info(&r, file_ref_bias));
+        }
+        _ => return Err(BpfError::BadRecord(tag, bytes.len())),
+    }
+    Ok(())
+}
+
+fn task_info(r: &TaskRecord) -> TaskInfo {
+    let len = r.comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    TaskInfo {
+        pid: Pid(r.pid),
+        tgid: Tgid(r.tgid),
+        parent: Tgid(r.parent_tgid),
+        comm: String::from_utf8_lossy(&r.comm[..len]).into_owned(),
+        fd_table: KernelPtr(r.files),
+    }
+}
+
+/// The iterator holds one reference to the file while the program runs.
+const ITERATOR_FILE_REFS: i64 = 1;
+
+fn fd_info(r: &FdRecord, file_ref_bias: i64) -> FdInfo {
+    let kind = InodeKind::classify(r.i_mode, r.sb_magic);
+    let pipe = (r.flags & FD_HAS_PIPE != 0).then(|| PipeInfo {
+        id: KernelPtr(r.pipe),
+        readers: r.pipe_readers,
+        writers: r.pipe_writers,
+    });
+    FdInfo {
+        tgid: Tgid(r.tgid),
+        fd_table: KernelPtr(r.files),
+        fd: Fd(r.fd),
+        close_on_exec: r.flags & FD_CLOEXEC != 0,
+        link: None,
+        file: FileInfo {
+            id: KernelPtr(r.file),
+            flags: r.f_flags & !(libc::O_CLOEXEC as u32),
+            access: Access::from_fmode(r.f_mode),
+            pos: r.pos,
+            refs: (r.file_refs + file_ref_bias - ITERATOR_FILE_REFS).max(0) as u64,
+            inode: InodeInfo {
+                id: KernelPtr(r.inode),
+                kind,
+                ino: r.ino,
+                mode: r.i_mode,
+                dev: DeviceId::from_kernel(r.s_dev),
+                rdev: DeviceId::from_kernel(r.i_rdev),
+                pipe,
+            },
+        },
+    }
+}
+

@@ -1,0 +1,128 @@
+//! Facts the harvesters leave out, gathered while the targets are still frozen: the path
+//! behind each named file, and each pipe's capacity and queued bytes.
+//!
+//! Pipe data is copied **without being consumed**: `tee(2)` duplicates the queued
+//! buffers into a scratch pipe of crd's own, and crd reads the copy. The descriptor
+//! tee reads from is either the target's own read end, fetched with `pidfd_getfd` — the
+//! very same open file description, so crd changes nothing on it (no O_NONBLOCK: tee gets
+//! SPLICE_F_NONBLOCK instead; no resize; no seek) — or, when the set holds only write
+//! ends, a fresh read-only open of `/proc/PID/fd/N` whose flags are crd's alone.
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs,
+    io::Read,
+    os::fd::{AsFd, OwnedFd},
+};
+
+use nix::{
+    fcntl::{self, FcntlArg, OFlag, SpliceFFlags},
+    unistd,
+};
+
+use super::{FdInfo, Harvest};
+use crate::{
+    freeze::Frozen,
+    sys::{self, SyscallError},
+    types::{Fd, KernelPtr, Tgid},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExtrasError {
+    #[error("pipe {what} of PID {tgid} fd {fd}: {source}")]
+    Pipe { what: &'static str, tgid: Tgid, fd: Fd, source: SyscallError },
+    #[error(
+        "PID {tgid} fd {fd}: could copy only {copied} of the {queued} bytes queued in its pipe; nothing was written"
+    )]
+    ShortCopy { tgid: Tgid, fd: Fd, copied: usize, queued: usize },
+}
+
+/// A pipe's capacity and the bytes queued in it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PipeContents {
+    /// F_GETPIPE_SZ, in bytes.
+    pub capacity: u32,
+    pub data: Vec<u8>,
+}
+
+/// Per-inode extras, keyed by the harvest's inode identity.
+#[derive(Clone, Debug, Default)]
+pub struct Extras {
+    pub pipes: HashMap<KernelPtr, PipeContents>,
+}
+
+/// Fills in `link` for named objects and reads every pipe's contents.
+pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasError> {
+    for f in &mut harvest.fds {
+        if f.link.is_none() && f.file.inode.kind.has_path() {
+            let path = format!("/proc/{}/fd/{}", f.tgid.0, f.fd.0);
+            f.link = fs::read_link(path).ok().map(|p| p.to_string_lossy().into_owned());
+        }
+    }
+    // One source fd per pipe inode: a read end if the set has one.
+    let mut sources: BTreeMap<KernelPtr, &FdInfo> = BTreeMap::new();
+    for f in harvest.fds.iter().filter(|f| f.file.inode.pipe.is_some()) {
+        let better = |old: &&FdInfo| !old.file.access.read && f.file.access.read;
+        match sources.get(&f.file.inode.id) {
+            Some(old) if !better(old) => {}
+            _ => {
+                sources.insert(f.file.inode.id, f);
+            }
+        }
+    }
+    let mut extras = Extras::default();
+    for (inode, f) in sources {
+        extras.pipes.insert(inode, read_pipe(f, frozen)?);
+    }
+    Ok(extras)
+}
+
+fn read_pipe(f: &FdInfo, frozen: &Frozen) -> Result<PipeContents, ExtrasError> {
+    let err = |what, source| ExtrasError::Pipe { what, tgid: f.tgid, fd: f.fd, source };
+    let source: OwnedFd = match (f.file.access.read, frozen.pidfd(f.tgid)) {
+        (true, Some(pidfd)) => sys::pidfd_getfd(pidfd, f.fd).map_err(|e| err("pidfd_getfd", e))?,
+        _ => {
+            let path = format!("/proc/{}/fd/{}", f.tgid.0, f.fd.0);
+            let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+            fcntl::open(path.as_str(), flags, nix::sys::stat::Mode::empty())
+                .map_err(|e| err("open", SyscallError { call: "open", source: e.into() }))?
+        }
+    };
+    let capacity = fcntl::fcntl(source.as_fd(), FcntlArg::F_GETPIPE_SZ)
+        .map_err(|e| err("size", SyscallError { call: "fcntl(F_GETPIPE_SZ)", source: e.into() }))?
+        as u32;
+    let queued = sys::pipe_queued(source.as_fd()).map_err(|e| err("queue", e))?;
+    let data = if queued == 0 { Vec::new() } else { copy_queue(&source, capacity, queued).map_err(|e| match e {
+        CopyError::Syscall(e) => err("copy", e),
+        CopyError::Short(copied) => ExtrasError::ShortCopy { tgid: f.tgid, fd: f.fd, copied, queued },
+    })? };
+    Ok(PipeContents { capacity, data })
+}
+
+enum CopyError {
+    Syscall(SyscallError),
+    Short(usize),
+}
+
+fn syscall(call: &'static str) -> impl Fn(nix::errno::Errno) -> CopyError {
+    move |e| CopyError::Syscall(SyscallError { call, source: e.into() })
+}
+
+/// Duplicates the queue with one tee(2) into a scratch pipe as large as the source, and
+/// reads the copy. One call, because tee always starts from the head of the queue.
+fn copy_queue(source: &OwnedFd, capacity: u32, queued: usize) -> Result<Vec<u8>, CopyError> {
+    let (scratch_r, scratch_w) =
+        unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(syscall("pipe2"))?;
+    fcntl::fcntl(scratch_w.as_fd(), FcntlArg::F_SETPIPE_SZ(capacity as i32))
+        .map_err(syscall("fcntl(F_SETPIPE_SZ) on the scratch pipe"))?;
+    let copied = fcntl::tee(source.as_fd(), scratch_w.as_fd(), queued, SpliceFFlags::SPLICE_F_NONBLOCK)
+        .map_err(syscall("tee"))?;
+    if copied != queued {
+        return Err(CopyError::Short(copied));
+    }
+    drop(scratch_w);
+    let mut data = Vec::with_capacity(queued);
+    fs::File::from(scratch_r)
+        .read_to_end(&mut data)
+        .map_err(|e| CopyError::Syscall(SyscallError { call: "read", source: e }))?;
+    Ok(data)
+}

@@ -1,0 +1,184 @@
+//! Harvest: kernel → typed records.
+//!
+//! Two harvesters produce the same [`Harvest`]: [`bpf`] reads each fd table straight
+//! from the kernel with BPF iterators; [`procfs`] walks `/proc` and is both the fallback
+//! where BPF iterators are unavailable and the oracle the tests compare BPF against.
+//! [`extras`] adds, while the targets are still frozen, the few facts neither gives
+//! cheaply: file paths, pipe capacity and the bytes queued in pipes.
+pub mod bpf;
+pub mod extras;
+pub mod offsets;
+pub mod procfs;
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid};
+
+/// Where the records come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Source {
+    /// BPF task/task_file iterators (default).
+    Bpf,
+    /// /proc/PID/{fd,fdinfo,task} and kcmp(2): slower, needs no BPF.
+    Procfs,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Bpf => "bpf",
+            Source::Procfs => "procfs",
+        })
+    }
+}
+
+/// Everything one harvest saw, in no particular order.
+#[derive(Clone, Debug, Default)]
+pub struct Harvest {
+    pub tasks: Vec<TaskInfo>,
+    pub fds: Vec<FdInfo>,
+}
+
+/// One thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskInfo {
+    pub pid: Pid,
+    pub tgid: Tgid,
+    /// The real parent's process id (not crd, which is only the ptrace parent).
+    pub parent: Tgid,
+    pub comm: String,
+    /// Identity of the fd table: threads and CLONE_FILES processes share one.
+    pub fd_table: KernelPtr,
+}
+
+/// One slot of one fd table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FdInfo {
+    /// A process using the table (where /proc/PID/fd/N and pidfd_getfd reach the fd).
+    pub tgid: Tgid,
+    pub fd_table: KernelPtr,
+    pub fd: Fd,
+    pub close_on_exec: bool,
+    /// What /proc/PID/fd/N links to (a path, or `pipe:[ino]`-style), when read.
+    pub link: Option<String>,
+    pub file: FileInfo,
+}
+
+/// One open file description (`struct file`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileInfo {
+    pub id: KernelPtr,
+    /// `f_flags` without O_CLOEXEC (that bit belongs to the fd, not the description).
+    pub flags: u32,
+    pub access: Access,
+    pub pos: i64,
+    /// References to this description that the kernel counts (fd table slots anywhere
+    /// on the system, plus mmaps and in-flight messages), excluding the harvester's own.
+    pub refs: u64,
+    pub inode: InodeInfo,
+}
+
+/// What kind of object an inode is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum InodeKind {
+    /// Anonymous pipe (pipefs).
+    Pipe,
+    /// Named pipe on a filesystem.
+    Fifo,
+    Regular,
+    Directory,
+    CharDevice,
+    BlockDevice,
+    Socket,
+    Symlink,
+    /// anon_inode: eventfd, epoll, signalfd, timerfd, pidfd...
+    Anon,
+    Unknown,
+}
+
+impl InodeKind {
+    /// Classifies by `i_mode` and, to tell anonymous pipes and anon inodes apart, by
+    /// the superblock magic.
+    pub fn classify(i_mode: u32, fs_magic: u64) -> Self {
+        const PIPEFS_MAGIC: u64 = 0x5049_5045;
+        const ANON_INODE_FS_MAGIC: u64 = 0x0904_1934;
+        if fs_magic == ANON_INODE_FS_MAGIC {
+            return Self::Anon;
+        }
+        match i_mode & libc::S_IFMT {
+            libc::S_IFIFO if fs_magic == PIPEFS_MAGIC => Self::Pipe,
+            libc::S_IFIFO => Self::Fifo,
+            libc::S_IFREG => Self::Regular,
+            libc::S_IFDIR => Self::Directory,
+            libc::S_IFCHR => Self::CharDevice,
+            libc::S_IFBLK => Self::BlockDevice,
+            libc::S_IFSOCK => Self::Socket,
+            libc::S_IFLNK => Self::Symlink,
+            _ => Self::Unknown,
+        }
+    }
+
+    pub fn is_pipe_like(self) -> bool {
+        matches!(self, Self::Pipe | Self::Fifo)
+    }
+
+    /// Whether a path from /proc/PID/fd/N names this object usefully (pipes and sockets
+    /// only have `pipe:[ino]`-style names).
+    pub fn has_path(self) -> bool {
+        !matches!(self, Self::Pipe | Self::Socket)
+    }
+}
+
+impl std::fmt::Display for InodeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Pipe => "pipe",
+            Self::Fifo => "fifo",
+            Self::Regular => "file",
+            Self::Directory => "dir",
+            Self::CharDevice => "chr",
+            Self::BlockDevice => "blk",
+            Self::Socket => "socket",
+            Self::Symlink => "link",
+            Self::Anon => "anon",
+            Self::Unknown => "unknown",
+        })
+    }
+}
+
+/// One inode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InodeInfo {
+    pub id: KernelPtr,
+    pub kind: InodeKind,
+    pub ino: u64,
+    /// `i_mode`: type and permission bits.
+    pub mode: u32,
+    /// Device of the filesystem holding the inode.
+    pub dev: DeviceId,
+    /// The device an inode of a device node stands for.
+    pub rdev: DeviceId,
+    pub pipe: Option<PipeInfo>,
+}
+
+/// The pipe behind a pipe or FIFO inode (`pipe_inode_info`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PipeInfo {
+    pub id: KernelPtr,
+    /// Open read descriptions of the pipe, system-wide.
+    pub readers: u32,
+    /// Open write descriptions of the pipe, system-wide.
+    pub writers: u32,
+}
+
+impl Harvest {
+    /// Drops repeats: the task_file iterator visits a table shared by CLONE_FILES
+    /// processes once per process; one slot is one slot.
+    pub fn dedup(mut self) -> Self {
+        self.tasks.sort_by_key(|t| (t.tgid, t.pid));
+        self.tasks.dedup_by_key(|t| t.pid);
+        self.fds.sort_by_key(|f| (f.fd_table, f.fd, f.tgid));
+        self.fds.dedup_by_key(|f| (f.fd_table, f.fd));
+        self
+    }
+}

@@ -1,0 +1,268 @@
+//! The /proc harvester: the same typed records as the BPF harvester, from
+//! `/proc/PID/{task,fd,fdinfo}` and kcmp(2).
+//!
+//! /proc shows no kernel pointers, so identities are synthetic but carry the same
+//! meaning: kcmp(KCMP_FILES) groups threads by fd table, (st_dev, st_ino) names an inode,
+//! kcmp(KCMP_FILE) groups fds by open file description. /proc shows no reference counts
+//! either: they are counted by scanning every other process's fds for the same objects,
+//! so that both harvesters mark the same objects as held from outside.
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs,
+    os::unix::fs::MetadataExt,
+};
+
+use super::{FdInfo, FileInfo, Harvest, InodeInfo, InodeKind, PipeInfo, TaskInfo};
+use crate::{
+    freeze::list_threads,
+    sys::{Kcmp, SyscallError, kcmp_same},
+    types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcfsError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Syscall(#[from] SyscallError),
+}
+
+/// Synthetic identities: a tag per object class so they never collide.
+const TABLE_TAG: u64 = 0x7ab1 << 48;
+const FILE_TAG: u64 = 0xf11e << 48;
+const INODE_TAG: u64 = 0x1d0e << 48;
+const PIPE_TAG: u64 = 0x919e << 48;
+
+struct Slot {
+    link: String,
+    dev: u64,
+    ino: u64,
+    mode: u32,
+    rdev: u64,
+    flags: u32,
+    pos: i64,
+}
+
+fn read_slot(tid: Pid, fd: Fd) -> Result<Option<Slot>, ProcfsError> {
+    let path = format!("/proc/{}/fd/{}", tid.0, fd.0);
+    // An fd closed between the listing and here is simply not there.
+    let Ok(link) = fs::read_link(&path) else { return Ok(None) };
+    let Ok(meta) = fs::metadata(&path) else { return Ok(None) };
+    let info_path = format!("/proc/{}/fdinfo/{}", tid.0, fd.0);
+    let Ok(info) = fs::read_to_string(&info_path) else { return Ok(None) };
+    let mut flags = 0;
+    let mut pos = 0;
+    for line in info.lines() {
+        if let Some(v) = line.strip_prefix("flags:") {
+            flags = u32::from_str_radix(v.trim(), 8).unwrap_or(0);
+        } else if let Some(v) = line.strip_prefix("pos:") {
+            pos = v.trim().parse().unwrap_or(0);
+        }
+    }
+    Ok(Some(Slot {
+        link: link.to_string_lossy().into_owned(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+        mode: meta.mode(),
+        rdev: meta.rdev(),
+        flags,
+        pos,
+    }))
+}
+
+fn list_fds(tid: Pid) -> Vec<Fd> {
+    let Ok(entries) = fs::read_dir(format!("/proc/{}/fd", tid.0)) else { return Vec::new() };
+    let mut fds: Vec<u32> =
+        entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    fds.sort_unstable();
+    fds.into_iter().map(Fd).collect()
+}
+
+fn classify(slot: &Slot) -> InodeKind {
+    if slot.link.starts_with("pipe:[") {
+        InodeKind::Pipe
+    } else if slot.link.starts_with("anon_inode:") {
+        InodeKind::Anon
+    } else {
+        InodeKind::classify(slot.mode, 0)
+    }
+}
+
+/// One open file description found so far: where to kcmp it from, and its identity.
+struct Description {
+    tid: Pid,
+    fd: Fd,
+    id: KernelPtr,
+}
+
+/// Harvests `tgids` (every thread) from /proc.
+pub fn harvest(tgids: &[Tgid]) -> Result<Harvest, ProcfsError> {
+    let mut harvest = Harvest::default();
+    let mut tables: Vec<(Pid, KernelPtr)> = Vec::new();
+    let mut inodes: HashMap<(u64, u64), KernelPtr> = HashMap::new();
+    let mut descriptions: HashMap<KernelPtr, Vec<Description>> = HashMap::new();
+
+    for &tgid in tgids {
+        for tid in list_threads(tgid) {
+            let status_path = format!("/proc/{}/task/{}/status", tgid.0, tid.0);
+            let Ok(status) = fs::read_to_string(&status_path) else { continue };
+            let field = |name: &str| {
+                status.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+            };
+            let comm = field("Name:").unwrap_or_default();
+            let parent = Tgid(field("PPid:").and_then(|v| v.parse().ok()).unwrap_or(0));
+            let mut table = None;
+            for (rep, id) in &tables {
+                if kcmp_same(*rep, tid, Kcmp::Files)? {
+                    table = Some(*id);
+                    break;
+                }
+            }
+            let fd_table = match table {
+                Some(id) => id,
+                None => {
+                    let id = KernelPtr(TABLE_TAG | tables.len() as u64 + 1);
+                    tables.push((tid, id));
+                    read_table(tgid, tid, id, &mut inodes, &mut descriptions, &mut harvest)?;
+                    id
+                }
+            };
+            harvest.tasks.push(TaskInfo { pid: tid, tgid, parent, comm, fd_table });
+        }
+    }
+    count_references(tgids, &mut harvest, &descriptions)?;
+    Ok(harvest.dedup())
+}
+
+fn read_table(
+    tgid: Tgid,
+    tid: Pid,
+    table: KernelPtr,
+    inodes: &mut HashMap<(u64, u64), KernelPtr>,
+    descriptions: &mut HashMap<KernelPtr, Vec<Description>>,
+    harvest: &mut Harvest,
+) -> Result<(), ProcfsError> {
+    for fd in list_fds(tid) {
+        let Some(slot) = read_slot(tid, fd)? else { continue };
+        let next_inode = INODE_TAG | inodes.len() as u64 + 1;
+        let inode_id = *inodes.entry((slot.dev, slot.ino)).or_insert(KernelPtr(next_inode));
+        let same_inode = descriptions.entry(inode_id).or_default();
+        let mut file_id = None;
+        for d in same_inode.iter() {
+            if kcmp_same(d.tid, tid, Kcmp::File(d.fd, fd))? {
+                file_id = Some(d.id);
+                break;
+            }
+        }
+        let file_id = file_id.unwrap_or_else(|| {
+            let id = KernelPtr(FILE_TAG | (inode_id.0 & 0xffff_ffff) << 16 | same_inode.len() as u64 + 1);
+            same_inode.push(Description { tid, fd, id });
+            id
+        });
+        let kind = classify(&slot);
+        let access = Access::from_open_flags(slot.flags);
+        let pipe = kind.is_pipe_like().then(|| PipeInfo {
+            id: KernelPtr(PIPE_TAG | (inode_id.0 & 0xffff_ffff_ffff)),
+            readers: 0,
+            writers: 0,
+        });
+        harvest.fds.push(FdInfo {
+            tgid,
+            fd_table: table,
+            fd,
+            close_on_exec: slot.flags & libc::O_CLOEXEC as u32 != 0,
+            link: Some(slot.link.clone()),
+            file: FileInfo {
+                id: file_id,
+                flags: slot.flags & !(libc::O_CLOEXEC as u32),
+                access,
+                pos: slot.pos,
+                refs: 0,
+                inode: InodeInfo {
+                    id: inode_id,
+                    kind,
+                    ino: slot.ino,
+                    mode: slot.mode,
+                    dev: DeviceId::from_user(slot.dev),
+                    rdev: DeviceId::from_user(slot.rdev),
+                    pipe,
+                },
+            },
+        });
+    }
+    Ok(())
+}
+
+/// Fills in what the kernel would count: references to each description and the
+/// readers/writers of each pipe, from the set itself and from every other process.
+fn count_references(
+    tgids: &[Tgid],
+    harvest: &mut Harvest,
+    descriptions: &HashMap<KernelPtr, Vec<Description>>,
+) -> Result<(), ProcfsError> {
+    let mut file_refs: HashMap<KernelPtr, u64> = HashMap::new();
+    let mut pipe_ends: HashMap<KernelPtr, (BTreeSet<KernelPtr>, BTreeSet<KernelPtr>)> = HashMap::new();
+    for f in &harvest.fds {
+        *file_refs.entry(f.file.id).or_default() += 1;
+        if f.file.inode.pipe.is_some() {
+            let ends = pipe_ends.entry(f.file.inode.id).or_default();
+            if f.file.access.read {
+                ends.0.insert(f.file.id);
+            }
+            if f.file.access.write {
+                ends.1.insert(f.file.id);
+            }
+        }
+    }
+    let mut outside_readers: HashMap<KernelPtr, u32> = HashMap::new();
+    let mut outside_writers: HashMap<KernelPtr, u32> = HashMap::new();
+    // Links worth a closer look: the same name as something in the set.
+    let by_link: HashMap<String, KernelPtr> = harvest
+        .fds
+        .iter()
+        .filter_map(|f| Some((f.link.clone()?, f.file.inode.id)))
+        .collect();
+    let me = std::process::id();
+    let inside: BTreeSet<u32> = tgids.iter().map(|t| t.0).collect();
+    let Ok(procs) = fs::read_dir("/proc") else { return Ok(()) };
+    for entry in procs.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if pid == me || inside.contains(&pid) {
+            continue;
+        }
+        for fd in list_fds(Pid(pid)) {
+            let Ok(link) = fs::read_link(format!("/proc/{pid}/fd/{}", fd.0)) else { continue };
+            let Some(&inode) = by_link.get(link.to_string_lossy().as_ref()) else { continue };
+            let Some(slot) = read_slot(Pid(pid), fd)? else { continue };
+            let mut same_description = None;
+            for d in descriptions.get(&inode).into_iter().flatten() {
+                if kcmp_same(d.tid, Pid(pid), Kcmp::File(d.fd, fd)).unwrap_or(false) {
+                    same_description = Some(d.id);
+                    break;
+                }
+            }
+            match same_description {
+                Some(id) => *file_refs.entry(id).or_default() += 1,
+                None => {
+                    let access = Access::from_open_flags(slot.flags);
+                    if access.read {
+                        *outside_readers.entry(inode).or_default() += 1;
+                    }
+                    if access.write {
+                        *outside_writers.entry(inode).or_default() += 1;
+                    }
+                }
+            }
+        }
+    }
+    for f in &mut harvest.fds {
+        f.file.refs = file_refs.get(&f.file.id).copied().unwrap_or(0);
+        let inode = f.file.inode.id;
+        if let Some(pipe) = &mut f.file.inode.pipe {
+            let (r, w) = pipe_ends.get(&inode).map(|(r, w)| (r.len(), w.len())).unwrap_or_default();
+            pipe.readers = r as u32 + outside_readers.get(&inode).copied().unwrap_or(0);
+            pipe.writers = w as u32 + outside_writers.get(&inode).copied().unwrap_or(0);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! The `crd` command line.
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use crd::{
+    CheckpointError, Options, Source,
+    checkpoint::checkpoint_to_file,
+    fixture, image,
+    inspect::{self, Format},
+    types::Tgid,
+};
+
+#[derive(Parser)]
+#[command(name = "crd", version, about = "Checkpoint the open-file state of Linux processes with BPF iterators")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Checkpoint a process's fds, pipes and their sharing into an image.
+    Checkpoint {
+        /// The process to checkpoint (all its threads).
+        pid: u32,
+        /// Also checkpoint all its descendants.
+        #[arg(long)]
+        tree: bool,
+        /// Where to write the image [default: crd-PID.img].
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Where to read fd state from.
+        #[arg(long, value_enum, default_value_t = Source::Bpf)]
+        source: Source,
+    },
+    /// Show what an image holds.
+    Inspect {
+        image: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Spawn a small process tree wired with pipes, checkpoint it and show the image.
+    Demo {
+        /// Keep the image here [default: a temporary file].
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Source::Bpf)]
+        source: Source,
+    },
+    /// Build a process tree from steps (for demo and tests).
+    #[command(hide = true)]
+    Fixture { steps: Vec<String> },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // Ctrl-C only raises a flag: crd then resumes its targets and cleans up.
+        let _ = signal_hook::flag::register(signal, Arc::clone(&interrupted));
+    }
+    let is_interrupted = move || interrupted.load(Ordering::Relaxed);
+    match run(cli.command, &is_interrupted) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("crd: {e:#}");
+            let was_interrupt = e.downcast_ref::<CheckpointError>().is_some_and(|e| matches!(e, CheckpointError::Interrupted));
+            ExitCode::from(if was_interrupt { 130 } else { 1 })
+        }
+    }
+}
+
+fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
+    match command {
+        Command::Checkpoint { pid, tree, output, source } => {
+            let output = output.unwrap_or_else(|| PathBuf::from(format!("crd-{pid}.img")));
+            checkpoint(Options { root: Tgid(pid), tree, source }, &output, interrupted)?;
+        }
+        Command::Inspect { image, format } => {
+            let body = image::read(&image)?;
+            print!("{}", inspect::render(&body, format));
+        }
+        Command::Demo { output, source } => demo(output, source, interrupted)?,
+        Command::Fixture { steps } => fixture::run(&steps)?,
+    }
+    Ok(())
+}
+
+fn checkpoint(options: Options, output: &std::path::Path, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let done = checkpoint_to_file(options, output, interrupted)?;
+    let graph = &done.body.graph;
+    for warning in graph.held_outside() {
+        eprintln!("crd: warning: {warning}");
+    }
+    let processes = graph.tasks.iter().filter(|t| t.pid.0 == t.tgid.0).count();
+    eprintln!(
+        "crd: checkpointed {processes} process(es), {} thread(s), {} fd(s) to {} in {:.1} ms",
+        graph.tasks.len(),
+        graph.slots().count(),
+        output.display(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
+    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let fifo = scratch.path().join("demo.fifo");
+    let file = scratch.path().join("demo.txt");
+    let (fifo, file) = (fifo.display().to_string(), file.display().to_string());
+    let steps = [
+        "pipe:3:4".to_string(),
+        "write:4:hello, queued in a pipe".into(),
+        "dup:3:5".into(),
+        format!("mkfifo:{fifo}"),
+        format!("open:6:rw:{fifo}"),
+        format!("open:7:rwc:{file}"),
+        "write:7:0123456789".into(),
+        "seek:7:4".into(),
+        "pipe:8:9".into(),
+        "cloexec:9".into(),
+        "fork".into(),
+        "close:4".into(),
+    ];
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let exe = std::env::current_exe().context("cannot find the crd executable")?;
+    let tree = fixture::spawn(&exe, &steps, 2).context("cannot start the demo processes")?;
+    println!("demo: PID {} (and a child) hold: a pipe with both ends (fds 3, 4) and data queued,", tree.root());
+    println!("      a dup of its read end (fd 5), a FIFO (fd 6), a file at offset 4 (fd 7), and");
+    println!("      a second pipe (8, 9; 9 close-on-exec). The child shares them across fork");
+    println!("      and has closed fd 4.\n");
+    let path = output.unwrap_or_else(|| scratch.path().join("demo.img"));
+    checkpoint(Options { root: Tgid(tree.root()), tree: true, source }, &path, interrupted)?;
+    let body = image::read(&path)?;
+    println!("{}", inspect::render(&body, Format::Text));
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Thin, safe wrappers over the few syscalls nix does not cover: pidfds and kcmp(2).
+//! Every failure names the call, so an error says what the kernel refused.
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+};
+
+use crate::types::{Fd, Pid};
+
+/// A syscall that failed, and how.
+#[derive(Debug, thiserror::Error)]
+#[error("{call}: {source}")]
+pub struct SyscallError {
+    pub call: &'static str,
+    #[source]
+    pub source: io::Error,
+}
+
+impl SyscallError {
+    pub fn last(call: &'static str) -> Self {
+        Self { call, source: io::Error::last_os_error() }
+    }
+
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+fn owned_fd(call: &'static str, ret: libc::c_long) -> Result<OwnedFd, SyscallError> {
+    if ret < 0 {
+        return Err(SyscallError::last(call));
+    }
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
+}
+
+/// `pidfd_open(2)`: a handle on the process that can never name a recycled PID.
+pub fn pidfd_open(pid: Pid) -> Result<OwnedFd, SyscallError> {
+    // SAFETY: plain syscall with integer arguments.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.0 as libc::pid_t, 0) };
+    owned_fd("pidfd_open", ret)
+}
+
+/// `pidfd_getfd(2)`: a new fd in crd for the *same* open file description as `fd` in
+/// the target. Anything done to the description (flags, offset, pipe size) is seen by
+/// the target.
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: Fd) -> Result<OwnedFd, SyscallError> {
+    // SAFETY: plain syscall; pidfd is a live fd borrowed for the call.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd.0 as i32, 0) };
+    owned_fd("pidfd_getfd", ret)
+}
+
+/// Whether the process behind `pidfd` has exited (its pidfd polls readable).
+pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
+    let mut poll = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut poll, 1, 0) };
+    n > 0
+}
+
+/// kcmp(2) resource types.
+#[derive(Clone, Copy)]
+pub enum Kcmp {
+    /// Do `fd1` of `pid1` and `fd2` of `pid2` name one open file description?
+    File(Fd, Fd),
+    /// Do the two tasks share one fd table?
+    Files,
+}
+
+/// `kcmp(2)`: whether two tasks share a kernel object.
+pub fn kcmp_same(pid1: Pid, pid2: Pid, what: Kcmp) -> Result<bool, SyscallError> {
+    const KCMP_FILE: libc::c_long = 0;
+    const KCMP_FILES: libc::c_long = 2;
+    let (kind, a, b) = match what {
+        Kcmp::File(a, b) => (KCMP_FILE, a.0 as libc::c_long, b.0 as libc::c_long),
+        Kcmp::Files => (KCMP_FILES, 0, 0),
+    };
+    // SAFETY: plain syscall with integer arguments.
+    let ret = unsafe {
+        libc::syscall(libc::SYS_kcmp, pid1.0 as libc::pid_t, pid2.0 as libc::pid_t, kind, a, b)
+    };
+    if ret < 0 {
+        return Err(SyscallError::last("kcmp"));
+    }
+    Ok(ret == 0)
+}
+
+/// Bytes queued in a pipe (`FIONREAD`); reads nothing.
+pub fn pipe_queued(fd: impl AsFd) -> Result<usize, SyscallError> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer we pass.
+    let ret = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), libc::FIONREAD, &mut n) };
+    if ret < 0 {
+        return Err(SyscallError::last("ioctl(FIONREAD)"));
+    }
+    Ok(n.max(0) as usize)
+}
