@@ -55,12 +55,16 @@ pub fn pattern(len: usize) -> Vec<u8> {
 }
 
 fn num<T: std::str::FromStr>(step: &str, s: Option<&str>) -> Result<T, FixtureError> {
-    s.and_then(|s| s.parse().ok()).ok_or_else(|| FixtureError::BadStep(step.to_string()))
+    s.and_then(|s| s.parse().ok())
+        .ok_or_else(|| FixtureError::BadStep(step.to_string()))
 }
 
 fn move_fd(from: RawFd, to: RawFd, step: &str) -> Result<(), FixtureError> {
     if from != to {
-        let failed = |source| FixtureError::Failed { step: step.to_string(), source };
+        let failed = |source| FixtureError::Failed {
+            step: step.to_string(),
+            source,
+        };
         // SAFETY: `from` is an fd this process just created and owns; dup2 onto `to`
         // deliberately replaces whatever was there, as the step asks.
         let ret = unsafe { libc::dup2(from, to) };
@@ -88,7 +92,10 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
         i += 1;
         let mut parts = step.splitn(4, ':');
         let op = parts.next().unwrap_or_default();
-        let failed = |source| FixtureError::Failed { step: step.to_string(), source };
+        let failed = |source| FixtureError::Failed {
+            step: step.to_string(),
+            source,
+        };
         match op {
             "pipe" => {
                 let (r, w): (RawFd, RawFd) = (num(step, parts.next())?, num(step, parts.next())?);
@@ -116,22 +123,32 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
             "open" => {
                 let fd: RawFd = num(step, parts.next())?;
                 let mode = parts.next().unwrap_or_default();
-                let path = parts.next().ok_or_else(|| FixtureError::BadStep(step.to_string()))?;
+                let path = parts
+                    .next()
+                    .ok_or_else(|| FixtureError::BadStep(step.to_string()))?;
                 let mut flags = match (mode.contains('r'), mode.contains('w')) {
                     (true, true) => OFlag::O_RDWR,
                     (false, true) => OFlag::O_WRONLY,
                     _ => OFlag::O_RDONLY,
                 };
-                for (letter, flag) in [('a', OFlag::O_APPEND), ('c', OFlag::O_CREAT), ('t', OFlag::O_TRUNC), ('n', OFlag::O_NONBLOCK)] {
+                for (letter, flag) in [
+                    ('a', OFlag::O_APPEND),
+                    ('c', OFlag::O_CREAT),
+                    ('t', OFlag::O_TRUNC),
+                    ('n', OFlag::O_NONBLOCK),
+                ] {
                     if mode.contains(letter) {
                         flags |= flag;
                     }
                 }
-                let opened = fcntl::open(path, flags, Mode::from_bits_truncate(0o600)).map_err(failed)?;
+                let opened =
+                    fcntl::open(path, flags, Mode::from_bits_truncate(0o600)).map_err(failed)?;
                 move_fd(opened.into_raw_fd(), fd, step)?;
             }
             "mkfifo" => {
-                let path = parts.next().ok_or_else(|| FixtureError::BadStep(step.to_string()))?;
+                let path = parts
+                    .next()
+                    .ok_or_else(|| FixtureError::BadStep(step.to_string()))?;
                 unistd::mkfifo(path, Mode::from_bits_truncate(0o600)).map_err(failed)?;
             }
             "seek" => {
@@ -156,7 +173,8 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
             }
             "cloexec" => {
                 let fd: RawFd = num(step, parts.next())?;
-                fcntl::fcntl(borrowed(fd), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(failed)?;
+                fcntl::fcntl(borrowed(fd), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+                    .map_err(failed)?;
             }
             "nonblock" => {
                 let fd: RawFd = num(step, parts.next())?;
@@ -171,8 +189,10 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
             "threads" => {
                 let n: usize = num(step, parts.next())?;
                 for _ in 0..n {
-                    std::thread::spawn(|| loop {
-                        std::thread::sleep(Duration::from_secs(3600));
+                    std::thread::spawn(|| {
+                        loop {
+                            std::thread::sleep(Duration::from_secs(3600));
+                        }
                     });
                 }
             }
@@ -204,12 +224,16 @@ fn die_with_parent() {
 }
 
 fn report_ready() {
-    let Some(fd) = std::env::var(READY_ENV).ok().and_then(|v| v.parse::<RawFd>().ok()) else { return };
+    let Some(fd) = std::env::var(READY_ENV)
+        .ok()
+        .and_then(|v| v.parse::<RawFd>().ok())
+    else {
+        return;
+    };
     let line = format!("{}\n", std::process::id());
     let _ = unistd::write(borrowed(fd), line.as_bytes());
     let _ = unistd::close(fd);
 }
-
 
 /// Where a spawned fixture reports readiness: high enough that no step uses it.
 const READY_FD: RawFd = 900;
@@ -266,7 +290,10 @@ pub fn spawn(exe: &Path, steps: &[&str], processes: usize) -> std::io::Result<Sp
     }
     let child = command.spawn()?;
     drop(ready_w);
-    let mut spawned = Spawned { child, pids: Vec::new() };
+    let mut spawned = Spawned {
+        child,
+        pids: Vec::new(),
+    };
     let mut lines = BufReader::new(std::fs::File::from(ready_r)).lines();
     while spawned.pids.len() < processes {
         match lines.next() {

@@ -43,6 +43,10 @@ pub enum FreezeError {
         "not allowed to trace PID {0}: run crd as root (it needs CAP_SYS_PTRACE and CAP_CHECKPOINT_RESTORE), or check kernel.yama.ptrace_scope"
     )]
     NotPermitted(Tgid),
+    #[error(
+        "the kernel refuses to trace PID {0} even for root: it is init, a kernel thread, or protected by a security module"
+    )]
+    Untraceable(Tgid),
     #[error("PID {0} exited during the checkpoint; nothing was written")]
     Exited(Tgid),
     #[error("thread {0} did not stop within {STOP_TIMEOUT:?}; it was resumed, nothing was written")]
@@ -69,12 +73,20 @@ impl Frozen {
     /// Freezes `root` (all threads) and, with `tree`, all its descendants. Repeats until
     /// the set stops growing: a thread or child created while crd was attaching is
     /// caught on the next round, and once every member is stopped none can be created.
-    pub fn freeze(root: Tgid, tree: bool, interrupted: &dyn Fn() -> bool) -> Result<Self, FreezeError> {
+    pub fn freeze(
+        root: Tgid,
+        tree: bool,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<Self, FreezeError> {
         let pidfd = sys::pidfd_open(Pid(root.0)).map_err(|e| match e.errno() {
             Some(libc::ESRCH) | Some(libc::EINVAL) => FreezeError::NoSuchProcess(root),
             _ => FreezeError::Syscall(e),
         })?;
-        let mut frozen = Frozen { root, processes: BTreeMap::from([(root, pidfd)]), threads: BTreeMap::new() };
+        let mut frozen = Frozen {
+            root,
+            processes: BTreeMap::from([(root, pidfd)]),
+            threads: BTreeMap::new(),
+        };
         loop {
             if interrupted() {
                 return Err(FreezeError::Interrupted);
@@ -131,9 +143,18 @@ impl Frozen {
                 if is_zombie(tgid) || !std::path::Path::new(&format!("/proc/{}", tid.0)).exists() {
                     return Ok(false);
                 }
+                if nix::unistd::geteuid().is_root() {
+                    return Err(FreezeError::Untraceable(tgid));
+                }
                 return Err(FreezeError::NotPermitted(tgid));
             }
-            Err(e) => return Err(SyscallError { call: "ptrace(PTRACE_SEIZE)", source: e.into() }.into()),
+            Err(e) => {
+                return Err(SyscallError {
+                    call: "ptrace(PTRACE_SEIZE)",
+                    source: e.into(),
+                }
+                .into());
+            }
         }
         self.threads.insert(tid, None);
         if let Err(e) = ptrace::interrupt(pid) {
@@ -141,7 +162,11 @@ impl Frozen {
                 self.threads.remove(&tid);
                 return Ok(false);
             }
-            return Err(SyscallError { call: "ptrace(PTRACE_INTERRUPT)", source: e.into() }.into());
+            return Err(SyscallError {
+                call: "ptrace(PTRACE_INTERRUPT)",
+                source: e.into(),
+            }
+            .into());
         }
         self.wait_stopped(tid)
     }
@@ -170,7 +195,13 @@ impl Frozen {
                 }
                 Ok(_) => continue,
                 Err(Errno::EINTR) => continue,
-                Err(e) => return Err(SyscallError { call: "waitpid", source: e.into() }.into()),
+                Err(e) => {
+                    return Err(SyscallError {
+                        call: "waitpid",
+                        source: e.into(),
+                    }
+                    .into());
+                }
             }
         }
     }
@@ -213,9 +244,12 @@ impl Drop for Frozen {
 }
 
 fn read_ids<T>(dir: &str, wrap: impl Fn(u32) -> T) -> Vec<T> {
-    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
-    let mut ids: Vec<u32> =
-        entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut ids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
     ids.sort_unstable();
     ids.into_iter().map(wrap).collect()
 }
@@ -232,7 +266,11 @@ pub fn list_children(tgid: Tgid) -> BTreeSet<Tgid> {
     for tid in list_threads(tgid) {
         let path = format!("/proc/{}/task/{}/children", tgid.0, tid.0);
         if let Ok(text) = fs::read_to_string(path) {
-            children.extend(text.split_whitespace().filter_map(|s| s.parse().ok()).map(Tgid));
+            children.extend(
+                text.split_whitespace()
+                    .filter_map(|s| s.parse().ok())
+                    .map(Tgid),
+            );
         }
     }
     children

@@ -82,20 +82,62 @@ fn text(body: &ImageBody) -> String {
         h.crd_version,
         h.created
     );
-    let _ = writeln!(out, "\n{:>8} {:>8} {:>8}  {:<16} {}", "PID", "TGID", "PARENT", "COMM", "FD TABLE");
+    let _ = writeln!(
+        out,
+        "\n{:>8} {:>8} {:>8}  {:<16} {}",
+        "PID", "TGID", "PARENT", "COMM", "FD TABLE"
+    );
     for t in &g.tasks {
-        let _ = writeln!(out, "{:>8} {:>8} {:>8}  {:<16} {}", t.pid, t.tgid, t.parent, t.comm, first_or_ref(&t.fd_table));
+        let _ = writeln!(
+            out,
+            "{:>8} {:>8} {:>8}  {:<16} {}",
+            t.pid,
+            t.tgid,
+            t.parent,
+            t.comm,
+            first_or_ref(&t.fd_table)
+        );
     }
-    let _ = writeln!(out, "\n(#N: object saved here; #N*: a later reference to it)");
+    let _ = writeln!(
+        out,
+        "\n(#N: object saved here; #N*: a later reference to it)"
+    );
     for t in &g.tasks {
-        let Encounter::First { objref, object: table } = &t.fd_table else { continue };
-        let _ = writeln!(out, "\nfd table {objref} of PID {} ({} fds)", t.tgid, table.fds.len());
-        let _ = writeln!(out, "{:>6} {:>4} {:>6} {:>3} {:>8} {:>10} {:>6} {:<6} {}", "FD", "CLOE", "FILE", "ACC", "FLAGS", "POS", "INODE", "KIND", "OBJECT");
+        let Encounter::First {
+            objref,
+            object: table,
+        } = &t.fd_table
+        else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "\nfd table {objref} of PID {} ({} fds)",
+            t.tgid,
+            table.fds.len()
+        );
+        let _ = writeln!(
+            out,
+            "{:>6} {:>4} {:>6} {:>3} {:>8} {:>10} {:>6} {:<6} {}",
+            "FD", "CLOE", "FILE", "ACC", "FLAGS", "POS", "INODE", "KIND", "OBJECT"
+        );
         for slot in &table.fds {
             let file = objects.files.get(&slot.file.objref());
             let (acc, flags, pos, inode_ref, outside) = match file {
-                Some(f) if slot.file.first().is_some() => (f.access.to_string(), format!("{:o}", f.flags), f.pos.to_string(), first_or_ref(&f.inode), f.held_outside),
-                Some(f) => (f.access.to_string(), format!("{:o}", f.flags), f.pos.to_string(), f.inode.objref().to_string(), f.held_outside),
+                Some(f) if slot.file.first().is_some() => (
+                    f.access.to_string(),
+                    format!("{:o}", f.flags),
+                    f.pos.to_string(),
+                    first_or_ref(&f.inode),
+                    f.held_outside,
+                ),
+                Some(f) => (
+                    f.access.to_string(),
+                    format!("{:o}", f.flags),
+                    f.pos.to_string(),
+                    f.inode.objref().to_string(),
+                    f.held_outside,
+                ),
                 None => ("?".into(), "?".into(), "?".into(), "?".into(), false),
             };
             let inode = file.and_then(|f| objects.inodes.get(&f.inode.objref()));
@@ -111,11 +153,19 @@ fn text(body: &ImageBody) -> String {
                 inode_ref,
                 inode.map(|i| i.kind.to_string()).unwrap_or_default(),
                 inode.map(|i| inode_detail(i)).unwrap_or_default(),
-                if outside { "  (description held outside)" } else { "" }
+                if outside {
+                    "  (description held outside)"
+                } else {
+                    ""
+                }
             );
         }
     }
-    let shared: Vec<_> = g.users().into_iter().filter(|(_, users)| users.len() > 1).collect();
+    let shared: Vec<_> = g
+        .users()
+        .into_iter()
+        .filter(|(_, users)| users.len() > 1)
+        .collect();
     if !shared.is_empty() {
         let _ = writeln!(out, "\nshared objects:");
         for (objref, users) in shared {
@@ -150,17 +200,41 @@ fn dot(g: &Graph) -> String {
     let objects = Objects::of(g);
     let mut out = String::from("digraph crd {\n  rankdir=LR;\n  node [fontname=\"monospace\"];\n");
     for t in &g.tasks {
-        let _ = writeln!(out, "  task{} [shape=box,label=\"{} {}\\npid {}\"];", t.pid, t.comm.replace('"', "'"), t.tgid, t.pid);
+        let _ = writeln!(
+            out,
+            "  task{} [shape=box,label=\"{} {}\\npid {}\"];",
+            t.pid,
+            t.comm.replace('"', "'"),
+            t.tgid,
+            t.pid
+        );
         let _ = writeln!(out, "  task{} -> obj{};", t.pid, t.fd_table.objref().0);
         if let Encounter::First { objref, object } = &t.fd_table {
-            let _ = writeln!(out, "  obj{} [shape=folder,label=\"fd table {objref}\"];", objref.0);
+            let _ = writeln!(
+                out,
+                "  obj{} [shape=folder,label=\"fd table {objref}\"];",
+                objref.0
+            );
             for slot in &object.fds {
-                let _ = writeln!(out, "  obj{} -> obj{} [label=\"fd {}\"];", objref.0, slot.file.objref().0, slot.fd);
+                let _ = writeln!(
+                    out,
+                    "  obj{} -> obj{} [label=\"fd {}\"];",
+                    objref.0,
+                    slot.file.objref().0,
+                    slot.fd
+                );
             }
         }
     }
     for (objref, file) in &objects.files {
-        let _ = writeln!(out, "  obj{} [shape=ellipse,label=\"file {objref}\\n{} pos {}\"{}];", objref.0, file.access, file.pos, if file.held_outside { ",color=red" } else { "" });
+        let _ = writeln!(
+            out,
+            "  obj{} [shape=ellipse,label=\"file {objref}\\n{} pos {}\"{}];",
+            objref.0,
+            file.access,
+            file.pos,
+            if file.held_outside { ",color=red" } else { "" }
+        );
         let _ = writeln!(out, "  obj{} -> obj{};", objref.0, file.inode.objref().0);
     }
     for (objref, inode) in &objects.inodes {

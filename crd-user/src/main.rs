@@ -20,7 +20,11 @@ use crd::{
 };
 
 #[derive(Parser)]
-#[command(name = "crd", version, about = "Checkpoint the open-file state of Linux processes with BPF iterators")]
+#[command(
+    name = "crd",
+    version,
+    about = "Checkpoint the open-file state of Linux processes with BPF iterators"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,8 +76,10 @@ fn main() -> ExitCode {
     match run(cli.command, &is_interrupted) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("crd: {e:#}");
-            let was_interrupt = e.downcast_ref::<CheckpointError>().is_some_and(|e| matches!(e, CheckpointError::Interrupted));
+            eprintln!("crd: {}", one_line(&e));
+            let was_interrupt = e
+                .downcast_ref::<CheckpointError>()
+                .is_some_and(|e| matches!(e, CheckpointError::Interrupted));
             ExitCode::from(if was_interrupt { 130 } else { 1 })
         }
     }
@@ -81,9 +87,22 @@ fn main() -> ExitCode {
 
 fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
     match command {
-        Command::Checkpoint { pid, tree, output, source } => {
+        Command::Checkpoint {
+            pid,
+            tree,
+            output,
+            source,
+        } => {
             let output = output.unwrap_or_else(|| PathBuf::from(format!("crd-{pid}.img")));
-            checkpoint(Options { root: Tgid(pid), tree, source }, &output, interrupted)?;
+            checkpoint(
+                Options {
+                    root: Tgid(pid),
+                    tree,
+                    source,
+                },
+                &output,
+                interrupted,
+            )?;
         }
         Command::Inspect { image, format } => {
             let body = image::read(&image)?;
@@ -95,7 +114,11 @@ fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn checkpoint(options: Options, output: &std::path::Path, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
+fn checkpoint(
+    options: Options,
+    output: &std::path::Path,
+    interrupted: &dyn Fn() -> bool,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let done = checkpoint_to_file(options, output, interrupted)?;
     let graph = &done.body.graph;
@@ -113,7 +136,11 @@ fn checkpoint(options: Options, output: &std::path::Path, interrupted: &dyn Fn()
     Ok(())
 }
 
-fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
+fn demo(
+    output: Option<PathBuf>,
+    source: Source,
+    interrupted: &dyn Fn() -> bool,
+) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
     let fifo = scratch.path().join("demo.fifo");
     let file = scratch.path().join("demo.txt");
@@ -135,13 +162,36 @@ fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool)
     let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
     let exe = std::env::current_exe().context("cannot find the crd executable")?;
     let tree = fixture::spawn(&exe, &steps, 2).context("cannot start the demo processes")?;
-    println!("demo: PID {} (and a child) hold: a pipe with both ends (fds 3, 4) and data queued,", tree.root());
+    println!(
+        "demo: PID {} (and a child) hold: a pipe with both ends (fds 3, 4) and data queued,",
+        tree.root()
+    );
     println!("      a dup of its read end (fd 5), a FIFO (fd 6), a file at offset 4 (fd 7), and");
     println!("      a second pipe (8, 9; 9 close-on-exec). The child shares them across fork");
     println!("      and has closed fd 4.\n");
     let path = output.unwrap_or_else(|| scratch.path().join("demo.img"));
-    checkpoint(Options { root: Tgid(tree.root()), tree: true, source }, &path, interrupted)?;
+    checkpoint(
+        Options {
+            root: Tgid(tree.root()),
+            tree: true,
+            source,
+        },
+        &path,
+        interrupted,
+    )?;
     let body = image::read(&path)?;
     println!("{}", inspect::render(&body, Format::Text));
     Ok(())
+}
+
+/// The error and its causes on one line, skipping causes the message already quotes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line = format!("{line}: {cause}");
+        }
+    }
+    line
 }

@@ -1,1 +1,266 @@
-fn main() {}
+//! `cargo xtask`: crd's build driver.
+//!
+//! - `setup`: install what a fresh machine lacks (rust-src for the nightly, bpf-linker
+//!   built against the nightly's own LLVM, bpftool for the tests).
+//! - `build`: setup, then the BPF object (nightly, bpfel-unknown-none) and `crd`.
+//! - `run -- ARGS`: build, then run `crd ARGS`.
+//! - `test`: build, then the whole test suite (unit and integration; needs root).
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain pieces crd needs.
+    Setup,
+    /// Build the BPF object and crd.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run crd with the given arguments.
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Build, then run every test.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup(),
+        Task::Build { release } => build(release).map(|_| ()),
+        Task::Run { release, args } => {
+            let crd = build(release)?;
+            // crd's own exit code is the answer: pass it on, no wrapper error.
+            let status = Command::new(&crd)
+                .args(args)
+                .status()
+                .with_context(|| format!("cannot run {}", crd.display()))?;
+            std::process::exit(status.code().unwrap_or(1))
+        }
+        Task::Test { args } => {
+            let crd = build(false)?;
+            ensure_apt_tools(&["bpftool"])?;
+            run(cargo()
+                .args(["test", "--workspace"])
+                .args(args)
+                .env("CRD_BIN", &crd))
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// A command with the environment an outer `cargo run` leaves behind removed, so the
+/// inner cargo picks its own toolchain.
+fn clean(mut command: Command) -> Command {
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTDOC",
+        "CARGO",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_MANIFEST_DIR",
+        "RUSTFLAGS",
+    ] {
+        command.env_remove(var);
+    }
+    command
+}
+
+fn cargo() -> Command {
+    let mut c = clean(Command::new("cargo"));
+    c.current_dir(root());
+    c
+}
+
+fn nightly(program: &str) -> Command {
+    let mut c = clean(Command::new("rustup"));
+    c.args(["run", "nightly", program]).current_dir(root());
+    c
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(command: &mut Command) -> Result<String> {
+    let out = command
+        .output()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn works(command: &mut Command) -> bool {
+    command.output().is_ok_and(|o| o.status.success())
+}
+
+fn setup() -> Result<()> {
+    if !works(nightly("rustc").arg("-vV")) {
+        eprintln!("xtask: installing the nightly toolchain");
+        run(clean(Command::new("rustup")).args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let sysroot = PathBuf::from(output(nightly("rustc").args(["--print", "sysroot"]))?.trim());
+    if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
+        eprintln!("xtask: installing rust-src for the nightly toolchain");
+        run(clean(Command::new("rustup")).args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    if !works(Command::new("bpf-linker").arg("--version")) {
+        install_bpf_linker(&sysroot)?;
+    }
+    Ok(())
+}
+
+/// Builds bpf-linker against the nightly's own libLLVM, so the two always agree on the
+/// LLVM version (bpf-linker reads the bitcode rustc emits).
+fn install_bpf_linker(sysroot: &Path) -> Result<()> {
+    let version = output(nightly("rustc").arg("-vV"))?;
+    let llvm = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("`rustc +nightly -vV` does not say its LLVM version")?
+        .trim()
+        .to_string();
+    let major = llvm.split('.').next().unwrap_or_default().to_string();
+    let lib_dir = sysroot.join("lib");
+    let libllvm = fs::read_dir(&lib_dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            name.starts_with("libLLVM.so.") && fs::metadata(p).is_ok_and(|m| m.len() > 1 << 20)
+        })
+        .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
+    let name = libllvm
+        .file_name()
+        .context("libLLVM has a name")?
+        .to_owned();
+    // Keep the prefix somewhere lasting: bpf-linker's rpath points into it.
+    let home = env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    let prefix = home.join(".cache/crd").join(format!("llvm-{llvm}"));
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)?;
+    for link in [OsString::from("libLLVM.so"), name] {
+        let path = prefix_lib.join(link);
+        let _ = fs::remove_file(&path);
+        std::os::unix::fs::symlink(&libllvm, &path)
+            .with_context(|| format!("cannot link {}", path.display()))?;
+    }
+    eprintln!("xtask: building bpf-linker against LLVM {llvm} (a few minutes, once)");
+    run(clean(Command::new("cargo"))
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "^0.13",
+            "--no-default-features",
+            "--features",
+        ])
+        .arg(format!("llvm-{major}"))
+        .env("LLVM_PREFIX", &prefix))
+}
+
+/// Installs Debian packages for the tools the tests call, when they are missing.
+fn ensure_apt_tools(tools: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| !works(Command::new("which").arg(t)))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Builds the BPF object and crd; returns the path of the crd binary.
+fn build(release: bool) -> Result<PathBuf> {
+    setup()?;
+    let root = root();
+    let ebpf_target = root.join("target/ebpf");
+    run(nightly("cargo")
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .arg("--manifest-path")
+        .arg(root.join("crd-ebpf/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&ebpf_target)
+        .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf"))?;
+    let object = ebpf_target.join("bpfel-unknown-none/release/crd");
+    let mut build = cargo();
+    build
+        .args(["build", "--package", "crd-user", "--bin", "crd"])
+        .env("CRD_BPF_OBJECT", &object);
+    if release {
+        build.arg("--release");
+    }
+    run(&mut build)?;
+    Ok(root
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("crd"))
+}

@@ -22,7 +22,10 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum ProcfsError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Syscall(#[from] SyscallError),
 }
@@ -46,10 +49,16 @@ struct Slot {
 fn read_slot(tid: Pid, fd: Fd) -> Result<Option<Slot>, ProcfsError> {
     let path = format!("/proc/{}/fd/{}", tid.0, fd.0);
     // An fd closed between the listing and here is simply not there.
-    let Ok(link) = fs::read_link(&path) else { return Ok(None) };
-    let Ok(meta) = fs::metadata(&path) else { return Ok(None) };
+    let Ok(link) = fs::read_link(&path) else {
+        return Ok(None);
+    };
+    let Ok(meta) = fs::metadata(&path) else {
+        return Ok(None);
+    };
     let info_path = format!("/proc/{}/fdinfo/{}", tid.0, fd.0);
-    let Ok(info) = fs::read_to_string(&info_path) else { return Ok(None) };
+    let Ok(info) = fs::read_to_string(&info_path) else {
+        return Ok(None);
+    };
     let mut flags = 0;
     let mut pos = 0;
     for line in info.lines() {
@@ -71,9 +80,12 @@ fn read_slot(tid: Pid, fd: Fd) -> Result<Option<Slot>, ProcfsError> {
 }
 
 fn list_fds(tid: Pid) -> Vec<Fd> {
-    let Ok(entries) = fs::read_dir(format!("/proc/{}/fd", tid.0)) else { return Vec::new() };
-    let mut fds: Vec<u32> =
-        entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    let Ok(entries) = fs::read_dir(format!("/proc/{}/fd", tid.0)) else {
+        return Vec::new();
+    };
+    let mut fds: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
     fds.sort_unstable();
     fds.into_iter().map(Fd).collect()
 }
@@ -105,9 +117,13 @@ pub fn harvest(tgids: &[Tgid]) -> Result<Harvest, ProcfsError> {
     for &tgid in tgids {
         for tid in list_threads(tgid) {
             let status_path = format!("/proc/{}/task/{}/status", tgid.0, tid.0);
-            let Ok(status) = fs::read_to_string(&status_path) else { continue };
+            let Ok(status) = fs::read_to_string(&status_path) else {
+                continue;
+            };
             let field = |name: &str| {
-                status.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
             };
             let comm = field("Name:").unwrap_or_default();
             let parent = Tgid(field("PPid:").and_then(|v| v.parse().ok()).unwrap_or(0));
@@ -127,7 +143,13 @@ pub fn harvest(tgids: &[Tgid]) -> Result<Harvest, ProcfsError> {
                     id
                 }
             };
-            harvest.tasks.push(TaskInfo { pid: tid, tgid, parent, comm, fd_table });
+            harvest.tasks.push(TaskInfo {
+                pid: tid,
+                tgid,
+                parent,
+                comm,
+                fd_table,
+            });
         }
     }
     count_references(tgids, &mut harvest, &descriptions)?;
@@ -143,9 +165,13 @@ fn read_table(
     harvest: &mut Harvest,
 ) -> Result<(), ProcfsError> {
     for fd in list_fds(tid) {
-        let Some(slot) = read_slot(tid, fd)? else { continue };
+        let Some(slot) = read_slot(tid, fd)? else {
+            continue;
+        };
         let next_inode = INODE_TAG | inodes.len() as u64 + 1;
-        let inode_id = *inodes.entry((slot.dev, slot.ino)).or_insert(KernelPtr(next_inode));
+        let inode_id = *inodes
+            .entry((slot.dev, slot.ino))
+            .or_insert(KernelPtr(next_inode));
         let same_inode = descriptions.entry(inode_id).or_default();
         let mut file_id = None;
         for d in same_inode.iter() {
@@ -155,7 +181,9 @@ fn read_table(
             }
         }
         let file_id = file_id.unwrap_or_else(|| {
-            let id = KernelPtr(FILE_TAG | (inode_id.0 & 0xffff_ffff) << 16 | same_inode.len() as u64 + 1);
+            let id = KernelPtr(
+                FILE_TAG | (inode_id.0 & 0xffff_ffff) << 16 | same_inode.len() as u64 + 1,
+            );
             same_inode.push(Description { tid, fd, id });
             id
         });
@@ -201,7 +229,8 @@ fn count_references(
     descriptions: &HashMap<KernelPtr, Vec<Description>>,
 ) -> Result<(), ProcfsError> {
     let mut file_refs: HashMap<KernelPtr, u64> = HashMap::new();
-    let mut pipe_ends: HashMap<KernelPtr, (BTreeSet<KernelPtr>, BTreeSet<KernelPtr>)> = HashMap::new();
+    let mut pipe_ends: HashMap<KernelPtr, (BTreeSet<KernelPtr>, BTreeSet<KernelPtr>)> =
+        HashMap::new();
     for f in &harvest.fds {
         *file_refs.entry(f.file.id).or_default() += 1;
         if f.file.inode.pipe.is_some() {
@@ -224,16 +253,30 @@ fn count_references(
         .collect();
     let me = std::process::id();
     let inside: BTreeSet<u32> = tgids.iter().map(|t| t.0).collect();
-    let Ok(procs) = fs::read_dir("/proc") else { return Ok(()) };
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return Ok(());
+    };
     for entry in procs.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
         if pid == me || inside.contains(&pid) {
             continue;
         }
         for fd in list_fds(Pid(pid)) {
-            let Ok(link) = fs::read_link(format!("/proc/{pid}/fd/{}", fd.0)) else { continue };
-            let Some(&inode) = by_link.get(link.to_string_lossy().as_ref()) else { continue };
-            let Some(slot) = read_slot(Pid(pid), fd)? else { continue };
+            let Ok(link) = fs::read_link(format!("/proc/{pid}/fd/{}", fd.0)) else {
+                continue;
+            };
+            let Some(&inode) = by_link.get(link.to_string_lossy().as_ref()) else {
+                continue;
+            };
+            let Some(slot) = read_slot(Pid(pid), fd)? else {
+                continue;
+            };
             let mut same_description = None;
             for d in descriptions.get(&inode).into_iter().flatten() {
                 if kcmp_same(d.tid, Pid(pid), Kcmp::File(d.fd, fd)).unwrap_or(false) {
@@ -259,7 +302,10 @@ fn count_references(
         f.file.refs = file_refs.get(&f.file.id).copied().unwrap_or(0);
         let inode = f.file.inode.id;
         if let Some(pipe) = &mut f.file.inode.pipe {
-            let (r, w) = pipe_ends.get(&inode).map(|(r, w)| (r.len(), w.len())).unwrap_or_default();
+            let (r, w) = pipe_ends
+                .get(&inode)
+                .map(|(r, w)| (r.len(), w.len()))
+                .unwrap_or_default();
             pipe.readers = r as u32 + outside_readers.get(&inode).copied().unwrap_or(0);
             pipe.writers = w as u32 + outside_writers.get(&inode).copied().unwrap_or(0);
         }
