@@ -52,21 +52,14 @@ pub struct Checkpoint {
 
 /// Checkpoints `options.root` into an image body, leaving the targets running.
 /// `interrupted` is polled between steps (Ctrl-C).
-pub fn checkpoint(
-    options: Options,
-    interrupted: &dyn Fn() -> bool,
-) -> Result<Checkpoint, CheckpointError> {
+pub fn checkpoint(options: Options, interrupted: &dyn Fn() -> bool) -> Result<Checkpoint, CheckpointError> {
     // Load BPF before freezing: the targets stay frozen for as short as possible.
     let mut harvester = match options.source {
         Source::Bpf => Some(BpfHarvester::load(false)?),
         Source::Procfs => None,
     };
     let check = || {
-        if interrupted() {
-            Err(CheckpointError::Interrupted)
-        } else {
-            Ok(())
-        }
+        if interrupted() { Err(CheckpointError::Interrupted) } else { Ok(()) }
     };
     check()?;
     let frozen = Frozen::freeze(options.root, options.tree, interrupted).map_err(|e| match e {
@@ -75,12 +68,10 @@ pub fn checkpoint(
     })?;
     let tgids: Vec<Tgid> = frozen.processes().collect();
     let (mut harvest, stats): (Harvest, HarvestStats) = match harvester.as_mut() {
-        Some(h) => h
-            .harvest(Scope::Processes(&tgids), interrupted)
-            .map_err(|e| match e {
-                BpfError::Interrupted => CheckpointError::Interrupted,
-                e => e.into(),
-            })?,
+        Some(h) => h.harvest(Scope::Processes(&tgids), interrupted).map_err(|e| match e {
+            BpfError::Interrupted => CheckpointError::Interrupted,
+            e => e.into(),
+        })?,
         None => (procfs::harvest(&tgids)?, HarvestStats::default()),
     };
     check()?;
@@ -89,13 +80,7 @@ pub fn checkpoint(
     frozen.thaw();
     check()?;
     let graph = Graph::build(root, &harvest, &extras);
-    Ok(Checkpoint {
-        body: ImageBody {
-            header: Header::now(options.source, options.tree),
-            graph,
-        },
-        stats,
-    })
+    Ok(Checkpoint { body: ImageBody { header: Header::now(options.source, options.tree), graph }, stats })
 }
 
 /// Checkpoints and writes the image atomically to `output`.

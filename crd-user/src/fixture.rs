@@ -2,8 +2,9 @@
 //! `crd demo` and the integration tests (`crd fixture STEP...`, hidden).
 //!
 //! Steps run in order; `fork` splits the list: the child runs the remaining steps, the
-//! parent stops there. Every process then writes its PID as one line to the fd named
-//! by `$CRD_FIXTURE_READY` (if set), closes it, and waits for a signal. Every process
+//! parent stops there. Every process then writes "DEPTH PID" (DEPTH: forks before it)
+//! as one line to the fd named by `$CRD_FIXTURE_READY` (if set), closes it, and waits
+//! for a signal. Every process
 //! dies with its parent (PR_SET_PDEATHSIG), so nothing outlives the test that made it.
 //!
 //! | step                  | effect                                                      |
@@ -20,6 +21,7 @@
 //! | `nonblock:FD`         | set O_NONBLOCK on the description                           |
 //! | `close:FD`            | close FD                                                    |
 //! | `threads:N`           | start N threads that sleep                                  |
+//! | `pipes:N`             | N more pipes at the lowest free fds (for size tests)        |
 //! | `fork`                | fork; the child runs the rest                               |
 use std::{
     io::{BufRead, BufReader},
@@ -55,16 +57,12 @@ pub fn pattern(len: usize) -> Vec<u8> {
 }
 
 fn num<T: std::str::FromStr>(step: &str, s: Option<&str>) -> Result<T, FixtureError> {
-    s.and_then(|s| s.parse().ok())
-        .ok_or_else(|| FixtureError::BadStep(step.to_string()))
+    s.and_then(|s| s.parse().ok()).ok_or_else(|| FixtureError::BadStep(step.to_string()))
 }
 
 fn move_fd(from: RawFd, to: RawFd, step: &str) -> Result<(), FixtureError> {
     if from != to {
-        let failed = |source| FixtureError::Failed {
-            step: step.to_string(),
-            source,
-        };
+        let failed = |source| FixtureError::Failed { step: step.to_string(), source };
         // SAFETY: `from` is an fd this process just created and owns; dup2 onto `to`
         // deliberately replaces whatever was there, as the step asks.
         let ret = unsafe { libc::dup2(from, to) };
@@ -87,15 +85,13 @@ fn borrowed(fd: RawFd) -> BorrowedFd<'static> {
 pub fn run(steps: &[String]) -> Result<(), FixtureError> {
     die_with_parent();
     let mut i = 0;
+    let mut depth = 0;
     while i < steps.len() {
         let step = steps[i].as_str();
         i += 1;
         let mut parts = step.splitn(4, ':');
         let op = parts.next().unwrap_or_default();
-        let failed = |source| FixtureError::Failed {
-            step: step.to_string(),
-            source,
-        };
+        let failed = |source| FixtureError::Failed { step: step.to_string(), source };
         match op {
             "pipe" => {
                 let (r, w): (RawFd, RawFd) = (num(step, parts.next())?, num(step, parts.next())?);
@@ -123,9 +119,7 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
             "open" => {
                 let fd: RawFd = num(step, parts.next())?;
                 let mode = parts.next().unwrap_or_default();
-                let path = parts
-                    .next()
-                    .ok_or_else(|| FixtureError::BadStep(step.to_string()))?;
+                let path = parts.next().ok_or_else(|| FixtureError::BadStep(step.to_string()))?;
                 let mut flags = match (mode.contains('r'), mode.contains('w')) {
                     (true, true) => OFlag::O_RDWR,
                     (false, true) => OFlag::O_WRONLY,
@@ -141,14 +135,11 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
                         flags |= flag;
                     }
                 }
-                let opened =
-                    fcntl::open(path, flags, Mode::from_bits_truncate(0o600)).map_err(failed)?;
+                let opened = fcntl::open(path, flags, Mode::from_bits_truncate(0o600)).map_err(failed)?;
                 move_fd(opened.into_raw_fd(), fd, step)?;
             }
             "mkfifo" => {
-                let path = parts
-                    .next()
-                    .ok_or_else(|| FixtureError::BadStep(step.to_string()))?;
+                let path = parts.next().ok_or_else(|| FixtureError::BadStep(step.to_string()))?;
                 unistd::mkfifo(path, Mode::from_bits_truncate(0o600)).map_err(failed)?;
             }
             "seek" => {
@@ -173,8 +164,7 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
             }
             "cloexec" => {
                 let fd: RawFd = num(step, parts.next())?;
-                fcntl::fcntl(borrowed(fd), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
-                    .map_err(failed)?;
+                fcntl::fcntl(borrowed(fd), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(failed)?;
             }
             "nonblock" => {
                 let fd: RawFd = num(step, parts.next())?;
@@ -185,6 +175,14 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
             "close" => {
                 let fd: RawFd = num(step, parts.next())?;
                 unistd::close(fd).map_err(failed)?;
+            }
+            "pipes" => {
+                let n: usize = num(step, parts.next())?;
+                for _ in 0..n {
+                    let (r, w) = unistd::pipe().map_err(failed)?;
+                    // Kept open for the fixture's life.
+                    let _ = (r.into_raw_fd(), w.into_raw_fd());
+                }
             }
             "threads" => {
                 let n: usize = num(step, parts.next())?;
@@ -203,6 +201,7 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
                 match unsafe { unistd::fork() }.map_err(failed)? {
                     ForkResult::Child => {
                         die_with_parent();
+                        depth += 1;
                         continue;
                     }
                     ForkResult::Parent { .. } => break,
@@ -211,7 +210,7 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
             _ => return Err(FixtureError::BadStep(step.to_string())),
         }
     }
-    report_ready();
+    report_ready(depth);
     loop {
         // SAFETY: pause has no preconditions; the process waits for a signal.
         unsafe { libc::pause() };
@@ -223,14 +222,11 @@ fn die_with_parent() {
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
 }
 
-fn report_ready() {
-    let Some(fd) = std::env::var(READY_ENV)
-        .ok()
-        .and_then(|v| v.parse::<RawFd>().ok())
-    else {
+fn report_ready(depth: u32) {
+    let Some(fd) = std::env::var(READY_ENV).ok().and_then(|v| v.parse::<RawFd>().ok()) else {
         return;
     };
-    let line = format!("{}\n", std::process::id());
+    let line = format!("{depth} {}\n", std::process::id());
     let _ = unistd::write(borrowed(fd), line.as_bytes());
     let _ = unistd::close(fd);
 }
@@ -241,7 +237,7 @@ const READY_FD: RawFd = 900;
 /// A running fixture tree, killed (with every descendant) when dropped.
 pub struct Spawned {
     child: Child,
-    /// PIDs of the fixture's processes, in the order they became ready.
+    /// PIDs of the fixture's processes, by depth (forks made before it), then PID.
     pub pids: Vec<u32>,
 }
 
@@ -290,21 +286,24 @@ pub fn spawn(exe: &Path, steps: &[&str], processes: usize) -> std::io::Result<Sp
     }
     let child = command.spawn()?;
     drop(ready_w);
-    let mut spawned = Spawned {
-        child,
-        pids: Vec::new(),
-    };
-    let mut lines = BufReader::new(std::fs::File::from(ready_r)).lines();
-    while spawned.pids.len() < processes {
-        match lines.next() {
-            Some(Ok(line)) => spawned.pids.push(line.trim().parse().unwrap_or(0)),
-            _ => {
-                return Err(std::io::Error::other(format!(
-                    "fixture {steps:?} stopped after {} of {processes} processes were ready",
-                    spawned.pids.len()
-                )));
-            }
-        }
+    let mut spawned = Spawned { child, pids: Vec::new() };
+    // Read to EOF, not just N lines: EOF means every process has also *closed* its copy
+    // of the ready fd, so none is left in the tables the caller is about to inspect.
+    let mut ready: Vec<(u32, u32)> = BufReader::new(std::fs::File::from(ready_r))
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| {
+            let (depth, pid) = l.trim().split_once(' ')?;
+            Some((depth.parse().ok()?, pid.parse().ok()?))
+        })
+        .collect();
+    ready.sort_unstable();
+    spawned.pids = ready.into_iter().map(|(_, pid)| pid).collect();
+    if spawned.pids.len() != processes {
+        return Err(std::io::Error::other(format!(
+            "fixture {steps:?}: {} of {processes} processes became ready",
+            spawned.pids.len()
+        )));
     }
     Ok(spawned)
 }

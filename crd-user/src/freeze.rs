@@ -73,20 +73,13 @@ impl Frozen {
     /// Freezes `root` (all threads) and, with `tree`, all its descendants. Repeats until
     /// the set stops growing: a thread or child created while crd was attaching is
     /// caught on the next round, and once every member is stopped none can be created.
-    pub fn freeze(
-        root: Tgid,
-        tree: bool,
-        interrupted: &dyn Fn() -> bool,
-    ) -> Result<Self, FreezeError> {
+    pub fn freeze(root: Tgid, tree: bool, interrupted: &dyn Fn() -> bool) -> Result<Self, FreezeError> {
         let pidfd = sys::pidfd_open(Pid(root.0)).map_err(|e| match e.errno() {
             Some(libc::ESRCH) | Some(libc::EINVAL) => FreezeError::NoSuchProcess(root),
             _ => FreezeError::Syscall(e),
         })?;
-        let mut frozen = Frozen {
-            root,
-            processes: BTreeMap::from([(root, pidfd)]),
-            threads: BTreeMap::new(),
-        };
+        let mut frozen =
+            Frozen { root, processes: BTreeMap::from([(root, pidfd)]), threads: BTreeMap::new() };
         loop {
             if interrupted() {
                 return Err(FreezeError::Interrupted);
@@ -149,11 +142,7 @@ impl Frozen {
                 return Err(FreezeError::NotPermitted(tgid));
             }
             Err(e) => {
-                return Err(SyscallError {
-                    call: "ptrace(PTRACE_SEIZE)",
-                    source: e.into(),
-                }
-                .into());
+                return Err(SyscallError { call: "ptrace(PTRACE_SEIZE)", source: e.into() }.into());
             }
         }
         self.threads.insert(tid, None);
@@ -162,11 +151,7 @@ impl Frozen {
                 self.threads.remove(&tid);
                 return Ok(false);
             }
-            return Err(SyscallError {
-                call: "ptrace(PTRACE_INTERRUPT)",
-                source: e.into(),
-            }
-            .into());
+            return Err(SyscallError { call: "ptrace(PTRACE_INTERRUPT)", source: e.into() }.into());
         }
         self.wait_stopped(tid)
     }
@@ -196,11 +181,7 @@ impl Frozen {
                 Ok(_) => continue,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
-                    return Err(SyscallError {
-                        call: "waitpid",
-                        source: e.into(),
-                    }
-                    .into());
+                    return Err(SyscallError { call: "waitpid", source: e.into() }.into());
                 }
             }
         }
@@ -247,9 +228,7 @@ fn read_ids<T>(dir: &str, wrap: impl Fn(u32) -> T) -> Vec<T> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Vec::new();
     };
-    let mut ids: Vec<u32> = entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
+    let mut ids: Vec<u32> = entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
     ids.sort_unstable();
     ids.into_iter().map(wrap).collect()
 }
@@ -266,11 +245,7 @@ pub fn list_children(tgid: Tgid) -> BTreeSet<Tgid> {
     for tid in list_threads(tgid) {
         let path = format!("/proc/{}/task/{}/children", tgid.0, tid.0);
         if let Ok(text) = fs::read_to_string(path) {
-            children.extend(
-                text.split_whitespace()
-                    .filter_map(|s| s.parse().ok())
-                    .map(Tgid),
-            );
+            children.extend(text.split_whitespace().filter_map(|s| s.parse().ok()).map(Tgid));
         }
     }
     children
@@ -278,9 +253,7 @@ pub fn list_children(tgid: Tgid) -> BTreeSet<Tgid> {
 
 fn proc_status_field(pid: u32, field: &str) -> Option<String> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
+    status.lines().find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
 }
 
 fn is_zombie(tgid: Tgid) -> bool {

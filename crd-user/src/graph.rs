@@ -143,10 +143,7 @@ impl ObjHash {
         self.next += 1;
         let objref = ObjRef(self.next);
         self.refs.insert((class, key), objref);
-        Encounter::First {
-            objref,
-            object: make(self),
-        }
+        Encounter::First { objref, object: make(self) }
     }
 }
 
@@ -166,18 +163,10 @@ impl InsideCounts {
             *counts.slots_per_file.entry(f.file.id).or_default() += 1;
             if let Some(pipe) = &f.file.inode.pipe {
                 if f.file.access.read {
-                    counts
-                        .readers_per_pipe
-                        .entry(pipe.id)
-                        .or_default()
-                        .insert(f.file.id);
+                    counts.readers_per_pipe.entry(pipe.id).or_default().insert(f.file.id);
                 }
                 if f.file.access.write {
-                    counts
-                        .writers_per_pipe
-                        .entry(pipe.id)
-                        .or_default()
-                        .insert(f.file.id);
+                    counts.writers_per_pipe.entry(pipe.id).or_default().insert(f.file.id);
                 }
             }
         }
@@ -238,10 +227,7 @@ impl Graph {
         let mut users: BTreeMap<ObjRef, Vec<(Pid, Option<Fd>)>> = BTreeMap::new();
         let mut inode_of_file: HashMap<ObjRef, ObjRef> = HashMap::new();
         for t in &self.tasks {
-            users
-                .entry(t.fd_table.objref())
-                .or_default()
-                .push((t.pid, None));
+            users.entry(t.fd_table.objref()).or_default().push((t.pid, None));
         }
         for (_, slot) in self.slots() {
             if let Encounter::First { objref, object } = &slot.file {
@@ -252,10 +238,7 @@ impl Graph {
             let file = slot.file.objref();
             users.entry(file).or_default().push((t.pid, Some(slot.fd)));
             if let Some(inode) = inode_of_file.get(&file) {
-                users
-                    .entry(*inode)
-                    .or_default()
-                    .push((t.pid, Some(slot.fd)));
+                users.entry(*inode).or_default().push((t.pid, Some(slot.fd)));
             }
         }
         users
@@ -265,18 +248,10 @@ impl Graph {
     pub fn held_outside(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (t, slot) in self.slots() {
-            let Encounter::First {
-                objref,
-                object: file,
-            } = &slot.file
-            else {
+            let Encounter::First { objref, object: file } = &slot.file else {
                 continue;
             };
-            if let Encounter::First {
-                objref: inode_ref,
-                object: inode,
-            } = &file.inode
-            {
+            if let Encounter::First { objref: inode_ref, object: inode } = &file.inode {
                 if inode.pipe.as_ref().is_some_and(|p| p.held_outside) {
                     out.push(format!(
                         "{} {inode_ref} (first seen at PID {} fd {}) has an end open outside the checkpointed processes",
@@ -295,12 +270,7 @@ impl Graph {
     }
 }
 
-fn file_desc(
-    f: &FdInfo,
-    inside: &InsideCounts,
-    extras: &Extras,
-    objhash: &mut ObjHash,
-) -> FileDesc {
+fn file_desc(f: &FdInfo, inside: &InsideCounts, extras: &Extras, objhash: &mut ObjHash) -> FileDesc {
     let slots_inside = inside.slots_per_file.get(&f.file.id).copied().unwrap_or(0);
     FileDesc {
         flags: f.file.flags,
@@ -315,11 +285,7 @@ fn file_desc(
                 mode: i.mode,
                 dev: i.dev,
                 rdev: i.rdev,
-                path: if i.kind.has_path() {
-                    f.link.clone()
-                } else {
-                    None
-                },
+                path: if i.kind.has_path() { f.link.clone() } else { None },
                 pipe: i.pipe.as_ref().map(|p| {
                     let count = |m: &HashMap<KernelPtr, HashSet<KernelPtr>>| {
                         m.get(&p.id).map_or(0, |s| s.len()) as u32
@@ -406,16 +372,9 @@ mod tests {
                     kind: InodeKind::Pipe,
                     ino: inode,
                     mode: libc::S_IFIFO | 0o600,
-                    dev: DeviceId {
-                        major: 0,
-                        minor: 14,
-                    },
+                    dev: DeviceId { major: 0, minor: 14 },
                     rdev: DeviceId { major: 0, minor: 0 },
-                    pipe: Some(PipeInfo {
-                        id: KernelPtr(inode + 1),
-                        readers: 1,
-                        writers: 1,
-                    }),
+                    pipe: Some(PipeInfo { id: KernelPtr(inode + 1), readers: 1, writers: 1 }),
                 },
             },
         }
@@ -431,17 +390,8 @@ mod tests {
         let mut parent_dup = parent_read.clone();
         parent_dup.fd = Fd(5);
         Harvest {
-            tasks: vec![
-                task(20, 20, 10, 0x200),
-                task(11, 10, 1, 0x100),
-                task(10, 10, 1, 0x100),
-            ],
-            fds: vec![
-                child_end,
-                parent_dup,
-                pipe_end(10, 0x100, 4, 0xf2, 0x100, false),
-                parent_read,
-            ],
+            tasks: vec![task(20, 20, 10, 0x200), task(11, 10, 1, 0x100), task(10, 10, 1, 0x100)],
+            fds: vec![child_end, parent_dup, pipe_end(10, 0x100, 4, 0xf2, 0x100, false), parent_read],
         }
     }
 
@@ -457,10 +407,7 @@ mod tests {
         let fds: Vec<u32> = table.fds.iter().map(|s| s.fd.0).collect();
         assert_eq!(fds, [3, 4, 5]);
         // fd 3: file #2 with pipe inode #3 (first encounters, nested).
-        let file = table.fds[0]
-            .file
-            .first()
-            .expect("first encounter of the read end");
+        let file = table.fds[0].file.first().expect("first encounter of the read end");
         assert_eq!(table.fds[0].file.objref(), ObjRef(2));
         assert_eq!(file.inode.objref(), ObjRef(3));
         // fd 4: the write end is a new file #4 on the same inode #3.
@@ -508,41 +455,20 @@ mod tests {
             f.file.refs = 4; // three slots in the set, one more somewhere else
         }
         let g = Graph::build(Tgid(10), &h, &Extras::default());
-        let file = g.tasks[0].fd_table.first().unwrap().fds[0]
-            .file
-            .first()
-            .unwrap();
+        let file = g.tasks[0].fd_table.first().unwrap().fds[0].file.first().unwrap();
         assert!(file.held_outside);
-        let write_end = g.tasks[0].fd_table.first().unwrap().fds[1]
-            .file
-            .first()
-            .unwrap();
+        let write_end = g.tasks[0].fd_table.first().unwrap().fds[1].file.first().unwrap();
         assert!(!write_end.held_outside);
     }
 
     #[test]
     fn pipe_contents_go_with_the_inode() {
         let mut extras = Extras::default();
-        extras.pipes.insert(
-            KernelPtr(0x100),
-            PipeContents {
-                capacity: 65536,
-                data: b"queued".to_vec(),
-            },
-        );
+        extras.pipes.insert(KernelPtr(0x100), PipeContents { capacity: 65536, data: b"queued".to_vec() });
         let g = Graph::build(Tgid(10), &family(), &extras);
-        let inode = g.tasks[0].fd_table.first().unwrap().fds[0]
-            .file
-            .first()
-            .unwrap()
-            .inode
-            .first()
-            .unwrap();
+        let inode = g.tasks[0].fd_table.first().unwrap().fds[0].file.first().unwrap().inode.first().unwrap();
         let pipe = inode.pipe.as_ref().unwrap();
-        assert_eq!(
-            (pipe.capacity, pipe.data.as_slice()),
-            (65536, &b"queued"[..])
-        );
+        assert_eq!((pipe.capacity, pipe.data.as_slice()), (65536, &b"queued"[..]));
     }
 
     #[test]
@@ -552,11 +478,7 @@ mod tests {
         assert_eq!(users[&ObjRef(1)], vec![(Pid(10), None), (Pid(11), None)]);
         assert_eq!(
             users[&ObjRef(2)],
-            vec![
-                (Pid(10), Some(Fd(3))),
-                (Pid(10), Some(Fd(5))),
-                (Pid(20), Some(Fd(3)))
-            ]
+            vec![(Pid(10), Some(Fd(3))), (Pid(10), Some(Fd(5))), (Pid(20), Some(Fd(3)))]
         );
         assert_eq!(users[&ObjRef(3)].len(), 4, "every end of the pipe");
     }

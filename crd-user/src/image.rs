@@ -38,11 +38,7 @@ pub enum ImageError {
     #[error("{path}: not a crd image (bad magic)")]
     BadMagic { path: String },
     #[error("{path}: truncated image ({len} bytes; expected {expected})")]
-    Truncated {
-        path: String,
-        len: u64,
-        expected: u64,
-    },
+    Truncated { path: String, len: u64, expected: u64 },
     #[error("{path}: image has {extra} bytes of trailing garbage")]
     Trailing { path: String, extra: u64 },
     #[error(
@@ -107,8 +103,8 @@ fn config() -> impl bincode::config::Config {
 
 /// Encodes an image to bytes.
 pub fn encode(body: &ImageBody) -> Result<Vec<u8>, ImageError> {
-    let payload = bincode::serde::encode_to_vec(body, config())
-        .map_err(|e| ImageError::Encode(e.to_string()))?;
+    let payload =
+        bincode::serde::encode_to_vec(body, config()).map_err(|e| ImageError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(PREFIX_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -124,69 +120,41 @@ pub fn decode(bytes: &[u8], path: &str) -> Result<ImageBody, ImageError> {
     let len = bytes.len() as u64;
     if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
         return Err(if MAGIC.starts_with(bytes) && !bytes.is_empty() {
-            ImageError::Truncated {
-                path,
-                len,
-                expected: PREFIX_LEN as u64,
-            }
+            ImageError::Truncated { path, len, expected: PREFIX_LEN as u64 }
         } else {
             ImageError::BadMagic { path }
         });
     }
     if bytes.len() < PREFIX_LEN {
-        return Err(ImageError::Truncated {
-            path,
-            len,
-            expected: PREFIX_LEN as u64,
-        });
+        return Err(ImageError::Truncated { path, len, expected: PREFIX_LEN as u64 });
     }
-    let u32_at =
-        |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    let u32_at = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
     let version = u32_at(8);
     if version > FORMAT_VERSION {
-        return Err(ImageError::TooNew {
-            path,
-            found: version,
-        });
+        return Err(ImageError::TooNew { path, found: version });
     }
     if version != FORMAT_VERSION {
-        return Err(ImageError::Unsupported {
-            path,
-            found: version,
-        });
+        return Err(ImageError::Unsupported { path, found: version });
     }
     let mut body_len = [0u8; 8];
     body_len.copy_from_slice(&bytes[12..20]);
     let body_len = u64::from_le_bytes(body_len);
     if body_len > MAX_BODY {
-        return Err(ImageError::TooLarge {
-            path,
-            len: body_len,
-        });
+        return Err(ImageError::TooLarge { path, len: body_len });
     }
     let expected = PREFIX_LEN as u64 + body_len;
     if len < expected {
-        return Err(ImageError::Truncated {
-            path,
-            len,
-            expected,
-        });
+        return Err(ImageError::Truncated { path, len, expected });
     }
     if len > expected {
-        return Err(ImageError::Trailing {
-            path,
-            extra: len - expected,
-        });
+        return Err(ImageError::Trailing { path, extra: len - expected });
     }
     let payload = &bytes[PREFIX_LEN..];
     if crc32fast::hash(payload) != u32_at(20) {
         return Err(ImageError::Checksum { path });
     }
     let (body, used) = bincode::serde::decode_from_slice::<ImageBody, _>(payload, config())
-        .map_err(|e| ImageError::Decode {
-            path: path.clone(),
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| ImageError::Decode { path: path.clone(), detail: e.to_string() })?;
     if used != payload.len() {
         return Err(ImageError::Decode {
             path,
@@ -199,10 +167,7 @@ pub fn decode(bytes: &[u8], path: &str) -> Result<ImageBody, ImageError> {
 /// Reads and checks an image file.
 pub fn read(path: &Path) -> Result<ImageBody, ImageError> {
     let name = path.display().to_string();
-    let bytes = fs::read(path).map_err(|source| ImageError::Read {
-        path: name.clone(),
-        source,
-    })?;
+    let bytes = fs::read(path).map_err(|source| ImageError::Read { path: name.clone(), source })?;
     decode(&bytes, &name)
 }
 
@@ -211,20 +176,14 @@ pub fn read(path: &Path) -> Result<ImageBody, ImageError> {
 pub fn write(path: &Path, body: &ImageBody) -> Result<(), ImageError> {
     let bytes = encode(body)?;
     let name = path.display().to_string();
-    let err = |source| ImageError::Write {
-        path: name.clone(),
-        source,
-    };
+    let err = |source| ImageError::Write { path: name.clone(), source };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     // tempfile creates the file with mode 0600 and removes it if we fail or are
     // interrupted before `persist`.
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".crd-image-")
-        .tempfile_in(dir)
-        .map_err(err)?;
+    let mut tmp = tempfile::Builder::new().prefix(".crd-image-").tempfile_in(dir).map_err(err)?;
     tmp.write_all(&bytes).map_err(err)?;
     tmp.as_file().sync_all().map_err(err)?;
     tmp.persist(path).map_err(|e| err(e.error))?;
@@ -245,30 +204,17 @@ mod tests {
             kind: InodeKind::Pipe,
             ino: 42,
             mode: libc::S_IFIFO | 0o600,
-            dev: DeviceId {
-                major: 0,
-                minor: 14,
-            },
+            dev: DeviceId { major: 0, minor: 14 },
             rdev: DeviceId { major: 0, minor: 0 },
             path: None,
-            pipe: Some(Pipe {
-                capacity: 65536,
-                data: b"hello".to_vec(),
-                held_outside: false,
-            }),
+            pipe: Some(Pipe { capacity: 65536, data: b"hello".to_vec(), held_outside: false }),
         };
         let file = FileDesc {
             flags: 0,
-            access: Access {
-                read: true,
-                write: false,
-            },
+            access: Access { read: true, write: false },
             pos: 0,
             held_outside: false,
-            inode: Encounter::First {
-                objref: ObjRef(3),
-                object: inode,
-            },
+            inode: Encounter::First { objref: ObjRef(3), object: inode },
         };
         ImageBody {
             header: Header::now(Source::Bpf, false),
@@ -286,16 +232,9 @@ mod tests {
                                 FdSlot {
                                     fd: Fd(3),
                                     close_on_exec: true,
-                                    file: Encounter::First {
-                                        objref: ObjRef(2),
-                                        object: file,
-                                    },
+                                    file: Encounter::First { objref: ObjRef(2), object: file },
                                 },
-                                FdSlot {
-                                    fd: Fd(4),
-                                    close_on_exec: false,
-                                    file: Encounter::Again(ObjRef(2)),
-                                },
+                                FdSlot { fd: Fd(4), close_on_exec: false, file: Encounter::Again(ObjRef(2)) },
                             ],
                         },
                     },
@@ -317,10 +256,7 @@ mod tests {
         for cut in 0..bytes.len() {
             let err = decode(&bytes[..cut], "img").unwrap_err();
             assert!(
-                matches!(
-                    err,
-                    ImageError::Truncated { .. } | ImageError::BadMagic { .. }
-                ),
+                matches!(err, ImageError::Truncated { .. } | ImageError::BadMagic { .. }),
                 "cut at {cut}: {err}"
             );
         }
@@ -332,10 +268,7 @@ mod tests {
         for i in PREFIX_LEN..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x10;
-            assert!(
-                matches!(decode(&bad, "img"), Err(ImageError::Checksum { .. })),
-                "byte {i}"
-            );
+            assert!(matches!(decode(&bad, "img"), Err(ImageError::Checksum { .. })), "byte {i}");
         }
     }
 
@@ -350,24 +283,13 @@ mod tests {
         );
         let mut newer = bytes.clone();
         newer[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
-        assert!(
-            decode(&newer, "a.img")
-                .unwrap_err()
-                .to_string()
-                .contains("newer than this crd supports")
-        );
+        assert!(decode(&newer, "a.img").unwrap_err().to_string().contains("newer than this crd supports"));
         let mut huge = bytes.clone();
         huge[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(
-            decode(&huge, "a.img"),
-            Err(ImageError::TooLarge { .. })
-        ));
+        assert!(matches!(decode(&huge, "a.img"), Err(ImageError::TooLarge { .. })));
         let mut trailing = bytes.clone();
         trailing.push(0);
-        assert!(matches!(
-            decode(&trailing, "a.img"),
-            Err(ImageError::Trailing { extra: 1, .. })
-        ));
+        assert!(matches!(decode(&trailing, "a.img"), Err(ImageError::Trailing { extra: 1, .. })));
     }
 
     #[test]
@@ -379,10 +301,7 @@ mod tests {
         bytes.extend_from_slice(&(garbage.len() as u64).to_le_bytes());
         bytes.extend_from_slice(&crc32fast::hash(&garbage).to_le_bytes());
         bytes.extend_from_slice(&garbage);
-        assert!(matches!(
-            decode(&bytes, "g"),
-            Err(ImageError::Decode { .. })
-        ));
+        assert!(matches!(decode(&bytes, "g"), Err(ImageError::Decode { .. })));
     }
 
     #[test]
@@ -391,18 +310,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.crd");
         write(&path, &sample()).unwrap();
-        assert_eq!(
-            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        assert_eq!(
-            read(&path).unwrap(),
-            sample_without_time(read(&path).unwrap())
-        );
-        let leftovers: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(Result::ok)
-            .collect();
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(read(&path).unwrap(), sample_without_time(read(&path).unwrap()));
+        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().filter_map(Result::ok).collect();
         assert_eq!(leftovers.len(), 1, "no temporary file left behind");
     }
 

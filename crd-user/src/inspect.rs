@@ -82,11 +82,7 @@ fn text(body: &ImageBody) -> String {
         h.crd_version,
         h.created
     );
-    let _ = writeln!(
-        out,
-        "\n{:>8} {:>8} {:>8}  {:<16} {}",
-        "PID", "TGID", "PARENT", "COMM", "FD TABLE"
-    );
+    let _ = writeln!(out, "\n{:>8} {:>8} {:>8}  {:<16} {}", "PID", "TGID", "PARENT", "COMM", "FD TABLE");
     for t in &g.tasks {
         let _ = writeln!(
             out,
@@ -98,24 +94,12 @@ fn text(body: &ImageBody) -> String {
             first_or_ref(&t.fd_table)
         );
     }
-    let _ = writeln!(
-        out,
-        "\n(#N: object saved here; #N*: a later reference to it)"
-    );
+    let _ = writeln!(out, "\n(#N: object saved here; #N*: a later reference to it)");
     for t in &g.tasks {
-        let Encounter::First {
-            objref,
-            object: table,
-        } = &t.fd_table
-        else {
+        let Encounter::First { objref, object: table } = &t.fd_table else {
             continue;
         };
-        let _ = writeln!(
-            out,
-            "\nfd table {objref} of PID {} ({} fds)",
-            t.tgid,
-            table.fds.len()
-        );
+        let _ = writeln!(out, "\nfd table {objref} of PID {} ({} fds)", t.tgid, table.fds.len());
         let _ = writeln!(
             out,
             "{:>6} {:>4} {:>6} {:>3} {:>8} {:>10} {:>6} {:<6} {}",
@@ -153,19 +137,11 @@ fn text(body: &ImageBody) -> String {
                 inode_ref,
                 inode.map(|i| i.kind.to_string()).unwrap_or_default(),
                 inode.map(|i| inode_detail(i)).unwrap_or_default(),
-                if outside {
-                    "  (description held outside)"
-                } else {
-                    ""
-                }
+                if outside { "  (description held outside)" } else { "" }
             );
         }
     }
-    let shared: Vec<_> = g
-        .users()
-        .into_iter()
-        .filter(|(_, users)| users.len() > 1)
-        .collect();
+    let shared: Vec<_> = g.users().into_iter().filter(|(_, users)| users.len() > 1).collect();
     if !shared.is_empty() {
         let _ = writeln!(out, "\nshared objects:");
         for (objref, users) in shared {
@@ -210,11 +186,7 @@ fn dot(g: &Graph) -> String {
         );
         let _ = writeln!(out, "  task{} -> obj{};", t.pid, t.fd_table.objref().0);
         if let Encounter::First { objref, object } = &t.fd_table {
-            let _ = writeln!(
-                out,
-                "  obj{} [shape=folder,label=\"fd table {objref}\"];",
-                objref.0
-            );
+            let _ = writeln!(out, "  obj{} [shape=folder,label=\"fd table {objref}\"];", objref.0);
             for slot in &object.fds {
                 let _ = writeln!(
                     out,

@@ -87,22 +87,9 @@ fn main() -> ExitCode {
 
 fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
     match command {
-        Command::Checkpoint {
-            pid,
-            tree,
-            output,
-            source,
-        } => {
+        Command::Checkpoint { pid, tree, output, source } => {
             let output = output.unwrap_or_else(|| PathBuf::from(format!("crd-{pid}.img")));
-            checkpoint(
-                Options {
-                    root: Tgid(pid),
-                    tree,
-                    source,
-                },
-                &output,
-                interrupted,
-            )?;
+            checkpoint(Options { root: Tgid(pid), tree, source }, &output, interrupted)?;
         }
         Command::Inspect { image, format } => {
             let body = image::read(&image)?;
@@ -136,11 +123,7 @@ fn checkpoint(
     Ok(())
 }
 
-fn demo(
-    output: Option<PathBuf>,
-    source: Source,
-    interrupted: &dyn Fn() -> bool,
-) -> anyhow::Result<()> {
+fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
     let fifo = scratch.path().join("demo.fifo");
     let file = scratch.path().join("demo.txt");
@@ -170,15 +153,7 @@ fn demo(
     println!("      a second pipe (8, 9; 9 close-on-exec). The child shares them across fork");
     println!("      and has closed fd 4.\n");
     let path = output.unwrap_or_else(|| scratch.path().join("demo.img"));
-    checkpoint(
-        Options {
-            root: Tgid(tree.root()),
-            tree: true,
-            source,
-        },
-        &path,
-        interrupted,
-    )?;
+    checkpoint(Options { root: Tgid(tree.root()), tree: true, source }, &path, interrupted)?;
     let body = image::read(&path)?;
     println!("{}", inspect::render(&body, Format::Text));
     Ok(())

@@ -18,10 +18,7 @@ pub struct SyscallError {
 
 impl SyscallError {
     pub fn last(call: &'static str) -> Self {
-        Self {
-            call,
-            source: io::Error::last_os_error(),
-        }
+        Self { call, source: io::Error::last_os_error() }
     }
 
     pub fn errno(&self) -> Option<i32> {
@@ -55,11 +52,7 @@ pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: Fd) -> Result<OwnedFd, SyscallErro
 
 /// Whether the process behind `pidfd` has exited (its pidfd polls readable).
 pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
-    let mut poll = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut poll = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     // SAFETY: one valid pollfd, zero timeout.
     let n = unsafe { libc::poll(&mut poll, 1, 0) };
     n > 0
@@ -83,16 +76,8 @@ pub fn kcmp_same(pid1: Pid, pid2: Pid, what: Kcmp) -> Result<bool, SyscallError>
         Kcmp::Files => (KCMP_FILES, 0, 0),
     };
     // SAFETY: plain syscall with integer arguments.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_kcmp,
-            pid1.0 as libc::pid_t,
-            pid2.0 as libc::pid_t,
-            kind,
-            a,
-            b,
-        )
-    };
+    let ret =
+        unsafe { libc::syscall(libc::SYS_kcmp, pid1.0 as libc::pid_t, pid2.0 as libc::pid_t, kind, a, b) };
     if ret < 0 {
         return Err(SyscallError::last("kcmp"));
     }

@@ -53,18 +53,12 @@ pub struct DeviceId {
 impl DeviceId {
     /// From the kernel's `dev_t` (`MINORBITS` = 20).
     pub fn from_kernel(dev: u32) -> Self {
-        Self {
-            major: dev >> 20,
-            minor: dev & ((1 << 20) - 1),
-        }
+        Self { major: dev >> 20, minor: dev & ((1 << 20) - 1) }
     }
 
     /// From a userspace `st_dev`/`st_rdev`.
     pub fn from_user(dev: u64) -> Self {
-        Self {
-            major: libc::major(dev),
-            minor: libc::minor(dev),
-        }
+        Self { major: libc::major(dev), minor: libc::minor(dev) }
     }
 }
 
@@ -84,33 +78,18 @@ pub struct Access {
 impl Access {
     /// From the kernel's `f_mode` (FMODE_READ = 1, FMODE_WRITE = 2).
     pub fn from_fmode(f_mode: u32) -> Self {
-        Self {
-            read: f_mode & 1 != 0,
-            write: f_mode & 2 != 0,
-        }
+        Self { read: f_mode & 1 != 0, write: f_mode & 2 != 0 }
     }
 
     /// From open flags, as /proc/PID/fdinfo shows them. O_PATH files have no data access.
     pub fn from_open_flags(flags: u32) -> Self {
         if flags & libc::O_PATH as u32 != 0 {
-            return Self {
-                read: false,
-                write: false,
-            };
+            return Self { read: false, write: false };
         }
         match flags as i32 & libc::O_ACCMODE {
-            libc::O_RDONLY => Self {
-                read: true,
-                write: false,
-            },
-            libc::O_WRONLY => Self {
-                read: false,
-                write: true,
-            },
-            _ => Self {
-                read: true,
-                write: true,
-            },
+            libc::O_RDONLY => Self { read: true, write: false },
+            libc::O_WRONLY => Self { read: false, write: true },
+            _ => Self { read: true, write: true },
         }
     }
 }

@@ -1,1 +1,142 @@
-//! Helpers for the integration tests.
+//! Helpers for crd's integration tests: spawn real process trees, checkpoint them, and
+//! look objects up in the resulting graph.
+//!
+//! These tests need root (ptrace, BPF) and a kernel with BPF iterators; `cargo xtask
+//! test` builds the BPF object and the `crd` binary they use first.
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+use crd::{
+    Options, Source,
+    fixture::{self, Spawned},
+    graph::{Encounter, FdSlot, FdTable, FileDesc, Graph, Inode},
+    image::ImageBody,
+    types::{Fd, ObjRef, Tgid},
+};
+
+/// The `crd` binary under test: `$CRD_BIN` (set by `cargo xtask test`), else the debug
+/// build next to this workspace.
+pub fn crd_bin() -> PathBuf {
+    std::env::var_os("CRD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/crd"))
+}
+
+/// Starts a fixture tree (see `crd::fixture`) of `processes` processes.
+pub fn spawn(steps: &[&str], processes: usize) -> Spawned {
+    let bin = crd_bin();
+    assert!(bin.exists(), "{} missing: run the tests with `cargo xtask test`", bin.display());
+    fixture::spawn(&bin, steps, processes).expect("fixture starts")
+}
+
+/// Checkpoints through the library, as `crd checkpoint` does.
+pub fn checkpoint(root: u32, tree: bool, source: Source) -> ImageBody {
+    crd::checkpoint(Options { root: Tgid(root), tree, source }, &|| false)
+        .unwrap_or_else(|e| panic!("checkpoint of {root} ({source}): {e}"))
+        .body
+}
+
+/// Runs the crd binary.
+pub fn crd(args: &[&str]) -> Output {
+    Command::new(crd_bin()).args(args).output().expect("crd runs")
+}
+
+/// Objects of a graph by objref, and fd tables by process.
+pub struct Index<'g> {
+    pub graph: &'g Graph,
+    pub tables: BTreeMap<ObjRef, &'g FdTable>,
+    pub files: BTreeMap<ObjRef, &'g FileDesc>,
+    pub inodes: BTreeMap<ObjRef, &'g Inode>,
+}
+
+impl<'g> Index<'g> {
+    pub fn new(graph: &'g Graph) -> Self {
+        let mut index =
+            Self { graph, tables: BTreeMap::new(), files: BTreeMap::new(), inodes: BTreeMap::new() };
+        for t in &graph.tasks {
+            if let Encounter::First { objref, object } = &t.fd_table {
+                index.tables.insert(*objref, object);
+                for slot in &object.fds {
+                    if let Encounter::First { objref, object } = &slot.file {
+                        index.files.insert(*objref, object);
+                        if let Encounter::First { objref, object } = &object.inode {
+                            index.inodes.insert(*objref, object);
+                        }
+                    }
+                }
+            }
+        }
+        index
+    }
+
+    /// The fd table of process `pid`.
+    pub fn table(&self, pid: u32) -> &'g FdTable {
+        let task = self
+            .graph
+            .tasks
+            .iter()
+            .find(|t| t.tgid.0 == pid)
+            .unwrap_or_else(|| panic!("no task {pid} in the graph"));
+        self.tables[&task.fd_table.objref()]
+    }
+
+    pub fn slot(&self, pid: u32, fd: u32) -> &'g FdSlot {
+        self.table(pid).fds.iter().find(|s| s.fd == Fd(fd)).unwrap_or_else(|| panic!("no fd {fd} in {pid}"))
+    }
+
+    pub fn file(&self, pid: u32, fd: u32) -> &'g FileDesc {
+        self.files[&self.slot(pid, fd).file.objref()]
+    }
+
+    pub fn file_ref(&self, pid: u32, fd: u32) -> ObjRef {
+        self.slot(pid, fd).file.objref()
+    }
+
+    pub fn inode_ref(&self, pid: u32, fd: u32) -> ObjRef {
+        self.file(pid, fd).inode.objref()
+    }
+
+    pub fn inode(&self, pid: u32, fd: u32) -> &'g Inode {
+        self.inodes[&self.inode_ref(pid, fd)]
+    }
+
+    /// The fd numbers of process `pid`.
+    pub fn fds(&self, pid: u32) -> Vec<u32> {
+        self.table(pid).fds.iter().map(|s| s.fd.0).collect()
+    }
+}
+
+/// The fd numbers /proc shows for a process.
+pub fn proc_fds(pid: u32) -> Vec<u32> {
+    let mut fds: Vec<u32> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("readable /proc/PID/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    fds
+}
+
+/// A field of /proc/PID/status.
+pub fn status_field(pid: u32, field: &str) -> String {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
+        .unwrap_or_default()
+}
+
+/// Asserts a process is running free: not stopped, not traced.
+pub fn assert_running_untraced(pid: u32) {
+    assert_eq!(status_field(pid, "TracerPid:"), "0", "PID {pid} is still traced");
+    let state = status_field(pid, "State:");
+    assert!(state.starts_with('S') || state.starts_with('R'), "PID {pid} is in state {state}");
+}
+
+/// Whether this test process may use ptrace and BPF.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}

@@ -63,33 +63,21 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             let crd = build(false)?;
             ensure_apt_tools(&["bpftool"])?;
-            run(cargo()
-                .args(["test", "--workspace"])
-                .args(args)
-                .env("CRD_BIN", &crd))
+            run(cargo().args(["test", "--workspace"]).args(args).env("CRD_BIN", &crd))
         }
     }
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 /// A command with the environment an outer `cargo run` leaves behind removed, so the
 /// inner cargo picks its own toolchain.
 fn clean(mut command: Command) -> Command {
-    for var in [
-        "RUSTC",
-        "RUSTC_WRAPPER",
-        "RUSTDOC",
-        "CARGO",
-        "RUSTUP_TOOLCHAIN",
-        "CARGO_MANIFEST_DIR",
-        "RUSTFLAGS",
-    ] {
+    for var in
+        ["RUSTC", "RUSTC_WRAPPER", "RUSTDOC", "CARGO", "RUSTUP_TOOLCHAIN", "CARGO_MANIFEST_DIR", "RUSTFLAGS"]
+    {
         command.env_remove(var);
     }
     command
@@ -108,9 +96,7 @@ fn nightly(program: &str) -> Command {
 }
 
 fn run(command: &mut Command) -> Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("cannot run {command:?}"))?;
+    let status = command.status().with_context(|| format!("cannot run {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed: {status}");
     }
@@ -118,14 +104,9 @@ fn run(command: &mut Command) -> Result<()> {
 }
 
 fn output(command: &mut Command) -> Result<String> {
-    let out = command
-        .output()
-        .with_context(|| format!("cannot run {command:?}"))?;
+    let out = command.output().with_context(|| format!("cannot run {command:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{command:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{command:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -137,24 +118,12 @@ fn works(command: &mut Command) -> bool {
 fn setup() -> Result<()> {
     if !works(nightly("rustc").arg("-vV")) {
         eprintln!("xtask: installing the nightly toolchain");
-        run(clean(Command::new("rustup")).args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
+        run(clean(Command::new("rustup")).args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
     let sysroot = PathBuf::from(output(nightly("rustc").args(["--print", "sysroot"]))?.trim());
     if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
         eprintln!("xtask: installing rust-src for the nightly toolchain");
-        run(clean(Command::new("rustup")).args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        run(clean(Command::new("rustup")).args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
     if !works(Command::new("bpf-linker").arg("--version")) {
         install_bpf_linker(&sysroot)?;
@@ -182,14 +151,9 @@ fn install_bpf_linker(sysroot: &Path) -> Result<()> {
             name.starts_with("libLLVM.so.") && fs::metadata(p).is_ok_and(|m| m.len() > 1 << 20)
         })
         .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
-    let name = libllvm
-        .file_name()
-        .context("libLLVM has a name")?
-        .to_owned();
+    let name = libllvm.file_name().context("libLLVM has a name")?.to_owned();
     // Keep the prefix somewhere lasting: bpf-linker's rpath points into it.
-    let home = env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"));
+    let home = env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
     let prefix = home.join(".cache/crd").join(format!("llvm-{llvm}"));
     let prefix_lib = prefix.join("lib");
     fs::create_dir_all(&prefix_lib)?;
@@ -201,25 +165,14 @@ fn install_bpf_linker(sysroot: &Path) -> Result<()> {
     }
     eprintln!("xtask: building bpf-linker against LLVM {llvm} (a few minutes, once)");
     run(clean(Command::new("cargo"))
-        .args([
-            "install",
-            "bpf-linker",
-            "--version",
-            "^0.13",
-            "--no-default-features",
-            "--features",
-        ])
+        .args(["install", "bpf-linker", "--version", "^0.13", "--no-default-features", "--features"])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix))
 }
 
 /// Installs Debian packages for the tools the tests call, when they are missing.
 fn ensure_apt_tools(tools: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|t| !works(Command::new("which").arg(t)))
-        .collect();
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !works(Command::new("which").arg(t))).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -237,14 +190,7 @@ fn build(release: bool) -> Result<PathBuf> {
     let root = root();
     let ebpf_target = root.join("target/ebpf");
     run(nightly("cargo")
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ])
+        .args(["build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--manifest-path")
         .arg(root.join("crd-ebpf/Cargo.toml"))
         .arg("--target-dir")
@@ -252,15 +198,10 @@ fn build(release: bool) -> Result<PathBuf> {
         .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf"))?;
     let object = ebpf_target.join("bpfel-unknown-none/release/crd");
     let mut build = cargo();
-    build
-        .args(["build", "--package", "crd-user", "--bin", "crd"])
-        .env("CRD_BPF_OBJECT", &object);
+    build.args(["build", "--package", "crd-user", "--bin", "crd"]).env("CRD_BPF_OBJECT", &object);
     if release {
         build.arg("--release");
     }
     run(&mut build)?;
-    Ok(root
-        .join("target")
-        .join(if release { "release" } else { "debug" })
-        .join("crd"))
+    Ok(root.join("target").join(if release { "release" } else { "debug" }).join("crd"))
 }

@@ -51,10 +51,7 @@ pub enum BpfError {
     #[error("cannot load crd's BPF programs: {0}")]
     Load(String),
     #[error("reading the {iterator} iterator failed: {source}")]
-    Read {
-        iterator: &'static str,
-        source: io::Error,
-    },
+    Read { iterator: &'static str, source: io::Error },
     #[error(
         "BPF harvest incomplete: the programs submitted {submitted} records but {received} arrived; no image was written"
     )]
@@ -107,19 +104,19 @@ impl BpfHarvester {
     /// Loads the BPF object with this kernel's field offsets. `match_all` makes the
     /// programs ignore the tgid filter.
     pub fn load(match_all: bool) -> Result<Self, BpfError> {
+        let ring_bytes =
+            std::env::var(RING_BYTES_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_RING_BYTES);
+        Self::load_with_ring(match_all, ring_bytes)
+    }
+
+    /// As [`load`](Self::load), with a ring buffer of `ring_bytes` (a power of two, at
+    /// least a page).
+    pub fn load_with_ring(match_all: bool, ring_bytes: u32) -> Result<Self, BpfError> {
         if BPF_OBJECT.is_empty() {
             return Err(BpfError::NoObject);
         }
         let offsets = KernelBtf::from_sys_fs()?.offsets()?;
-        let config = Config {
-            offsets,
-            match_all: match_all as u32,
-            _pad: 0,
-        };
-        let ring_bytes = std::env::var(RING_BYTES_ENV)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DEFAULT_RING_BYTES);
+        let config = Config { offsets, match_all: match_all as u32, _pad: 0 };
         let btf = Btf::from_sys_fs().map_err(|_| OffsetsError::NoBtf)?;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
@@ -136,15 +133,10 @@ impl BpfHarvester {
             program.load(iter_type, &btf).map_err(load_error)?;
         }
         let ring = RingBuf::try_from(
-            ebpf.take_map("crd_events")
-                .ok_or(BpfError::Load("map crd_events missing".into()))?,
+            ebpf.take_map("crd_events").ok_or(BpfError::Load("map crd_events missing".into()))?,
         )
         .map_err(load_error)?;
-        Ok(Self {
-            ebpf,
-            ring,
-            file_ref_bias: offsets.file_ref_bias as i64,
-        })
+        Ok(Self { ebpf, ring, file_ref_bias: offsets.file_ref_bias as i64 })
     }
 
     /// Runs both iterators over `scope` and decodes every record.
@@ -155,9 +147,7 @@ impl BpfHarvester {
     ) -> Result<(Harvest, HarvestStats), BpfError> {
         if let Scope::Processes(tgids) = scope {
             let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
-                self.ebpf
-                    .map_mut("crd_tgids")
-                    .ok_or(BpfError::Load("map crd_tgids missing".into()))?,
+                self.ebpf.map_mut("crd_tgids").ok_or(BpfError::Load("map crd_tgids missing".into()))?,
             )
             .map_err(load_error)?;
             let old: Vec<u32> = filter.keys().filter_map(Result::ok).collect();
@@ -179,10 +169,7 @@ impl BpfHarvester {
         stats.ring_full = after[STAT_RING_FULL as usize] - before[STAT_RING_FULL as usize];
         let failed = after[STAT_READ_FAILED as usize] - before[STAT_READ_FAILED as usize];
         if submitted != stats.records {
-            return Err(BpfError::Lost {
-                submitted,
-                received: stats.records,
-            });
+            return Err(BpfError::Lost { submitted, received: stats.records });
         }
         if failed != 0 {
             return Err(BpfError::ReadFailed(failed));
@@ -192,9 +179,7 @@ impl BpfHarvester {
 
     fn counters(&self) -> Result<[u64; 3], BpfError> {
         let stats: Array<_, u64> = Array::try_from(
-            self.ebpf
-                .map("crd_stats")
-                .ok_or(BpfError::Load("map crd_stats missing".into()))?,
+            self.ebpf.map("crd_stats").ok_or(BpfError::Load("map crd_stats missing".into()))?,
         )
         .map_err(load_error)?;
         let mut out = [0; 3];
@@ -249,10 +234,7 @@ impl BpfHarvester {
 
 /// Decodes one ring buffer record into the typed harvest.
 pub fn decode(bytes: &[u8], file_ref_bias: i64, harvest: &mut Harvest) -> Result<(), BpfError> {
-    let tag = bytes
-        .get(..4)
-        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-        .unwrap_or(0);
+    let tag = bytes.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
     match tag {
         RECORD_TASK if bytes.len() >= size_of::<TaskRecord>() => {
             // SAFETY: the length was checked; TaskRecord is plain old data, valid for

@@ -29,21 +29,11 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum ExtrasError {
     #[error("pipe {what} of PID {tgid} fd {fd}: {source}")]
-    Pipe {
-        what: &'static str,
-        tgid: Tgid,
-        fd: Fd,
-        source: SyscallError,
-    },
+    Pipe { what: &'static str, tgid: Tgid, fd: Fd, source: SyscallError },
     #[error(
         "PID {tgid} fd {fd}: could copy only {copied} of the {queued} bytes queued in its pipe; nothing was written"
     )]
-    ShortCopy {
-        tgid: Tgid,
-        fd: Fd,
-        copied: usize,
-        queued: usize,
-    },
+    ShortCopy { tgid: Tgid, fd: Fd, copied: usize, queued: usize },
 }
 
 /// A pipe's capacity and the bytes queued in it.
@@ -65,9 +55,7 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasE
     for f in &mut harvest.fds {
         if f.link.is_none() && f.file.inode.kind.has_path() {
             let path = format!("/proc/{}/fd/{}", f.tgid.0, f.fd.0);
-            f.link = fs::read_link(path)
-                .ok()
-                .map(|p| p.to_string_lossy().into_owned());
+            f.link = fs::read_link(path).ok().map(|p| p.to_string_lossy().into_owned());
         }
     }
     // One source fd per pipe inode: a read end if the set has one.
@@ -89,49 +77,26 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasE
 }
 
 fn read_pipe(f: &FdInfo, frozen: &Frozen) -> Result<PipeContents, ExtrasError> {
-    let err = |what, source| ExtrasError::Pipe {
-        what,
-        tgid: f.tgid,
-        fd: f.fd,
-        source,
-    };
+    let err = |what, source| ExtrasError::Pipe { what, tgid: f.tgid, fd: f.fd, source };
     let source: OwnedFd = match (f.file.access.read, frozen.pidfd(f.tgid)) {
         (true, Some(pidfd)) => sys::pidfd_getfd(pidfd, f.fd).map_err(|e| err("pidfd_getfd", e))?,
         _ => {
             let path = format!("/proc/{}/fd/{}", f.tgid.0, f.fd.0);
             let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-            fcntl::open(path.as_str(), flags, nix::sys::stat::Mode::empty()).map_err(|e| {
-                err(
-                    "open",
-                    SyscallError {
-                        call: "open",
-                        source: e.into(),
-                    },
-                )
-            })?
+            fcntl::open(path.as_str(), flags, nix::sys::stat::Mode::empty())
+                .map_err(|e| err("open", SyscallError { call: "open", source: e.into() }))?
         }
     };
-    let capacity = fcntl::fcntl(source.as_fd(), FcntlArg::F_GETPIPE_SZ).map_err(|e| {
-        err(
-            "size",
-            SyscallError {
-                call: "fcntl(F_GETPIPE_SZ)",
-                source: e.into(),
-            },
-        )
-    })? as u32;
+    let capacity = fcntl::fcntl(source.as_fd(), FcntlArg::F_GETPIPE_SZ)
+        .map_err(|e| err("size", SyscallError { call: "fcntl(F_GETPIPE_SZ)", source: e.into() }))?
+        as u32;
     let queued = sys::pipe_queued(source.as_fd()).map_err(|e| err("queue", e))?;
     let data = if queued == 0 {
         Vec::new()
     } else {
         copy_queue(&source, capacity, queued).map_err(|e| match e {
             CopyError::Syscall(e) => err("copy", e),
-            CopyError::Short(copied) => ExtrasError::ShortCopy {
-                tgid: f.tgid,
-                fd: f.fd,
-                copied,
-                queued,
-            },
+            CopyError::Short(copied) => ExtrasError::ShortCopy { tgid: f.tgid, fd: f.fd, copied, queued },
         })?
     };
     Ok(PipeContents { capacity, data })
@@ -143,12 +108,7 @@ enum CopyError {
 }
 
 fn syscall(call: &'static str) -> impl Fn(nix::errno::Errno) -> CopyError {
-    move |e| {
-        CopyError::Syscall(SyscallError {
-            call,
-            source: e.into(),
-        })
-    }
+    move |e| CopyError::Syscall(SyscallError { call, source: e.into() })
 }
 
 /// Duplicates the queue with one tee(2) into a scratch pipe as large as the source, and
@@ -158,13 +118,8 @@ fn copy_queue(source: &OwnedFd, capacity: u32, queued: usize) -> Result<Vec<u8>,
         unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(syscall("pipe2"))?;
     fcntl::fcntl(scratch_w.as_fd(), FcntlArg::F_SETPIPE_SZ(capacity as i32))
         .map_err(syscall("fcntl(F_SETPIPE_SZ) on the scratch pipe"))?;
-    let copied = fcntl::tee(
-        source.as_fd(),
-        scratch_w.as_fd(),
-        queued,
-        SpliceFFlags::SPLICE_F_NONBLOCK,
-    )
-    .map_err(syscall("tee"))?;
+    let copied = fcntl::tee(source.as_fd(), scratch_w.as_fd(), queued, SpliceFFlags::SPLICE_F_NONBLOCK)
+        .map_err(syscall("tee"))?;
     if copied != queued {
         return Err(CopyError::Short(copied));
     }
@@ -172,11 +127,6 @@ fn copy_queue(source: &OwnedFd, capacity: u32, queued: usize) -> Result<Vec<u8>,
     let mut data = Vec::with_capacity(queued);
     fs::File::from(scratch_r)
         .read_to_end(&mut data)
-        .map_err(|e| {
-            CopyError::Syscall(SyscallError {
-                call: "read",
-                source: e,
-            })
-        })?;
+        .map_err(|e| CopyError::Syscall(SyscallError { call: "read", source: e }))?;
     Ok(data)
 }

@@ -50,10 +50,7 @@ impl KernelBtf {
     }
 
     fn structure(&self, name: &'static str) -> Result<btf_rs::Struct, OffsetsError> {
-        let types = self
-            .btf
-            .resolve_types_by_name(name)
-            .map_err(|_| OffsetsError::NoStruct(name))?;
+        let types = self.btf.resolve_types_by_name(name).map_err(|_| OffsetsError::NoStruct(name))?;
         types
             .into_iter()
             .find_map(|t| match t {
@@ -66,8 +63,7 @@ impl KernelBtf {
     /// Byte offset of `field` in struct `name`, searching anonymous members.
     pub fn offset(&self, name: &'static str, field: &'static str) -> Result<u32, OffsetsError> {
         let s = self.structure(name)?;
-        self.find_member(&s, field)
-            .ok_or(OffsetsError::NoField(name, field))
+        self.find_member(&s, field).ok_or(OffsetsError::NoField(name, field))
     }
 
     /// The first of `fields` that exists, with its index (fields get renamed across
@@ -175,19 +171,13 @@ mod tests {
         let off = btf.offsets().expect("all fields resolve");
         // Fields every supported kernel has at a fixed place.
         assert_eq!(off.inode_i_mode, 0);
-        assert!(
-            off.task_tgid == off.task_pid + 4,
-            "tgid follows pid in task_struct"
-        );
+        assert!(off.task_tgid == off.task_pid + 4, "tgid follows pid in task_struct");
         assert!(off.pipe_buffer_size >= 40);
         assert!(off.inode_i_pipe > off.inode_i_sb);
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         if release.starts_with("6.18.") {
             assert_eq!((off.task_pid, off.task_tgid), (1264, 1268));
-            assert_eq!(
-                (off.file_f_inode, off.file_f_flags, off.file_f_pos),
-                (32, 40, 112)
-            );
+            assert_eq!((off.file_f_inode, off.file_f_flags, off.file_f_pos), (32, 40, 112));
             assert_eq!(off.inode_i_pipe, 584);
             assert_eq!(off.file_ref_bias, 1);
         }

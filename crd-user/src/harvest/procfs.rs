@@ -22,10 +22,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum ProcfsError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error(transparent)]
     Syscall(#[from] SyscallError),
 }
@@ -83,9 +80,7 @@ fn list_fds(tid: Pid) -> Vec<Fd> {
     let Ok(entries) = fs::read_dir(format!("/proc/{}/fd", tid.0)) else {
         return Vec::new();
     };
-    let mut fds: Vec<u32> = entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
+    let mut fds: Vec<u32> = entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
     fds.sort_unstable();
     fds.into_iter().map(Fd).collect()
 }
@@ -120,11 +115,8 @@ pub fn harvest(tgids: &[Tgid]) -> Result<Harvest, ProcfsError> {
             let Ok(status) = fs::read_to_string(&status_path) else {
                 continue;
             };
-            let field = |name: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-            };
+            let field =
+                |name: &str| status.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()));
             let comm = field("Name:").unwrap_or_default();
             let parent = Tgid(field("PPid:").and_then(|v| v.parse().ok()).unwrap_or(0));
             let mut table = None;
@@ -143,13 +135,7 @@ pub fn harvest(tgids: &[Tgid]) -> Result<Harvest, ProcfsError> {
                     id
                 }
             };
-            harvest.tasks.push(TaskInfo {
-                pid: tid,
-                tgid,
-                parent,
-                comm,
-                fd_table,
-            });
+            harvest.tasks.push(TaskInfo { pid: tid, tgid, parent, comm, fd_table });
         }
     }
     count_references(tgids, &mut harvest, &descriptions)?;
@@ -169,9 +155,7 @@ fn read_table(
             continue;
         };
         let next_inode = INODE_TAG | inodes.len() as u64 + 1;
-        let inode_id = *inodes
-            .entry((slot.dev, slot.ino))
-            .or_insert(KernelPtr(next_inode));
+        let inode_id = *inodes.entry((slot.dev, slot.ino)).or_insert(KernelPtr(next_inode));
         let same_inode = descriptions.entry(inode_id).or_default();
         let mut file_id = None;
         for d in same_inode.iter() {
@@ -181,9 +165,7 @@ fn read_table(
             }
         }
         let file_id = file_id.unwrap_or_else(|| {
-            let id = KernelPtr(
-                FILE_TAG | (inode_id.0 & 0xffff_ffff) << 16 | same_inode.len() as u64 + 1,
-            );
+            let id = KernelPtr(FILE_TAG | (inode_id.0 & 0xffff_ffff) << 16 | same_inode.len() as u64 + 1);
             same_inode.push(Description { tid, fd, id });
             id
         });
@@ -229,8 +211,7 @@ fn count_references(
     descriptions: &HashMap<KernelPtr, Vec<Description>>,
 ) -> Result<(), ProcfsError> {
     let mut file_refs: HashMap<KernelPtr, u64> = HashMap::new();
-    let mut pipe_ends: HashMap<KernelPtr, (BTreeSet<KernelPtr>, BTreeSet<KernelPtr>)> =
-        HashMap::new();
+    let mut pipe_ends: HashMap<KernelPtr, (BTreeSet<KernelPtr>, BTreeSet<KernelPtr>)> = HashMap::new();
     for f in &harvest.fds {
         *file_refs.entry(f.file.id).or_default() += 1;
         if f.file.inode.pipe.is_some() {
@@ -246,22 +227,15 @@ fn count_references(
     let mut outside_readers: HashMap<KernelPtr, u32> = HashMap::new();
     let mut outside_writers: HashMap<KernelPtr, u32> = HashMap::new();
     // Links worth a closer look: the same name as something in the set.
-    let by_link: HashMap<String, KernelPtr> = harvest
-        .fds
-        .iter()
-        .filter_map(|f| Some((f.link.clone()?, f.file.inode.id)))
-        .collect();
+    let by_link: HashMap<String, KernelPtr> =
+        harvest.fds.iter().filter_map(|f| Some((f.link.clone()?, f.file.inode.id))).collect();
     let me = std::process::id();
     let inside: BTreeSet<u32> = tgids.iter().map(|t| t.0).collect();
     let Ok(procs) = fs::read_dir("/proc") else {
         return Ok(());
     };
     for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         if pid == me || inside.contains(&pid) {
@@ -302,10 +276,7 @@ fn count_references(
         f.file.refs = file_refs.get(&f.file.id).copied().unwrap_or(0);
         let inode = f.file.inode.id;
         if let Some(pipe) = &mut f.file.inode.pipe {
-            let (r, w) = pipe_ends
-                .get(&inode)
-                .map(|(r, w)| (r.len(), w.len()))
-                .unwrap_or_default();
+            let (r, w) = pipe_ends.get(&inode).map(|(r, w)| (r.len(), w.len())).unwrap_or_default();
             pipe.readers = r as u32 + outside_readers.get(&inode).copied().unwrap_or(0);
             pipe.writers = w as u32 + outside_writers.get(&inode).copied().unwrap_or(0);
         }

@@ -1,0 +1,147 @@
+//! The `crd` command line: exit codes, one-line errors, no partial output, formats.
+use std::{fs, process::Command};
+
+use crd_tests::{assert_running_untraced, crd, is_root, spawn};
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+    };
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A PID no process has: above pid_max.
+fn vanished_pid() -> String {
+    let max: u32 = fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    (max + 1).to_string()
+}
+
+#[test]
+fn an_unknown_pid_is_a_one_line_error_and_writes_nothing() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("never.img");
+    for source in ["bpf", "procfs"] {
+        let out = crd(&["checkpoint", &vanished_pid(), "-o", image.to_str().unwrap(), "--source", source]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(err.starts_with("crd: no process with PID"), "{err}");
+        assert!(!image.exists(), "no image for a failed checkpoint");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "no temporary file either");
+    }
+}
+
+#[test]
+fn checkpoint_writes_a_private_image_that_inspect_reads_in_every_format() {
+    require_root!();
+    use std::os::unix::fs::PermissionsExt;
+    let fixture = spawn(&["pipe:3:4", "write:4:abc", "dup:4:5", "fork"], 2);
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("tree.img");
+    let pid = fixture.root().to_string();
+    let out = crd(&["checkpoint", &pid, "--tree", "-o", image.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("checkpointed 2 process(es)"), "{}", stderr(&out));
+    assert_eq!(fs::metadata(&image).unwrap().permissions().mode() & 0o777, 0o600);
+    for pid in &fixture.pids {
+        assert_running_untraced(*pid);
+    }
+
+    let text = crd(&["inspect", image.to_str().unwrap()]);
+    assert!(text.status.success());
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.contains("shared objects:"), "{text}");
+    assert!(text.contains("capacity 65536 queued 3"), "{text}");
+
+    let json = crd(&["inspect", image.to_str().unwrap(), "--format", "json"]);
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).expect("valid JSON");
+    assert_eq!(value["graph"]["root"], fixture.root());
+    assert_eq!(value["graph"]["tasks"].as_array().unwrap().len(), 2);
+
+    let dot = crd(&["inspect", image.to_str().unwrap(), "--format", "dot"]);
+    let dot = String::from_utf8(dot.stdout).unwrap();
+    assert!(dot.starts_with("digraph crd {") && dot.trim_end().ends_with('}'));
+    assert!(dot.contains("fd 5"), "{dot}");
+}
+
+#[test]
+fn a_corrupt_or_truncated_image_is_refused_in_one_line() {
+    require_root!();
+    let fixture = spawn(&["pipe:3:4"], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("a.img");
+    let out = crd(&["checkpoint", &fixture.root().to_string(), "-o", image.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bytes = fs::read(&image).unwrap();
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        ("truncated", bytes[..bytes.len() - 3].to_vec(), "truncated image"),
+        (
+            "flipped",
+            {
+                let mut b = bytes.clone();
+                let last = b.len() - 1;
+                b[last] ^= 1;
+                b
+            },
+            "checksum mismatch",
+        ),
+        ("not an image", b"hello world, not an image at all".to_vec(), "not a crd image"),
+    ];
+    for (name, content, message) in cases {
+        let bad = dir.path().join(name);
+        fs::write(&bad, content).unwrap();
+        let out = crd(&["inspect", bad.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{name}: {err}");
+        assert!(err.contains(message), "{name}: {err}");
+        assert!(out.stdout.is_empty(), "{name}: no partial output");
+    }
+}
+
+#[test]
+fn demo_checkpoints_a_wired_tree_and_shows_it() {
+    require_root!();
+    let out = crd(&["demo"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for expected in ["with descendants, 2 tasks", "shared objects:", "fifo", "queued 23", "pipe"] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn bpftool_lists_crd_programs_and_maps_while_they_are_loaded() {
+    require_root!();
+    if Command::new("bpftool").arg("version").output().is_err() {
+        panic!("bpftool missing: `cargo xtask test` installs it");
+    }
+    let harvester = crd::harvest::bpf::BpfHarvester::load(false).expect("BPF loads");
+    let progs = Command::new("bpftool").args(["prog", "show"]).output().unwrap();
+    let progs = String::from_utf8_lossy(&progs.stdout);
+    let ids: Vec<String> = progs
+        .lines()
+        .filter(|l| l.contains("name crd_task"))
+        .map(|l| l.split(':').next().unwrap().to_string())
+        .collect();
+    assert!(progs.contains("name crd_task_file"), "{progs}");
+    assert!(progs.contains("name crd_task "), "{progs}");
+    let maps = Command::new("bpftool").args(["map", "show"]).output().unwrap();
+    let maps = String::from_utf8_lossy(&maps.stdout);
+    for name in ["crd_events", "crd_tgids", "crd_stats"] {
+        assert!(maps.contains(&format!("name {name}")), "{name} in {maps}");
+    }
+    drop(harvester);
+    let after = Command::new("bpftool").args(["prog", "show"]).output().unwrap();
+    let after = String::from_utf8_lossy(&after.stdout);
+    for id in ids {
+        assert!(!after.lines().any(|l| l.starts_with(&format!("{id}:"))), "program {id} still loaded");
+    }
+}
