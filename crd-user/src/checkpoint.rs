@@ -76,6 +76,7 @@ pub fn checkpoint(options: Options, interrupted: &dyn Fn() -> bool) -> Result<Ch
     };
     check()?;
     let extras = extras::collect(&mut harvest, &frozen)?;
+    hold_for_tests(interrupted)?;
     let root = frozen.root();
     frozen.thaw();
     check()?;
@@ -92,4 +93,22 @@ pub fn checkpoint_to_file(
     let done = checkpoint(options, interrupted)?;
     image::write(output, &done.body)?;
     Ok(done)
+}
+
+/// Test hook: `CRD_TEST_HOLD_FROZEN_MS=N` keeps the targets frozen N ms after the harvest,
+/// so tests can interrupt or kill crd at the worst moment. Ctrl-C still ends the wait.
+pub const HOLD_FROZEN_ENV: &str = "CRD_TEST_HOLD_FROZEN_MS";
+
+fn hold_for_tests(interrupted: &dyn Fn() -> bool) -> Result<(), CheckpointError> {
+    let Some(ms) = std::env::var(HOLD_FROZEN_ENV).ok().and_then(|v| v.parse::<u64>().ok()) else {
+        return Ok(());
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+    while std::time::Instant::now() < until {
+        if interrupted() {
+            return Err(CheckpointError::Interrupted);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(())
 }

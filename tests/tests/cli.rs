@@ -145,3 +145,58 @@ fn bpftool_lists_crd_programs_and_maps_while_they_are_loaded() {
         assert!(!after.lines().any(|l| l.starts_with(&format!("{id}:"))), "program {id} still loaded");
     }
 }
+
+/// Starts `crd checkpoint` with the targets held frozen, and waits until they are.
+fn checkpoint_held_frozen(pid: u32, image: &std::path::Path) -> std::process::Child {
+    let child = Command::new(crd_tests::crd_bin())
+        .args(["checkpoint", &pid.to_string(), "--tree", "-o", image.to_str().unwrap()])
+        .env(crd::checkpoint::HOLD_FROZEN_ENV, "20000")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while crd_tests::status_field(pid, "TracerPid:") == "0" {
+        assert!(std::time::Instant::now() < deadline, "crd never froze {pid}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child
+}
+
+#[test]
+fn ctrl_c_while_frozen_resumes_the_target_and_writes_nothing() {
+    require_root!();
+    let fixture = spawn(&["pipe:3:4", "write:4:keep", "fork"], 2);
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("i.img");
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let mut crd = checkpoint_held_frozen(fixture.root(), &image);
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(crd.id() as i32, signal) };
+        let out = crd.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(130), "signal {signal}");
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("interrupted"), "{err}");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "no image, no temporary file");
+        for pid in &fixture.pids {
+            assert_running_untraced(*pid);
+        }
+    }
+}
+
+#[test]
+fn a_killed_crd_leaves_its_target_running() {
+    require_root!();
+    let fixture = spawn(&["pipe:3:4", "threads:2", "fork"], 2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut crd = checkpoint_held_frozen(fixture.root(), &dir.path().join("k.img"));
+    crd.kill().unwrap();
+    crd.wait().unwrap();
+    // The kernel detaches the tracees of a dead tracer; give it a moment.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    for pid in &fixture.pids {
+        for tid in crd::freeze::list_threads(crd::types::Tgid(*pid)) {
+            assert_running_untraced(tid.0);
+        }
+    }
+}
