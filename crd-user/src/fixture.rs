@@ -23,6 +23,7 @@
 //! | `threads:N`           | start N threads that sleep                                  |
 //! | `pipes:N`             | N more pipes at the lowest free fds (for size tests)        |
 //! | `fork`                | fork; the child runs the rest                               |
+//! | `clonefiles`          | a child *process* sharing this fd table (CLONE_FILES); it only waits, and reports no readiness (its table is the parent's) |
 use std::{
     io::{BufRead, BufReader},
     os::{
@@ -193,6 +194,22 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
                         }
                     });
                 }
+            }
+            "clonefiles" => {
+                let stack: &'static mut [u8] = Box::leak(vec![0u8; 256 * 1024].into_boxed_slice());
+                let child: Box<dyn FnMut() -> isize> = Box::new(|| {
+                    die_with_parent();
+                    loop {
+                        // SAFETY: pause has no preconditions.
+                        unsafe { libc::pause() };
+                    }
+                });
+                // SAFETY: the child runs on its own leaked stack and only calls prctl and
+                // pause; it shares the fd table (CLONE_FILES) but not the address space.
+                unsafe {
+                    nix::sched::clone(child, stack, nix::sched::CloneFlags::CLONE_FILES, Some(libc::SIGCHLD))
+                }
+                .map_err(failed)?;
             }
             "fork" => {
                 // SAFETY: the fixture is single-threaded at a fork unless a `threads`

@@ -311,3 +311,28 @@ fn a_tiny_ring_buffer_pauses_the_iterator_and_loses_nothing() {
     assert_eq!(small_ring.tasks, big_ring.tasks);
     assert_running_untraced(pid.0);
 }
+
+#[test]
+fn clone_files_siblings_share_one_fd_table_seen_once() {
+    require_root!();
+    let fixture = spawn(&["pipe:3:4", "clonefiles", "pipe:5:6"], 1);
+    let root = fixture.root();
+    let sibling: u32 = fs::read_to_string(format!("/proc/{root}/task/{root}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("the CLONE_FILES child")
+        .parse()
+        .unwrap();
+    for source in [Source::Bpf, Source::Procfs] {
+        let body = checkpoint(root, true, source);
+        let tasks = &body.graph.tasks;
+        assert_eq!(tasks.iter().map(|t| t.tgid.0).collect::<Vec<_>>(), [root, sibling], "{source}");
+        assert!(tasks[0].fd_table.first().is_some());
+        assert_eq!(tasks[1].fd_table, Encounter::Again(tasks[0].fd_table.objref()), "{source}: one table");
+        let g = Index::new(&body.graph);
+        assert_eq!(g.fds(root), [0, 1, 2, 3, 4, 5, 6], "{source}: each slot once");
+        assert_eq!(body.graph.slots().count(), 7);
+    }
+    assert_eq!(checkpoint(root, true, Source::Bpf).graph, checkpoint(root, true, Source::Procfs).graph);
+}

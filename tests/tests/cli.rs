@@ -200,3 +200,66 @@ fn a_killed_crd_leaves_its_target_running() {
         }
     }
 }
+
+/// Runs crd as user `nobody` with no capabilities.
+fn crd_as_nobody(args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(crd_tests::crd_bin())
+        .args(args)
+        .output()
+        .expect("setpriv (util-linux) runs")
+}
+
+#[test]
+fn an_unprivileged_user_is_told_what_is_missing() {
+    require_root!();
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let image = dir.path().join("u.img");
+    let image = image.to_str().unwrap();
+    // Someone else's process (root's fixture): refused, whatever the source.
+    let fixture = spawn(&["pipe:3:4"], 1);
+    let root_pid = fixture.root().to_string();
+    let bpf = crd_as_nobody(&["checkpoint", &root_pid, "-o", image]);
+    assert_eq!(bpf.status.code(), Some(1));
+    let err = stderr(&bpf);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("CAP_BPF and CAP_PERFMON") && err.contains("--source procfs"), "{err}");
+    let procfs = crd_as_nobody(&["checkpoint", &root_pid, "-o", image, "--source", "procfs"]);
+    let err = stderr(&procfs);
+    assert_eq!(procfs.status.code(), Some(1));
+    assert!(err.contains("not allowed to trace") && err.contains("CAP_SYS_PTRACE"), "{err}");
+    assert!(!std::path::Path::new(image).exists());
+    assert_running_untraced(fixture.root());
+    // The user's own process, through /proc: works.
+    let mut own = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let out = crd_as_nobody(&["checkpoint", &own.id().to_string(), "-o", image, "--source", "procfs"]);
+    let _ = own.kill();
+    let _ = own.wait();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(std::path::Path::new(image).exists());
+}
+
+#[test]
+fn a_kernel_without_btf_is_a_one_line_error() {
+    require_root!();
+    let fixture = spawn(&[], 1);
+    let out = Command::new(crd_tests::crd_bin())
+        .args(["checkpoint", &fixture.root().to_string(), "-o", "/nonexistent/x.img"])
+        .env("CRD_KERNEL_BTF", "/nonexistent/vmlinux")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(
+        err.trim(),
+        "crd: kernel BTF not found at /nonexistent/vmlinux: this kernel lacks CONFIG_DEBUG_INFO_BTF; use --source procfs"
+    );
+    assert_running_untraced(fixture.root());
+}

@@ -64,8 +64,17 @@ pub enum BpfError {
     Interrupted,
 }
 
-fn load_error(e: impl std::fmt::Display) -> BpfError {
-    let text = e.to_string();
+fn load_error(e: impl std::error::Error) -> BpfError {
+    // aya's messages leave the kernel's answer to the error's sources: say them all.
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
     let lower = text.to_lowercase();
     if lower.contains("operation not permitted") || lower.contains("permission denied") {
         BpfError::NotPermitted(text)
@@ -117,7 +126,7 @@ impl BpfHarvester {
         }
         let offsets = KernelBtf::from_sys_fs()?.offsets()?;
         let config = Config { offsets, match_all: match_all as u32, _pad: 0 };
-        let btf = Btf::from_sys_fs().map_err(|_| OffsetsError::NoBtf)?;
+        let btf = Btf::from_sys_fs().map_err(|_| OffsetsError::NoBtf(super::offsets::VMLINUX_BTF.into()))?;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("CRD_CONFIG", &config, true)

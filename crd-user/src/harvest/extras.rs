@@ -78,27 +78,34 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasE
 
 fn read_pipe(f: &FdInfo, frozen: &Frozen) -> Result<PipeContents, ExtrasError> {
     let err = |what, source| ExtrasError::Pipe { what, tgid: f.tgid, fd: f.fd, source };
-    let source: OwnedFd = match (f.file.access.read, frozen.pidfd(f.tgid)) {
-        (true, Some(pidfd)) => sys::pidfd_getfd(pidfd, f.fd).map_err(|e| err("pidfd_getfd", e))?,
-        _ => {
-            let path = format!("/proc/{}/fd/{}", f.tgid.0, f.fd.0);
-            let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-            fcntl::open(path.as_str(), flags, nix::sys::stat::Mode::empty())
-                .map_err(|e| err("open", SyscallError { call: "open", source: e.into() }))?
-        }
-    };
-    let capacity = fcntl::fcntl(source.as_fd(), FcntlArg::F_GETPIPE_SZ)
+    let pidfd = frozen.pidfd(f.tgid).ok_or_else(|| {
+        err(
+            "pidfd",
+            SyscallError { call: "pidfd_open", source: std::io::Error::from_raw_os_error(libc::ESRCH) },
+        )
+    })?;
+    // Either end answers F_GETPIPE_SZ and FIONREAD, neither of which changes anything.
+    let end = sys::pidfd_getfd(pidfd, f.fd).map_err(|e| err("pidfd_getfd", e))?;
+    let capacity = fcntl::fcntl(end.as_fd(), FcntlArg::F_GETPIPE_SZ)
         .map_err(|e| err("size", SyscallError { call: "fcntl(F_GETPIPE_SZ)", source: e.into() }))?
         as u32;
-    let queued = sys::pipe_queued(source.as_fd()).map_err(|e| err("queue", e))?;
-    let data = if queued == 0 {
-        Vec::new()
+    let queued = sys::pipe_queued(end.as_fd()).map_err(|e| err("queue", e))?;
+    if queued == 0 {
+        return Ok(PipeContents { capacity, data: Vec::new() });
+    }
+    // tee needs a read end: the target's own, or a fresh read-only open of it.
+    let source: OwnedFd = if f.file.access.read {
+        end
     } else {
-        copy_queue(&source, capacity, queued).map_err(|e| match e {
-            CopyError::Syscall(e) => err("copy", e),
-            CopyError::Short(copied) => ExtrasError::ShortCopy { tgid: f.tgid, fd: f.fd, copied, queued },
-        })?
+        let path = format!("/proc/{}/fd/{}", f.tgid.0, f.fd.0);
+        let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        fcntl::open(path.as_str(), flags, nix::sys::stat::Mode::empty())
+            .map_err(|e| err("open", SyscallError { call: "open(/proc/PID/fd/N)", source: e.into() }))?
     };
+    let data = copy_queue(&source, capacity, queued).map_err(|e| match e {
+        CopyError::Syscall(e) => err("copy", e),
+        CopyError::Short(copied) => ExtrasError::ShortCopy { tgid: f.tgid, fd: f.fd, copied, queued },
+    })?;
     Ok(PipeContents { capacity, data })
 }
 

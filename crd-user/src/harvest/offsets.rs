@@ -11,13 +11,13 @@ use crd_common::Offsets;
 
 /// Where the kernel publishes its own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// Overrides [`VMLINUX_BTF`] (tests; kernels whose BTF lives elsewhere).
+pub const KERNEL_BTF_ENV: &str = "CRD_KERNEL_BTF";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OffsetsError {
-    #[error(
-        "kernel BTF not found at {VMLINUX_BTF}: this kernel lacks CONFIG_DEBUG_INFO_BTF; use --source procfs"
-    )]
-    NoBtf,
+    #[error("kernel BTF not found at {0}: this kernel lacks CONFIG_DEBUG_INFO_BTF; use --source procfs")]
+    NoBtf(String),
     #[error("cannot parse kernel BTF at {VMLINUX_BTF}: {0}")]
     Parse(String),
     #[error(
@@ -36,14 +36,17 @@ pub struct KernelBtf {
 }
 
 impl KernelBtf {
-    /// Parses the running kernel's BTF.
+    /// Parses the running kernel's BTF (or the file `$CRD_KERNEL_BTF` names).
     pub fn from_sys_fs() -> Result<Self, OffsetsError> {
-        Self::from_file(Path::new(VMLINUX_BTF))
+        match std::env::var_os(KERNEL_BTF_ENV) {
+            Some(path) => Self::from_file(Path::new(&path)),
+            None => Self::from_file(Path::new(VMLINUX_BTF)),
+        }
     }
 
     pub fn from_file(path: &Path) -> Result<Self, OffsetsError> {
         if !path.exists() {
-            return Err(OffsetsError::NoBtf);
+            return Err(OffsetsError::NoBtf(path.display().to_string()));
         }
         // Mapping the BTF and decoding only the types asked for is ~20x faster than
         // parsing all of it (0.3 s for vmlinux); older kernels cannot mmap sysfs BTF.
