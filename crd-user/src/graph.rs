@@ -251,13 +251,13 @@ impl Graph {
             let Encounter::First { objref, object: file } = &slot.file else {
                 continue;
             };
-            if let Encounter::First { objref: inode_ref, object: inode } = &file.inode {
-                if inode.pipe.as_ref().is_some_and(|p| p.held_outside) {
-                    out.push(format!(
+            if let Encounter::First { objref: inode_ref, object: inode } = &file.inode
+                && inode.pipe.as_ref().is_some_and(|p| p.held_outside)
+            {
+                out.push(format!(
                         "{} {inode_ref} (first seen at PID {} fd {}) has an end open outside the checkpointed processes",
                         inode.kind, t.tgid, slot.fd
                     ));
-                }
             }
             if file.held_outside {
                 out.push(format!(

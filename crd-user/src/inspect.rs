@@ -82,7 +82,7 @@ fn text(body: &ImageBody) -> String {
         h.crd_version,
         h.created
     );
-    let _ = writeln!(out, "\n{:>8} {:>8} {:>8}  {:<16} {}", "PID", "TGID", "PARENT", "COMM", "FD TABLE");
+    let _ = writeln!(out, "\n{:>8} {:>8} {:>8}  {:<16} FD TABLE", "PID", "TGID", "PARENT", "COMM");
     for t in &g.tasks {
         let _ = writeln!(
             out,
@@ -102,8 +102,8 @@ fn text(body: &ImageBody) -> String {
         let _ = writeln!(out, "\nfd table {objref} of PID {} ({} fds)", t.tgid, table.fds.len());
         let _ = writeln!(
             out,
-            "{:>6} {:>4} {:>6} {:>3} {:>8} {:>10} {:>6} {:<6} {}",
-            "FD", "CLOE", "FILE", "ACC", "FLAGS", "POS", "INODE", "KIND", "OBJECT"
+            "{:>6} {:>4} {:>6} {:>3} {:>8} {:>10} {:>6} {:<6} OBJECT",
+            "FD", "CLOE", "FILE", "ACC", "FLAGS", "POS", "INODE", "KIND"
         );
         for slot in &table.fds {
             let file = objects.files.get(&slot.file.objref());

@@ -169,7 +169,7 @@ fn ctrl_c_while_frozen_resumes_the_target_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("i.img");
     for signal in [libc::SIGINT, libc::SIGTERM] {
-        let mut crd = checkpoint_held_frozen(fixture.root(), &image);
+        let crd = checkpoint_held_frozen(fixture.root(), &image);
         // SAFETY: plain kill(2) of our own child.
         unsafe { libc::kill(crd.id() as i32, signal) };
         let out = crd.wait_with_output().unwrap();

@@ -277,7 +277,7 @@ const ITERATOR_FILE_REFS: i64 = 1;
 
 fn fd_info(r: &FdRecord, file_ref_bias: i64) -> FdInfo {
     let kind = InodeKind::classify(r.i_mode, r.sb_magic);
-    let pipe = (r.flags & FD_HAS_PIPE != 0).then(|| PipeInfo {
+    let pipe = (r.flags & FD_HAS_PIPE != 0).then_some(PipeInfo {
         id: KernelPtr(r.pipe),
         readers: r.pipe_readers,
         writers: r.pipe_writers,

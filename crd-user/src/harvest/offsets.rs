@@ -103,10 +103,10 @@ impl KernelBtf {
             if name.is_empty() {
                 // An anonymous struct or union: its members live at our offset plus
                 // theirs.
-                if let Some(inner) = self.anonymous_aggregate(member) {
-                    if let Some(off) = self.find_member(&inner, field) {
-                        return Some(here + off);
-                    }
+                if let Some(inner) = self.anonymous_aggregate(member)
+                    && let Some(off) = self.find_member(&inner, field)
+                {
+                    return Some(here + off);
                 }
             }
         }

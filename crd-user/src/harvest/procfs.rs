@@ -129,7 +129,7 @@ pub fn harvest(tgids: &[Tgid]) -> Result<Harvest, ProcfsError> {
             let fd_table = match table {
                 Some(id) => id,
                 None => {
-                    let id = KernelPtr(TABLE_TAG | tables.len() as u64 + 1);
+                    let id = KernelPtr(TABLE_TAG | (tables.len() as u64 + 1));
                     tables.push((tid, id));
                     read_table(tgid, tid, id, &mut inodes, &mut descriptions, &mut harvest)?;
                     id
@@ -154,7 +154,7 @@ fn read_table(
         let Some(slot) = read_slot(tid, fd)? else {
             continue;
         };
-        let next_inode = INODE_TAG | inodes.len() as u64 + 1;
+        let next_inode = INODE_TAG | (inodes.len() as u64 + 1);
         let inode_id = *inodes.entry((slot.dev, slot.ino)).or_insert(KernelPtr(next_inode));
         let same_inode = descriptions.entry(inode_id).or_default();
         let mut file_id = None;
@@ -165,13 +165,13 @@ fn read_table(
             }
         }
         let file_id = file_id.unwrap_or_else(|| {
-            let id = KernelPtr(FILE_TAG | (inode_id.0 & 0xffff_ffff) << 16 | same_inode.len() as u64 + 1);
+            let id = KernelPtr(FILE_TAG | (inode_id.0 & 0xffff_ffff) << 16 | (same_inode.len() as u64 + 1));
             same_inode.push(Description { tid, fd, id });
             id
         });
         let kind = classify(&slot);
         let access = Access::from_open_flags(slot.flags);
-        let pipe = kind.is_pipe_like().then(|| PipeInfo {
+        let pipe = kind.is_pipe_like().then_some(PipeInfo {
             id: KernelPtr(PIPE_TAG | (inode_id.0 & 0xffff_ffff_ffff)),
             readers: 0,
             writers: 0,
