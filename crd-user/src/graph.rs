@@ -374,7 +374,7 @@ mod tests {
                     mode: libc::S_IFIFO | 0o600,
                     dev: DeviceId { major: 0, minor: 14 },
                     rdev: DeviceId { major: 0, minor: 0 },
-                    pipe: Some(PipeInfo { id: KernelPtr(inode + 1), readers: 1, writers: 1 }),
+                    pipe: Some(PipeInfo { id: KernelPtr(inode + 1), readers: 1, writers: 1, queued: None }),
                 },
             },
         }

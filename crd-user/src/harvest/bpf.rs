@@ -15,7 +15,7 @@ use aya::{
     programs::Iter,
 };
 use crd_common::{
-    COMM_LEN, Config, FD_CLOEXEC, FD_HAS_PIPE, FdRecord, RECORD_FD, RECORD_TASK, STAT_READ_FAILED,
+    COMM_LEN, Config, FD_CLOEXEC, FD_HAS_PIPE, FD_PIPE_QUEUE_TRUNCATED, FdRecord, RECORD_FD, RECORD_TASK, STAT_READ_FAILED,
     STAT_RING_FULL, STAT_SUBMITTED, TaskRecord,
 };
 
@@ -281,6 +281,7 @@ fn fd_info(r: &FdRecord, file_ref_bias: i64) -> FdInfo {
         id: KernelPtr(r.pipe),
         readers: r.pipe_readers,
         writers: r.pipe_writers,
+        queued: (r.flags & FD_PIPE_QUEUE_TRUNCATED == 0).then_some(r.pipe_queued),
     });
     FdInfo {
         tgid: Tgid(r.tgid),

@@ -31,6 +31,10 @@ pub enum ExtrasError {
     #[error("pipe {what} of PID {tgid} fd {fd}: {source}")]
     Pipe { what: &'static str, tgid: Tgid, fd: Fd, source: SyscallError },
     #[error(
+        "PID {tgid} fd {fd}: the kernel counted {counted} bytes queued in its pipe but {copied} were copied; nothing was written"
+    )]
+    Mismatch { tgid: Tgid, fd: Fd, counted: u32, copied: usize },
+    #[error(
         "PID {tgid} fd {fd}: could copy only {copied} of the {queued} bytes queued in its pipe; nothing was written"
     )]
     ShortCopy { tgid: Tgid, fd: Fd, copied: usize, queued: usize },
@@ -71,7 +75,14 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasE
     }
     let mut extras = Extras::default();
     for (inode, f) in sources {
-        extras.pipes.insert(inode, read_pipe(f, frozen)?);
+        let contents = read_pipe(f, frozen)?;
+        // Two independent counts of one frozen queue must agree.
+        if let Some(counted) = f.file.inode.pipe.as_ref().and_then(|p| p.queued) {
+            if counted as usize != contents.data.len() {
+                return Err(ExtrasError::Mismatch { tgid: f.tgid, fd: f.fd, counted, copied: contents.data.len() });
+            }
+        }
+        extras.pipes.insert(inode, contents);
     }
     Ok(extras)
 }

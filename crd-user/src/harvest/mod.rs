@@ -169,6 +169,9 @@ pub struct PipeInfo {
     pub readers: u32,
     /// Open write descriptions of the pipe, system-wide.
     pub writers: u32,
+    /// Bytes queued, as the kernel side counted them (None: not counted, or more
+    /// buffers than the BPF program walks). Checked against what extras copies.
+    pub queued: Option<u32>,
 }
 
 impl Harvest {

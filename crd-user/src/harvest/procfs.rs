@@ -175,6 +175,7 @@ fn read_table(
             id: KernelPtr(PIPE_TAG | (inode_id.0 & 0xffff_ffff_ffff)),
             readers: 0,
             writers: 0,
+            queued: None,
         });
         harvest.fds.push(FdInfo {
             tgid,
