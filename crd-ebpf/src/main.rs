@@ -20,6 +20,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, RingBuf},
 };
+use aya_log_ebpf::{debug, warn};
 use crd_common::{
     COMM_LEN, Config, FD_CLOEXEC, FD_HAS_PIPE, FD_PIPE_QUEUE_TRUNCATED, FdRecord,
     MAX_PIPE_BUFS_WALKED, Offsets, RECORD_FD, RECORD_TASK, STAT_COUNT, STAT_READ_FAILED,
@@ -121,6 +122,11 @@ fn match_all() -> bool {
 }
 
 #[inline(always)]
+fn stat(stat: u32) -> u64 {
+    crd_stats.get(stat).copied().unwrap_or(0)
+}
+
+#[inline(always)]
 fn bump(stat: u32) {
     if let Some(counter) = crd_stats.get_ptr_mut(stat) {
         // SAFETY: the pointer comes from a successful map lookup; crd runs one iteration
@@ -165,6 +171,7 @@ pub extern "C" fn crd_task(ctx: *const TaskCtx) -> i32 {
     if !wanted(tgid) {
         return 0;
     }
+    let failed_before = stat(STAT_READ_FAILED);
     let parent: u64 = read(task, off.task_real_parent);
     let record = TaskRecord {
         kind: RECORD_TASK,
@@ -174,7 +181,14 @@ pub extern "C" fn crd_task(ctx: *const TaskCtx) -> i32 {
         files: read(task, off.task_files),
         comm: read::<[u8; COMM_LEN]>(task, off.task_comm),
     };
-    emit(record)
+    if stat(STAT_READ_FAILED) != failed_before {
+        warn!(ctx, "crd_task: a kernel read failed for thread {} of {}", record.pid, tgid);
+    }
+    let paused = emit(record);
+    if paused != 0 {
+        debug!(ctx, "crd_task: ring buffer full at thread {}; pausing until userspace drains it", record.pid);
+    }
+    paused
 }
 
 #[unsafe(no_mangle)]
@@ -191,6 +205,7 @@ pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
     if !wanted(tgid) {
         return 0;
     }
+    let failed_before = stat(STAT_READ_FAILED);
     let files: u64 = read(task, off.task_files);
     let inode: u64 = read(file, off.file_f_inode);
     let sb: u64 = read(inode, off.inode_i_sb);
@@ -230,7 +245,14 @@ pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
             fill_pipe(&mut record, pipe, off);
         }
     }
-    emit(record)
+    if stat(STAT_READ_FAILED) != failed_before {
+        warn!(ctx, "crd_task_file: a kernel read failed for pid {} fd {}", tgid, fd);
+    }
+    let paused = emit(record);
+    if paused != 0 {
+        debug!(ctx, "crd_task_file: ring buffer full at pid {} fd {}; pausing until userspace drains it", tgid, fd);
+    }
+    paused
 }
 
 /// Tests `fd`'s bit in `files->fdt->close_on_exec`.
@@ -280,7 +302,7 @@ fn fill_pipe(record: &mut FdRecord, pipe: u64, off: &Offsets) {
 /// Pushes one record; on a full ring, pauses the iteration (return 1) so the same
 /// element is retried after userspace drains the ring.
 #[inline(always)]
-fn emit<T: 'static>(record: T) -> i32 {
+fn emit<T: Copy + 'static>(record: T) -> i32 {
     match crd_events.reserve::<T>(0) {
         Some(mut entry) => {
             entry.write(record);

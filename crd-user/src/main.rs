@@ -67,6 +67,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Diagnostics, including those of the BPF programs: warnings by default,
+    // RUST_LOG=debug for more (e.g. every ring-buffer pause).
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format(|buf, record| {
+            use std::io::Write;
+            writeln!(buf, "crd: {}: {}", record.level().as_str().to_lowercase(), record.args())
+        })
+        .init();
     let interrupted = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // Ctrl-C only raises a flag: crd then resumes its targets and cleans up.

@@ -15,8 +15,8 @@ use aya::{
     programs::Iter,
 };
 use crd_common::{
-    COMM_LEN, Config, FD_CLOEXEC, FD_HAS_PIPE, FD_PIPE_QUEUE_TRUNCATED, FdRecord, RECORD_FD, RECORD_TASK, STAT_READ_FAILED,
-    STAT_RING_FULL, STAT_SUBMITTED, TaskRecord,
+    COMM_LEN, Config, FD_CLOEXEC, FD_HAS_PIPE, FD_PIPE_QUEUE_TRUNCATED, FdRecord, RECORD_FD, RECORD_TASK,
+    STAT_READ_FAILED, STAT_RING_FULL, STAT_SUBMITTED, TaskRecord,
 };
 
 use super::{
@@ -104,6 +104,9 @@ pub struct HarvestStats {
 /// Loaded programs; one load can serve several harvests.
 pub struct BpfHarvester {
     ebpf: Ebpf,
+    /// The programs' own diagnostics (aya-log), forwarded to the `log` crate after
+    /// every read of an iterator.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ring: RingBuf<MapData>,
     /// See [`crd_common::Offsets::file_ref_bias`].
     file_ref_bias: i64,
@@ -130,6 +133,8 @@ impl BpfHarvester {
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("CRD_CONFIG", &config, true)
+            // Statements below the userspace log level cost one compare in the kernel.
+            .override_global("AYA_LOG_LEVEL", &(log::max_level() as u8), false)
             .map_max_entries("crd_events", ring_bytes)
             .load(BPF_OBJECT)
             .map_err(load_error)?;
@@ -141,11 +146,12 @@ impl BpfHarvester {
                 .map_err(load_error)?;
             program.load(iter_type, &btf).map_err(load_error)?;
         }
+        let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
         let ring = RingBuf::try_from(
             ebpf.take_map("crd_events").ok_or(BpfError::Load("map crd_events missing".into()))?,
         )
         .map_err(load_error)?;
-        Ok(Self { ebpf, ring, file_ref_bias: offsets.file_ref_bias as i64 })
+        Ok(Self { ebpf, logger, ring, file_ref_bias: offsets.file_ref_bias as i64 })
     }
 
     /// Runs both iterators over `scope` and decodes every record.
@@ -230,6 +236,9 @@ impl BpfHarvester {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
                 Err(source) => return Err(BpfError::Read { iterator, source }),
             };
+            if let Some(logger) = self.logger.as_mut() {
+                logger.flush();
+            }
             while let Some(item) = self.ring.next() {
                 stats.records += 1;
                 decode(&item, self.file_ref_bias, harvest)?;

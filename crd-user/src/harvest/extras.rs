@@ -79,7 +79,12 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasE
         // Two independent counts of one frozen queue must agree.
         if let Some(counted) = f.file.inode.pipe.as_ref().and_then(|p| p.queued) {
             if counted as usize != contents.data.len() {
-                return Err(ExtrasError::Mismatch { tgid: f.tgid, fd: f.fd, counted, copied: contents.data.len() });
+                return Err(ExtrasError::Mismatch {
+                    tgid: f.tgid,
+                    fd: f.fd,
+                    counted,
+                    copied: contents.data.len(),
+                });
             }
         }
         extras.pipes.insert(inode, contents);
