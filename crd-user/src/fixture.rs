@@ -254,6 +254,9 @@ const READY_FD: RawFd = 900;
 /// A running fixture tree, killed (with every descendant) when dropped.
 pub struct Spawned {
     child: Child,
+    /// The fixture's stderr: a private file, so that no fd of the fixture is shared with
+    /// the caller (whose own stderr may be anything).
+    log: tempfile::NamedTempFile,
     /// PIDs of the fixture's processes, by depth (forks made before it), then PID.
     pub pids: Vec<u32>,
 }
@@ -277,6 +280,7 @@ impl Drop for Spawned {
 /// processes are all set up.
 pub fn spawn(exe: &Path, steps: &[&str], processes: usize) -> std::io::Result<Spawned> {
     let (ready_r, ready_w) = unistd::pipe2(OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+    let log = tempfile::NamedTempFile::new()?;
     let ready_w_raw = ready_w.as_raw_fd();
     let mut command = Command::new(exe);
     command
@@ -285,7 +289,7 @@ pub fn spawn(exe: &Path, steps: &[&str], processes: usize) -> std::io::Result<Sp
         .env(READY_ENV, READY_FD.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        .stderr(log.reopen()?);
     // SAFETY: the closure runs in the forked child before exec and only calls dup2 and
     // close_range, which are async-signal-safe; dup2 clears close-on-exec on the copy, so exactly the
     // ready fd survives the exec.
@@ -303,7 +307,7 @@ pub fn spawn(exe: &Path, steps: &[&str], processes: usize) -> std::io::Result<Sp
     }
     let child = command.spawn()?;
     drop(ready_w);
-    let mut spawned = Spawned { child, pids: Vec::new() };
+    let mut spawned = Spawned { child, log, pids: Vec::new() };
     // Read to EOF, not just N lines: EOF means every process has also *closed* its copy
     // of the ready fd, so none is left in the tables the caller is about to inspect.
     let mut ready: Vec<(u32, u32)> = BufReader::new(std::fs::File::from(ready_r))
@@ -318,8 +322,9 @@ pub fn spawn(exe: &Path, steps: &[&str], processes: usize) -> std::io::Result<Sp
     spawned.pids = ready.into_iter().map(|(_, pid)| pid).collect();
     if spawned.pids.len() != processes {
         return Err(std::io::Error::other(format!(
-            "fixture {steps:?}: {} of {processes} processes became ready",
-            spawned.pids.len()
+            "fixture {steps:?}: {} of {processes} processes became ready: {}",
+            spawned.pids.len(),
+            std::fs::read_to_string(spawned.log.path()).unwrap_or_default().trim()
         )));
     }
     Ok(spawned)

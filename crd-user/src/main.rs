@@ -159,8 +159,7 @@ fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool)
     );
     println!("      a dup of its read end (fd 5), a FIFO (fd 6), a file at offset 4 (fd 7), and");
     println!("      a second pipe (8, 9; 9 close-on-exec). The child shares them across fork");
-    println!("      and has closed fd 4. Their fd 2 is crd's own stderr, so it shows as held");
-    println!("      outside the checkpointed tree.\n");
+    println!("      and has closed fd 4.\n");
     let path = output.unwrap_or_else(|| scratch.path().join("demo.img"));
     checkpoint(Options { root: Tgid(tree.root()), tree: true, source }, &path, interrupted)?;
     let body = image::read(&path)?;
