@@ -22,6 +22,8 @@
 //! | `close:FD`            | close FD                                                    |
 //! | `threads:N`           | start N threads that sleep                                  |
 //! | `pipes:N`             | N more pipes at the lowest free fds (for size tests)        |
+//! | `comm:NAME`           | set the process name (comm)                                 |
+//! | `socketpair:A:B`      | a connected pair of Unix stream sockets at fds A and B      |
 //! | `fork`                | fork; the child runs the rest                               |
 //! | `clonefiles`          | a child *process* sharing this fd table (CLONE_FILES); it only waits, and reports no readiness (its table is the parent's) |
 use std::{
@@ -195,6 +197,30 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
                     });
                 }
             }
+            "comm" => {
+                let name = parts.next().unwrap_or_default();
+                let name =
+                    std::ffi::CString::new(name).map_err(|_| FixtureError::BadStep(step.to_string()))?;
+                // SAFETY: PR_SET_NAME reads a NUL-terminated string (truncated to 16 bytes).
+                unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+            }
+            "socketpair" => {
+                let (a, b): (RawFd, RawFd) = (num(step, parts.next())?, num(step, parts.next())?);
+                let mut pair = [0; 2];
+                // SAFETY: socketpair writes two fds into the array we pass.
+                if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) } < 0 {
+                    return Err(failed(nix::Error::last()));
+                }
+                let high_a = fcntl::fcntl(borrowed(pair[0]), FcntlArg::F_DUPFD(1000)).map_err(failed)?;
+                let high_b = fcntl::fcntl(borrowed(pair[1]), FcntlArg::F_DUPFD(1000)).map_err(failed)?;
+                // SAFETY: the originals are ours and replaced by their high copies.
+                unsafe {
+                    libc::close(pair[0]);
+                    libc::close(pair[1]);
+                }
+                move_fd(high_a, a, step)?;
+                move_fd(high_b, b, step)?;
+            }
             "clonefiles" => {
                 let stack: &'static mut [u8] = Box::leak(vec![0u8; 256 * 1024].into_boxed_slice());
                 let child: Box<dyn FnMut() -> isize> = Box::new(|| {
@@ -256,7 +282,7 @@ pub struct Spawned {
     child: Child,
     /// The fixture's stderr: a private file, so that no fd of the fixture is shared with
     /// the caller (whose own stderr may be anything).
-    log: tempfile::NamedTempFile,
+    log: Option<tempfile::NamedTempFile>,
     /// PIDs of the fixture's processes, by depth (forks made before it), then PID.
     pub pids: Vec<u32>,
 }
@@ -265,6 +291,22 @@ impl Spawned {
     /// The root process's PID.
     pub fn root(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Kills the tree but keeps its stderr file (an image of the tree refers to it).
+    pub fn stop(mut self) -> tempfile::NamedTempFile {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Descendants die with their parent; wait until they are gone.
+        for pid in &self.pids {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::path::Path::new(&format!("/proc/{pid}/fd")).exists()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        self.log.take().expect("the log lives until stop")
     }
 }
 
@@ -307,7 +349,7 @@ pub fn spawn(exe: &Path, steps: &[&str], processes: usize) -> std::io::Result<Sp
     }
     let child = command.spawn()?;
     drop(ready_w);
-    let mut spawned = Spawned { child, log, pids: Vec::new() };
+    let mut spawned = Spawned { child, log: Some(log), pids: Vec::new() };
     // Read to EOF, not just N lines: EOF means every process has also *closed* its copy
     // of the ready fd, so none is left in the tables the caller is about to inspect.
     let mut ready: Vec<(u32, u32)> = BufReader::new(std::fs::File::from(ready_r))
@@ -324,7 +366,12 @@ pub fn spawn(exe: &Path, steps: &[&str], processes: usize) -> std::io::Result<Sp
         return Err(std::io::Error::other(format!(
             "fixture {steps:?}: {} of {processes} processes became ready: {}",
             spawned.pids.len(),
-            std::fs::read_to_string(spawned.log.path()).unwrap_or_default().trim()
+            spawned
+                .log
+                .as_ref()
+                .and_then(|l| std::fs::read_to_string(l.path()).ok())
+                .unwrap_or_default()
+                .trim()
         )));
     }
     Ok(spawned)

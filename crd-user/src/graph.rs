@@ -270,6 +270,118 @@ impl Graph {
     }
 }
 
+impl Graph {
+    /// Whether `other` is the same state up to renaming: the same tree shape (by
+    /// position, since restored processes get new PIDs), thread counts, fd numbers,
+    /// close-on-exec bits, kinds, flags, offsets, paths, pipe capacities and queued bytes,
+    /// and the same sharing (objrefs, which number objects in walk order, must match).
+    /// Inode numbers of pipes (new pipes get new ones) and whether a description is held
+    /// outside (a reopened file is not) are not compared. Returns the first difference.
+    pub fn same_shape(&self, other: &Graph) -> Result<(), String> {
+        if self.tasks.len() != other.tasks.len() {
+            return Err(format!("{} tasks vs {}", self.tasks.len(), other.tasks.len()));
+        }
+        let position = |g: &Graph| -> HashMap<Tgid, usize> {
+            let mut map = HashMap::new();
+            for t in &g.tasks {
+                let next = map.len();
+                map.entry(t.tgid).or_insert(next);
+            }
+            map
+        };
+        let (pa, pb) = (position(self), position(other));
+        for (i, (a, b)) in self.tasks.iter().zip(&other.tasks).enumerate() {
+            let here = format!("task #{i} (PID {} vs {})", a.pid, b.pid);
+            if pa.get(&a.tgid) != pb.get(&b.tgid) {
+                return Err(format!("{here}: belongs to another process"));
+            }
+            if pa.get(&a.parent) != pb.get(&b.parent) {
+                return Err(format!("{here}: another parent"));
+            }
+            if a.comm != b.comm {
+                return Err(format!("{here}: comm {:?} vs {:?}", a.comm, b.comm));
+            }
+            match (&a.fd_table, &b.fd_table) {
+                (Encounter::Again(x), Encounter::Again(y)) if x == y => {}
+                (Encounter::First { objref: x, object: ta }, Encounter::First { objref: y, object: tb })
+                    if x == y =>
+                {
+                    same_table(ta, tb).map_err(|e| format!("{here}: {e}"))?;
+                }
+                _ => return Err(format!("{here}: fd table sharing differs")),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn same_table(a: &FdTable, b: &FdTable) -> Result<(), String> {
+    let fds = |t: &FdTable| t.fds.iter().map(|s| s.fd.0).collect::<Vec<_>>();
+    if fds(a) != fds(b) {
+        return Err(format!("fds {:?} vs {:?}", fds(a), fds(b)));
+    }
+    for (x, y) in a.fds.iter().zip(&b.fds) {
+        let here = format!("fd {}", x.fd);
+        if x.close_on_exec != y.close_on_exec {
+            return Err(format!("{here}: close-on-exec {} vs {}", x.close_on_exec, y.close_on_exec));
+        }
+        match (&x.file, &y.file) {
+            (Encounter::Again(p), Encounter::Again(q)) if p == q => {}
+            (Encounter::First { objref: p, object: fa }, Encounter::First { objref: q, object: fb })
+                if p == q =>
+            {
+                if (fa.flags, fa.access, fa.pos) != (fb.flags, fb.access, fb.pos) {
+                    return Err(format!(
+                        "{here}: flags/access/offset {:o}/{}/{} vs {:o}/{}/{}",
+                        fa.flags, fa.access, fa.pos, fb.flags, fb.access, fb.pos
+                    ));
+                }
+                match (&fa.inode, &fb.inode) {
+                    (Encounter::Again(p), Encounter::Again(q)) if p == q => {}
+                    (
+                        Encounter::First { objref: p, object: ia },
+                        Encounter::First { objref: q, object: ib },
+                    ) if p == q => {
+                        same_inode(ia, ib).map_err(|e| format!("{here}: {e}"))?;
+                    }
+                    _ => return Err(format!("{here}: inode sharing differs")),
+                }
+            }
+            _ => return Err(format!("{here}: open file sharing differs")),
+        }
+    }
+    Ok(())
+}
+
+fn same_inode(a: &Inode, b: &Inode) -> Result<(), String> {
+    if (a.kind, a.mode, &a.path, a.rdev) != (b.kind, b.mode, &b.path, b.rdev) {
+        return Err(format!("{} {:o} {:?} vs {} {:o} {:?}", a.kind, a.mode, a.path, b.kind, b.mode, b.path));
+    }
+    if a.kind != InodeKind::Pipe && (a.ino, a.dev) != (b.ino, b.dev) {
+        return Err(format!("inode {} on {} vs {} on {}", a.ino, a.dev, b.ino, b.dev));
+    }
+    match (&a.pipe, &b.pipe) {
+        (None, None) => Ok(()),
+        (Some(p), Some(q)) => {
+            if p.capacity != q.capacity {
+                return Err(format!("pipe capacity {} vs {}", p.capacity, q.capacity));
+            }
+            if p.data != q.data {
+                return Err(format!(
+                    "pipe holds {} queued bytes vs {} (or other bytes)",
+                    p.data.len(),
+                    q.data.len()
+                ));
+            }
+            if p.held_outside != q.held_outside {
+                return Err(format!("pipe held outside: {} vs {}", p.held_outside, q.held_outside));
+            }
+            Ok(())
+        }
+        _ => Err("pipe vs not a pipe".into()),
+    }
+}
+
 fn file_desc(f: &FdInfo, inside: &InsideCounts, extras: &Extras, objhash: &mut ObjHash) -> FileDesc {
     let slots_inside = inside.slots_per_file.get(&f.file.id).copied().unwrap_or(0);
     FileDesc {

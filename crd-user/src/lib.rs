@@ -20,6 +20,7 @@ pub mod graph;
 pub mod harvest;
 pub mod image;
 pub mod inspect;
+pub mod restore;
 pub mod sys;
 pub mod types;
 

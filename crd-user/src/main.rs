@@ -46,6 +46,38 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Source::Bpf)]
         source: Source,
     },
+    /// Rebuild an image's processes as stubs holding the same fds, sharing and pipe data.
+    Restore {
+        image: PathBuf,
+        /// Write the root stub's PID here.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+        /// Recreate pipes whose other end was outside the checkpoint as fresh,
+        /// disconnected pipes (by default such an image is refused).
+        #[arg(long)]
+        allow_external: bool,
+        /// The root stub execs this command with the restored fds: `--exec -- CMD ARGS`.
+        #[arg(long, requires = "command")]
+        exec: bool,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Hand the live open files of a process (tree) to new stubs: the very same pipes
+    /// and files, so peers stay connected.
+    Graft {
+        pid: u32,
+        #[arg(long)]
+        tree: bool,
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Source::Bpf)]
+        source: Source,
+        /// The root stub execs this command with the grafted fds: `--exec -- CMD ARGS`.
+        #[arg(long, requires = "command")]
+        exec: bool,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Show what an image holds.
     Inspect {
         image: PathBuf,
@@ -87,7 +119,9 @@ fn main() -> ExitCode {
             eprintln!("crd: {}", one_line(&e));
             let was_interrupt = e
                 .downcast_ref::<CheckpointError>()
-                .is_some_and(|e| matches!(e, CheckpointError::Interrupted));
+                .is_some_and(|e| matches!(e, CheckpointError::Interrupted))
+                || e.downcast_ref::<crd::restore::RestoreError>()
+                    .is_some_and(|e| matches!(e, crd::restore::RestoreError::Interrupted));
             ExitCode::from(if was_interrupt { 130 } else { 1 })
         }
     }
@@ -99,12 +133,37 @@ fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
             let output = output.unwrap_or_else(|| PathBuf::from(format!("crd-{pid}.img")));
             checkpoint(Options { root: Tgid(pid), tree, source }, &output, interrupted)?;
         }
+        Command::Restore { image, pid_file, allow_external, exec, command } => {
+            let body = image::read(&image)?;
+            let exec = exec.then_some(command.as_slice());
+            let restored = crd::restore::restore_image(&body.graph, allow_external, exec, interrupted)?;
+            report_restored(&restored, pid_file.as_deref())?;
+        }
+        Command::Graft { pid, tree, pid_file, source, exec, command } => {
+            let exec = exec.then_some(command.as_slice());
+            let restored = crd::restore::graft(Tgid(pid), tree, source, exec, interrupted)?;
+            report_restored(&restored, pid_file.as_deref())?;
+        }
         Command::Inspect { image, format } => {
             let body = image::read(&image)?;
             print!("{}", inspect::render(&body, format));
         }
         Command::Demo { output, source } => demo(output, source, interrupted)?,
         Command::Fixture { steps } => fixture::run(&steps)?,
+    }
+    Ok(())
+}
+
+fn report_restored(
+    restored: &crd::restore::Restored,
+    pid_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    if let Some(path) = pid_file {
+        std::fs::write(path, format!("{}\n", restored.root))
+            .with_context(|| format!("cannot write the PID file {}", path.display()))?;
+    }
+    for (old, new) in &restored.tasks {
+        println!("{old} -> {new}");
     }
     Ok(())
 }

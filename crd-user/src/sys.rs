@@ -94,3 +94,21 @@ pub fn pipe_queued(fd: impl AsFd) -> Result<usize, SyscallError> {
     }
     Ok(n.max(0) as usize)
 }
+
+/// `pidfd_send_signal(2)`: signals exactly the process behind the pidfd.
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> Result<(), SyscallError> {
+    // SAFETY: plain syscall; no siginfo is passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if ret < 0 {
+        return Err(SyscallError::last("pidfd_send_signal"));
+    }
+    Ok(())
+}

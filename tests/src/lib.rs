@@ -140,3 +140,71 @@ pub fn assert_running_untraced(pid: u32) {
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// A tree `crd restore` made, killed (every stub) when dropped.
+pub struct RestoredTree {
+    pub root: u32,
+    /// Old TID → new TID, as `crd restore` printed them.
+    pub tasks: Vec<(u32, u32)>,
+}
+
+impl Drop for RestoredTree {
+    fn drop(&mut self) {
+        for (_, new) in &self.tasks {
+            // SAFETY: plain kill(2); a stub that is already gone only gives ESRCH.
+            unsafe { libc::kill(*new as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Runs `crd ARGS` and parses the `old -> new` lines of a restore or graft.
+pub fn restore_with(args: &[&str]) -> Result<RestoredTree, String> {
+    let out = crd(args);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let tasks: Vec<(u32, u32)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (old, new) = l.split_once(" -> ")?;
+            Some((old.trim().parse().ok()?, new.trim().parse().ok()?))
+        })
+        .collect();
+    let root = tasks.first().map(|t| t.1).ok_or("crd printed no task")?;
+    Ok(RestoredTree { root, tasks })
+}
+
+/// Checkpoints a fixture tree into an image file, then stops the fixture (an image is
+/// restored after its original is gone). Returns the image and what must outlive it.
+pub fn image_of_stopped(
+    fixture: Spawned,
+    dir: &std::path::Path,
+) -> (ImageBody, PathBuf, tempfile::NamedTempFile) {
+    let body = checkpoint(fixture.root(), true, Source::Bpf);
+    let path = dir.join("image.crd");
+    crd::image::write(&path, &body).expect("image written");
+    let log = fixture.stop();
+    (body, path, log)
+}
+
+/// Restores `image` and checks that a checkpoint of the stubs is the same graph.
+pub fn assert_round_trip(original: &ImageBody, image: &std::path::Path) -> RestoredTree {
+    let restored =
+        restore_with(&["restore", image.to_str().unwrap()]).unwrap_or_else(|e| panic!("restore: {e}"));
+    let again = checkpoint(restored.root, true, Source::Bpf);
+    if let Err(difference) = original.graph.same_shape(&again.graph) {
+        panic!("the restored tree differs: {difference}");
+    }
+    restored
+}
+
+/// Whether a process with this comm exists anywhere.
+pub fn comm_exists(comm: &str) -> bool {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|e| fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm))
+        .any(|e| !fs::read_to_string(e.path().join("stat")).is_ok_and(|s| s.contains(") Z ")))
+}

@@ -1,0 +1,326 @@
+//! Restore: graph → stub processes.
+//!
+//! 1. [`plan`]: which stubs, in which tree, with which fds — checked before anything is
+//!    made (unsupported kinds, pipes with an end outside).
+//! 2. [`objects`]: crd makes every open file description itself, walking the graph in
+//!    order (pipe2 on a pipe's first encounter, the other end deposited for later), or,
+//!    for a graft, takes the live ones with `pidfd_getfd`.
+//! 3. [`stub`]: crd forks the root stub; each stub forks its children, pulls its
+//!    descriptions out of crd with `pidfd_getfd`, `dup3`s them to their numbers, starts
+//!    its threads and reports.
+//! 4. All or nothing: if any stub fails, every stub is killed (they die with their
+//!    parent until the commit). Otherwise crd closes its own copies and commits (SIGUSR1):
+//!    the stubs then outlive crd and wait for SIGTERM/SIGINT, or the root execs `--exec`.
+//!
+//! Threads: a process's threads all shared one fd table, so each stub is one process
+//! with as many threads as the original (they only wait). A process that shared its
+//! parent's table (CLONE_FILES) is recreated with CLONE_FILES.
+pub mod objects;
+pub mod plan;
+mod stub;
+
+pub use stub::FAIL_STUB_ENV;
+
+use std::{
+    ffi::CString,
+    io::{BufRead, BufReader},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    fcntl::OFlag,
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+    sys::{
+        signal::{SigSet, SigmaskHow, Signal, sigprocmask},
+        wait::{WaitPidFlag, waitpid},
+    },
+    unistd::{self, ForkResult},
+};
+
+use self::{
+    objects::{ObjectError, ObjectTable},
+    plan::{Mode, Plan, PlanError},
+};
+use crate::{
+    checkpoint::CheckpointError,
+    freeze::Frozen,
+    graph::Graph,
+    harvest::{
+        Source,
+        bpf::{BpfHarvester, Scope},
+        extras::Extras,
+        procfs,
+    },
+    sys::{self as crd_sys, SyscallError},
+    types::{Pid, Tgid},
+};
+
+/// How long the stubs may take to set up before the restore is abandoned.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    #[error("restore failed at {0}; every stub was killed")]
+    Stub(String),
+    #[error("cannot run {0}; every stub was killed")]
+    Exec(String),
+    #[error("the stubs did not report within {SETUP_TIMEOUT:?}; every stub was killed")]
+    Timeout,
+    #[error("interrupted; every stub was killed")]
+    Interrupted,
+    #[error(transparent)]
+    Syscall(#[from] SyscallError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("--exec needs a command")]
+    NoCommand,
+    #[error("the command contains a NUL byte")]
+    BadCommand,
+}
+
+/// A restored tree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restored {
+    /// The root stub (or the program it exec'd).
+    pub root: Pid,
+    /// Every task, old TID → new TID, in the graph's order.
+    pub tasks: Vec<(Pid, Pid)>,
+}
+
+/// Restores an image's graph into stubs.
+pub fn restore_image(
+    graph: &Graph,
+    allow_external: bool,
+    exec: Option<&[String]>,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<Restored, RestoreError> {
+    let plan = plan::plan(graph, Mode::Image { allow_external })?;
+    let exec = command(exec)?;
+    let objects = ObjectTable::recreate(graph)?;
+    run(&plan, objects, exec.as_deref(), interrupted)
+}
+
+/// Hands the live open files of `root` (and with `tree` its descendants) to new stubs:
+/// the very same descriptions, so peers outside stay connected and offsets stay shared.
+pub fn graft(
+    root: Tgid,
+    tree: bool,
+    source: Source,
+    exec: Option<&[String]>,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<Restored, RestoreError> {
+    let exec = command(exec)?;
+    let mut harvester = match source {
+        Source::Bpf => Some(BpfHarvester::load(false).map_err(CheckpointError::from)?),
+        Source::Procfs => None,
+    };
+    let frozen = Frozen::freeze(root, tree, interrupted).map_err(CheckpointError::from)?;
+    let tgids: Vec<Tgid> = frozen.processes().collect();
+    let harvest = match harvester.as_mut() {
+        Some(h) => h.harvest(Scope::Processes(&tgids), interrupted).map_err(CheckpointError::from)?.0,
+        None => procfs::harvest(&tgids).map_err(CheckpointError::from)?,
+    };
+    let graph = Graph::build(root, &harvest, &Extras::default());
+    let plan = plan::plan(&graph, Mode::Graft)?;
+    let objects = ObjectTable::graft(&graph, &frozen)?;
+    frozen.thaw();
+    let mut restored = run(&plan, objects, exec.as_deref(), interrupted)?;
+    // Old TIDs of a graft are the live originals.
+    restored.tasks =
+        graph.tasks.iter().map(|t| t.pid).zip(restored.tasks.iter().map(|(_, new)| *new)).collect();
+    Ok(restored)
+}
+
+fn command(exec: Option<&[String]>) -> Result<Option<Vec<CString>>, RestoreError> {
+    let Some(argv) = exec else { return Ok(None) };
+    if argv.is_empty() {
+        return Err(RestoreError::NoCommand);
+    }
+    argv.iter()
+        .map(|a| CString::new(a.as_str()).map_err(|_| RestoreError::BadCommand))
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+/// One stub's report.
+struct Report {
+    pid: Pid,
+    threads: Vec<Pid>,
+}
+
+/// Forks the stubs, waits for their reports, commits or kills them all.
+fn run(
+    plan: &Plan,
+    objects: ObjectTable,
+    exec: Option<&[CString]>,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<Restored, RestoreError> {
+    let me = unistd::getpid();
+    let crd_pidfd = crd_sys::pidfd_open(Pid(me.as_raw() as u32))?;
+    let (status_r, status_w) =
+        unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| SyscallError { call: "pipe2", source: e.into() })?;
+    let crd_fds = objects.raw_fds();
+    // Stubs wait for the commit signal with sigwait: it must be blocked before they exist.
+    let mut commit = SigSet::empty();
+    commit.add(Signal::SIGUSR1);
+    let mut old_mask = SigSet::empty();
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&commit), Some(&mut old_mask))
+        .map_err(|e| SyscallError { call: "sigprocmask", source: e.into() })?;
+    let args = stub::StubArgs {
+        plan,
+        crd_fds: &crd_fds,
+        crd_pidfd: crd_pidfd.as_raw_fd(),
+        status: status_w.as_raw_fd(),
+        exec,
+        old_mask,
+    };
+    // SAFETY: crd is single-threaded here (the CLI runs the restore on its only thread),
+    // and the child only runs the stub code, which makes plain syscalls.
+    let forked = unsafe { unistd::fork() };
+    if let Ok(ForkResult::Child) = forked {
+        stub::run(args, 0, me);
+    }
+    // crd itself does not wait for the commit signal.
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
+    let root = match forked.map_err(|e| SyscallError { call: "fork", source: e.into() })? {
+        ForkResult::Child => unreachable!("the child runs the stub"),
+        ForkResult::Parent { child } => child,
+    };
+    drop(status_w);
+    let mut lines = Lines::new(status_r);
+    let reports = match collect_reports(plan, &mut lines, interrupted) {
+        Ok(reports) => reports,
+        Err(e) => {
+            kill_all(root, &[]);
+            return Err(e);
+        }
+    };
+    let stub_pids: Vec<Pid> = reports.iter().map(|r| r.pid).collect();
+    // The stubs hold their own references now: crd's copies (and every deposited pipe
+    // end) go, so no stray end keeps a pipe open.
+    drop(objects);
+    drop(crd_pidfd);
+    for pid in &stub_pids {
+        if let Err(e) = signal(*pid, Signal::SIGUSR1) {
+            kill_all(root, &stub_pids);
+            return Err(e.into());
+        }
+    }
+    // Every stub closes its report fd after the commit (the root's closes on exec):
+    // EOF means the tree is committed; a line here is a failed exec.
+    if let Some(line) = lines.rest(Duration::from_secs(10)) {
+        kill_all(root, &stub_pids);
+        return Err(RestoreError::Exec(line.trim_start_matches("execfail ").to_string()));
+    }
+    let mut tasks = Vec::new();
+    for (p, report) in plan.processes.iter().zip(&reports) {
+        let new = std::iter::once(report.pid).chain(report.threads.iter().copied());
+        tasks.extend(p.threads.iter().map(|(old, _)| *old).zip(new));
+    }
+    Ok(Restored { root: Pid(root.as_raw() as u32), tasks })
+}
+
+fn collect_reports(
+    plan: &Plan,
+    lines: &mut Lines,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<Vec<Report>, RestoreError> {
+    let mut reports: Vec<Option<Report>> = (0..plan.processes.len()).map(|_| None).collect();
+    let deadline = Instant::now() + SETUP_TIMEOUT;
+    let mut pending = plan.processes.len();
+    while pending > 0 {
+        if interrupted() {
+            return Err(RestoreError::Interrupted);
+        }
+        if Instant::now() > deadline {
+            return Err(RestoreError::Timeout);
+        }
+        let Some(line) = lines.next(Duration::from_millis(100))? else { continue };
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("ok") => {
+                let index: usize = words.next().and_then(|w| w.parse().ok()).unwrap_or(usize::MAX);
+                let mut ids = words.filter_map(|w| w.parse::<u32>().ok()).map(Pid);
+                let (Some(slot), Some(pid)) = (reports.get_mut(index), ids.next()) else {
+                    return Err(RestoreError::Stub(format!("a stub sent a bad report: {line}")));
+                };
+                *slot = Some(Report { pid, threads: ids.collect() });
+                pending -= 1;
+            }
+            Some("err") => {
+                let message = line.splitn(3, ' ').nth(2).unwrap_or_default().to_string();
+                return Err(RestoreError::Stub(message));
+            }
+            _ => return Err(RestoreError::Stub(format!("a stub sent a bad report: {line}"))),
+        }
+    }
+    Ok(reports.into_iter().flatten().collect())
+}
+
+fn signal(pid: Pid, signal: Signal) -> Result<(), SyscallError> {
+    let pidfd = crd_sys::pidfd_open(pid)?;
+    crd_sys::pidfd_send_signal(pidfd.as_fd(), signal as i32)
+}
+
+/// Kills every stub: the root (its descendants die with it: PR_SET_PDEATHSIG) and
+/// every stub that reported, then reaps the root.
+fn kill_all(root: unistd::Pid, stubs: &[Pid]) {
+    for pid in stubs {
+        let _ = signal(*pid, Signal::SIGKILL);
+    }
+    let _ = nix::sys::signal::kill(root, Signal::SIGKILL);
+    let _ = waitpid(root, Some(WaitPidFlag::__WALL));
+}
+
+/// Lines from the stubs' report pipe, with timeouts.
+struct Lines {
+    reader: BufReader<std::fs::File>,
+}
+
+impl Lines {
+    fn new(fd: OwnedFd) -> Self {
+        Self { reader: BufReader::new(std::fs::File::from(fd)) }
+    }
+
+    /// The next line, None if none came within `timeout`; an error at EOF (every stub
+    /// is gone).
+    fn next(&mut self, timeout: Duration) -> Result<Option<String>, RestoreError> {
+        if self.reader.buffer().is_empty() && !readable(self.reader.get_ref(), timeout) {
+            return Ok(None);
+        }
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err(RestoreError::Stub("every stub exited before reporting".into())),
+            Ok(_) => Ok(Some(line.trim_end().to_string())),
+            Err(e) => Err(SyscallError { call: "read", source: e }.into()),
+        }
+    }
+
+    /// Waits for EOF; returns a line if one comes first.
+    fn rest(&mut self, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.reader.buffer().is_empty() && !readable(self.reader.get_ref(), Duration::from_millis(100))
+            {
+                continue;
+            }
+            let mut line = String::new();
+            return match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => None,
+                Ok(_) => Some(line.trim_end().to_string()),
+            };
+        }
+        None
+    }
+}
+
+fn readable(file: &std::fs::File, timeout: Duration) -> bool {
+    let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
+    let ms = PollTimeout::try_from(timeout.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::NONE);
+    poll(&mut fds, ms).is_ok_and(|n| n > 0)
+}

@@ -1,0 +1,302 @@
+//! The restore plan: which stubs to make, in which tree, with which fds — pure data,
+//! computed from the graph and checked before anything is created.
+use std::collections::HashMap;
+
+use crate::{
+    graph::{Encounter, Graph, Inode},
+    harvest::InodeKind,
+    types::{Fd, ObjRef, Pid, Tgid},
+};
+
+/// Where the restored objects come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Recreated from an image: only kinds crd can recreate, and no pipe whose other end
+    /// was outside the checkpoint unless `allow_external`.
+    Image { allow_external: bool },
+    /// Handed over from a live process: the very same objects, any kind.
+    Graft,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("the image holds no task")]
+    Empty,
+    #[error("PID {tgid} fd {fd} ({kind} {objref}): restoring a {kind} is not supported yet")]
+    Unsupported { tgid: Tgid, fd: Fd, kind: InodeKind, objref: ObjRef },
+    #[error(
+        "{}: the other end was held outside the checkpointed processes and cannot be reconnected from an image; use `crd graft` on the live process, or --allow-external to recreate it disconnected",
+        .0.join(", ")
+    )]
+    External(Vec<String>),
+    #[error(
+        "PID {0} shares its fd table with a process that is not its parent; crd restores CLONE_FILES sharing only between parent and child"
+    )]
+    ForeignTableSharing(Tgid),
+    #[error("the image is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// One fd to install in a stub.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdPlan {
+    pub fd: Fd,
+    pub close_on_exec: bool,
+    /// The open file description (its objref).
+    pub file: ObjRef,
+}
+
+/// Whose fd table a stub fills.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TablePlan {
+    /// Its own table, with these fds (by number).
+    Own(Vec<FdPlan>),
+    /// Its parent's table, shared (CLONE_FILES): the parent fills it.
+    SharedWithParent,
+}
+
+/// One stub process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessPlan {
+    pub old_tgid: Tgid,
+    /// Index of the parent stub (None for the root).
+    pub parent: Option<usize>,
+    /// Indices of the child stubs, in creation order (ascending old PID), so new PIDs
+    /// come out in the same order as the old ones.
+    pub children: Vec<usize>,
+    /// Every thread: old TID and comm, the leader first. Threads share the process's fd
+    /// table, as they did: a stub process with as many threads.
+    pub threads: Vec<(Pid, String)>,
+    pub table: TablePlan,
+}
+
+/// The whole restore.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// In the graph's order: the root first, parents before children.
+    pub processes: Vec<ProcessPlan>,
+    /// The highest fd number any stub needs (crd parks its own fds above it).
+    pub max_fd: u32,
+}
+
+/// Plans the restore of `graph`.
+pub fn plan(graph: &Graph, mode: Mode) -> Result<Plan, PlanError> {
+    if graph.tasks.is_empty() {
+        return Err(PlanError::Empty);
+    }
+    check_objects(graph, mode)?;
+    let mut index: HashMap<Tgid, usize> = HashMap::new();
+    let mut processes: Vec<ProcessPlan> = Vec::new();
+    let mut tables: HashMap<ObjRef, usize> = HashMap::new();
+    let mut max_fd = 2;
+    for task in &graph.tasks {
+        if let Some(&i) = index.get(&task.tgid) {
+            processes[i].threads.push((task.pid, task.comm.clone()));
+            continue;
+        }
+        let i = processes.len();
+        let parent = index.get(&task.parent).copied();
+        let table = match &task.fd_table {
+            Encounter::First { objref, object } => {
+                tables.insert(*objref, i);
+                let fds: Vec<FdPlan> = object
+                    .fds
+                    .iter()
+                    .map(|s| FdPlan { fd: s.fd, close_on_exec: s.close_on_exec, file: s.file.objref() })
+                    .collect();
+                max_fd = fds.iter().map(|f| f.fd.0).fold(max_fd, u32::max);
+                TablePlan::Own(fds)
+            }
+            Encounter::Again(objref) => match (tables.get(objref), parent) {
+                (Some(&owner), Some(p)) if owner == p => TablePlan::SharedWithParent,
+                (Some(_), _) => return Err(PlanError::ForeignTableSharing(task.tgid)),
+                (None, _) => {
+                    return Err(PlanError::Inconsistent(format!(
+                        "PID {} refers to an unknown fd table",
+                        task.tgid
+                    )));
+                }
+            },
+        };
+        if let Some(p) = parent {
+            processes[p].children.push(i);
+        }
+        index.insert(task.tgid, i);
+        processes.push(ProcessPlan {
+            old_tgid: task.tgid,
+            parent,
+            children: Vec::new(),
+            threads: vec![(task.pid, task.comm.clone())],
+            table,
+        });
+    }
+    Ok(Plan { processes, max_fd })
+}
+
+/// Every object an image restore must recreate: a kind crd can recreate, and no pipe
+/// with an end outside (unless allowed). Every offending fd is named.
+fn check_objects(graph: &Graph, mode: Mode) -> Result<(), PlanError> {
+    let Mode::Image { allow_external } = mode else { return Ok(()) };
+    let mut inodes: HashMap<ObjRef, &Inode> = HashMap::new();
+    let mut inode_of_file: HashMap<ObjRef, ObjRef> = HashMap::new();
+    let mut external = Vec::new();
+    for (task, slot) in graph.slots() {
+        if let Encounter::First { objref, object } = &slot.file {
+            inode_of_file.insert(*objref, object.inode.objref());
+            if let Encounter::First { objref, object } = &object.inode {
+                inodes.insert(*objref, object);
+            }
+        }
+        let inode_ref = inode_of_file.get(&slot.file.objref()).copied().ok_or_else(|| {
+            PlanError::Inconsistent(format!("PID {} fd {}: unknown open file", task.tgid, slot.fd))
+        })?;
+        let inode = inodes.get(&inode_ref).ok_or_else(|| {
+            PlanError::Inconsistent(format!("PID {} fd {}: unknown inode", task.tgid, slot.fd))
+        })?;
+        if !restorable(inode.kind) {
+            return Err(PlanError::Unsupported {
+                tgid: task.tgid,
+                fd: slot.fd,
+                kind: inode.kind,
+                objref: inode_ref,
+            });
+        }
+        if inode.pipe.as_ref().is_some_and(|p| p.held_outside) && !allow_external {
+            external.push(format!("PID {} fd {} ({} {inode_ref})", task.tgid, slot.fd, inode.kind));
+        }
+    }
+    if external.is_empty() { Ok(()) } else { Err(PlanError::External(external)) }
+}
+
+/// Kinds an image restore can recreate.
+pub fn restorable(kind: InodeKind) -> bool {
+    matches!(
+        kind,
+        InodeKind::Pipe
+            | InodeKind::Fifo
+            | InodeKind::Regular
+            | InodeKind::Directory
+            | InodeKind::CharDevice
+            | InodeKind::BlockDevice
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        graph::{FdSlot, FdTable, FileDesc, Pipe, Task},
+        types::{Access, DeviceId},
+    };
+
+    fn inode(kind: InodeKind, held_outside: bool) -> Inode {
+        Inode {
+            kind,
+            ino: 1,
+            mode: 0,
+            dev: DeviceId { major: 0, minor: 0 },
+            rdev: DeviceId { major: 0, minor: 0 },
+            path: None,
+            pipe: (kind == InodeKind::Pipe).then(|| Pipe { capacity: 65536, data: vec![], held_outside }),
+        }
+    }
+
+    fn desc(inode: Encounter<Inode>) -> FileDesc {
+        FileDesc { flags: 0, access: Access { read: true, write: false }, pos: 0, held_outside: false, inode }
+    }
+
+    fn task(pid: u32, tgid: u32, parent: u32, table: Encounter<FdTable>) -> Task {
+        Task {
+            pid: Pid(pid),
+            tgid: Tgid(tgid),
+            parent: Tgid(parent),
+            comm: format!("t{pid}"),
+            fd_table: table,
+        }
+    }
+
+    fn slot(fd: u32, file: Encounter<FileDesc>) -> FdSlot {
+        FdSlot { fd: Fd(fd), close_on_exec: fd == 4, file }
+    }
+
+    /// Root 10 (threads 10, 11) with a pipe read end at 3 and a dup at 4; child 20 with
+    /// its own table holding the same description at 7; child 30 sharing 10's table.
+    fn graph(kind: InodeKind, held_outside: bool) -> Graph {
+        let first = Encounter::First {
+            objref: ObjRef(2),
+            object: desc(Encounter::First { objref: ObjRef(3), object: inode(kind, held_outside) }),
+        };
+        Graph {
+            root: Tgid(10),
+            tasks: vec![
+                task(
+                    10,
+                    10,
+                    1,
+                    Encounter::First {
+                        objref: ObjRef(1),
+                        object: FdTable { fds: vec![slot(3, first), slot(4, Encounter::Again(ObjRef(2)))] },
+                    },
+                ),
+                task(11, 10, 1, Encounter::Again(ObjRef(1))),
+                task(
+                    20,
+                    20,
+                    10,
+                    Encounter::First {
+                        objref: ObjRef(4),
+                        object: FdTable { fds: vec![slot(7, Encounter::Again(ObjRef(2)))] },
+                    },
+                ),
+                task(30, 30, 10, Encounter::Again(ObjRef(1))),
+            ],
+        }
+    }
+
+    #[test]
+    fn processes_threads_children_and_tables() {
+        let plan = plan(&graph(InodeKind::Pipe, false), Mode::Image { allow_external: false }).unwrap();
+        assert_eq!(plan.processes.len(), 3);
+        let root = &plan.processes[0];
+        assert_eq!(root.threads, vec![(Pid(10), "t10".into()), (Pid(11), "t11".into())]);
+        assert_eq!(root.children, vec![1, 2]);
+        assert_eq!(
+            root.table,
+            TablePlan::Own(vec![
+                FdPlan { fd: Fd(3), close_on_exec: false, file: ObjRef(2) },
+                FdPlan { fd: Fd(4), close_on_exec: true, file: ObjRef(2) },
+            ])
+        );
+        assert_eq!(
+            plan.processes[1].table,
+            TablePlan::Own(vec![FdPlan { fd: Fd(7), close_on_exec: false, file: ObjRef(2) }])
+        );
+        assert_eq!(plan.processes[2].table, TablePlan::SharedWithParent);
+        assert_eq!(plan.processes[2].parent, Some(0));
+        assert_eq!(plan.max_fd, 7);
+    }
+
+    #[test]
+    fn unsupported_kinds_are_named_with_their_fd() {
+        let err = plan(&graph(InodeKind::Socket, false), Mode::Image { allow_external: false }).unwrap_err();
+        assert_eq!(err.to_string(), "PID 10 fd 3 (socket #3): restoring a socket is not supported yet");
+        // A graft hands over the very same socket: fine.
+        assert!(plan(&graph(InodeKind::Socket, false), Mode::Graft).is_ok());
+    }
+
+    #[test]
+    fn external_pipes_are_refused_per_fd_unless_allowed() {
+        let err = plan(&graph(InodeKind::Pipe, true), Mode::Image { allow_external: false }).unwrap_err();
+        let PlanError::External(fds) = &err else { panic!("{err}") };
+        assert_eq!(fds, &["PID 10 fd 3 (pipe #3)", "PID 10 fd 4 (pipe #3)", "PID 20 fd 7 (pipe #3)"]);
+        assert!(plan(&graph(InodeKind::Pipe, true), Mode::Image { allow_external: true }).is_ok());
+        assert!(plan(&graph(InodeKind::Pipe, true), Mode::Graft).is_ok());
+    }
+
+    #[test]
+    fn a_table_shared_with_a_non_parent_is_refused() {
+        let mut g = graph(InodeKind::Pipe, false);
+        g.tasks[3].parent = Tgid(20);
+        assert_eq!(plan(&g, Mode::Graft).unwrap_err(), PlanError::ForeignTableSharing(Tgid(30)));
+    }
+}

@@ -1,0 +1,262 @@
+//! The stub side of a restore: what each forked stub process does.
+//!
+//! A stub starts as a fork of crd (or of its parent stub) and drops every fd it
+//! inherited, so its table holds exactly what the image says: it forks its own child
+//! stubs first (so they start clean too), then pulls each of its descriptions out of
+//! crd with `pidfd_getfd` and moves it to its fd number with `dup3` (close-on-exec as
+//! recorded), starts its threads, reports, and waits for crd's commit (SIGUSR1). Until
+//! then it dies with its parent (PR_SET_PDEATHSIG), so a failed or killed restore leaves
+//! nothing running. After the commit it holds its fds until SIGTERM or SIGINT, or execs
+//! the program given with `--exec`.
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    fmt::Write as _,
+    os::fd::{BorrowedFd, RawFd},
+    sync::mpsc,
+};
+
+use nix::{
+    sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask},
+    unistd::{self, ForkResult},
+};
+
+use super::plan::{Plan, TablePlan};
+use crate::{sys, types::ObjRef};
+
+/// Test hook: `CRD_TEST_FAIL_STUB=N` makes stub N (in plan order) fail after it has
+/// made its children and taken its fds, to prove that a failed restore leaves nothing.
+pub const FAIL_STUB_ENV: &str = "CRD_TEST_FAIL_STUB";
+
+/// What every stub needs to know; a stub gets it by being forked from crd.
+#[derive(Clone, Copy)]
+pub(super) struct StubArgs<'a> {
+    pub plan: &'a Plan,
+    /// Descriptions by objref, as fd numbers in crd.
+    pub crd_fds: &'a BTreeMap<ObjRef, RawFd>,
+    /// A pidfd of crd, to pull descriptions from (its fd number in this process).
+    pub crd_pidfd: RawFd,
+    /// Where stubs report, one line each (its fd number in this process).
+    pub status: RawFd,
+    /// The root stub execs this after the commit.
+    pub exec: Option<&'a [CString]>,
+    /// The signal mask to restore before exec.
+    pub old_mask: SigSet,
+}
+
+/// Runs stub `index`; never returns.
+pub(super) fn run(args: StubArgs<'_>, index: usize, parent: unistd::Pid) -> ! {
+    let mut args = args;
+    match setup(&mut args, index, parent) {
+        Ok(line) => report(args.status, &line),
+        Err(message) => {
+            let old = args.plan.processes[index].old_tgid;
+            report(args.status, &format!("err {index} PID {old}: {message}"));
+            // SAFETY: _exit ends this process without running crd's destructors, which
+            // belong to the parent's copy of the state.
+            unsafe { libc::_exit(1) }
+        }
+    }
+    wait_for_commit();
+    commit(&args, index)
+}
+
+/// Everything before the report: returns the report line. Updates `args` with where
+/// crd's handles now live.
+fn setup(args: &mut StubArgs<'_>, index: usize, parent: unistd::Pid) -> Result<String, String> {
+    let me = &args.plan.processes[index];
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    if unistd::getppid() != parent {
+        return Err("its parent died while it started".into());
+    }
+    set_comm(&me.threads[0].1);
+    let owns_table = matches!(me.table, TablePlan::Own(_));
+    if owns_table {
+        // Park crd's handles above every fd the image uses, then drop all the rest.
+        let high = args.plan.max_fd as RawFd + 1;
+        args.status = move_above(args.status, high)?;
+        args.crd_pidfd = move_above(args.crd_pidfd, high)?;
+        let (lo, hi) = (args.status.min(args.crd_pidfd) as u32, args.status.max(args.crd_pidfd) as u32);
+        // SAFETY: close_range closes fds this process owns; the two kept are in use.
+        unsafe {
+            libc::close_range(0, lo - 1, 0);
+            if hi > lo + 1 {
+                libc::close_range(lo + 1, hi - 1, 0);
+            }
+            libc::close_range(hi + 1, u32::MAX, 0);
+        }
+    }
+    if index == 0 && args.exec.is_none() {
+        // Out of the terminal's reach: a stub waits for an explicit SIGTERM or SIGINT.
+        let _ = unistd::setsid();
+    }
+    for &child in &me.children {
+        spawn_child(*args, child)?;
+    }
+    if let TablePlan::Own(fds) = &me.table {
+        // SAFETY: crd_pidfd is open in this process for as long as the setup runs.
+        let pidfd = unsafe { BorrowedFd::borrow_raw(args.crd_pidfd) };
+        for f in fds {
+            let source = args.crd_fds.get(&f.file).ok_or(format!("fd {}: no object {}", f.fd, f.file))?;
+            let pulled = sys::pidfd_getfd(pidfd, crate::types::Fd(*source as u32))
+                .map_err(|e| format!("fd {} ({}): {e}", f.fd, f.file))?;
+            place(pulled, f.fd.0 as RawFd, f.close_on_exec)
+                .map_err(|e| format!("fd {} ({}): {e}", f.fd, f.file))?;
+        }
+    }
+    if std::env::var(FAIL_STUB_ENV).ok().and_then(|v| v.parse::<usize>().ok()) == Some(index) {
+        return Err(format!("failing on purpose (${FAIL_STUB_ENV})"));
+    }
+    let tids = start_threads(&me.threads[1..]);
+    let mut line = format!("ok {index} {}", unistd::getpid());
+    for tid in tids {
+        let _ = write!(line, " {tid}");
+    }
+    Ok(line)
+}
+
+fn spawn_child(args: StubArgs<'_>, child: usize) -> Result<(), String> {
+    let parent = unistd::getpid();
+    match args.plan.processes[child].table {
+        TablePlan::SharedWithParent => {
+            let stack: &'static mut [u8] = Box::leak(vec![0u8; 256 * 1024].into_boxed_slice());
+            let body: Box<dyn FnMut() -> isize + '_> = Box::new(move || run(args, child, parent));
+            // SAFETY: the child runs on its own leaked stack in a copy of this address
+            // space (no CLONE_VM); it shares only the fd table, which is the point.
+            unsafe {
+                nix::sched::clone(
+                    std::mem::transmute::<Box<dyn FnMut() -> isize + '_>, Box<dyn FnMut() -> isize>>(body),
+                    stack,
+                    nix::sched::CloneFlags::CLONE_FILES,
+                    Some(libc::SIGCHLD),
+                )
+            }
+            .map_err(|e| format!("clone(CLONE_FILES): {e}"))?;
+        }
+        TablePlan::Own(_) => {
+            // SAFETY: a stub is single-threaded when it forks (threads start later).
+            match unsafe { unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+                ForkResult::Child => run(args, child, parent),
+                ForkResult::Parent { .. } => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+fn move_above(fd: RawFd, min: RawFd) -> Result<RawFd, String> {
+    if fd >= min {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on an fd we own; the old number is closed right after.
+    let moved = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) };
+    if moved < 0 {
+        return Err(format!("fcntl(F_DUPFD_CLOEXEC): {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is ours and has just been duplicated.
+    unsafe { libc::close(fd) };
+    Ok(moved)
+}
+
+/// Moves a pulled descriptor to its fd number with the recorded close-on-exec bit.
+fn place(pulled: std::os::fd::OwnedFd, target: RawFd, close_on_exec: bool) -> Result<(), String> {
+    use std::os::fd::IntoRawFd;
+    let raw = pulled.into_raw_fd();
+    let cloexec_flag = if close_on_exec { libc::O_CLOEXEC } else { 0 };
+    if raw == target {
+        // pidfd_getfd always sets close-on-exec; set the recorded bit instead.
+        let fd_flags = if close_on_exec { libc::FD_CLOEXEC } else { 0 };
+        // SAFETY: F_SETFD on an fd we own.
+        if unsafe { libc::fcntl(raw, libc::F_SETFD, fd_flags) } < 0 {
+            return Err(format!("fcntl(F_SETFD): {}", std::io::Error::last_os_error()));
+        }
+        return Ok(());
+    }
+    // SAFETY: dup3 onto the target number, which holds nothing this stub needs (fds
+    // are placed once each; crd's handles are parked above every target).
+    let ret = unsafe { libc::dup3(raw, target, cloexec_flag) };
+    // SAFETY: `raw` is ours; its copy now lives at `target`.
+    unsafe { libc::close(raw) };
+    if ret < 0 {
+        return Err(format!("dup3: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn set_comm(comm: &str) {
+    let name: Vec<u8> = comm.bytes().filter(|&b| b != 0).take(15).collect();
+    if let Ok(name) = CString::new(name) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    }
+}
+
+/// Starts one thread per extra task; returns their TIDs in order.
+fn start_threads(threads: &[(crate::types::Pid, String)]) -> Vec<i32> {
+    let mut tids = Vec::new();
+    for (_, comm) in threads {
+        let (tx, rx) = mpsc::channel();
+        let comm = comm.clone();
+        let spawned = std::thread::Builder::new().stack_size(64 * 1024).spawn(move || {
+            set_comm(&comm);
+            let _ = tx.send(unistd::gettid().as_raw());
+            loop {
+                std::thread::park();
+            }
+        });
+        if spawned.is_ok() {
+            if let Ok(tid) = rx.recv() {
+                tids.push(tid);
+            }
+        }
+    }
+    tids
+}
+
+fn report(status: RawFd, line: &str) {
+    let line = format!("{line}\n");
+    // SAFETY: `status` is the report pipe, open in this process.
+    let fd = unsafe { BorrowedFd::borrow_raw(status) };
+    // One write of less than PIPE_BUF bytes: lines from several stubs never interleave.
+    let _ = unistd::write(fd, line.as_bytes());
+}
+
+fn wait_for_commit() {
+    let mut commit = SigSet::empty();
+    commit.add(Signal::SIGUSR1);
+    loop {
+        if commit.wait() == Ok(Signal::SIGUSR1) {
+            return;
+        }
+    }
+}
+
+/// After crd's commit: outlive crd, drop crd's handles, then exec or wait.
+fn commit(args: &StubArgs<'_>, index: usize) -> ! {
+    let (status, crd_pidfd) = (args.status, args.crd_pidfd);
+    // SAFETY: prctl(PR_SET_PDEATHSIG, 0) only clears a flag on this process.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
+    let owns_table = matches!(args.plan.processes[index].table, TablePlan::Own(_));
+    if owns_table {
+        // SAFETY: crd's pidfd is ours; after the commit nothing pulls from crd.
+        unsafe { libc::close(crd_pidfd) };
+    }
+    if let (0, Some(argv)) = (index, args.exec) {
+        let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&args.old_mask), None);
+        // `status` is close-on-exec: crd sees EOF once the exec succeeds.
+        let err = unistd::execvp(&argv[0], argv).unwrap_err();
+        report(status, &format!("execfail {}: {err}", argv[0].to_string_lossy()));
+        // SAFETY: as in `run`.
+        unsafe { libc::_exit(127) }
+    }
+    if owns_table {
+        // SAFETY: the report pipe is ours; crd reads EOF when every stub has closed it.
+        unsafe { libc::close(status) };
+    }
+    loop {
+        // SAFETY: pause has no preconditions; SIGTERM and SIGINT keep their default
+        // action and end the stub.
+        unsafe { libc::pause() };
+    }
+}
