@@ -223,7 +223,38 @@ fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool)
     checkpoint(Options { root: Tgid(tree.root()), tree: true, source }, &path, interrupted)?;
     let body = image::read(&path)?;
     println!("{}", inspect::render(&body, Format::Text));
+
+    // Restore it once the originals are gone, and check the stubs against the image.
+    let _log = tree.stop();
+    let restored = crd::restore::restore_image(&body.graph, false, None, interrupted)?;
+    let stubs = Stubs(restored.tasks.iter().map(|(_, new)| *new).collect());
+    println!("restored as stubs:");
+    for (old, new) in &restored.tasks {
+        println!("  {old} -> {new}");
+    }
+    let again = crd::checkpoint(Options { root: Tgid(restored.root.0), tree: true, source }, interrupted)?;
+    match body.graph.same_shape(&again.body.graph) {
+        Ok(()) => println!(
+            "a checkpoint of the stubs gives the same graph: same tree, fds, sharing, offsets and queued bytes."
+        ),
+        Err(difference) => anyhow::bail!("the restored tree differs from the image: {difference}"),
+    }
+    drop(stubs);
     Ok(())
+}
+
+/// The demo's stubs, ended when the demo ends.
+struct Stubs(Vec<crd::types::Pid>);
+
+impl Drop for Stubs {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid.0 as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 /// The error and its causes on one line, skipping causes the message already quotes.

@@ -271,3 +271,32 @@ fn external_pipes_are_refused_unless_allowed() {
     let restored = restore_with(&["restore", image.to_str().unwrap(), "--allow-external"]).unwrap();
     assert_eq!(restored.tasks.len(), 1);
 }
+
+#[test]
+fn a_clone_files_sibling_shares_the_restored_table() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = spawn(&["pipe:3:4", "write:4:shared", "clonefiles", "pipe:5:6"], 1);
+    let (original, image, _log) = image_of_stopped(fixture, dir.path());
+    assert_eq!(original.graph.tasks.len(), 2);
+    let restored = assert_round_trip(&original, &image);
+    let (a, b) = (restored.tasks[0].1, restored.tasks[1].1);
+    assert_ne!(crd_tests::status_field(a, "Tgid:"), crd_tests::status_field(b, "Tgid:"), "two processes");
+    assert_eq!(crd_tests::proc_fds(a), crd_tests::proc_fds(b), "one table");
+}
+
+#[test]
+fn graft_exec_hands_the_live_fds_to_a_new_program() {
+    require_root!();
+    // A seamless upgrade: the child's write end goes to a new program, which writes into
+    // the pipe the original parent reads.
+    let fixture = spawn(&["pipe:3:4", "fork", "close:3"], 2);
+    let (parent, child) = (fixture.pids[0], fixture.pids[1]);
+    let _grafted =
+        restore_with(&["graft", &child.to_string(), "--exec", "--", "sh", "-c", "echo upgraded >&4"])
+            .unwrap();
+    let reader = pidfd_getfd(pidfd_open(Pid(parent)).unwrap().as_fd(), Fd(3)).map(fs::File::from).unwrap();
+    let mut got = [0u8; 9];
+    (&reader).read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"upgraded\n");
+}
