@@ -87,6 +87,7 @@ fn borrowed(fd: RawFd) -> BorrowedFd<'static> {
 /// Runs the steps, reports readiness, and waits forever (until killed).
 pub fn run(steps: &[String]) -> Result<(), FixtureError> {
     die_with_parent();
+    crate::sys::raise_fd_limit();
     let mut i = 0;
     let mut depth = 0;
     while i < steps.len() {

@@ -107,6 +107,8 @@ fn main() -> ExitCode {
             writeln!(buf, "crd: {}: {}", record.level().as_str().to_lowercase(), record.args())
         })
         .init();
+    // crd holds one fd per restored description, and stubs need the image's fd numbers.
+    crd::sys::raise_fd_limit();
     let interrupted = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // Ctrl-C only raises a flag: crd then resumes its targets and cleans up.

@@ -300,3 +300,13 @@ fn graft_exec_hands_the_live_fds_to_a_new_program() {
     (&reader).read_exact(&mut got).unwrap();
     assert_eq!(&got, b"upgraded\n");
 }
+
+#[test]
+fn high_fd_numbers_round_trip() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = spawn(&["pipe:3:4", "dup:3:4000", "dup:4:9999", "write:9999:far away", "close:4"], 1);
+    let (original, image, _log) = image_of_stopped(fixture, dir.path());
+    let restored = assert_round_trip(&original, &image);
+    assert_eq!(crd_tests::proc_fds(restored.root), [0, 1, 2, 3, 4000, 9999]);
+}
