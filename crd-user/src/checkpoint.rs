@@ -10,7 +10,7 @@ use crate::{
     graph::Graph,
     harvest::{
         Harvest, Source,
-        bpf::{BpfError, BpfHarvester, HarvestStats, Scope},
+        bpf::{self, BpfError, HarvestStats, Scope},
         extras::{self, ExtrasError},
         procfs::{self, ProcfsError},
     },
@@ -54,10 +54,7 @@ pub struct Checkpoint {
 /// `interrupted` is polled between steps (Ctrl-C).
 pub fn checkpoint(options: Options, interrupted: &dyn Fn() -> bool) -> Result<Checkpoint, CheckpointError> {
     // Load BPF before freezing: the targets stay frozen for as short as possible.
-    let mut harvester = match options.source {
-        Source::Bpf => Some(BpfHarvester::load(false)?),
-        Source::Procfs => None,
-    };
+    let (source, mut harvester) = bpf::harvester_for(options.source)?;
     let check = || {
         if interrupted() { Err(CheckpointError::Interrupted) } else { Ok(()) }
     };
@@ -81,7 +78,7 @@ pub fn checkpoint(options: Options, interrupted: &dyn Fn() -> bool) -> Result<Ch
     frozen.thaw();
     check()?;
     let graph = Graph::build(root, &harvest, &extras);
-    Ok(Checkpoint { body: ImageBody { header: Header::now(options.source, options.tree), graph }, stats })
+    Ok(Checkpoint { body: ImageBody { header: Header::now(source, options.tree), graph }, stats })
 }
 
 /// Checkpoints and writes the image atomically to `output`.

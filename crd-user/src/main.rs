@@ -43,7 +43,7 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
         /// Where to read fd state from.
-        #[arg(long, value_enum, default_value_t = Source::Bpf)]
+        #[arg(long, value_enum, default_value_t = Source::Auto)]
         source: Source,
     },
     /// Rebuild an image's processes as stubs holding the same fds, sharing and pipe data.
@@ -70,7 +70,7 @@ enum Command {
         tree: bool,
         #[arg(long)]
         pid_file: Option<PathBuf>,
-        #[arg(long, value_enum, default_value_t = Source::Bpf)]
+        #[arg(long, value_enum, default_value_t = Source::Auto)]
         source: Source,
         /// The root stub execs this command with the grafted fds: `--exec -- CMD ARGS`.
         #[arg(long, requires = "command")]
@@ -89,7 +89,7 @@ enum Command {
         /// Keep the image here [default: a temporary file].
         #[arg(short, long)]
         output: Option<PathBuf>,
-        #[arg(long, value_enum, default_value_t = Source::Bpf)]
+        #[arg(long, value_enum, default_value_t = Source::Auto)]
         source: Source,
     },
     /// Build a process tree from steps (for demo and tests).

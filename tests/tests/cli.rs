@@ -258,7 +258,7 @@ fn a_kernel_without_btf_is_a_one_line_error() {
     require_root!();
     let fixture = spawn(&[], 1);
     let out = Command::new(crd_tests::crd_bin())
-        .args(["checkpoint", &fixture.root().to_string(), "-o", "/nonexistent/x.img"])
+        .args(["checkpoint", &fixture.root().to_string(), "-o", "/nonexistent/x.img", "--source", "bpf"])
         .env("CRD_KERNEL_BTF", "/nonexistent/vmlinux")
         .output()
         .unwrap();
@@ -269,4 +269,20 @@ fn a_kernel_without_btf_is_a_one_line_error() {
         "crd: kernel BTF not found at /nonexistent/vmlinux: this kernel lacks CONFIG_DEBUG_INFO_BTF; use --source procfs"
     );
     assert_running_untraced(fixture.root());
+    // The default source says why and falls back to /proc.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("fallback.img");
+    let out = Command::new(crd_tests::crd_bin())
+        .args(["checkpoint", &fixture.root().to_string(), "-o", image.to_str().unwrap()])
+        .env("CRD_KERNEL_BTF", "/nonexistent/vmlinux")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the BPF harvester cannot run here (kernel BTF not found"),
+        "{}",
+        stderr(&out)
+    );
+    let body = crd::image::read(&image).unwrap();
+    assert_eq!(body.header.source, crd::Source::Procfs, "the image says which source it came from");
 }

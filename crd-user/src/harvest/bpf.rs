@@ -64,6 +64,32 @@ pub enum BpfError {
     Interrupted,
 }
 
+impl BpfError {
+    /// Whether the error says this kernel (or this build) cannot run the BPF harvester,
+    /// as opposed to a missing privilege or a failed harvest.
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, BpfError::NoObject | BpfError::Offsets(_) | BpfError::Load(_))
+    }
+}
+
+/// Loads the harvester `source` asks for: returns the source actually used and the
+/// loaded programs (None for /proc).
+pub fn harvester_for(source: super::Source) -> Result<(super::Source, Option<BpfHarvester>), BpfError> {
+    use super::Source;
+    match source {
+        Source::Procfs => Ok((Source::Procfs, None)),
+        Source::Bpf => Ok((Source::Bpf, Some(BpfHarvester::load(false)?))),
+        Source::Auto => match BpfHarvester::load(false) {
+            Ok(harvester) => Ok((Source::Bpf, Some(harvester))),
+            Err(e) if e.is_unsupported() => {
+                log::warn!("the BPF harvester cannot run here ({e}); reading /proc instead");
+                Ok((Source::Procfs, None))
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
+
 fn load_error(e: impl std::error::Error) -> BpfError {
     // aya's messages leave the kernel's answer to the error's sources: say them all.
     let mut text = e.to_string();

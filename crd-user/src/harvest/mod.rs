@@ -17,10 +17,13 @@ use crate::types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid};
 /// Where the records come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum Source {
-    /// BPF task/task_file iterators (default).
+    /// BPF task/task_file iterators.
     Bpf,
     /// /proc/PID/{fd,fdinfo,task} and kcmp(2): slower, needs no BPF.
     Procfs,
+    /// BPF, or /proc (with a warning saying why) where this kernel cannot run crd's BPF
+    /// programs: no BTF, a missing field or iterator, a verifier that refuses them.
+    Auto,
 }
 
 impl std::fmt::Display for Source {
@@ -28,6 +31,7 @@ impl std::fmt::Display for Source {
         f.write_str(match self {
             Source::Bpf => "bpf",
             Source::Procfs => "procfs",
+            Source::Auto => "auto",
         })
     }
 }

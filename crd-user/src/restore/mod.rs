@@ -48,7 +48,7 @@ use crate::{
     graph::Graph,
     harvest::{
         Source,
-        bpf::{BpfHarvester, Scope},
+        bpf::{self, Scope},
         extras::Extras,
         procfs,
     },
@@ -115,10 +115,7 @@ pub fn graft(
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Restored, RestoreError> {
     let exec = command(exec)?;
-    let mut harvester = match source {
-        Source::Bpf => Some(BpfHarvester::load(false).map_err(CheckpointError::from)?),
-        Source::Procfs => None,
-    };
+    let (_, mut harvester) = bpf::harvester_for(source).map_err(CheckpointError::from)?;
     let frozen = Frozen::freeze(root, tree, interrupted).map_err(CheckpointError::from)?;
     let tgids: Vec<Tgid> = frozen.processes().collect();
     let harvest = match harvester.as_mut() {
