@@ -136,6 +136,17 @@ pub fn assert_running_untraced(pid: u32) {
     assert!(state.starts_with('S') || state.starts_with('R'), "PID {pid} is in state {state}");
 }
 
+/// Whether a host tool a test needs is missing inside a test VM (`cargo xtask vm-test`
+/// sets `CRD_IN_VM`; its guests have busybox only). Outside a VM a missing tool is a
+/// failure, not a skip: `cargo xtask test` installs them.
+pub fn missing_in_vm(tool: &str) -> bool {
+    std::env::var_os("CRD_IN_VM").is_some()
+        && !std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success() || !o.stdout.is_empty())
+}
+
 /// Whether this test process may use ptrace and BPF.
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()

@@ -305,8 +305,19 @@ fn graft_exec_hands_the_live_fds_to_a_new_program() {
 fn high_fd_numbers_round_trip() {
     require_root!();
     let dir = tempfile::tempdir().unwrap();
-    let fixture = spawn(&["pipe:3:4", "dup:3:4000", "dup:4:9999", "write:9999:far away", "close:4"], 1);
+    // As high as this machine's hard fd limit allows (crd raises its soft limit to it).
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let top = (hard.min(10_000) - 1) as u32;
+    let mid = top / 2;
+    let steps = [
+        "pipe:3:4".to_string(),
+        format!("dup:3:{mid}"),
+        format!("dup:4:{top}"),
+        format!("write:{top}:far"),
+        "close:4".into(),
+    ];
+    let fixture = spawn(&steps.iter().map(String::as_str).collect::<Vec<_>>(), 1);
     let (original, image, _log) = image_of_stopped(fixture, dir.path());
     let restored = assert_round_trip(&original, &image);
-    assert_eq!(crd_tests::proc_fds(restored.root), [0, 1, 2, 3, 4000, 9999]);
+    assert_eq!(crd_tests::proc_fds(restored.root), [0, 1, 2, 3, mid, top]);
 }

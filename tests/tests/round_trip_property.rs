@@ -116,7 +116,8 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 12,
+        // PROPTEST_CASES lowers it where time is short (the VM matrix).
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(12),
         max_shrink_iters: 64,
         failure_persistence: None,
         ..ProptestConfig::default()

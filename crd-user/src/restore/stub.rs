@@ -71,13 +71,19 @@ fn setup(args: &mut StubArgs<'_>, index: usize, parent: unistd::Pid) -> Result<S
         return Err("its parent died while it started".into());
     }
     set_comm(&me.threads[0].1);
-    let owns_table = matches!(me.table, TablePlan::Own(_));
-    if owns_table {
-        // Park crd's handles above every fd the image uses, then drop all the rest.
-        let high = args.plan.max_fd as RawFd + 1;
-        args.status = move_above(args.status, high)?;
-        args.crd_pidfd = move_above(args.crd_pidfd, high)?;
-        let (lo, hi) = (args.status.min(args.crd_pidfd) as u32, args.status.max(args.crd_pidfd) as u32);
+    if let TablePlan::Own(fds) = &me.table {
+        // Park crd's two handles where no fd of the image goes, then drop all the rest.
+        let (a, b) = parking(fds.iter().map(|f| f.fd.0))?;
+        if args.status != a {
+            if args.crd_pidfd == a {
+                args.crd_pidfd = dup_cloexec(args.crd_pidfd, None)?;
+            }
+            args.status = dup_cloexec(args.status, Some(a))?;
+        }
+        if args.crd_pidfd != b {
+            args.crd_pidfd = dup_cloexec(args.crd_pidfd, Some(b))?;
+        }
+        let (lo, hi) = (b as u32, a as u32);
         // SAFETY: close_range closes fds this process owns; the two kept are in use.
         unsafe {
             libc::close_range(0, lo - 1, 0);
@@ -145,18 +151,34 @@ fn spawn_child(args: StubArgs<'_>, child: usize) -> Result<(), String> {
     Ok(())
 }
 
-fn move_above(fd: RawFd, min: RawFd) -> Result<RawFd, String> {
-    if fd >= min {
-        return Ok(fd);
+/// The two highest fd numbers below the fd limit that the image does not use: where a
+/// stub keeps crd's handles while it fills its table.
+fn parking(targets: impl Iterator<Item = u32>) -> Result<(RawFd, RawFd), String> {
+    let used: std::collections::HashSet<u32> = targets.collect();
+    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_err(|e| format!("getrlimit: {e}"))?;
+    let limit = soft.min(1 << 20) as u32;
+    let mut free = (3..limit).rev().filter(|fd| !used.contains(fd));
+    match (free.next(), free.next()) {
+        (Some(a), Some(b)) => Ok((a as RawFd, b as RawFd)),
+        _ => Err(format!("no two fd numbers below the limit of {limit} are free for crd's handles")),
     }
-    // SAFETY: F_DUPFD_CLOEXEC on an fd we own; the old number is closed right after.
-    let moved = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) };
-    if moved < 0 {
-        return Err(format!("fcntl(F_DUPFD_CLOEXEC): {}", std::io::Error::last_os_error()));
+}
+
+/// Duplicates `fd` (close-on-exec) to exactly `to`, or to the lowest free number. The
+/// old number is left for the close_range that follows.
+fn dup_cloexec(fd: RawFd, to: Option<RawFd>) -> Result<RawFd, String> {
+    // SAFETY: dup3/F_DUPFD_CLOEXEC on an fd we own; `to` holds nothing the stub keeps.
+    let ret = unsafe {
+        match to {
+            Some(to) => libc::dup3(fd, to, libc::O_CLOEXEC),
+            None => libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0),
+        }
+    };
+    if ret < 0 {
+        return Err(format!("dup: {}", std::io::Error::last_os_error()));
     }
-    // SAFETY: `fd` is ours and has just been duplicated.
-    unsafe { libc::close(fd) };
-    Ok(moved)
+    Ok(ret)
 }
 
 /// Moves a pulled descriptor to its fd number with the recorded close-on-exec bit.
