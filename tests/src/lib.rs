@@ -147,6 +147,18 @@ pub fn missing_in_vm(tool: &str) -> bool {
             .is_ok_and(|o| o.status.success() || !o.stdout.is_empty())
 }
 
+/// Returns early (skipping the test, with a message) unless the test runs as root:
+/// ptrace and BPF need it. CI runs as root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+    };
+}
+
 /// Whether this test process may use ptrace and BPF.
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()

@@ -10,19 +10,10 @@ use crd::{
     sys::{self, pidfd_getfd, pidfd_open},
     types::{Access, Fd, Pid},
 };
-use crd_tests::{Index, assert_running_untraced, checkpoint, is_root, proc_fds, spawn};
+use crd_tests::{Index, assert_running_untraced, checkpoint, proc_fds, require_root, spawn};
 
 const O_APPEND: u32 = libc::O_APPEND as u32;
 const O_NONBLOCK: u32 = libc::O_NONBLOCK as u32;
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
-    };
-}
 
 #[test]
 fn fd_numbers_kinds_flags_offsets_and_cloexec_match_the_process() {

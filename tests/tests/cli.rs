@@ -1,16 +1,7 @@
 //! The `crd` command line: exit codes, one-line errors, no partial output, formats.
 use std::{fs, process::Command};
 
-use crd_tests::{assert_running_untraced, crd, is_root, spawn};
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
-    };
-}
+use crd_tests::{assert_running_untraced, crd, require_root, spawn};
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -14,17 +14,8 @@ use crd::{
 };
 use crd_tests::{
     Index, assert_round_trip, assert_running_untraced, checkpoint, comm_exists, crd, image_of_stopped,
-    is_root, restore_with, spawn,
+    require_root, restore_with, spawn,
 };
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
-    };
-}
 
 fn owned<'a>(steps: &'a [String]) -> Vec<&'a str> {
     steps.iter().map(String::as_str).collect()
