@@ -22,9 +22,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use crd_common::{
-    COMM_LEN, Config, FD_CLOEXEC, FD_HAS_PIPE, FD_PIPE_QUEUE_TRUNCATED, FdRecord,
-    MAX_PIPE_BUFS_WALKED, Offsets, RECORD_FD, RECORD_TASK, STAT_COUNT, STAT_READ_FAILED,
-    STAT_RING_FULL, STAT_SUBMITTED, TaskRecord,
+    COMM_LEN, Config, FD_CLOEXEC, FD_HAS_PIPE, FD_PIPE_QUEUE_TRUNCATED, FdRecord, MAX_PIPE_BUFS_WALKED,
+    Offsets, RECORD_FD, RECORD_TASK, STAT_COUNT, STAT_READ_FAILED, STAT_RING_FULL, STAT_SUBMITTED,
+    TaskRecord,
 };
 
 /// Set by userspace before load (`EbpfLoader::set_global`); zero here only as a
@@ -152,10 +152,14 @@ fn read<T: Default + Copy>(base: u64, offset: u32) -> T {
     }
 }
 
-/// Whether userspace asked for this task's thread group.
+/// The thread group of `task` if userspace asked for it.
 #[inline(always)]
-fn wanted(tgid: u32) -> bool {
-    match_all() || crd_tgids.get_ptr(tgid).is_some()
+fn wanted(task: u64, off: &Offsets) -> Option<u32> {
+    if task == 0 {
+        return None;
+    }
+    let tgid: u32 = read(task, off.task_tgid);
+    (match_all() || crd_tgids.get_ptr(tgid).is_some()).then_some(tgid)
 }
 
 #[unsafe(no_mangle)]
@@ -163,14 +167,8 @@ fn wanted(tgid: u32) -> bool {
 pub extern "C" fn crd_task(ctx: *const TaskCtx) -> i32 {
     // SAFETY: the kernel passes a valid context; `task` is NULL on the final call.
     let task = unsafe { (*ctx).task } as u64;
-    if task == 0 {
-        return 0;
-    }
     let off = config();
-    let tgid: u32 = read(task, off.task_tgid);
-    if !wanted(tgid) {
-        return 0;
-    }
+    let Some(tgid) = wanted(task, off) else { return 0 };
     let failed_before = stat(STAT_READ_FAILED);
     let parent: u64 = read(task, off.task_real_parent);
     let record = TaskRecord {
@@ -197,12 +195,9 @@ pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
     // SAFETY: the kernel passes a valid context; `task` and `file` are NULL on the
     // final call.
     let (task, fd, file) = unsafe { ((*ctx).task as u64, (*ctx).fd, (*ctx).file as u64) };
-    if task == 0 || file == 0 {
-        return 0;
-    }
     let off = config();
-    let tgid: u32 = read(task, off.task_tgid);
-    if !wanted(tgid) {
+    let Some(tgid) = wanted(task, off) else { return 0 };
+    if file == 0 {
         return 0;
     }
     let failed_before = stat(STAT_READ_FAILED);
@@ -250,7 +245,10 @@ pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
     }
     let paused = emit(record);
     if paused != 0 {
-        debug!(ctx, "crd_task_file: ring buffer full at pid {} fd {}; pausing until userspace drains it", tgid, fd);
+        debug!(
+            ctx,
+            "crd_task_file: ring buffer full at pid {} fd {}; pausing until userspace drains it", tgid, fd
+        );
     }
     paused
 }
