@@ -24,7 +24,7 @@ pub const FD_CLOEXEC: u32 = 1 << 1;
 pub const FD_HAS_PIPE: u32 = 1 << 2;
 
 /// How many occupied pipe buffers the BPF program sums at most to count queued bytes.
-pub const MAX_PIPE_BUFS_WALKED: u32 = 64;
+pub const MAX_PIPE_BUFS_WALKED: u32 = 16;
 
 /// One task (thread) of a checkpointed process, from the `iter/task` program.
 #[repr(C)]

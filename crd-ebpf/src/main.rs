@@ -16,7 +16,6 @@
 #![no_main]
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel,
     macros::map,
     maps::{Array, HashMap, RingBuf},
 };
@@ -122,11 +121,6 @@ fn match_all() -> bool {
 }
 
 #[inline(always)]
-fn stat(stat: u32) -> u64 {
-    crd_stats.get(stat).copied().unwrap_or(0)
-}
-
-#[inline(always)]
 fn bump(stat: u32) {
     if let Some(counter) = crd_stats.get_ptr_mut(stat) {
         // SAFETY: the pointer comes from a successful map lookup; crd runs one iteration
@@ -135,30 +129,50 @@ fn bump(stat: u32) {
     }
 }
 
-/// Reads a `T` at `base + offset` in kernel memory; counts a failure and yields the
-/// default instead of aborting, so one unreadable field never hides a whole record.
-#[inline(always)]
-fn read<T: Default + Copy>(base: u64, offset: u32) -> T {
-    if base == 0 {
-        return T::default();
+/// Reads kernel memory at `base + offset`, counting failures without branching.
+///
+/// Every read of a program goes through one `Reader`; the program checks `failed` once
+/// at the end. No branch per read keeps the verifier's work linear, which older kernels
+/// (6.1) need: they give up at 1M processed instructions.
+struct Reader {
+    failed: u64,
+}
+
+impl Reader {
+    #[inline(always)]
+    fn get<T: Default + Copy>(&mut self, base: u64, offset: u32) -> T {
+        let mut value = T::default();
+        // SAFETY: bpf_probe_read_kernel checks the address itself; on failure it zeroes
+        // the destination and returns a negative errno.
+        let ret = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                (&raw mut value).cast(),
+                core::mem::size_of::<T>() as u32,
+                (base + offset as u64) as *const core::ffi::c_void,
+            )
+        };
+        self.failed |= (ret as u64) >> 63;
+        value
     }
-    // SAFETY: bpf_probe_read_kernel validates the address itself and fails cleanly.
-    match unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) } {
-        Ok(value) => value,
-        Err(_) => {
+
+    /// Counts this program run in `crd_stats` if any read failed.
+    #[inline(always)]
+    fn report(&self) -> bool {
+        if self.failed != 0 {
             bump(STAT_READ_FAILED);
-            T::default()
+            return true;
         }
+        false
     }
 }
 
 /// The thread group of `task` if userspace asked for it.
 #[inline(always)]
-fn wanted(task: u64, off: &Offsets) -> Option<u32> {
+fn wanted(r: &mut Reader, task: u64, off: &Offsets) -> Option<u32> {
     if task == 0 {
         return None;
     }
-    let tgid: u32 = read(task, off.task_tgid);
+    let tgid: u32 = r.get(task, off.task_tgid);
     (match_all() || crd_tgids.get_ptr(tgid).is_some()).then_some(tgid)
 }
 
@@ -168,18 +182,18 @@ pub extern "C" fn crd_task(ctx: *const TaskCtx) -> i32 {
     // SAFETY: the kernel passes a valid context; `task` is NULL on the final call.
     let task = unsafe { (*ctx).task } as u64;
     let off = config();
-    let Some(tgid) = wanted(task, off) else { return 0 };
-    let failed_before = stat(STAT_READ_FAILED);
-    let parent: u64 = read(task, off.task_real_parent);
+    let mut r = Reader { failed: 0 };
+    let Some(tgid) = wanted(&mut r, task, off) else { return 0 };
+    let parent: u64 = r.get(task, off.task_real_parent);
     let record = TaskRecord {
         kind: RECORD_TASK,
-        pid: read(task, off.task_pid),
+        pid: r.get(task, off.task_pid),
         tgid,
-        parent_tgid: read(parent, off.task_tgid),
-        files: read(task, off.task_files),
-        comm: read::<[u8; COMM_LEN]>(task, off.task_comm),
+        parent_tgid: r.get(parent, off.task_tgid),
+        files: r.get(task, off.task_files),
+        comm: r.get::<[u8; COMM_LEN]>(task, off.task_comm),
     };
-    if stat(STAT_READ_FAILED) != failed_before {
+    if r.report() {
         warn!(ctx, "crd_task: a kernel read failed for thread {} of {}", record.pid, tgid);
     }
     let paused = emit(record);
@@ -196,51 +210,51 @@ pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
     // final call.
     let (task, fd, file) = unsafe { ((*ctx).task as u64, (*ctx).fd, (*ctx).file as u64) };
     let off = config();
-    let Some(tgid) = wanted(task, off) else { return 0 };
+    let mut r = Reader { failed: 0 };
+    let Some(tgid) = wanted(&mut r, task, off) else { return 0 };
     if file == 0 {
         return 0;
     }
-    let failed_before = stat(STAT_READ_FAILED);
-    let files: u64 = read(task, off.task_files);
-    let inode: u64 = read(file, off.file_f_inode);
-    let sb: u64 = read(inode, off.inode_i_sb);
-    let i_mode = read::<u16>(inode, off.inode_i_mode) as u32;
+    let files: u64 = r.get(task, off.task_files);
+    let inode: u64 = r.get(file, off.file_f_inode);
+    let sb: u64 = r.get(inode, off.inode_i_sb);
+    let i_mode = r.get::<u16>(inode, off.inode_i_mode) as u32;
     let mut record = FdRecord {
         kind: RECORD_FD,
         fd,
         tgid,
-        pid: read(task, off.task_pid),
+        pid: r.get(task, off.task_pid),
         files,
         file,
         inode,
         pipe: 0,
-        pos: read(file, off.file_f_pos),
-        file_refs: read(file, off.file_f_ref),
-        ino: read(inode, off.inode_i_ino),
-        sb_magic: read(sb, off.sb_s_magic),
-        f_flags: read(file, off.file_f_flags),
-        f_mode: read(file, off.file_f_mode),
+        pos: r.get(file, off.file_f_pos),
+        file_refs: r.get(file, off.file_f_ref),
+        ino: r.get(inode, off.inode_i_ino),
+        sb_magic: r.get(sb, off.sb_s_magic),
+        f_flags: r.get(file, off.file_f_flags),
+        f_mode: r.get(file, off.file_f_mode),
         i_mode,
-        s_dev: read(sb, off.sb_s_dev),
-        i_rdev: read(inode, off.inode_i_rdev),
+        s_dev: r.get(sb, off.sb_s_dev),
+        i_rdev: r.get(inode, off.inode_i_rdev),
         flags: 0,
         pipe_ring_size: 0,
         pipe_readers: 0,
         pipe_writers: 0,
         pipe_queued: 0,
     };
-    if close_on_exec(files, fd, off) {
+    if close_on_exec(&mut r, files, fd, off) {
         record.flags |= FD_CLOEXEC;
     }
     // `i_pipe` shares a union with `i_cdev`, `i_link` and `i_dir_seq`: it means a pipe
     // only when the inode is a FIFO.
     if i_mode & S_IFMT == S_IFIFO {
-        let pipe: u64 = read(inode, off.inode_i_pipe);
+        let pipe: u64 = r.get(inode, off.inode_i_pipe);
         if pipe != 0 {
-            fill_pipe(&mut record, pipe, off);
+            fill_pipe(&mut r, &mut record, pipe, off);
         }
     }
-    if stat(STAT_READ_FAILED) != failed_before {
+    if r.report() {
         warn!(ctx, "crd_task_file: a kernel read failed for pid {} fd {}", tgid, fd);
     }
     let paused = emit(record);
@@ -255,41 +269,44 @@ pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
 
 /// Tests `fd`'s bit in `files->fdt->close_on_exec`.
 #[inline(always)]
-fn close_on_exec(files: u64, fd: u32, off: &Offsets) -> bool {
-    let fdt: u64 = read(files, off.files_fdt);
-    let bitmap: u64 = read(fdt, off.fdtable_close_on_exec);
+fn close_on_exec(r: &mut Reader, files: u64, fd: u32, off: &Offsets) -> bool {
+    let fdt: u64 = r.get(files, off.files_fdt);
+    let bitmap: u64 = r.get(fdt, off.fdtable_close_on_exec);
     if bitmap == 0 {
         return false;
     }
-    let word: u64 = read(bitmap, (fd / 64) * 8);
+    let word: u64 = r.get(bitmap, (fd / 64) * 8);
     word & (1u64 << (fd % 64)) != 0
 }
 
 /// Copies the pipe's bookkeeping and sums the lengths of its occupied buffers.
 #[inline(always)]
-fn fill_pipe(record: &mut FdRecord, pipe: u64, off: &Offsets) {
+fn fill_pipe(r: &mut Reader, record: &mut FdRecord, pipe: u64, off: &Offsets) {
     record.pipe = pipe;
     record.flags |= FD_HAS_PIPE;
-    let head: u32 = read(pipe, off.pipe_head);
-    let tail: u32 = read(pipe, off.pipe_tail);
-    let ring_size: u32 = read(pipe, off.pipe_ring_size);
+    let head: u32 = r.get(pipe, off.pipe_head);
+    let tail: u32 = r.get(pipe, off.pipe_tail);
+    let ring_size: u32 = r.get(pipe, off.pipe_ring_size);
     record.pipe_ring_size = ring_size;
-    record.pipe_readers = read(pipe, off.pipe_readers);
-    record.pipe_writers = read(pipe, off.pipe_writers);
+    record.pipe_readers = r.get(pipe, off.pipe_readers);
+    record.pipe_writers = r.get(pipe, off.pipe_writers);
     let used = head.wrapping_sub(tail);
-    let bufs: u64 = read(pipe, off.pipe_bufs);
+    let bufs: u64 = r.get(pipe, off.pipe_bufs);
     if ring_size == 0 || bufs == 0 {
         return;
     }
     let mask = ring_size - 1;
     let mut queued: u32 = 0;
+    // Branch-free on purpose: a fixed count of slots, each read whether in use or not
+    // (every slot below ring_size is allocated) and counted only if in use. A loop that
+    // breaks on `used` or branches on each read's result makes older verifiers (6.1)
+    // walk every path and give up at 1M instructions.
     for i in 0..MAX_PIPE_BUFS_WALKED {
-        if i >= used {
-            break;
-        }
         let slot = (tail.wrapping_add(i) & mask) as u64;
-        let buffer = bufs + slot * off.pipe_buffer_size as u64;
-        queued = queued.wrapping_add(read::<u32>(buffer, off.pipe_buffer_len));
+        let len_at = bufs + slot * off.pipe_buffer_size as u64 + off.pipe_buffer_len as u64;
+        let len: u32 = r.get(len_at, 0);
+        let in_use = (i.wrapping_sub(used) >> 31) & 1; // 1 when i < used
+        queued = queued.wrapping_add(len.wrapping_mul(in_use));
     }
     if used > MAX_PIPE_BUFS_WALKED {
         record.flags |= FD_PIPE_QUEUE_TRUNCATED;

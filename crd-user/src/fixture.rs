@@ -343,8 +343,8 @@ pub fn spawn(exe: &Path, steps: &[&str], processes: usize) -> std::io::Result<Sp
             }
             // Start from a clean table: only 0-2 and the ready fd, whatever the
             // caller had open.
-            libc::close_range(3, READY_FD as u32 - 1, 0);
-            libc::close_range(READY_FD as u32 + 1, u32::MAX, 0);
+            crate::sys::close_range(3, READY_FD as u32 - 1);
+            crate::sys::close_range(READY_FD as u32 + 1, u32::MAX);
             Ok(())
         });
     }

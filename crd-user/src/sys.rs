@@ -123,3 +123,13 @@ pub fn raise_fd_limit() {
         }
     }
 }
+
+/// `close_range(2)` through the raw syscall (musl's libc has no wrapper). Async-signal
+/// safe: usable between fork and exec.
+pub fn close_range(first: u32, last: u32) {
+    if first > last {
+        return;
+    }
+    // SAFETY: close_range closes fds of this process only; callers own that range.
+    unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
+}

@@ -171,6 +171,10 @@ impl BpfHarvester {
                 .try_into()
                 .map_err(load_error)?;
             program.load(iter_type, &btf).map_err(load_error)?;
+            // The verifier's effort: older kernels give up at 1M instructions.
+            if let Some(n) = program.info().ok().and_then(|i| i.verified_instruction_count()) {
+                log::debug!("{name}: the verifier processed {n} instructions");
+            }
         }
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
         let ring = RingBuf::try_from(

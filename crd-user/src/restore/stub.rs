@@ -84,14 +84,12 @@ fn setup(args: &mut StubArgs<'_>, index: usize, parent: unistd::Pid) -> Result<S
             args.crd_pidfd = dup_cloexec(args.crd_pidfd, Some(b))?;
         }
         let (lo, hi) = (b as u32, a as u32);
-        // SAFETY: close_range closes fds this process owns; the two kept are in use.
-        unsafe {
-            libc::close_range(0, lo - 1, 0);
-            if hi > lo + 1 {
-                libc::close_range(lo + 1, hi - 1, 0);
-            }
-            libc::close_range(hi + 1, u32::MAX, 0);
+        // Everything but the two handles: crd's fds, inherited at fork, are not ours.
+        crate::sys::close_range(0, lo - 1);
+        if hi > lo + 1 {
+            crate::sys::close_range(lo + 1, hi - 1);
         }
+        crate::sys::close_range(hi + 1, u32::MAX);
     }
     if index == 0 && args.exec.is_none() {
         // Out of the terminal's reach: a stub waits for an explicit SIGTERM or SIGINT.
