@@ -16,6 +16,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod matrix;
+mod vm;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -39,6 +42,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Run the integration suite on several kernels in qemu, and on the host kernel.
+    VmTest {
+        /// Kernels: 6.1 (stable), 6.12 (backports) or linux-image-* package names
+        /// [default: 6.1 6.12].
+        kernels: Vec<String>,
+    },
     /// Build, then run every test.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -60,9 +69,17 @@ fn main() -> Result<()> {
                 .with_context(|| format!("cannot run {}", crd.display()))?;
             std::process::exit(status.code().unwrap_or(1))
         }
+        Task::VmTest { kernels } => {
+            build(false)?;
+            let object = root().join("target/ebpf/bpfel-unknown-none/release/crd");
+            if !matrix::vm_test(&root(), &object, &kernels)? {
+                bail!("some tests failed (table above)");
+            }
+            Ok(())
+        }
         Task::Test { args } => {
             let crd = build(false)?;
-            ensure_apt_tools(&["bpftool"])?;
+            ensure_apt_packages(&[("bpftool", "bpftool")])?;
             run(cargo().args(["test", "--workspace"]).args(args).env("CRD_BIN", &crd))
         }
     }
@@ -83,7 +100,7 @@ fn clean(mut command: Command) -> Command {
     command
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = clean(Command::new("cargo"));
     c.current_dir(root());
     c
@@ -95,7 +112,7 @@ fn nightly(program: &str) -> Command {
     c
 }
 
-fn run(command: &mut Command) -> Result<()> {
+pub(crate) fn run(command: &mut Command) -> Result<()> {
     let status = command.status().with_context(|| format!("cannot run {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed: {status}");
@@ -103,12 +120,16 @@ fn run(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn output(command: &mut Command) -> Result<String> {
+pub(crate) fn output(command: &mut Command) -> Result<String> {
+    Ok(String::from_utf8_lossy(&output_bytes(command)?).into_owned())
+}
+
+pub(crate) fn output_bytes(command: &mut Command) -> Result<Vec<u8>> {
     let out = command.output().with_context(|| format!("cannot run {command:?}"))?;
     if !out.status.success() {
         bail!("{command:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(out.stdout)
 }
 
 fn works(command: &mut Command) -> bool {
@@ -170,16 +191,21 @@ fn install_bpf_linker(sysroot: &Path) -> Result<()> {
         .env("LLVM_PREFIX", &prefix))
 }
 
-/// Installs Debian packages for the tools the tests call, when they are missing.
-fn ensure_apt_tools(tools: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| !works(Command::new("which").arg(t))).collect();
+/// Installs the Debian packages of the (command, package) pairs whose command is
+/// missing; `apt-get update` first, once.
+pub(crate) fn ensure_apt_packages(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(tool, _)| !works(Command::new("which").arg(tool)))
+        .map(|(_, package)| *package)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     run(Command::new("apt-get").arg("update").arg("-qq"))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq"])
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }

@@ -48,9 +48,11 @@ impl KernelBtf {
         if !path.exists() {
             return Err(OffsetsError::NoBtf(path.display().to_string()));
         }
-        // Mapping the BTF and decoding only the types asked for is ~20x faster than
-        // parsing all of it (0.3 s for vmlinux); older kernels cannot mmap sysfs BTF.
+        // Mapping the BTF and decoding only the types asked for is ~10x faster than
+        // parsing all of it (0.3 s for vmlinux). Kernels before 6.10 cannot mmap sysfs
+        // BTF: map a copy in memory instead.
         let btf = Btf::from_file_with_backend(path, Backend::Mmap)
+            .or_else(|_| mapped_copy(path))
             .or_else(|_| Btf::from_file(path))
             .map_err(|e| OffsetsError::Parse(e.to_string()))?;
         Ok(Self { btf })
@@ -163,6 +165,21 @@ impl KernelBtf {
     }
 }
 
+/// Copies a BTF file into an anonymous memory file and maps that.
+fn mapped_copy(path: &Path) -> btf_rs::Result<Btf> {
+    use std::io::Write;
+    let bytes = std::fs::read(path)?;
+    let memfd = nix::sys::memfd::memfd_create(c"crd-btf", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    let mut file = std::fs::File::from(memfd);
+    file.write_all(&bytes)?;
+    // The mapping keeps the memory file alive after `file` is closed.
+    Btf::from_file_with_backend(
+        format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)),
+        Backend::Mmap,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +205,13 @@ mod tests {
             assert_eq!(off.inode_i_pipe, 584);
             assert_eq!(off.file_ref_bias, 1);
         }
+    }
+
+    #[test]
+    fn a_mapped_copy_gives_the_same_offsets() {
+        let Ok(direct) = KernelBtf::from_sys_fs() else { return };
+        let copy = KernelBtf { btf: mapped_copy(Path::new(VMLINUX_BTF)).expect("mapped copy") };
+        assert_eq!(copy.offsets().unwrap(), direct.offsets().unwrap());
     }
 
     #[test]
