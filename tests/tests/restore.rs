@@ -17,7 +17,7 @@ use crd_tests::{
     require_root, restore_with, spawn,
 };
 
-fn owned<'a>(steps: &'a [String]) -> Vec<&'a str> {
+fn owned(steps: &[String]) -> Vec<&str> {
     steps.iter().map(String::as_str).collect()
 }
 

@@ -140,9 +140,9 @@ fn build(root: &Path, bpf_object: &Path) -> Result<Build> {
 
 /// The shell snippet that runs every suite in a guest, from the 9p share at /mnt.
 fn guest_script(build: &Build) -> String {
-    let mut script = ("export CRD_BIN=/mnt/crd CRD_IN_VM=1 PROPTEST_CASES=".to_string()
+    let mut script = "export CRD_BIN=/mnt/crd CRD_IN_VM=1 PROPTEST_CASES=".to_string()
         + PROPTEST_CASES_IN_VM
-        + " RUST_BACKTRACE=0\n");
+        + " RUST_BACKTRACE=0\n";
     script.push_str("cd /tmp\nstatus=0\n");
     // A smoke test first: the whole pipeline once, with its output in the log.
     script.push_str(

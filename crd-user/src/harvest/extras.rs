@@ -77,15 +77,15 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasE
     for (inode, f) in sources {
         let contents = read_pipe(f, frozen)?;
         // Two independent counts of one frozen queue must agree.
-        if let Some(counted) = f.file.inode.pipe.as_ref().and_then(|p| p.queued) {
-            if counted as usize != contents.data.len() {
-                return Err(ExtrasError::Mismatch {
-                    tgid: f.tgid,
-                    fd: f.fd,
-                    counted,
-                    copied: contents.data.len(),
-                });
-            }
+        if let Some(counted) = f.file.inode.pipe.as_ref().and_then(|p| p.queued)
+            && counted as usize != contents.data.len()
+        {
+            return Err(ExtrasError::Mismatch {
+                tgid: f.tgid,
+                fd: f.fd,
+                counted,
+                copied: contents.data.len(),
+            });
         }
         extras.pipes.insert(inode, contents);
     }

@@ -225,10 +225,10 @@ fn start_threads(threads: &[(crate::types::Pid, String)]) -> Vec<i32> {
                 std::thread::park();
             }
         });
-        if spawned.is_ok() {
-            if let Ok(tid) = rx.recv() {
-                tids.push(tid);
-            }
+        if spawned.is_ok()
+            && let Ok(tid) = rx.recv()
+        {
+            tids.push(tid);
         }
     }
     tids
