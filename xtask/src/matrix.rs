@@ -143,6 +143,11 @@ fn guest_script(build: &Build) -> String {
     let mut script = "export CRD_BIN=/mnt/crd CRD_IN_VM=1 PROPTEST_CASES=".to_string()
         + PROPTEST_CASES_IN_VM
         + " RUST_BACKTRACE=0\n";
+    // Test hook: extra environment for the guests only, e.g. to make a test fail there
+    // and see the command fail with the guest's serial log.
+    if let Ok(extra) = std::env::var("CRD_VM_GUEST_ENV") {
+        script.push_str(&format!("export {extra}\n"));
+    }
     script.push_str("cd /tmp\nstatus=0\n");
     // A smoke test first: the whole pipeline once, with its output in the log.
     script.push_str(
