@@ -50,27 +50,48 @@ pub struct Checkpoint {
     pub stats: HarvestStats,
 }
 
-/// Checkpoints `options.root` into an image body, leaving the targets running.
-/// `interrupted` is polled between steps (Ctrl-C).
-pub fn checkpoint(options: Options, interrupted: &dyn Fn() -> bool) -> Result<Checkpoint, CheckpointError> {
+/// The targets, frozen, and what the harvester read from them.
+pub struct FrozenHarvest {
+    pub frozen: Frozen,
+    pub harvest: Harvest,
+    pub stats: HarvestStats,
+    /// The source actually used (`auto` resolved).
+    pub source: Source,
+}
+
+/// Freezes `options.root` (and its tree) and harvests it. The targets stay frozen until
+/// the returned [`Frozen`] is dropped or thawed. Shared by checkpoint and graft.
+pub fn freeze_and_harvest(
+    options: Options,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<FrozenHarvest, CheckpointError> {
     // Load BPF before freezing: the targets stay frozen for as short as possible.
     let (source, mut harvester) = bpf::harvester_for(options.source)?;
-    let check = || {
-        if interrupted() { Err(CheckpointError::Interrupted) } else { Ok(()) }
-    };
-    check()?;
+    if interrupted() {
+        return Err(CheckpointError::Interrupted);
+    }
     let frozen = Frozen::freeze(options.root, options.tree, interrupted).map_err(|e| match e {
         FreezeError::Interrupted => CheckpointError::Interrupted,
         e => e.into(),
     })?;
     let tgids: Vec<Tgid> = frozen.processes().collect();
-    let (mut harvest, stats): (Harvest, HarvestStats) = match harvester.as_mut() {
+    let (harvest, stats) = match harvester.as_mut() {
         Some(h) => h.harvest(Scope::Processes(&tgids), interrupted).map_err(|e| match e {
             BpfError::Interrupted => CheckpointError::Interrupted,
             e => e.into(),
         })?,
         None => (procfs::harvest(&tgids)?, HarvestStats::default()),
     };
+    Ok(FrozenHarvest { frozen, harvest, stats, source })
+}
+
+/// Checkpoints `options.root` into an image body, leaving the targets running.
+/// `interrupted` is polled between steps (Ctrl-C).
+pub fn checkpoint(options: Options, interrupted: &dyn Fn() -> bool) -> Result<Checkpoint, CheckpointError> {
+    let check = || {
+        if interrupted() { Err(CheckpointError::Interrupted) } else { Ok(()) }
+    };
+    let FrozenHarvest { frozen, mut harvest, stats, source } = freeze_and_harvest(options, interrupted)?;
     check()?;
     let extras = extras::collect(&mut harvest, &frozen)?;
     hold_for_tests(interrupted)?;

@@ -43,15 +43,9 @@ use self::{
     plan::{Mode, Plan, PlanError},
 };
 use crate::{
-    checkpoint::CheckpointError,
-    freeze::Frozen,
+    checkpoint::{CheckpointError, FrozenHarvest, Options, freeze_and_harvest},
     graph::Graph,
-    harvest::{
-        Source,
-        bpf::{self, Scope},
-        extras::Extras,
-        procfs,
-    },
+    harvest::{Source, extras::Extras},
     sys::{self as crd_sys, SyscallError},
     types::{Pid, Tgid},
 };
@@ -115,13 +109,8 @@ pub fn graft(
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Restored, RestoreError> {
     let exec = command(exec)?;
-    let (_, mut harvester) = bpf::harvester_for(source).map_err(CheckpointError::from)?;
-    let frozen = Frozen::freeze(root, tree, interrupted).map_err(CheckpointError::from)?;
-    let tgids: Vec<Tgid> = frozen.processes().collect();
-    let harvest = match harvester.as_mut() {
-        Some(h) => h.harvest(Scope::Processes(&tgids), interrupted).map_err(CheckpointError::from)?.0,
-        None => procfs::harvest(&tgids).map_err(CheckpointError::from)?,
-    };
+    let FrozenHarvest { frozen, harvest, .. } =
+        freeze_and_harvest(Options { root, tree, source }, interrupted)?;
     let graph = Graph::build(root, &harvest, &Extras::default());
     let plan = plan::plan(&graph, Mode::Graft)?;
     let objects = ObjectTable::graft(&graph, &frozen)?;
