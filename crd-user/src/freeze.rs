@@ -196,11 +196,6 @@ impl Frozen {
         self.processes.keys().copied()
     }
 
-    /// The frozen threads, in ascending TID order.
-    pub fn threads(&self) -> impl Iterator<Item = Pid> + '_ {
-        self.threads.keys().copied()
-    }
-
     /// The pidfd of a frozen process.
     pub fn pidfd(&self, tgid: Tgid) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.processes.get(&tgid).map(|fd| fd.as_fd())

@@ -74,22 +74,9 @@ pub struct ObjectTable {
 }
 
 impl ObjectTable {
-    /// The fd in crd that holds description `file`.
-    pub fn raw_fd(&self, file: ObjRef) -> Option<RawFd> {
-        self.files.get(&file).map(|fd| fd.as_raw_fd())
-    }
-
     /// Every description, as fds in crd, for the stubs (who pull them by number).
     pub fn raw_fds(&self) -> BTreeMap<ObjRef, RawFd> {
         self.files.iter().map(|(r, fd)| (*r, fd.as_raw_fd())).collect()
-    }
-
-    pub fn len(&self) -> usize {
-        self.files.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
     }
 
     /// Recreates every description of an image.
