@@ -329,3 +329,27 @@ fn clone_files_siblings_share_one_fd_table_seen_once() {
     }
     assert!(checkpoint(root, true, Source::Bpf).graph == checkpoint(root, true, Source::Procfs).graph);
 }
+
+#[test]
+fn a_stopped_target_is_left_stopped_and_untraced() {
+    require_root!();
+    let fixture = spawn(&["pipe:3:4"], 1);
+    let pid = fixture.root();
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    while !crd_tests::status_field(pid, "State:").starts_with('T') {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let body = checkpoint(pid, false, Source::Bpf);
+    assert_eq!(body.graph.tasks.len(), 1);
+    assert!(crd_tests::status_field(pid, "State:").starts_with("T (stopped)"), "still stopped, as it was");
+    assert_eq!(crd_tests::status_field(pid, "TracerPid:"), "0");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while crd_tests::status_field(pid, "State:").starts_with('T') {
+        assert!(std::time::Instant::now() < deadline, "SIGCONT did not resume it");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert_running_untraced(pid);
+}
