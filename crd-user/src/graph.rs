@@ -41,6 +41,25 @@ impl<T> Encounter<T> {
             Encounter::Again(_) => None,
         }
     }
+
+    /// Whether two encounters share alike: both first encounters under the same objref
+    /// of objects `same` finds equal, or both later references to the same objref.
+    fn same_as(
+        &self,
+        other: &Self,
+        what: &str,
+        same: impl FnOnce(&T, &T) -> Result<(), String>,
+    ) -> Result<(), String> {
+        match (self, other) {
+            (Encounter::Again(x), Encounter::Again(y)) if x == y => Ok(()),
+            (Encounter::First { objref: x, object: a }, Encounter::First { objref: y, object: b })
+                if x == y =>
+            {
+                same(a, b)
+            }
+            _ => Err(format!("{what} sharing differs")),
+        }
+    }
 }
 
 /// The checkpointed process tree and everything its fds reach.
@@ -301,15 +320,7 @@ impl Graph {
             if a.comm != b.comm {
                 return Err(format!("{here}: comm {:?} vs {:?}", a.comm, b.comm));
             }
-            match (&a.fd_table, &b.fd_table) {
-                (Encounter::Again(x), Encounter::Again(y)) if x == y => {}
-                (Encounter::First { objref: x, object: ta }, Encounter::First { objref: y, object: tb })
-                    if x == y =>
-                {
-                    same_table(ta, tb).map_err(|e| format!("{here}: {e}"))?;
-                }
-                _ => return Err(format!("{here}: fd table sharing differs")),
-            }
+            a.fd_table.same_as(&b.fd_table, "fd table", same_table).map_err(|e| format!("{here}: {e}"))?;
         }
         Ok(())
     }
@@ -325,32 +336,19 @@ fn same_table(a: &FdTable, b: &FdTable) -> Result<(), String> {
         if x.close_on_exec != y.close_on_exec {
             return Err(format!("{here}: close-on-exec {} vs {}", x.close_on_exec, y.close_on_exec));
         }
-        match (&x.file, &y.file) {
-            (Encounter::Again(p), Encounter::Again(q)) if p == q => {}
-            (Encounter::First { objref: p, object: fa }, Encounter::First { objref: q, object: fb })
-                if p == q =>
-            {
-                if (fa.flags, fa.access, fa.pos) != (fb.flags, fb.access, fb.pos) {
-                    return Err(format!(
-                        "{here}: flags/access/offset {:o}/{}/{} vs {:o}/{}/{}",
-                        fa.flags, fa.access, fa.pos, fb.flags, fb.access, fb.pos
-                    ));
-                }
-                match (&fa.inode, &fb.inode) {
-                    (Encounter::Again(p), Encounter::Again(q)) if p == q => {}
-                    (
-                        Encounter::First { objref: p, object: ia },
-                        Encounter::First { objref: q, object: ib },
-                    ) if p == q => {
-                        same_inode(ia, ib).map_err(|e| format!("{here}: {e}"))?;
-                    }
-                    _ => return Err(format!("{here}: inode sharing differs")),
-                }
-            }
-            _ => return Err(format!("{here}: open file sharing differs")),
-        }
+        x.file.same_as(&y.file, "open file", same_file).map_err(|e| format!("{here}: {e}"))?;
     }
     Ok(())
+}
+
+fn same_file(a: &FileDesc, b: &FileDesc) -> Result<(), String> {
+    if (a.flags, a.access, a.pos) != (b.flags, b.access, b.pos) {
+        return Err(format!(
+            "flags/access/offset {:o}/{}/{} vs {:o}/{}/{}",
+            a.flags, a.access, a.pos, b.flags, b.access, b.pos
+        ));
+    }
+    a.inode.same_as(&b.inode, "inode", same_inode)
 }
 
 fn same_inode(a: &Inode, b: &Inode) -> Result<(), String> {
