@@ -136,6 +136,18 @@ pub fn assert_running_untraced(pid: u32) {
     assert!(state.starts_with('S') || state.starts_with('R'), "PID {pid} is in state {state}");
 }
 
+/// Returns early (skipping the test, with a message) when `tool` is missing inside a
+/// test VM; see [`missing_in_vm`].
+#[macro_export]
+macro_rules! require_tool {
+    ($tool:literal) => {
+        if $crate::missing_in_vm($tool) {
+            eprintln!(concat!("skipped: no ", $tool, " in this VM"));
+            return;
+        }
+    };
+}
+
 /// Whether a host tool a test needs is missing inside a test VM (`cargo xtask vm-test`
 /// sets `CRD_IN_VM`; its guests have busybox only). Outside a VM a missing tool is a
 /// failure, not a skip: `cargo xtask test` installs them.

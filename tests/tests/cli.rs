@@ -118,10 +118,7 @@ fn demo_checkpoints_a_wired_tree_and_shows_it() {
 #[test]
 fn bpftool_lists_crd_programs_and_maps_while_they_are_loaded() {
     require_root!();
-    if crd_tests::missing_in_vm("bpftool") {
-        eprintln!("skipped: no bpftool in this VM");
-        return;
-    }
+    crd_tests::require_tool!("bpftool");
     if Command::new("bpftool").arg("version").output().is_err() {
         panic!("bpftool missing: `cargo xtask test` installs it");
     }
@@ -216,10 +213,7 @@ fn crd_as_nobody(args: &[&str]) -> std::process::Output {
 #[test]
 fn an_unprivileged_user_is_told_what_is_missing() {
     require_root!();
-    if crd_tests::missing_in_vm("setpriv") {
-        eprintln!("skipped: no setpriv in this VM");
-        return;
-    }
+    crd_tests::require_tool!("setpriv");
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
