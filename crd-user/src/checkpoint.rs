@@ -10,11 +10,13 @@ use crate::{
     graph::Graph,
     harvest::{
         Harvest, Source,
-        bpf::{self, BpfError, HarvestStats, Scope},
+        bpf::{self, BpfError, BpfHarvester, HarvestStats, Scope},
         extras::{self, ExtrasError},
         procfs::{self, ProcfsError},
     },
     image::{self, Header, ImageBody, ImageError},
+    privilege::{self, PrivilegeError},
+    timings::Phases,
     types::Tgid,
 };
 
@@ -30,6 +32,8 @@ pub enum CheckpointError {
     Extras(#[from] ExtrasError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Privilege(#[from] PrivilegeError),
     #[error("interrupted; the target was resumed and no image was written")]
     Interrupted,
 }
@@ -48,6 +52,8 @@ pub struct Checkpoint {
     pub body: ImageBody,
     /// BPF harvest counters (zero for procfs).
     pub stats: HarvestStats,
+    /// Time per phase: load, freeze, harvest, extras, thaw, graph (and write).
+    pub phases: Phases,
 }
 
 /// The targets, frozen, and what the harvester read from them.
@@ -57,6 +63,7 @@ pub struct FrozenHarvest {
     pub stats: HarvestStats,
     /// The source actually used (`auto` resolved).
     pub source: Source,
+    pub phases: Phases,
 }
 
 /// Freezes `options.root` (and its tree) and harvests it. The targets stay frozen until
@@ -65,15 +72,32 @@ pub fn freeze_and_harvest(
     options: Options,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<FrozenHarvest, CheckpointError> {
+    freeze_and_harvest_with(options, None, interrupted)
+}
+
+/// As [`freeze_and_harvest`], with `loaded`, if given, as the (BPF) harvester: one load
+/// serves many checkpoints (`crd stress`).
+pub fn freeze_and_harvest_with(
+    options: Options,
+    loaded: Option<&mut BpfHarvester>,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<FrozenHarvest, CheckpointError> {
+    let mut phases = Phases::start();
     // Load BPF before freezing: the targets stay frozen for as short as possible.
-    let (source, mut harvester) = bpf::harvester_for(options.source)?;
+    let (source, mut owned) = match loaded {
+        Some(_) => (Source::Bpf, None),
+        None => bpf::harvester_for(options.source, false).map_err(privilege::explain_bpf)?,
+    };
+    let mut harvester = loaded.or(owned.as_mut());
+    phases.lap("load");
     if interrupted() {
         return Err(CheckpointError::Interrupted);
     }
     let frozen = Frozen::freeze(options.root, options.tree, interrupted).map_err(|e| match e {
         FreezeError::Interrupted => CheckpointError::Interrupted,
-        e => e.into(),
+        e => privilege::explain_freeze(e),
     })?;
+    phases.lap("freeze");
     let tgids: Vec<Tgid> = frozen.processes().collect();
     let (harvest, stats) = match harvester.as_mut() {
         Some(h) => h.harvest(Scope::Processes(&tgids), interrupted).map_err(|e| match e {
@@ -82,24 +106,38 @@ pub fn freeze_and_harvest(
         })?,
         None => (procfs::harvest(&tgids)?, HarvestStats::default()),
     };
-    Ok(FrozenHarvest { frozen, harvest, stats, source })
+    phases.lap("harvest");
+    Ok(FrozenHarvest { frozen, harvest, stats, source, phases })
 }
 
 /// Checkpoints `options.root` into an image body, leaving the targets running.
 /// `interrupted` is polled between steps (Ctrl-C).
 pub fn checkpoint(options: Options, interrupted: &dyn Fn() -> bool) -> Result<Checkpoint, CheckpointError> {
+    checkpoint_with(options, None, interrupted)
+}
+
+/// As [`checkpoint`], with `loaded`, if given, as the (BPF) harvester.
+pub fn checkpoint_with(
+    options: Options,
+    loaded: Option<&mut BpfHarvester>,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<Checkpoint, CheckpointError> {
     let check = || {
         if interrupted() { Err(CheckpointError::Interrupted) } else { Ok(()) }
     };
-    let FrozenHarvest { frozen, mut harvest, stats, source } = freeze_and_harvest(options, interrupted)?;
+    let FrozenHarvest { frozen, mut harvest, stats, source, mut phases } =
+        freeze_and_harvest_with(options, loaded, interrupted)?;
     check()?;
     let extras = extras::collect(&mut harvest, &frozen)?;
+    phases.lap("extras");
     hold_for_tests(interrupted)?;
     let root = frozen.root();
     frozen.thaw();
+    phases.lap("thaw");
     check()?;
     let graph = Graph::build(root, &harvest, &extras);
-    Ok(Checkpoint { body: ImageBody { header: Header::now(source, options.tree), graph }, stats })
+    phases.lap("graph");
+    Ok(Checkpoint { body: ImageBody { header: Header::now(source, options.tree), graph }, stats, phases })
 }
 
 /// Checkpoints and writes the image atomically to `output`.
@@ -108,8 +146,9 @@ pub fn checkpoint_to_file(
     output: &Path,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Checkpoint, CheckpointError> {
-    let done = checkpoint(options, interrupted)?;
+    let mut done = checkpoint(options, interrupted)?;
     image::write(output, &done.body)?;
+    done.phases.lap("write");
     Ok(done)
 }
 

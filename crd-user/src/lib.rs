@@ -20,8 +20,12 @@ pub mod graph;
 pub mod harvest;
 pub mod image;
 pub mod inspect;
+pub mod ls;
+pub mod privilege;
 pub mod restore;
+pub mod stress;
 pub mod sys;
+pub mod timings;
 pub mod types;
 
 pub use checkpoint::{CheckpointError, Options, checkpoint, checkpoint_to_file};

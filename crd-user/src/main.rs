@@ -14,8 +14,15 @@ use clap::{Parser, Subcommand};
 use crd::{
     CheckpointError, Options, Source,
     checkpoint::checkpoint_to_file,
-    fixture, image,
+    fixture,
+    harvest::{
+        bpf::{self, Scope},
+        procfs,
+    },
+    image,
     inspect::{self, Format},
+    ls::{self, Listing, Targets},
+    timings::Phases,
     types::Tgid,
 };
 
@@ -92,9 +99,47 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Source::Auto)]
         source: Source,
     },
+    /// List open files like lsof, with their sharing: fd tables, open file descriptions,
+    /// and which processes hold which ends of each pipe. Nothing is frozen.
+    Ls {
+        /// Processes to list (all their threads).
+        pids: Vec<u32>,
+        /// List every process on the machine.
+        #[arg(long, conflicts_with = "pids")]
+        all: bool,
+        /// Only pipes and FIFOs.
+        #[arg(long)]
+        pipes: bool,
+        /// One JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value_t = Source::Auto)]
+        source: Source,
+    },
     /// Build a process tree from steps (for demo and tests).
     #[command(hide = true)]
     Fixture { steps: Vec<String> },
+    /// Checkpoint, encode, decode, restore and kill PID CYCLES times with BPF loaded
+    /// once; print crd's own fd count and RSS per cycle as JSON (for the load test).
+    #[command(hide = true)]
+    Stress {
+        pid: u32,
+        #[arg(long)]
+        tree: bool,
+        #[arg(long, default_value_t = 100)]
+        cycles: usize,
+    },
+    /// Time harvests for `cargo xtask bench`: load once, harvest the processes RUNS
+    /// times without freezing them, print one JSON line.
+    #[command(hide = true)]
+    BenchHarvest {
+        #[arg(long, value_enum, default_value_t = Source::Bpf)]
+        source: Source,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(required = true)]
+        pids: Vec<u32>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -136,10 +181,14 @@ fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
             checkpoint(Options { root: Tgid(pid), tree, source }, &output, interrupted)?;
         }
         Command::Restore { image, pid_file, allow_external, exec, command } => {
-            let body = image::read(&image)?;
+            let mut phases = Phases::start();
+            let body = image::read_private(&image)?;
+            phases.lap("read");
             let exec = exec.then_some(command.as_slice());
             let restored = crd::restore::restore_image(&body.graph, allow_external, exec, interrupted)?;
+            phases.lap("restore");
             report_restored(&restored, pid_file.as_deref())?;
+            phases.write_if_requested();
         }
         Command::Graft { pid, tree, pid_file, source, exec, command } => {
             let exec = exec.then_some(command.as_slice());
@@ -151,7 +200,24 @@ fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
             print!("{}", inspect::render(&body, format));
         }
         Command::Demo { output, source } => demo(output, source, interrupted)?,
+        Command::Ls { pids, all, pipes, json, source } => {
+            let targets = Targets::new(&pids, all)?;
+            let (_, harvest) = ls::harvest(source, &targets, interrupted)?;
+            let mut listing = Listing::new(&harvest);
+            if pipes {
+                listing = listing.only_pipes();
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+            } else {
+                print!("{}", listing.render_text());
+            }
+        }
         Command::Fixture { steps } => fixture::run(&steps)?,
+        Command::Stress { pid, tree, cycles } => {
+            println!("{}", serde_json::to_string(&crd::stress::run(Tgid(pid), tree, cycles, interrupted)?)?)
+        }
+        Command::BenchHarvest { source, runs, pids } => bench_harvest(source, runs, &pids, interrupted)?,
     }
     Ok(())
 }
@@ -175,8 +241,8 @@ fn checkpoint(
     output: &std::path::Path,
     interrupted: &dyn Fn() -> bool,
 ) -> anyhow::Result<()> {
-    let started = Instant::now();
     let done = checkpoint_to_file(options, output, interrupted)?;
+    done.phases.write_if_requested();
     let graph = &done.body.graph;
     for warning in graph.held_outside() {
         eprintln!("crd: warning: {warning}");
@@ -187,7 +253,7 @@ fn checkpoint(
         graph.tasks.len(),
         graph.slots().count(),
         output.display(),
-        started.elapsed().as_secs_f64() * 1e3
+        done.phases.total().as_secs_f64() * 1e3
     );
     Ok(())
 }
@@ -242,6 +308,44 @@ fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool)
         Err(difference) => anyhow::bail!("the restored tree differs from the image: {difference}"),
     }
     drop(stubs);
+    Ok(())
+}
+
+fn bench_harvest(
+    source: Source,
+    runs: usize,
+    pids: &[u32],
+    interrupted: &dyn Fn() -> bool,
+) -> anyhow::Result<()> {
+    let Targets::Processes(tgids) = Targets::new(pids, false)? else {
+        anyhow::bail!("name the processes to harvest");
+    };
+    let started = Instant::now();
+    let (source, mut harvester) = bpf::harvester_for(source, false)?;
+    let load_ns = started.elapsed().as_nanos() as u64;
+    let mut runs_ns = Vec::with_capacity(runs);
+    let mut last = crd::harvest::Harvest::default();
+    for _ in 0..runs {
+        let started = Instant::now();
+        last = match harvester.as_mut() {
+            Some(h) => h.harvest(Scope::Processes(&tgids), interrupted)?.0,
+            None => procfs::harvest(&tgids)?,
+        };
+        runs_ns.push(started.elapsed().as_nanos() as u64);
+    }
+    let started = Instant::now();
+    let graph = crd::Graph::build(tgids[0], &last, &Default::default());
+    let graph_ns = started.elapsed().as_nanos() as u64;
+    let report = serde_json::json!({
+        "source": source.to_string(),
+        "processes": tgids.len(),
+        "tasks": graph.tasks.len(),
+        "fds": last.fds.len(),
+        "load_ns": load_ns,
+        "runs_ns": runs_ns,
+        "graph_ns": graph_ns,
+    });
+    println!("{report}");
     Ok(())
 }
 

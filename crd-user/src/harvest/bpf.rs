@@ -73,13 +73,16 @@ impl BpfError {
 }
 
 /// Loads the harvester `source` asks for: returns the source actually used and the
-/// loaded programs (None for /proc).
-pub fn harvester_for(source: super::Source) -> Result<(super::Source, Option<BpfHarvester>), BpfError> {
+/// loaded programs (None for /proc). `match_all`: see [`BpfHarvester::load`].
+pub fn harvester_for(
+    source: super::Source,
+    match_all: bool,
+) -> Result<(super::Source, Option<BpfHarvester>), BpfError> {
     use super::Source;
     match source {
         Source::Procfs => Ok((Source::Procfs, None)),
-        Source::Bpf => Ok((Source::Bpf, Some(BpfHarvester::load(false)?))),
-        Source::Auto => match BpfHarvester::load(false) {
+        Source::Bpf => Ok((Source::Bpf, Some(BpfHarvester::load(match_all)?))),
+        Source::Auto => match BpfHarvester::load(match_all) {
             Ok(harvester) => Ok((Source::Bpf, Some(harvester))),
             Err(e) if e.is_unsupported() => {
                 log::warn!("the BPF harvester cannot run here ({e}); reading /proc instead");

@@ -56,12 +56,7 @@ pub struct Extras {
 
 /// Fills in `link` for named objects and reads every pipe's contents.
 pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasError> {
-    for f in &mut harvest.fds {
-        if f.link.is_none() && f.file.inode.kind.has_path() {
-            let path = format!("/proc/{}/fd/{}", f.tgid.0, f.fd.0);
-            f.link = fs::read_link(path).ok().map(|p| p.to_string_lossy().into_owned());
-        }
-    }
+    fill_links(harvest);
     // One source fd per pipe inode: a read end if the set has one.
     let mut sources: BTreeMap<KernelPtr, &FdInfo> = BTreeMap::new();
     for f in harvest.fds.iter().filter(|f| f.file.inode.pipe.is_some()) {
@@ -90,6 +85,46 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasE
         extras.pipes.insert(inode, contents);
     }
     Ok(extras)
+}
+
+/// Fills in `link` for named objects (files, directories, FIFOs, devices) from
+/// /proc/PID/fd/N; pipes and sockets have no useful name and cost nothing.
+pub fn fill_links(harvest: &mut Harvest) {
+    for f in &mut harvest.fds {
+        if f.link.is_none() && f.file.inode.kind.has_path() {
+            let path = format!("/proc/{}/fd/{}", f.tgid.0, f.fd.0);
+            f.link = fs::read_link(path).ok().map(|p| p.to_string_lossy().into_owned());
+        }
+    }
+}
+
+/// Counts the bytes queued in each pipe the harvester could not count (/proc never can;
+/// BPF stops after `MAX_PIPE_BUFS_WALKED` buffers) with FIONREAD on a copy of one of its
+/// fds. For `crd ls`, which freezes nothing: best effort, a process that exits or
+/// refuses pidfd_getfd leaves the count unknown.
+pub fn count_queued(harvest: &mut Harvest) {
+    let mut pidfds: HashMap<Tgid, Option<OwnedFd>> = HashMap::new();
+    let mut counted: HashMap<KernelPtr, Option<u32>> = HashMap::new();
+    for f in &harvest.fds {
+        let unknown = f.file.inode.pipe.as_ref().is_some_and(|p| p.queued.is_none());
+        if !unknown || counted.get(&f.file.inode.id).is_some_and(Option::is_some) {
+            continue;
+        }
+        let pidfd = pidfds.entry(f.tgid).or_insert_with(|| sys::pidfd_open(crate::types::Pid(f.tgid.0)).ok());
+        let queued = pidfd
+            .as_ref()
+            .and_then(|pidfd| sys::pidfd_getfd(pidfd.as_fd(), f.fd).ok())
+            .and_then(|end| sys::pipe_queued(end.as_fd()).ok())
+            .and_then(|n| u32::try_from(n).ok());
+        counted.insert(f.file.inode.id, queued);
+    }
+    for f in &mut harvest.fds {
+        if let Some(pipe) = &mut f.file.inode.pipe
+            && pipe.queued.is_none()
+        {
+            pipe.queued = counted.get(&f.file.inode.id).copied().flatten();
+        }
+    }
 }
 
 fn read_pipe(f: &FdInfo, frozen: &Frozen) -> Result<PipeContents, ExtrasError> {

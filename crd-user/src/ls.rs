@@ -1,0 +1,513 @@
+//! `crd ls`: an lsof-like view of open files from one harvest, with the sharing the
+//! objref graph knows — which tasks share one fd table, which fds share one open file
+//! description, and which processes hold which ends of each pipe.
+//!
+//! Nothing is frozen: `ls` looks, it does not checkpoint. The harvest goes through
+//! [`Graph::build`], so objects carry the same objrefs a checkpoint of the same state
+//! would give them, and both harvesters (BPF, /proc) list the same thing.
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    path::Path,
+};
+
+use serde::Serialize;
+
+use crate::{
+    graph::{Encounter, FdTable, FileDesc, Graph, Inode},
+    harvest::{
+        Harvest, InodeKind, Source,
+        bpf::{self, BpfError, Scope},
+        extras::{self, Extras},
+        procfs::{self, ProcfsError},
+    },
+    types::{Access, DeviceId, Fd, ObjRef, Pid, Tgid},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LsError {
+    #[error("no process with PID {0}: check the PID (it may have exited)")]
+    NoSuchProcess(Tgid),
+    #[error("name the processes to list, or use --all for every process")]
+    NothingToList,
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    #[error(transparent)]
+    Procfs(#[from] ProcfsError),
+}
+
+/// Which processes to list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Targets {
+    Processes(Vec<Tgid>),
+    /// Every process on the machine but crd itself.
+    All,
+}
+
+impl Targets {
+    /// From the command line: PIDs, or `--all`.
+    pub fn new(pids: &[u32], all: bool) -> Result<Self, LsError> {
+        if all {
+            return Ok(Self::All);
+        }
+        if pids.is_empty() {
+            return Err(LsError::NothingToList);
+        }
+        let mut tgids: Vec<Tgid> = pids.iter().copied().map(Tgid).collect();
+        tgids.sort_unstable();
+        tgids.dedup();
+        if let Some(gone) = tgids.iter().find(|t| !Path::new(&format!("/proc/{}", t.0)).exists()) {
+            return Err(LsError::NoSuchProcess(*gone));
+        }
+        Ok(Self::Processes(tgids))
+    }
+}
+
+/// Every process crd may inspect, but crd itself.
+///
+/// The kernel lets a caller read a process's fd links only with ptrace read access
+/// (PTRACE_MODE_READ); a process that refuses it (a protected init, another user's
+/// process) is left out of `--all` whatever the source, so that both sources list the
+/// same processes. `/proc/PID/cwd` is behind the same check.
+pub fn all_processes() -> Vec<Tgid> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut tgids: Vec<Tgid> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&pid| pid != me && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok())
+        .map(Tgid)
+        .collect();
+    tgids.sort_unstable();
+    tgids
+}
+
+/// One harvest of `targets`, without freezing them. Returns the source actually used.
+pub fn harvest(
+    source: Source,
+    targets: &Targets,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<(Source, Harvest), LsError> {
+    let match_all = *targets == Targets::All;
+    let (source, harvester) = bpf::harvester_for(source, match_all)?;
+    let mut harvest = match (harvester, targets) {
+        (Some(mut h), Targets::Processes(tgids)) => h.harvest(Scope::Processes(tgids), interrupted)?.0,
+        (Some(mut h), Targets::All) => {
+            let mut harvest = h.harvest(Scope::All, interrupted)?.0;
+            let listed: std::collections::HashSet<Tgid> = all_processes().into_iter().collect();
+            harvest.tasks.retain(|t| listed.contains(&t.tgid));
+            harvest.fds.retain(|f| listed.contains(&f.tgid));
+            harvest
+        }
+        (None, Targets::Processes(tgids)) => procfs::harvest(tgids)?,
+        (None, Targets::All) => procfs::harvest(&all_processes())?,
+    };
+    extras::fill_links(&mut harvest);
+    extras::count_queued(&mut harvest);
+    Ok((source, harvest))
+}
+
+/// What `crd ls` shows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Listing {
+    pub processes: Vec<Process>,
+    /// Fd tables used by more than one task (threads, CLONE_FILES processes).
+    pub shared_fd_tables: Vec<SharedTable>,
+    /// Open file descriptions reached from more than one fd (dup, fork, SCM_RIGHTS).
+    pub shared_descriptions: Vec<SharedDescription>,
+    /// Every pipe and FIFO, with the fds holding each end.
+    pub pipes: Vec<PipeEnds>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Process {
+    pub pid: Tgid,
+    pub comm: String,
+    pub threads: Vec<Pid>,
+    pub fd_table: ObjRef,
+    pub fds: Vec<OpenFd>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OpenFd {
+    pub fd: Fd,
+    pub kind: InodeKind,
+    pub access: Access,
+    pub close_on_exec: bool,
+    /// Open flags without the access mode and O_CLOEXEC.
+    pub flags: u32,
+    pub offset: i64,
+    /// The path, or `pipe:[ino]`-style for objects without one.
+    pub name: String,
+    /// Objref of the open file description.
+    pub description: ObjRef,
+    /// Objref of the inode.
+    pub inode: ObjRef,
+}
+
+/// One fd of one process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Holder {
+    pub pid: Tgid,
+    pub fd: Fd,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.pid, self.fd)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SharedTable {
+    pub fd_table: ObjRef,
+    /// Processes using the table, each with its threads.
+    pub users: Vec<(Tgid, Vec<Pid>)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SharedDescription {
+    pub description: ObjRef,
+    pub name: String,
+    pub access: Access,
+    pub holders: Vec<Holder>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PipeEnds {
+    pub inode: ObjRef,
+    pub name: String,
+    pub readers: Vec<Holder>,
+    pub writers: Vec<Holder>,
+    /// Some end is also open in a process not listed.
+    pub held_outside: bool,
+    /// Bytes queued (unknown if the holder exited or refused pidfd_getfd).
+    pub queued: Option<u64>,
+}
+
+impl Listing {
+    /// Builds the listing of `harvest` through the objref graph.
+    pub fn new(harvest: &Harvest) -> Self {
+        let root = harvest.tasks.iter().map(|t| t.tgid).min().unwrap_or(Tgid(0));
+        let graph = Graph::build(root, harvest, &Extras::default());
+        let queued: HashMap<(DeviceId, u64), Option<u32>> = harvest
+            .fds
+            .iter()
+            .filter_map(|f| Some(((f.file.inode.dev, f.file.inode.ino), f.file.inode.pipe.as_ref()?.queued)))
+            .collect();
+        Self::from_graph(&graph, |inode| {
+            queued.get(&(inode.dev, inode.ino)).copied().flatten().map(u64::from)
+        })
+    }
+
+    fn from_graph(graph: &Graph, queued: impl Fn(&Inode) -> Option<u64>) -> Self {
+        // Objects by objref, from their first encounters.
+        let mut tables: HashMap<ObjRef, &FdTable> = HashMap::new();
+        let mut files: HashMap<ObjRef, &FileDesc> = HashMap::new();
+        let mut inodes: HashMap<ObjRef, &Inode> = HashMap::new();
+        for task in &graph.tasks {
+            if let Encounter::First { objref, object } = &task.fd_table {
+                tables.insert(*objref, object);
+                for slot in &object.fds {
+                    if let Encounter::First { objref, object } = &slot.file {
+                        files.insert(*objref, object);
+                        if let Encounter::First { objref, object } = &object.inode {
+                            inodes.insert(*objref, object);
+                        }
+                    }
+                }
+            }
+        }
+        let mut processes: BTreeMap<Tgid, Process> = BTreeMap::new();
+        for task in &graph.tasks {
+            let process = processes.entry(task.tgid).or_insert_with(|| Process {
+                pid: task.tgid,
+                comm: task.comm.clone(),
+                threads: Vec::new(),
+                fd_table: task.fd_table.objref(),
+                fds: Vec::new(),
+            });
+            process.threads.push(task.pid);
+            if task.pid.0 == task.tgid.0 {
+                // The leader's name is the process's name; its table, the one listed.
+                process.comm = task.comm.clone();
+                process.fd_table = task.fd_table.objref();
+            }
+        }
+        let mut by_table: BTreeMap<ObjRef, Vec<(Tgid, Vec<Pid>)>> = BTreeMap::new();
+        let mut by_description: BTreeMap<ObjRef, Vec<Holder>> = BTreeMap::new();
+        let mut pipe_ends: BTreeMap<ObjRef, (Vec<Holder>, Vec<Holder>)> = BTreeMap::new();
+        for process in processes.values_mut() {
+            by_table.entry(process.fd_table).or_default().push((process.pid, process.threads.clone()));
+            let Some(table) = tables.get(&process.fd_table) else { continue };
+            for slot in &table.fds {
+                let description = slot.file.objref();
+                let Some(file) = files.get(&description) else { continue };
+                let inode_ref = file.inode.objref();
+                let Some(inode) = inodes.get(&inode_ref) else { continue };
+                let holder = Holder { pid: process.pid, fd: slot.fd };
+                by_description.entry(description).or_default().push(holder);
+                if inode.pipe.is_some() {
+                    let (readers, writers) = pipe_ends.entry(inode_ref).or_default();
+                    if file.access.read {
+                        readers.push(holder);
+                    }
+                    if file.access.write {
+                        writers.push(holder);
+                    }
+                }
+                process.fds.push(OpenFd {
+                    fd: slot.fd,
+                    kind: inode.kind,
+                    access: file.access,
+                    close_on_exec: slot.close_on_exec,
+                    flags: file.flags & !(libc::O_ACCMODE as u32),
+                    offset: file.pos,
+                    name: name(inode),
+                    description,
+                    inode: inode_ref,
+                });
+            }
+        }
+        let shared_fd_tables = by_table
+            .into_iter()
+            .filter(|(_, users)| users.len() > 1 || users.iter().any(|(_, threads)| threads.len() > 1))
+            .map(|(fd_table, users)| SharedTable { fd_table, users })
+            .collect();
+        let shared_descriptions = by_description
+            .into_iter()
+            .filter(|(_, holders)| holders.len() > 1)
+            .filter_map(|(description, holders)| {
+                let file = files.get(&description)?;
+                let inode = inodes.get(&file.inode.objref())?;
+                Some(SharedDescription { description, name: name(inode), access: file.access, holders })
+            })
+            .collect();
+        let pipes = pipe_ends
+            .into_iter()
+            .filter_map(|(inode_ref, (readers, writers))| {
+                let inode = inodes.get(&inode_ref)?;
+                Some(PipeEnds {
+                    inode: inode_ref,
+                    name: name(inode),
+                    readers,
+                    writers,
+                    held_outside: inode.pipe.as_ref().is_some_and(|p| p.held_outside),
+                    queued: queued(inode),
+                })
+            })
+            .collect();
+        Self { processes: processes.into_values().collect(), shared_fd_tables, shared_descriptions, pipes }
+    }
+
+    /// Keeps only pipes and FIFOs (`--pipes`).
+    pub fn only_pipes(mut self) -> Self {
+        for process in &mut self.processes {
+            process.fds.retain(|f| f.kind.is_pipe_like());
+        }
+        self.shared_descriptions.retain(|d| self.pipes.iter().any(|p| p.name == d.name));
+        self
+    }
+
+    /// The lsof-like table, then the sharing.
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:>7} {:<15} {:>6} {:<6} {:<5} {:>10} {:>6} NAME",
+            "PID", "COMMAND", "FD", "TYPE", "FLAGS", "OFFSET", "OFD"
+        );
+        for p in &self.processes {
+            for f in &p.fds {
+                let offset = if f.kind.is_pipe_like() || f.kind == InodeKind::Socket {
+                    String::new()
+                } else {
+                    f.offset.to_string()
+                };
+                let _ = writeln!(
+                    out,
+                    "{:>7} {:<15} {:>6} {:<6} {:<5} {:>10} {:>6} {}",
+                    p.pid,
+                    p.comm,
+                    format!("{}{}", f.fd, mode_letter(f.access)),
+                    f.kind,
+                    flag_letters(f.close_on_exec, f.flags),
+                    offset,
+                    f.description,
+                    f.name
+                );
+            }
+        }
+        if !self.shared_fd_tables.is_empty() {
+            let _ = writeln!(out, "\nfd tables shared by several tasks:");
+            for t in &self.shared_fd_tables {
+                let users: Vec<String> = t
+                    .users
+                    .iter()
+                    .map(|(pid, threads)| match threads.len() {
+                        1 => format!("PID {pid}"),
+                        n => format!("PID {pid} ({n} threads: {})", join(threads)),
+                    })
+                    .collect();
+                let _ = writeln!(out, "  table {}: {}", t.fd_table, users.join("; "));
+            }
+        }
+        if !self.shared_descriptions.is_empty() {
+            let _ = writeln!(out, "\nopen file descriptions shared by several fds (PID:FD):");
+            for d in &self.shared_descriptions {
+                let _ =
+                    writeln!(out, "  ofd {} {} ({}): {}", d.description, d.name, d.access, join(&d.holders));
+            }
+        }
+        if !self.pipes.is_empty() {
+            let _ = writeln!(out, "\npipes (PID:FD of each end):");
+            for p in &self.pipes {
+                let outside = if p.held_outside { "; an end is also open elsewhere" } else { "" };
+                let queued = p.queued.map(|n| format!("; {n} bytes queued")).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  {}: read {}; write {}{outside}{queued}",
+                    p.name,
+                    or_none(&p.readers),
+                    or_none(&p.writers)
+                );
+            }
+        }
+        out
+    }
+}
+
+fn name(inode: &Inode) -> String {
+    match (&inode.path, inode.kind) {
+        (Some(path), _) => path.clone(),
+        (None, InodeKind::Pipe) => format!("pipe:[{}]", inode.ino),
+        (None, InodeKind::Socket) => format!("socket:[{}]", inode.ino),
+        (None, kind) => format!("{kind}:[{}] (gone)", inode.ino),
+    }
+}
+
+/// lsof's mode letter: r, w, u (both), or space.
+fn mode_letter(access: Access) -> char {
+    match (access.read, access.write) {
+        (true, true) => 'u',
+        (true, false) => 'r',
+        (false, true) => 'w',
+        (false, false) => ' ',
+    }
+}
+
+/// `e` close-on-exec, `a` O_APPEND, `n` O_NONBLOCK, `s` O_SYNC, `d` O_DIRECT; `-` none.
+fn flag_letters(close_on_exec: bool, flags: u32) -> String {
+    let letters: String = [
+        (close_on_exec, 'e'),
+        (flags & libc::O_APPEND as u32 != 0, 'a'),
+        (flags & libc::O_NONBLOCK as u32 != 0, 'n'),
+        (flags & libc::O_SYNC as u32 == libc::O_SYNC as u32, 's'),
+        (flags & libc::O_DIRECT as u32 != 0, 'd'),
+    ]
+    .into_iter()
+    .filter_map(|(set, letter)| set.then_some(letter))
+    .collect();
+    if letters.is_empty() { "-".into() } else { letters }
+}
+
+fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+}
+
+fn or_none(holders: &[Holder]) -> String {
+    if holders.is_empty() { "none listed".into() } else { join(holders) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        harvest::{FdInfo, FileInfo, InodeInfo, PipeInfo, TaskInfo},
+        types::KernelPtr,
+    };
+
+    fn task(pid: u32, tgid: u32, table: u64) -> TaskInfo {
+        TaskInfo {
+            pid: Pid(pid),
+            tgid: Tgid(tgid),
+            parent: Tgid(1),
+            comm: format!("p{tgid}"),
+            fd_table: KernelPtr(table),
+        }
+    }
+
+    fn pipe_fd(tgid: u32, table: u64, fd: u32, file: u64, read: bool, refs: u64) -> FdInfo {
+        FdInfo {
+            tgid: Tgid(tgid),
+            fd_table: KernelPtr(table),
+            fd: Fd(fd),
+            close_on_exec: false,
+            link: None,
+            file: FileInfo {
+                id: KernelPtr(file),
+                flags: if read { 0 } else { 1 },
+                access: Access { read, write: !read },
+                pos: 0,
+                refs,
+                inode: InodeInfo {
+                    id: KernelPtr(0x500),
+                    kind: InodeKind::Pipe,
+                    ino: 77,
+                    mode: libc::S_IFIFO | 0o600,
+                    dev: DeviceId { major: 0, minor: 14 },
+                    rdev: DeviceId { major: 0, minor: 0 },
+                    pipe: Some(PipeInfo { id: KernelPtr(0x600), readers: 1, writers: 1, queued: Some(5) }),
+                },
+            },
+        }
+    }
+
+    /// Process 10 (two threads) holds both ends at fds 3, 4 and a dup of the read end at
+    /// 5; process 20 inherited the read end at fd 3.
+    fn harvest() -> Harvest {
+        Harvest {
+            tasks: vec![task(10, 10, 0x100), task(11, 10, 0x100), task(20, 20, 0x200)],
+            fds: vec![
+                pipe_fd(10, 0x100, 3, 0xa, true, 3),
+                pipe_fd(10, 0x100, 4, 0xb, false, 1),
+                pipe_fd(10, 0x100, 5, 0xa, true, 3),
+                pipe_fd(20, 0x200, 3, 0xa, true, 3),
+            ],
+        }
+        .dedup()
+    }
+
+    #[test]
+    fn lists_who_holds_which_end_and_what_shares() {
+        let listing = Listing::new(&harvest());
+        assert_eq!(listing.processes.len(), 2);
+        assert_eq!(listing.processes[0].threads, vec![Pid(10), Pid(11)]);
+        let fds: Vec<u32> = listing.processes[0].fds.iter().map(|f| f.fd.0).collect();
+        assert_eq!(fds, vec![3, 4, 5]);
+        let h = |pid, fd| Holder { pid: Tgid(pid), fd: Fd(fd) };
+        assert_eq!(listing.pipes.len(), 1);
+        assert_eq!(listing.pipes[0].readers, vec![h(10, 3), h(10, 5), h(20, 3)]);
+        assert_eq!(listing.pipes[0].writers, vec![h(10, 4)]);
+        assert_eq!(listing.pipes[0].queued, Some(5));
+        assert!(!listing.pipes[0].held_outside);
+        assert_eq!(listing.shared_descriptions.len(), 1);
+        assert_eq!(listing.shared_descriptions[0].holders, vec![h(10, 3), h(10, 5), h(20, 3)]);
+        assert_eq!(listing.shared_fd_tables.len(), 1, "the two threads of 10 share a table");
+        let text = listing.render_text();
+        assert!(text.contains("pipe:[77]: read 10:3 10:5 20:3; write 10:4; 5 bytes queued"), "{text}");
+        assert!(text.contains("PID 10 (2 threads: 10 11)"), "{text}");
+    }
+
+    #[test]
+    fn an_end_counted_by_the_kernel_but_not_listed_is_held_outside() {
+        let mut harvest = harvest();
+        for f in &mut harvest.fds {
+            if let Some(pipe) = &mut f.file.inode.pipe {
+                pipe.writers = 2;
+            }
+        }
+        let listing = Listing::new(&harvest);
+        assert!(listing.pipes[0].held_outside);
+        assert!(listing.render_text().contains("also open elsewhere"));
+    }
+}
