@@ -14,10 +14,18 @@
 //! The fixed prefix lets a reader reject a file that is not an image, is from a newer
 //! crd, is truncated or is corrupt, each with its own message, before decoding anything.
 //! Images are written atomically (temporary file in the target directory, fsync,
-//! rename) with mode 0600: a crash or Ctrl-C never leaves a partial image behind.
+//! rename) with mode 0600: a crash or Ctrl-C never leaves a partial image behind. The
+//! body is encoded straight into the temporary file, the CRC computed on the way, and
+//! the length and CRC filled into the prefix last.
+//!
+//! Decoding allocates at most [`alloc_bound`]`(body length)` whatever the length fields
+//! inside the body claim: bincode's limit is set to a small multiple of the body's real
+//! length (so a string or byte vector claiming 2^60 bytes is refused before anything is
+//! allocated), and serde caps the preallocation of any other sequence at 1 MiB.
 use std::{
     fs,
-    io::{self, Write},
+    io::{self, BufWriter, Read, Seek, SeekFrom, Write},
+    os::unix::fs::{MetadataExt, PermissionsExt},
     path::Path,
 };
 
@@ -59,6 +67,10 @@ pub enum ImageError {
     Read { path: String, source: io::Error },
     #[error("cannot write {path}: {source}")]
     Write { path: String, source: io::Error },
+    #[error(
+        "{path}: refusing an image that others can write (mode {mode:04o}): it may have been altered; chmod 600 {path}"
+    )]
+    Writable { path: String, mode: u32 },
 }
 
 /// Who made the image, where and when.
@@ -97,21 +109,104 @@ pub struct ImageBody {
     pub graph: Graph,
 }
 
+/// The body encoding (decoding adds a limit, which does not change the format).
 fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<{ MAX_BODY as usize }>()
+    bincode::config::standard()
+}
+
+/// At most this many bytes are claimed by bincode per byte of body: every primitive
+/// claims its in-memory size (8 for a u64 that a varint stores in 1 byte), a string or
+/// byte vector its length.
+const CLAIM_PER_BODY_BYTE: u64 = 16;
+/// The smallest decode limit (tiny bodies still decode).
+const MIN_LIMIT_LOG2: u32 = 12;
+
+/// What decoding a body of `body_len` bytes may allocate at most, in bytes: bincode's
+/// limit (at most 4 × [`CLAIM_PER_BODY_BYTE`] × `body_len`, rounded to a power of four)
+/// plus serde's 1 MiB cap on the preallocation of each nested sequence (an image
+/// nests four: tasks, fds, pipe data, strings) and the decoded values themselves
+/// (bounded by the same claims).
+pub fn alloc_bound(body_len: u64) -> u64 {
+    2 * limit_for(body_len) + 4 * (1 << 20)
+}
+
+fn limit_for(body_len: u64) -> u64 {
+    let wanted = body_len.saturating_mul(CLAIM_PER_BODY_BYTE).max(1 << MIN_LIMIT_LOG2);
+    // Limits come in powers of four (the limit is a const generic: one decoder each).
+    let log2 = 64 - (wanted - 1).leading_zeros();
+    1u64 << (log2.div_ceil(2) * 2)
 }
 
 /// Encodes an image to bytes.
 pub fn encode(body: &ImageBody) -> Result<Vec<u8>, ImageError> {
-    let payload =
-        bincode::serde::encode_to_vec(body, config()).map_err(|e| ImageError::Encode(e.to_string()))?;
-    let mut out = Vec::with_capacity(PREFIX_LEN + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    let mut out = vec![0u8; PREFIX_LEN];
+    let mut sink = CrcWriter::new(&mut out);
+    bincode::serde::encode_into_std_write(body, &mut sink, config())
+        .map_err(|e| ImageError::Encode(e.to_string()))?;
+    let (len, crc) = sink.finish();
+    out[..PREFIX_LEN].copy_from_slice(&prefix(len, crc));
     Ok(out)
+}
+
+fn prefix(body_len: u64, crc: u32) -> [u8; PREFIX_LEN] {
+    let mut p = [0u8; PREFIX_LEN];
+    p[..8].copy_from_slice(&MAGIC);
+    p[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    p[12..20].copy_from_slice(&body_len.to_le_bytes());
+    p[20..24].copy_from_slice(&crc.to_le_bytes());
+    p
+}
+
+/// A writer that counts and checksums what passes through it.
+struct CrcWriter<W> {
+    inner: W,
+    hasher: crc32fast::Hasher,
+    len: u64,
+}
+
+impl<W: Write> CrcWriter<W> {
+    fn new(inner: W) -> Self {
+        Self { inner, hasher: crc32fast::Hasher::new(), len: 0 }
+    }
+
+    /// The body length and CRC.
+    fn finish(self) -> (u64, u32) {
+        (self.len, self.hasher.finalize())
+    }
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Decodes `payload` with a bincode limit of `LIMIT` bytes.
+fn decode_limited<const LIMIT: usize>(
+    payload: &[u8],
+) -> Result<(ImageBody, usize), bincode::error::DecodeError> {
+    bincode::serde::decode_from_slice(payload, bincode::config::standard().with_limit::<LIMIT>())
+}
+
+/// Decodes `payload` with the smallest limit that fits its length.
+fn decode_body(payload: &[u8]) -> Result<(ImageBody, usize), bincode::error::DecodeError> {
+    macro_rules! by_limit {
+        ($($log2:literal)*) => {
+            match limit_for(payload.len() as u64) {
+                $(l if l <= 1 << $log2 => decode_limited::<{ 1usize << $log2 }>(payload),)*
+                _ => decode_limited::<{ usize::MAX }>(payload),
+            }
+        };
+    }
+    // MIN_LIMIT_LOG2 ..= log2(CLAIM_PER_BODY_BYTE × MAX_BODY), in steps of two.
+    by_limit!(12 14 16 18 20 22 24 26 28 30 32 34 36)
 }
 
 /// Decodes and checks an image. `path` only names the image in errors.
@@ -153,8 +248,8 @@ pub fn decode(bytes: &[u8], path: &str) -> Result<ImageBody, ImageError> {
     if crc32fast::hash(payload) != u32_at(20) {
         return Err(ImageError::Checksum { path });
     }
-    let (body, used) = bincode::serde::decode_from_slice::<ImageBody, _>(payload, config())
-        .map_err(|e| ImageError::Decode { path: path.clone(), detail: e.to_string() })?;
+    let (body, used) =
+        decode_body(payload).map_err(|e| ImageError::Decode { path: path.clone(), detail: one_line(&e) })?;
     if used != payload.len() {
         return Err(ImageError::Decode {
             path,
@@ -164,6 +259,12 @@ pub fn decode(bytes: &[u8], path: &str) -> Result<ImageBody, ImageError> {
     Ok(body)
 }
 
+/// A decode error's message on one line (serde's custom messages may hold newlines).
+fn one_line(e: &bincode::error::DecodeError) -> String {
+    let text = e.to_string();
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// Reads and checks an image file.
 pub fn read(path: &Path) -> Result<ImageBody, ImageError> {
     let name = path.display().to_string();
@@ -171,10 +272,27 @@ pub fn read(path: &Path) -> Result<ImageBody, ImageError> {
     decode(&bytes, &name)
 }
 
+/// Reads an image to restore from: as [`read`], but an image that anyone but its owner
+/// may write is refused (someone could have planted fds or data in it). The mode is
+/// checked on the opened file, so it is the file that is read.
+pub fn read_private(path: &Path) -> Result<ImageBody, ImageError> {
+    let name = path.display().to_string();
+    let err = |source| ImageError::Read { path: name.clone(), source };
+    let mut file = fs::File::open(path).map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(ImageError::Writable { path: name, mode });
+    }
+    // Never trust the size for more than a hint: read what is there.
+    let mut bytes = Vec::with_capacity(meta.size().min(MAX_BODY + PREFIX_LEN as u64) as usize);
+    file.read_to_end(&mut bytes).map_err(err)?;
+    decode(&bytes, &name)
+}
+
 /// Writes an image atomically with mode 0600: nothing appears at `path` unless the
-/// whole image was written and synced.
+/// whole image was written and synced. The body is encoded straight into the file.
 pub fn write(path: &Path, body: &ImageBody) -> Result<(), ImageError> {
-    let bytes = encode(body)?;
     let name = path.display().to_string();
     let err = |source| ImageError::Write { path: name.clone(), source };
     let dir = match path.parent() {
@@ -184,8 +302,19 @@ pub fn write(path: &Path, body: &ImageBody) -> Result<(), ImageError> {
     // tempfile creates the file with mode 0600 and removes it if we fail or are
     // interrupted before `persist`.
     let mut tmp = tempfile::Builder::new().prefix(".crd-image-").tempfile_in(dir).map_err(err)?;
-    tmp.write_all(&bytes).map_err(err)?;
-    tmp.as_file().sync_all().map_err(err)?;
+    let file = tmp.as_file_mut();
+    // The prefix is written last, once the length and CRC are known.
+    file.write_all(&[0u8; PREFIX_LEN]).map_err(err)?;
+    let mut sink = CrcWriter::new(BufWriter::with_capacity(256 * 1024, &mut *file));
+    bincode::serde::encode_into_std_write(body, &mut sink, config()).map_err(|e| match e {
+        bincode::error::EncodeError::Io { inner, .. } => err(inner),
+        e => ImageError::Encode(e.to_string()),
+    })?;
+    sink.flush().map_err(err)?;
+    let (len, crc) = sink.finish();
+    file.seek(SeekFrom::Start(0)).map_err(err)?;
+    file.write_all(&prefix(len, crc)).map_err(err)?;
+    file.sync_all().map_err(err)?;
     tmp.persist(path).map_err(|e| err(e.error))?;
     Ok(())
 }
@@ -314,6 +443,62 @@ mod tests {
         assert_eq!(read(&path).unwrap(), sample_without_time(read(&path).unwrap()));
         let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().filter_map(Result::ok).collect();
         assert_eq!(leftovers.len(), 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn the_streamed_write_gives_the_bytes_encode_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.crd");
+        let body = sample();
+        write(&path, &body).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), encode(&body).unwrap());
+    }
+
+    #[test]
+    fn a_writable_image_is_refused_for_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.crd");
+        write(&path, &sample()).unwrap();
+        assert!(read_private(&path).is_ok());
+        for mode in [0o620, 0o602, 0o666] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let err = read_private(&path).unwrap_err().to_string();
+            assert!(err.contains(&format!("mode {mode:04o}")) && err.contains("chmod 600"), "{err}");
+            assert_eq!(err.lines().count(), 1);
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(read_private(&path).is_ok(), "readable by others is fine, writable is not");
+    }
+
+    #[test]
+    fn decode_limits_grow_with_the_body_in_powers_of_four() {
+        assert_eq!(limit_for(0), 1 << 12);
+        assert_eq!(limit_for(256), 1 << 12);
+        assert_eq!(limit_for(257), 1 << 14);
+        assert_eq!(limit_for(MAX_BODY), 1 << 36);
+        for len in [1u64, 100, 1000, 65_537, 1 << 20, 3 << 30] {
+            let limit = limit_for(len);
+            assert!(limit >= len * CLAIM_PER_BODY_BYTE && limit <= (4 * len * CLAIM_PER_BODY_BYTE).max(4096));
+        }
+    }
+
+    /// A body whose first string (the header's crd_version) claims `claim` bytes.
+    fn claiming(claim: u64) -> Vec<u8> {
+        let mut body = vec![253u8];
+        body.extend_from_slice(&claim.to_le_bytes());
+        body.extend_from_slice(b"0.1.0");
+        let mut bytes = prefix(body.len() as u64, crc32fast::hash(&body)).to_vec();
+        bytes.extend_from_slice(&body);
+        bytes
+    }
+
+    #[test]
+    fn a_length_claiming_more_than_the_body_is_a_one_line_error() {
+        for claim in [1 << 20, 1 << 31, 1 << 60, u64::MAX] {
+            let err = decode(&claiming(claim), "c.img").unwrap_err();
+            assert!(matches!(err, ImageError::Decode { .. }), "{claim}: {err}");
+            assert_eq!(err.to_string().lines().count(), 1);
+        }
     }
 
     fn sample_without_time(read_back: ImageBody) -> ImageBody {
