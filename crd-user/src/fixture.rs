@@ -21,7 +21,10 @@
 //! | `nonblock:FD`         | set O_NONBLOCK on the description                           |
 //! | `close:FD`            | close FD                                                    |
 //! | `threads:N`           | start N threads that sleep                                  |
+//! | `threadchurn`         | start a thread that creates short-lived threads, without end |
+//! | `fdchurn`             | start a thread that opens and closes pipes and /dev/null, without end |
 //! | `pipes:N`             | N more pipes at the lowest free fds (for size tests)        |
+//! | `nodump`              | PR_SET_DUMPABLE 0: only CAP_SYS_PTRACE may trace it or take its fds |
 //! | `comm:NAME`           | set the process name (comm)                                 |
 //! | `socketpair:A:B`      | a connected pair of Unix stream sockets at fds A and B      |
 //! | `fork`                | fork; the child runs the rest                               |
@@ -197,6 +200,26 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
                         }
                     });
                 }
+            }
+            "threadchurn" => {
+                std::thread::spawn(|| {
+                    loop {
+                        let _ = std::thread::spawn(|| {}).join();
+                    }
+                });
+            }
+            "fdchurn" => {
+                std::thread::spawn(|| {
+                    loop {
+                        // Dropping the OwnedFds closes them.
+                        drop(unistd::pipe());
+                        drop(fcntl::open("/dev/null", OFlag::O_RDWR, Mode::empty()));
+                    }
+                });
+            }
+            "nodump" => {
+                // SAFETY: PR_SET_DUMPABLE only sets a flag on this process.
+                unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) };
             }
             "comm" => {
                 let name = parts.next().unwrap_or_default();

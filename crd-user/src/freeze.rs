@@ -78,6 +78,7 @@ impl Frozen {
             Some(libc::ESRCH) | Some(libc::EINVAL) => FreezeError::NoSuchProcess(root),
             _ => FreezeError::Syscall(e),
         })?;
+        pause_for_tests();
         let mut frozen =
             Frozen { root, processes: BTreeMap::from([(root, pidfd)]), threads: BTreeMap::new() };
         loop {
@@ -136,7 +137,8 @@ impl Frozen {
                 if is_zombie(tgid) || !std::path::Path::new(&format!("/proc/{}", tid.0)).exists() {
                     return Ok(false);
                 }
-                if nix::unistd::geteuid().is_root() {
+                // Root without CAP_SYS_PTRACE is refused like anyone else: say so.
+                if crate::privilege::missing(&[crate::privilege::Cap::SysPtrace]).is_empty() {
                     return Err(FreezeError::Untraceable(tgid));
                 }
                 return Err(FreezeError::NotPermitted(tgid));
@@ -216,6 +218,16 @@ impl Drop for Frozen {
                 let _ = ptrace::detach(pid, signal);
             }
         }
+    }
+}
+
+/// Test hook: `CRD_TEST_PAUSE_AFTER_PIDFD_MS=N` sleeps N ms between opening the root's
+/// pidfd and attaching to its threads, so a test can make its PID be reused right there.
+pub const PAUSE_AFTER_PIDFD_ENV: &str = "CRD_TEST_PAUSE_AFTER_PIDFD_MS";
+
+fn pause_for_tests() {
+    if let Some(ms) = std::env::var(PAUSE_AFTER_PIDFD_ENV).ok().and_then(|v| v.parse().ok()) {
+        thread::sleep(Duration::from_millis(ms));
     }
 }
 

@@ -187,6 +187,10 @@ fn run(
         }
     };
     let stub_pids: Vec<Pid> = reports.iter().map(|r| r.pid).collect();
+    if let Err(e) = hold_for_tests(interrupted) {
+        kill_all(root, &stub_pids);
+        return Err(e);
+    }
     // The stubs hold their own references now: crd's copies (and every deposited pipe
     // end) go, so no stray end keeps a pipe open.
     drop(objects);
@@ -246,6 +250,24 @@ fn collect_reports(
         }
     }
     Ok(reports.into_iter().flatten().collect())
+}
+
+/// Test hook: `CRD_TEST_HOLD_RESTORE_MS=N` holds every stub, set up but uncommitted, for
+/// N ms, so tests can kill or interrupt crd mid-restore. Ctrl-C still ends the wait.
+pub const HOLD_RESTORE_ENV: &str = "CRD_TEST_HOLD_RESTORE_MS";
+
+fn hold_for_tests(interrupted: &dyn Fn() -> bool) -> Result<(), RestoreError> {
+    let Some(ms) = std::env::var(HOLD_RESTORE_ENV).ok().and_then(|v| v.parse::<u64>().ok()) else {
+        return Ok(());
+    };
+    let until = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < until {
+        if interrupted() {
+            return Err(RestoreError::Interrupted);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 fn signal(pid: Pid, signal: Signal) -> Result<(), SyscallError> {
