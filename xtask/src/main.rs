@@ -5,6 +5,7 @@
 //! - `build`: setup, then the BPF object (nightly, bpfel-unknown-none) and `crd`.
 //! - `run -- ARGS`: build, then run `crd ARGS`.
 //! - `test`: build, then the whole test suite (unit and integration; needs root).
+//! - `bench`: build (release), then measure crd on real workloads (docs/benchmarks.md).
 use std::{
     env,
     ffi::OsString,
@@ -16,6 +17,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod matrix;
 mod vm;
 
@@ -41,6 +43,13 @@ enum Task {
         release: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// Measure crd (harvest, checkpoint, restore) against /proc and lsof on real
+    /// workloads; write docs/benchmarks.md and docs/benchmarks.svg (needs root).
+    Bench {
+        /// Fewer repetitions, for a quick look (the page says how many were made).
+        #[arg(long)]
+        quick: bool,
     },
     /// Run the integration suite on several kernels in qemu, and on the host kernel.
     VmTest {
@@ -78,6 +87,12 @@ fn run_task(task: Task) -> Result<()> {
                 .status()
                 .with_context(|| format!("cannot run {}", crd.display()))?;
             std::process::exit(status.code().unwrap_or(1))
+        }
+        Task::Bench { quick } => {
+            bench::preflight()?;
+            let crd = build(true)?;
+            ensure_apt_packages(&[("lsof", "lsof")])?;
+            bench::run(&crd, &root(), bench::Repetitions::new(quick))
         }
         Task::VmTest { kernels } => {
             build(false)?;

@@ -1,0 +1,547 @@
+//! What the benchmark measured, the issue's targets judged against it, and the
+//! markdown page (`docs/benchmarks.md`) that shows both.
+//!
+//! Pure data and formatting, so the verdicts and the page are unit-tested without
+//! running anything.
+use std::fmt::Write as _;
+
+use super::stats::{median, median_ratio};
+
+/// Where the numbers were taken: they mean little without it.
+#[derive(Clone, Debug)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu: String,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub date: String,
+    pub commit: String,
+}
+
+/// One harvest workload: P processes × F pipe fds, each harvester run on the very same
+/// processes, repetition by repetition (index i of every vector is repetition i).
+#[derive(Clone, Debug, Default)]
+pub struct Harvest {
+    pub processes: usize,
+    pub fds_per_process: usize,
+    /// fds crd found (all of them pipe ends).
+    pub fds: u64,
+    pub bpf_ms: Vec<f64>,
+    pub procfs_ms: Vec<f64>,
+    pub lsof_ms: Vec<f64>,
+    /// Loading and attaching the BPF programs, once per crd run.
+    pub load_ms: Vec<f64>,
+    /// Peak RSS of the `crd bench-harvest --source bpf` processes.
+    pub rss_bytes: Vec<u64>,
+}
+
+impl Harvest {
+    pub fn label(&self) -> String {
+        format!("{} × {}", thousands(self.processes as u64), thousands(self.fds_per_process as u64))
+    }
+
+    fn ns_per_fd(&self, ms: Option<f64>) -> Option<f64> {
+        ms.filter(|_| self.fds > 0).map(|ms| ms * 1e6 / self.fds as f64)
+    }
+
+    pub fn bpf(&self) -> Option<f64> {
+        median(&self.bpf_ms)
+    }
+    pub fn procfs(&self) -> Option<f64> {
+        median(&self.procfs_ms)
+    }
+    pub fn lsof(&self) -> Option<f64> {
+        median(&self.lsof_ms)
+    }
+    pub fn bpf_ns_per_fd(&self) -> Option<f64> {
+        self.ns_per_fd(self.bpf())
+    }
+    /// How many times slower crd's /proc harvester was, paired by repetition.
+    pub fn procfs_ratio(&self) -> Option<f64> {
+        median_ratio(&self.procfs_ms, &self.bpf_ms)
+    }
+    pub fn lsof_ratio(&self) -> Option<f64> {
+        median_ratio(&self.lsof_ms, &self.bpf_ms)
+    }
+}
+
+/// CRIU 4.2's times for the same workload (from the issue), for reference.
+#[derive(Clone, Copy, Debug)]
+pub struct Criu {
+    pub dump_s: f64,
+    pub restore_s: f64,
+}
+
+/// `crd checkpoint` (and `crd restore` of its image) of one workload.
+#[derive(Clone, Debug, Default)]
+pub struct Checkpoint {
+    pub name: String,
+    pub fds: u64,
+    /// Bytes queued in the workload's pipes (they are in the image, byte for byte).
+    pub queued_bytes: u64,
+    pub image_bytes: u64,
+    /// The whole `crd checkpoint` command, fork to exit.
+    pub checkpoint_ms: Vec<f64>,
+    /// crd's own total minus its BPF load: the work a long-lived crd would do.
+    pub checkpoint_work_ms: Vec<f64>,
+    /// The whole `crd restore` command, until every stub holds its fds. Empty when
+    /// the workload is not restored.
+    pub restore_ms: Vec<f64>,
+    pub checkpoint_rss: Vec<u64>,
+    pub restore_rss: Vec<u64>,
+    /// Median milliseconds per phase, as crd reported them (`CRD_TIMINGS_FILE`).
+    pub checkpoint_phases: Vec<(String, f64)>,
+    pub restore_phases: Vec<(String, f64)>,
+    /// Why a restore failed: the page says so rather than losing every other row.
+    pub restore_error: Option<String>,
+    pub criu: Option<Criu>,
+}
+
+impl Checkpoint {
+    /// Image bytes per fd, not counting the queued pipe data the image carries.
+    pub fn bytes_per_fd(&self) -> Option<f64> {
+        (self.fds > 0 && self.image_bytes > 0)
+            .then(|| self.image_bytes.saturating_sub(self.queued_bytes) as f64 / self.fds as f64)
+    }
+    fn peak_rss(&self) -> Option<u64> {
+        self.checkpoint_rss.iter().chain(&self.restore_rss).copied().max()
+    }
+}
+
+/// Which checkpoint rows the targets read: names are shared with the driver.
+pub const PIPES_9000: &str = "1 process × 9,000 pipes";
+pub const TREE_50: &str = "tree of 50 × 100 pipes";
+pub const TREE_100K: &str = "tree of 100 × 500 pipes";
+
+/// One target of the issue and how this run did against it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verdict {
+    pub target: String,
+    pub measured: String,
+    /// `None`: the run has no measurement for it (a row failed or was skipped).
+    pub met: Option<bool>,
+}
+
+fn verdict(
+    target: String,
+    value: Option<f64>,
+    show: impl Fn(f64) -> String,
+    ok: impl Fn(f64) -> bool,
+) -> Verdict {
+    Verdict { target, measured: value.map(&show).unwrap_or_else(|| "—".into()), met: value.map(ok) }
+}
+
+/// The issue's targets, judged on this run.
+pub fn verdicts(harvests: &[Harvest], checkpoints: &[Checkpoint]) -> Vec<Verdict> {
+    let mut out = Vec::new();
+    let at_100k: Vec<&Harvest> = harvests.iter().filter(|h| h.fds >= 90_000).collect();
+    for h in &at_100k {
+        let label = h.label();
+        out.push(verdict(
+            format!("BPF harvest ≥ 20× faster than procfs ({label})"),
+            h.procfs_ratio(),
+            |r| format!("{r:.1}×"),
+            |r| r >= 20.0,
+        ));
+        out.push(verdict(
+            format!("BPF harvest ≥ 20× faster than lsof ({label})"),
+            h.lsof_ratio(),
+            |r| format!("{r:.1}×"),
+            |r| r >= 20.0,
+        ));
+        out.push(verdict(
+            format!("BPF harvest < 300 ns per fd ({label})"),
+            h.bpf_ns_per_fd(),
+            |ns| format!("{ns:.0} ns/fd"),
+            |ns| ns < 300.0,
+        ));
+    }
+    // Linear growth: the same shape of process (1,000 fds), 10 times as many.
+    let per_fd = |p: usize| {
+        harvests
+            .iter()
+            .find(|h| h.processes == p && h.fds_per_process == 1000)
+            .and_then(Harvest::bpf_ns_per_fd)
+    };
+    let growth = per_fd(100).zip(per_fd(10)).map(|(big, small)| big / small);
+    out.push(verdict(
+        "BPF ns/fd at 100,000 fds within 1.5× of ns/fd at 10,000 (100 × 1,000 vs 10 × 1,000)".into(),
+        growth,
+        |g| format!("{g:.2}×"),
+        |g| g <= 1.5,
+    ));
+    for name in [PIPES_9000, TREE_50] {
+        let row = checkpoints.iter().find(|c| c.name == name);
+        out.push(verdict(
+            format!("checkpoint of the {name} < 50 ms (whole command)"),
+            row.and_then(|c| median(&c.checkpoint_ms)),
+            |ms| format!("{ms:.1} ms"),
+            |ms| ms < 50.0,
+        ));
+        let restore = format!("restore of the {name} < 100 ms (whole command)");
+        match row.filter(|c| c.restore_error.is_some()) {
+            Some(_) => out.push(Verdict { target: restore, measured: "failed".into(), met: Some(false) }),
+            None => out.push(verdict(
+                restore,
+                row.and_then(|c| median(&c.restore_ms)),
+                |ms| format!("{ms:.1} ms"),
+                |ms| ms < 100.0,
+            )),
+        }
+    }
+    let big = checkpoints.iter().find(|c| c.name == TREE_100K);
+    out.push(verdict(
+        format!("peak RSS < 64 MiB at 100,000 fds (checkpoint of the {TREE_100K})"),
+        big.and_then(Checkpoint::peak_rss).map(|b| b as f64),
+        |b| mib(b as u64),
+        |b| b < 64.0 * 1024.0 * 1024.0,
+    ));
+    for c in checkpoints {
+        out.push(verdict(
+            format!("image ≤ 64 bytes per fd plus queued bytes ({})", c.name),
+            c.bytes_per_fd(),
+            |b| format!("{b:.1} B/fd"),
+            |b| b <= 64.0,
+        ));
+    }
+    out
+}
+
+/// `12345` → `12,345`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Milliseconds with as many decimals as carry meaning at that size.
+pub fn ms(value: Option<f64>) -> String {
+    match value {
+        None => "—".into(),
+        Some(v) if v < 10.0 => format!("{v:.2}"),
+        Some(v) if v < 100.0 => format!("{v:.1}"),
+        Some(v) => format!("{v:.0}"),
+    }
+}
+
+fn ns(value: Option<f64>) -> String {
+    value.map_or("—".into(), |v| format!("{v:.0}"))
+}
+
+fn ratio(value: Option<f64>) -> String {
+    value.map_or("—".into(), |v| format!("{v:.1}×"))
+}
+
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn mib_of(samples: &[u64]) -> String {
+    samples.iter().copied().max().map_or("—".into(), mib)
+}
+
+/// The page: machine, harvest table, checkpoint/restore tables, targets.
+pub fn render(
+    machine: &Machine,
+    harvests: &[Harvest],
+    checkpoints: &[Checkpoint],
+    repetitions: &str,
+) -> String {
+    let mut md = String::new();
+    let w = &mut md;
+    let _ = writeln!(w, "# Benchmarks\n");
+    let _ = writeln!(w, "Written by `cargo xtask bench` (release build); rerun it to refresh this page.\n");
+    let _ = writeln!(
+        w,
+        "Machine: {} cores ({}), {:.0} GiB, kernel {}; {}; crd {}.\n",
+        machine.cores, machine.cpu, machine.memory_gib, machine.kernel, machine.date, machine.commit
+    );
+    let _ = writeln!(
+        w,
+        "Every workload is made of real processes the bench forks and wires itself (pipes, \
+         never files); each figure is the median of {repetitions}. Ratios are taken within each \
+         repetition (BPF and the other harvester on the same processes, seconds apart), then \
+         their median.\n"
+    );
+    let _ = writeln!(w, "## Harvest\n");
+    let _ = writeln!(
+        w,
+        "P processes × F pipe fds, read without freezing them. **BPF**: `crd bench-harvest \
+         --source bpf`, the iterator programs loaded once (load time in its own column); \
+         **procfs**: crd's /proc harvester (`--source procfs`); **lsof**: the whole \
+         `lsof -n -P -p PID,...` command. Peak RSS is that of the BPF crd process.\n"
+    );
+    let _ = writeln!(w, "![harvest time per workload size](benchmarks.svg)\n");
+    let _ = writeln!(
+        w,
+        "| workload | fds | BPF ms | ns/fd | procfs ms | ns/fd | lsof ms | ns/fd | procfs/BPF | lsof/BPF | BPF load ms | crd peak RSS |"
+    );
+    let _ = writeln!(w, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for h in harvests {
+        let per_fd = |v: Option<f64>| ns(h.ns_per_fd(v));
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            h.label(),
+            thousands(h.fds),
+            ms(h.bpf()),
+            per_fd(h.bpf()),
+            ms(h.procfs()),
+            per_fd(h.procfs()),
+            ms(h.lsof()),
+            per_fd(h.lsof()),
+            ratio(h.procfs_ratio()),
+            ratio(h.lsof_ratio()),
+            ms(median(&h.load_ms)),
+            mib_of(&h.rss_bytes),
+        );
+    }
+    let _ = writeln!(w, "\n## Checkpoint and restore\n");
+    let _ = writeln!(
+        w,
+        "`crd checkpoint --tree` and `crd restore` of its image (until every stub holds its \
+         fds). The targets are judged on the whole command (fork to exit, BPF load \
+         included); *without load* is crd's own total minus loading the BPF programs. \
+         The tree's pipes link neighbours (process c holds the read ends of its 100 pipes \
+         and the write ends of process c+1's), one in ten holds 4 KiB of queued data. \
+         Peak RSS is the larger of checkpoint and restore.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| workload | fds | checkpoint ms | without load ms | restore ms | peak RSS | image bytes | bytes/fd (excl. queued) | CRIU 4.2 dump / restore |"
+    );
+    let _ = writeln!(w, "|---|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for c in checkpoints {
+        let criu = c.criu.map_or("—".into(), |c| format!("{:.2} s / {:.1} s", c.dump_s, c.restore_s));
+        let restore = match (&c.restore_error, c.restore_ms.is_empty()) {
+            (Some(_), _) => "**failed**".into(),
+            (None, true) => "not run".into(),
+            (None, false) => ms(median(&c.restore_ms)),
+        };
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            c.name,
+            thousands(c.fds),
+            ms(median(&c.checkpoint_ms)),
+            ms(median(&c.checkpoint_work_ms)),
+            restore,
+            c.peak_rss().map_or("—".into(), mib),
+            thousands(c.image_bytes),
+            c.bytes_per_fd().map_or("—".into(), |b| format!("{b:.1}")),
+            criu,
+        );
+    }
+    for c in checkpoints {
+        if let Some(error) = &c.restore_error {
+            let _ = writeln!(w, "\nRestore of the {} failed: `{}`", c.name, error.replace('`', "'"));
+        }
+    }
+    phase_table(w, "Where `crd checkpoint` spends its time (median ms per phase)", checkpoints, |c| {
+        &c.checkpoint_phases
+    });
+    phase_table(w, "Where `crd restore` spends its time (median ms per phase)", checkpoints, |c| {
+        &c.restore_phases
+    });
+    let _ = writeln!(w, "\n## Targets\n");
+    let _ = writeln!(w, "| target | measured | verdict |");
+    let _ = writeln!(w, "|---|--:|---|");
+    for v in verdicts(harvests, checkpoints) {
+        let verdict = match v.met {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "not measured",
+        };
+        let _ = writeln!(w, "| {} | {} | {} |", v.target, v.measured, verdict);
+    }
+    md
+}
+
+/// One column per phase name, in the order crd first reported them.
+fn phase_table(
+    w: &mut String,
+    title: &str,
+    rows: &[Checkpoint],
+    phases: impl Fn(&Checkpoint) -> &Vec<(String, f64)>,
+) {
+    let mut names: Vec<&str> = Vec::new();
+    for row in rows {
+        for (name, _) in phases(row) {
+            if !names.contains(&name.as_str()) {
+                names.push(name);
+            }
+        }
+    }
+    if names.is_empty() {
+        return;
+    }
+    let _ = writeln!(w, "\n{title}:\n");
+    let header: Vec<String> = names.iter().map(|n| n.trim_end_matches("_ms").replace('_', " ")).collect();
+    let _ = writeln!(w, "| workload | {} |", header.join(" | "));
+    let _ = writeln!(w, "|---|{}", "--:|".repeat(names.len()));
+    for row in rows.iter().filter(|r| !phases(r).is_empty()) {
+        let cells: Vec<String> = names
+            .iter()
+            .map(|n| ms(phases(row).iter().find(|(name, _)| name == n).map(|(_, v)| *v)))
+            .collect();
+        let _ = writeln!(w, "| {} | {} |", row.name, cells.join(" | "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn harvest(processes: usize, per: usize, bpf: f64, procfs: f64, lsof: f64) -> Harvest {
+        Harvest {
+            processes,
+            fds_per_process: per,
+            fds: (processes * per) as u64,
+            bpf_ms: vec![bpf; 3],
+            procfs_ms: vec![procfs; 3],
+            lsof_ms: vec![lsof; 3],
+            load_ms: vec![20.0; 3],
+            rss_bytes: vec![10 << 20, 12 << 20, 11 << 20],
+        }
+    }
+
+    fn checkpoint(name: &str, ckpt: f64, restore: f64, image: u64) -> Checkpoint {
+        Checkpoint {
+            name: name.into(),
+            fds: 10_000,
+            queued_bytes: 100_000,
+            image_bytes: image,
+            checkpoint_ms: vec![ckpt],
+            checkpoint_work_ms: vec![ckpt / 2.0],
+            restore_ms: vec![restore],
+            checkpoint_rss: vec![30 << 20],
+            restore_rss: vec![40 << 20],
+            checkpoint_phases: vec![("load_ms".into(), 20.0), ("harvest_ms".into(), 3.0)],
+            restore_phases: vec![("read_ms".into(), 1.0)],
+            restore_error: None,
+            criu: None,
+        }
+    }
+
+    fn find<'a>(verdicts: &'a [Verdict], prefix: &str) -> &'a Verdict {
+        verdicts.iter().find(|v| v.target.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix}"))
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(100_000), "100,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn harvest_targets_met_and_missed() {
+        // 100,000 fds: BPF 20 ms = 200 ns/fd; procfs 30× slower, lsof only 10×.
+        let rows = [harvest(10, 1000, 1.5, 30.0, 20.0), harvest(100, 1000, 20.0, 600.0, 200.0)];
+        let v = verdicts(&rows, &[]);
+        assert_eq!(find(&v, "BPF harvest ≥ 20× faster than procfs").met, Some(true));
+        assert_eq!(find(&v, "BPF harvest ≥ 20× faster than procfs").measured, "30.0×");
+        assert_eq!(find(&v, "BPF harvest ≥ 20× faster than lsof").met, Some(false));
+        assert_eq!(find(&v, "BPF harvest < 300 ns").met, Some(true));
+        assert_eq!(find(&v, "BPF harvest < 300 ns").measured, "200 ns/fd");
+        // 200 ns/fd vs 150 ns/fd: 1.33×, linear enough.
+        assert_eq!(find(&v, "BPF ns/fd at 100,000").met, Some(true));
+        let worse = [harvest(10, 1000, 1.0, 30.0, 20.0), harvest(100, 1000, 20.0, 600.0, 200.0)];
+        assert_eq!(find(&verdicts(&worse, &[]), "BPF ns/fd at 100,000").met, Some(false));
+        // Nothing measured at 100,000 fds for the checkpoint targets.
+        assert_eq!(find(&v, "peak RSS").met, None);
+        assert_eq!(find(&v, "checkpoint of the 1 process").met, None);
+    }
+
+    #[test]
+    fn checkpoint_targets_on_whole_command_time_and_image_size() {
+        let rows = [
+            checkpoint(PIPES_9000, 49.0, 101.0, 100_000 + 64 * 10_000),
+            checkpoint(TREE_50, 51.0, 99.0, 100_000 + 65 * 10_000),
+            checkpoint(TREE_100K, 300.0, 0.0, 1),
+        ];
+        let v = verdicts(&[], &rows);
+        assert_eq!(find(&v, &format!("checkpoint of the {PIPES_9000}")).met, Some(true));
+        assert_eq!(find(&v, &format!("restore of the {PIPES_9000}")).met, Some(false));
+        assert_eq!(find(&v, &format!("checkpoint of the {TREE_50}")).met, Some(false));
+        assert_eq!(find(&v, &format!("restore of the {TREE_50}")).met, Some(true));
+        assert_eq!(
+            find(&v, &format!("image ≤ 64 bytes per fd plus queued bytes ({PIPES_9000})")).met,
+            Some(true)
+        );
+        assert_eq!(
+            find(&v, &format!("image ≤ 64 bytes per fd plus queued bytes ({TREE_50})")).met,
+            Some(false)
+        );
+        let mut failed = rows[1].clone();
+        failed.restore_error = Some("pipe2: Too many open files".into());
+        let v2 = verdicts(&[], &[failed.clone()]);
+        let restore = find(&v2, &format!("restore of the {TREE_50}"));
+        assert_eq!((restore.met, restore.measured.as_str()), (Some(false), "failed"));
+        let page = render(
+            &Machine {
+                cores: 1,
+                cpu: String::new(),
+                memory_gib: 1.0,
+                kernel: String::new(),
+                date: String::new(),
+                commit: String::new(),
+            },
+            &[],
+            &[failed],
+            "1",
+        );
+        assert!(page.contains("| 51.0 | 25.5 | **failed** |"), "{page}");
+        assert!(page.contains(&format!("Restore of the {TREE_50} failed: `pipe2: Too many open files`")));
+        let rss = find(&v, "peak RSS");
+        assert_eq!((rss.met, rss.measured.as_str()), (Some(true), "40.0 MiB"));
+    }
+
+    #[test]
+    fn page_has_machine_rows_phases_and_verdicts() {
+        let machine = Machine {
+            cores: 2,
+            cpu: "Test CPU".into(),
+            memory_gib: 24.0,
+            kernel: "6.18.0".into(),
+            date: "2026-01-01".into(),
+            commit: "abc1234".into(),
+        };
+        let page = render(
+            &machine,
+            &[harvest(100, 1000, 20.0, 600.0, 200.0)],
+            &[checkpoint(TREE_50, 51.0, 99.0, 740_000)],
+            "5 repetitions",
+        );
+        assert!(
+            page.contains("Machine: 2 cores (Test CPU), 24 GiB, kernel 6.18.0; 2026-01-01; crd abc1234.")
+        );
+        assert!(page.contains("](benchmarks.svg)"));
+        assert!(
+            page.contains(
+                "| 100 × 1,000 | 100,000 | 20.0 | 200 | 600 | 6000 | 200 | 2000 | 30.0× | 10.0× | 20.0 | 12.0 MiB |"
+            ),
+            "{page}"
+        );
+        assert!(
+            page.contains(&format!(
+                "| {TREE_50} | 10,000 | 51.0 | 25.5 | 99.0 | 40.0 MiB | 740,000 | 64.0 | — |"
+            )),
+            "{page}"
+        );
+        assert!(page.contains("| workload | load | harvest |"), "{page}");
+        assert!(page.contains(&format!("| {TREE_50} | 20.0 | 3.00 |")), "{page}");
+        assert!(page.contains(&format!(
+            "| checkpoint of the {TREE_50} < 50 ms (whole command) | 51.0 ms | **missed** |"
+        )));
+        assert!(page.contains("| BPF harvest ≥ 20× faster than lsof (100 × 1,000) | 10.0× | **missed** |"));
+    }
+}
