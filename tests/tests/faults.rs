@@ -415,3 +415,41 @@ fn a_restore_that_completes_after_a_hold_still_works() {
     let again = crd_tests::checkpoint(restored.root, true, Source::Bpf);
     body.graph.same_shape(&again.graph).unwrap();
 }
+
+#[test]
+fn a_target_another_crd_holds_is_refused_and_left_to_it() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = spawn(&["pipe:3:4", "threads:1"], 1);
+    let pid = fixture.root();
+    let first_image = dir.path().join("first.img");
+    let first = Command::new(crd_bin())
+        .args(["checkpoint", &pid.to_string(), "-o", first_image.to_str().unwrap()])
+        .env(crd::checkpoint::HOLD_FROZEN_ENV, "20000")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status_field(pid, "TracerPid:") == "0" {
+        assert!(Instant::now() < deadline, "the first crd never froze {pid}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let second = dir.path().join("second.img");
+    let out = crd(&["checkpoint", &pid.to_string(), "-o", second.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.trim(),
+        format!("crd: PID {pid} is already being traced (by a debugger or another crd): detach it first")
+    );
+    assert!(!second.exists());
+    // The first crd still holds the target; its Ctrl-C lets it go.
+    assert_ne!(status_field(pid, "TracerPid:"), "0", "the first crd still holds {pid}");
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(first.id() as i32, libc::SIGINT) };
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(!first_image.exists());
+    assert_all_threads_free(pid);
+    assert_running_untraced(pid);
+}

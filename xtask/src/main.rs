@@ -6,6 +6,7 @@
 //! - `run -- ARGS`: build, then run `crd ARGS`.
 //! - `test`: build, then the whole test suite (unit and integration; needs root).
 //! - `bench`: build (release), then measure crd on real workloads (docs/benchmarks.md).
+//! - `fuzz`: run the decoders' fuzz targets (fuzz/, cargo-fuzz) for a given time each.
 use std::{
     env,
     ffi::OsString,
@@ -18,6 +19,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
 mod matrix;
 mod vm;
 
@@ -50,6 +52,13 @@ enum Task {
         /// Fewer repetitions, for a quick look (the page says how many were made).
         #[arg(long)]
         quick: bool,
+    },
+    /// Fuzz the image and record decoders (cargo-fuzz, nightly) for SECONDS each.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Targets [default: all: image_decode record_decode].
+        targets: Vec<String>,
     },
     /// Run the integration suite on several kernels in qemu, and on the host kernel.
     VmTest {
@@ -94,6 +103,7 @@ fn run_task(task: Task) -> Result<()> {
             ensure_apt_packages(&[("lsof", "lsof")])?;
             bench::run(&crd, &root(), bench::Repetitions::new(quick))
         }
+        Task::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
         Task::VmTest { kernels } => {
             build(false)?;
             let object = root().join("target/ebpf/bpfel-unknown-none/release/crd");
