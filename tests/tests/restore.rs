@@ -312,3 +312,18 @@ fn high_fd_numbers_round_trip() {
     let restored = assert_round_trip(&original, &image);
     assert_eq!(crd_tests::proc_fds(restored.root), [0, 1, 2, 3, mid, top]);
 }
+
+#[test]
+fn a_process_filling_nine_tenths_of_the_fd_limit_with_pipes_restores() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    // crd holds one fd per description while the stubs pull them, and no more: a process
+    // whose pipe ends fill 90% of the hard limit (18,000 of 20,000 here) must restore.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let pipes = (hard.min(20_000) * 9 / 10 / 2) as usize;
+    let steps = [format!("pipes:{pipes}"), "write:4:first pipe".into()];
+    let fixture = spawn(&owned(&steps), 1);
+    let (original, image, _log) = image_of_stopped(fixture, dir.path());
+    let restored = assert_round_trip(&original, &image);
+    assert_eq!(crd_tests::proc_fds(restored.root).len(), 3 + 2 * pipes);
+}

@@ -68,9 +68,28 @@ pub struct ObjectTable {
     files: BTreeMap<ObjRef, OwnedFd>,
     /// Pipe ends made by `pipe2` and not yet claimed, by (pipe inode objref, end).
     deposited: HashMap<(ObjRef, End), OwnedFd>,
-    /// A handle on every pipe or FIFO inode, to open more descriptions of it; for a FIFO
-    /// it is also the read-write "keeper" that lets its ends open without blocking.
-    inode_handles: HashMap<ObjRef, OwnedFd>,
+    /// A handle on every pipe or FIFO inode, to open more descriptions of it.
+    inode_handles: HashMap<ObjRef, InodeHandle>,
+}
+
+/// How crd reaches a pipe or FIFO inode to open more descriptions of it.
+enum InodeHandle {
+    /// A pipe's read end that crd already holds, in `deposited` or `files` (moving it
+    /// from one to the other keeps its number) until the table is done: no extra fd, so
+    /// crd needs one fd per description and a process with 18,000 pipe fds restores
+    /// within a 20,000-fd limit.
+    Held(RawFd),
+    /// A FIFO's read-write "keeper", which also lets its ends open without blocking.
+    Keeper(OwnedFd),
+}
+
+impl InodeHandle {
+    fn raw(&self) -> RawFd {
+        match self {
+            InodeHandle::Held(fd) => *fd,
+            InodeHandle::Keeper(fd) => fd.as_raw_fd(),
+        }
+    }
 }
 
 impl ObjectTable {
@@ -170,8 +189,7 @@ impl ObjectTable {
         if let Some(pipe) = &ctx.inode.pipe {
             fill_pipe(&write, pipe.capacity, &pipe.data).map_err(|e| ctx.syscall(e))?;
         }
-        let handle = read.try_clone().map_err(|e| ctx.io("dup", e))?;
-        self.inode_handles.insert(ctx.inode_ref, handle);
+        self.inode_handles.insert(ctx.inode_ref, InodeHandle::Held(read.as_raw_fd()));
         Ok(match End::of(desc.access) {
             End::Read => {
                 self.deposited.insert((ctx.inode_ref, End::Write), write);
@@ -205,7 +223,7 @@ impl ObjectTable {
             fd: ctx.at.fd,
             objref: ctx.inode_ref,
         })?;
-        let path = format!("/proc/self/fd/{}", handle.as_raw_fd());
+        let path = format!("/proc/self/fd/{}", handle.raw());
         let flags = access_flags(access) | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
         fcntl::open(path.as_str(), flags, Mode::empty()).map_err(|e| ctx.errno("open(/proc/self/fd/N)", e))
     }
@@ -219,7 +237,7 @@ impl ObjectTable {
         if let Some(pipe) = &ctx.inode.pipe {
             fill_pipe(&keeper, pipe.capacity, &pipe.data).map_err(|e| ctx.syscall(e))?;
         }
-        self.inode_handles.insert(ctx.inode_ref, keeper);
+        self.inode_handles.insert(ctx.inode_ref, InodeHandle::Keeper(keeper));
         Ok(())
     }
 
@@ -287,10 +305,6 @@ impl Ctx<'_> {
 
     fn errno(&self, call: &'static str, e: nix::Error) -> ObjectError {
         self.syscall(SyscallError { call, source: e.into() })
-    }
-
-    fn io(&self, call: &'static str, e: std::io::Error) -> ObjectError {
-        self.syscall(SyscallError { call, source: e })
     }
 
     fn open_error(&self, path: &str, e: nix::Error) -> ObjectError {
