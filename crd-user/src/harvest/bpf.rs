@@ -336,7 +336,8 @@ fn fd_info(r: &FdRecord, file_ref_bias: i64) -> FdInfo {
             flags: r.f_flags & !(libc::O_CLOEXEC as u32),
             access: Access::from_fmode(r.f_mode),
             pos: r.pos,
-            refs: (r.file_refs + file_ref_bias - ITERATOR_FILE_REFS).max(0) as u64,
+            // Saturating: a damaged record must not overflow (found by `cargo xtask fuzz`).
+            refs: r.file_refs.saturating_add(file_ref_bias).saturating_sub(ITERATOR_FILE_REFS).max(0) as u64,
             inode: InodeInfo {
                 id: KernelPtr(r.inode),
                 kind,
