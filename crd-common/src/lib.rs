@@ -26,6 +26,11 @@ pub const FD_HAS_PIPE: u32 = 1 << 2;
 /// How many occupied pipe buffers the BPF program sums at most to count queued bytes.
 pub const MAX_PIPE_BUFS_WALKED: u32 = 16;
 
+/// The BPF program copies `pipe_inode_info` in one read of this many bytes, from
+/// `pipe_head` on: `head`, `tail`, `ring_size`, `readers`, `writers` and `bufs` must all
+/// lie inside (userspace checks the kernel's layout before loading).
+pub const PIPE_CHUNK: usize = 128;
+
 /// One task (thread) of a checkpointed process, from the `iter/task` program.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -9,6 +9,15 @@
 //! userspace resolved from the running kernel's BTF and froze into `.rodata`
 //! ([`CRD_CONFIG`]); the verifier then sees the offsets as constants.
 //!
+//! **Speed**: a helper call costs far more than a load (every call and return pays for
+//! the CPU's speculation mitigations), and the iterator runs the program once per fd.
+//! So fields of the task, file, inode and superblock are read with *direct loads* from
+//! the BTF-typed pointers the iterator passes: the verifier checks each load against
+//! the kernel's BTF at load time and turns it into a fault-safe load. Only what BTF
+//! cannot type is copied with `bpf_probe_read_kernel`: the close-on-exec bitmap (one
+//! copy per 64 fds, cached per CPU), the pipe behind a FIFO inode (one copy of
+//! [`PIPE_CHUNK`] bytes) and, for a pipe holding data, its buffer lengths.
+//!
 //! **No silent loss**: when the ring buffer is full the program returns 1. The kernel then
 //! ends the current `read()` of the iterator and retries the same (task, fd) on the next
 //! `read()`, after userspace has drained the ring. Nothing is ever dropped.
@@ -17,13 +26,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use aya_log_ebpf::{debug, warn};
 use crd_common::{
     COMM_LEN, Config, FD_CLOEXEC, FD_HAS_PIPE, FD_PIPE_QUEUE_TRUNCATED, FdRecord, MAX_PIPE_BUFS_WALKED,
-    Offsets, RECORD_FD, RECORD_TASK, STAT_COUNT, STAT_READ_FAILED, STAT_RING_FULL, STAT_SUBMITTED,
-    TaskRecord,
+    Offsets, RECORD_FD, RECORD_TASK, STAT_COUNT, STAT_READ_FAILED, STAT_RING_FULL,
+    STAT_SUBMITTED, TaskRecord,
 };
 
 /// Set by userspace before load (`EbpfLoader::set_global`); zero here only as a
@@ -72,12 +81,33 @@ static crd_events: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 /// The thread-group ids to report (key: tgid; value unused).
 #[map]
 #[allow(non_upper_case_globals)]
-static crd_tgids: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
+static crd_tgids: HashMap<u32, u8> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+
+/// `BPF_F_NO_PREALLOC`: allocate entries on insert; preallocating 65,536 of them would
+/// cost every load several milliseconds for the handful of processes a checkpoint names.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Counters (`STAT_*`) that let userspace prove nothing was lost.
 #[map]
 #[allow(non_upper_case_globals)]
 static crd_stats: Array<u64> = Array::with_max_entries(STAT_COUNT, 0);
+
+/// The close-on-exec bitmap word last read on this CPU: the iterator visits a table's
+/// fds in ascending order, so one copy serves 64 fds.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CloexecWord {
+    /// The bitmap (`fdt->close_on_exec`) the word was read from; 0: nothing cached.
+    bitmap: u64,
+    /// Index of the word in the bitmap.
+    index: u32,
+    _pad: u32,
+    bits: u64,
+}
+
+#[map]
+#[allow(non_upper_case_globals)]
+static crd_cloexec: PerCpuArray<CloexecWord> = PerCpuArray::with_max_entries(1, 0);
 
 /// `struct bpf_iter_meta`.
 #[repr(C)]
@@ -140,19 +170,22 @@ struct Reader {
 
 impl Reader {
     #[inline(always)]
-    fn get<T: Default + Copy>(&mut self, base: u64, offset: u32) -> T {
-        let mut value = T::default();
-        // SAFETY: bpf_probe_read_kernel checks the address itself; on failure it zeroes
-        // the destination and returns a negative errno.
+    fn get<T: Copy>(&mut self, base: u64, offset: u32) -> T {
+        let mut value = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: bpf_probe_read_kernel checks the address itself; it fills every byte
+        // of the destination, with the data or, on failure, with zeros (and returns a
+        // negative errno).
         let ret = unsafe {
             aya_ebpf::helpers::generated::bpf_probe_read_kernel(
-                (&raw mut value).cast(),
+                value.as_mut_ptr().cast(),
                 core::mem::size_of::<T>() as u32,
                 (base + offset as u64) as *const core::ffi::c_void,
             )
         };
         self.failed |= (ret as u64) >> 63;
-        value
+        // SAFETY: fully written above; only integers and byte arrays are read, for
+        // which any bytes are a valid value.
+        unsafe { value.assume_init() }
     }
 
     /// Counts this program run in `crd_stats` if any read failed.
@@ -166,13 +199,27 @@ impl Reader {
     }
 }
 
+/// Loads the field at `base + offset` directly.
+///
+/// `base` must be a BTF-typed kernel pointer (the iterator's `task` or `file`, or a
+/// pointer field loaded from one this way), and `offset` a frozen `.rodata` constant:
+/// the verifier then checks the load against the kernel's BTF (a field of that size at
+/// that offset) and emits a load that yields 0 instead of faulting. A NULL `base` is
+/// tolerated the same way.
+#[inline(always)]
+fn load<T: Copy>(base: *const u8, offset: u32) -> T {
+    // SAFETY: see above: the verifier only accepts this load when BTF says a `T`-sized
+    // field lives there, and the JIT makes a bad address read as 0, never fault.
+    unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize).cast::<T>()) }
+}
+
 /// The thread group of `task` if userspace asked for it.
 #[inline(always)]
-fn wanted(r: &mut Reader, task: u64, off: &Offsets) -> Option<u32> {
-    if task == 0 {
+fn wanted(task: *const u8, off: &Offsets) -> Option<u32> {
+    if task.is_null() {
         return None;
     }
-    let tgid: u32 = r.get(task, off.task_tgid);
+    let tgid: u32 = load(task, off.task_tgid);
     (match_all() || crd_tgids.get_ptr(tgid).is_some()).then_some(tgid)
 }
 
@@ -180,18 +227,19 @@ fn wanted(r: &mut Reader, task: u64, off: &Offsets) -> Option<u32> {
 #[unsafe(link_section = "iter/task")]
 pub extern "C" fn crd_task(ctx: *const TaskCtx) -> i32 {
     // SAFETY: the kernel passes a valid context; `task` is NULL on the final call.
-    let task = unsafe { (*ctx).task } as u64;
+    let task = unsafe { (*ctx).task };
     let off = config();
+    let Some(tgid) = wanted(task, off) else { return 0 };
+    let parent: *const u8 = load(task, off.task_real_parent);
     let mut r = Reader { failed: 0 };
-    let Some(tgid) = wanted(&mut r, task, off) else { return 0 };
-    let parent: u64 = r.get(task, off.task_real_parent);
     let record = TaskRecord {
         kind: RECORD_TASK,
-        pid: r.get(task, off.task_pid),
+        pid: load(task, off.task_pid),
         tgid,
-        parent_tgid: r.get(parent, off.task_tgid),
-        files: r.get(task, off.task_files),
-        comm: r.get::<[u8; COMM_LEN]>(task, off.task_comm),
+        parent_tgid: load(parent, off.task_tgid),
+        files: load::<*const u8>(task, off.task_files) as u64,
+        // An array: BTF-checked loads are one scalar each, so this one is copied.
+        comm: r.get::<[u8; COMM_LEN]>(task as u64, off.task_comm),
     };
     if r.report() {
         warn!(ctx, "crd_task: a kernel read failed for thread {} of {}", record.pid, tgid);
@@ -208,49 +256,49 @@ pub extern "C" fn crd_task(ctx: *const TaskCtx) -> i32 {
 pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
     // SAFETY: the kernel passes a valid context; `task` and `file` are NULL on the
     // final call.
-    let (task, fd, file) = unsafe { ((*ctx).task as u64, (*ctx).fd, (*ctx).file as u64) };
+    let (task, fd, file) = unsafe { ((*ctx).task, (*ctx).fd, (*ctx).file) };
     let off = config();
-    let mut r = Reader { failed: 0 };
-    let Some(tgid) = wanted(&mut r, task, off) else { return 0 };
-    if file == 0 {
+    let Some(tgid) = wanted(task, off) else { return 0 };
+    if file.is_null() {
         return 0;
     }
-    let files: u64 = r.get(task, off.task_files);
-    let inode: u64 = r.get(file, off.file_f_inode);
-    let sb: u64 = r.get(inode, off.inode_i_sb);
-    let i_mode = r.get::<u16>(inode, off.inode_i_mode) as u32;
+    let files: *const u8 = load(task, off.task_files);
+    let inode: *const u8 = load(file, off.file_f_inode);
+    let sb: *const u8 = load(inode, off.inode_i_sb);
+    let i_mode = load::<u16>(inode, off.inode_i_mode) as u32;
     let mut record = FdRecord {
         kind: RECORD_FD,
         fd,
         tgid,
-        pid: r.get(task, off.task_pid),
-        files,
-        file,
-        inode,
+        pid: load(task, off.task_pid),
+        files: files as u64,
+        file: file as u64,
+        inode: inode as u64,
         pipe: 0,
-        pos: r.get(file, off.file_f_pos),
-        file_refs: r.get(file, off.file_f_ref),
-        ino: r.get(inode, off.inode_i_ino),
-        sb_magic: r.get(sb, off.sb_s_magic),
-        f_flags: r.get(file, off.file_f_flags),
-        f_mode: r.get(file, off.file_f_mode),
+        pos: load(file, off.file_f_pos),
+        file_refs: load(file, off.file_f_ref),
+        ino: load(inode, off.inode_i_ino),
+        sb_magic: load(sb, off.sb_s_magic),
+        f_flags: load(file, off.file_f_flags),
+        f_mode: load(file, off.file_f_mode),
         i_mode,
-        s_dev: r.get(sb, off.sb_s_dev),
-        i_rdev: r.get(inode, off.inode_i_rdev),
+        s_dev: load(sb, off.sb_s_dev),
+        i_rdev: load(inode, off.inode_i_rdev),
         flags: 0,
         pipe_ring_size: 0,
         pipe_readers: 0,
         pipe_writers: 0,
         pipe_queued: 0,
     };
+    let mut r = Reader { failed: 0 };
     if close_on_exec(&mut r, files, fd, off) {
         record.flags |= FD_CLOEXEC;
     }
     // `i_pipe` shares a union with `i_cdev`, `i_link` and `i_dir_seq`: it means a pipe
-    // only when the inode is a FIFO.
+    // only when the inode is a FIFO (and BTF cannot type a union member, so it is copied).
     if i_mode & S_IFMT == S_IFIFO {
-        let pipe: u64 = r.get(inode, off.inode_i_pipe);
-        if pipe != 0 {
+        let pipe: *const u8 = load(inode, off.inode_i_pipe);
+        if !pipe.is_null() {
             fill_pipe(&mut r, &mut record, pipe, off);
         }
     }
@@ -267,32 +315,47 @@ pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
     paused
 }
 
-/// Tests `fd`'s bit in `files->fdt->close_on_exec`.
+/// Tests `fd`'s bit in `files->fdt->close_on_exec`, copying the bitmap word only when
+/// this CPU's cached one is another.
 #[inline(always)]
-fn close_on_exec(r: &mut Reader, files: u64, fd: u32, off: &Offsets) -> bool {
-    let fdt: u64 = r.get(files, off.files_fdt);
-    let bitmap: u64 = r.get(fdt, off.fdtable_close_on_exec);
+fn close_on_exec(r: &mut Reader, files: *const u8, fd: u32, off: &Offsets) -> bool {
+    let fdt: *const u8 = load(files, off.files_fdt);
+    // `unsigned long *`: BTF types the pointer but not what it points to.
+    let bitmap = load::<*const u8>(fdt, off.fdtable_close_on_exec) as u64;
     if bitmap == 0 {
         return false;
     }
-    let word: u64 = r.get(bitmap, (fd / 64) * 8);
-    word & (1u64 << (fd % 64)) != 0
+    let index = fd / 64;
+    let bit = 1u64 << (fd % 64);
+    let Some(cache) = crd_cloexec.get_ptr_mut(0) else {
+        return r.get::<u64>(bitmap, index * 8) & bit != 0;
+    };
+    // SAFETY: the pointer comes from a successful lookup of this CPU's slot, which only
+    // this program touches, and the program does not migrate while it runs.
+    let cache = unsafe { &mut *cache };
+    if cache.bitmap != bitmap || cache.index != index {
+        let bits: u64 = r.get(bitmap, index * 8);
+        *cache = CloexecWord { bitmap, index, _pad: 0, bits };
+    }
+    cache.bits & bit != 0
 }
 
-/// Copies the pipe's bookkeeping and sums the lengths of its occupied buffers.
+/// Copies the pipe's bookkeeping and, if it holds data, sums the lengths of its
+/// occupied buffers.
 #[inline(always)]
-fn fill_pipe(r: &mut Reader, record: &mut FdRecord, pipe: u64, off: &Offsets) {
-    record.pipe = pipe;
+fn fill_pipe(r: &mut Reader, record: &mut FdRecord, pipe: *const u8, off: &Offsets) {
+    record.pipe = pipe as u64;
     record.flags |= FD_HAS_PIPE;
-    let head: u32 = r.get(pipe, off.pipe_head);
-    let tail: u32 = r.get(pipe, off.pipe_tail);
-    let ring_size: u32 = r.get(pipe, off.pipe_ring_size);
+    let head: u32 = load(pipe, off.pipe_head);
+    let tail: u32 = load(pipe, off.pipe_tail);
+    let ring_size: u32 = load(pipe, off.pipe_ring_size);
+    let bufs = load::<*const u8>(pipe, off.pipe_bufs) as u64;
     record.pipe_ring_size = ring_size;
-    record.pipe_readers = r.get(pipe, off.pipe_readers);
-    record.pipe_writers = r.get(pipe, off.pipe_writers);
+    record.pipe_readers = load(pipe, off.pipe_readers);
+    record.pipe_writers = load(pipe, off.pipe_writers);
     let used = head.wrapping_sub(tail);
-    let bufs: u64 = r.get(pipe, off.pipe_bufs);
-    if ring_size == 0 || bufs == 0 {
+    // An empty pipe (the common case) needs no walk: 0 bytes queued.
+    if used == 0 || ring_size == 0 || bufs == 0 {
         return;
     }
     let mask = ring_size - 1;

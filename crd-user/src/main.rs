@@ -324,14 +324,17 @@ fn bench_harvest(
     let (source, mut harvester) = bpf::harvester_for(source, false)?;
     let load_ns = started.elapsed().as_nanos() as u64;
     let mut runs_ns = Vec::with_capacity(runs);
+    let mut kernel_ns = Vec::with_capacity(runs);
     let mut last = crd::harvest::Harvest::default();
     for _ in 0..runs {
         let started = Instant::now();
-        last = match harvester.as_mut() {
-            Some(h) => h.harvest(Scope::Processes(&tgids), interrupted)?.0,
-            None => procfs::harvest(&tgids)?,
+        let stats;
+        (last, stats) = match harvester.as_mut() {
+            Some(h) => h.harvest(Scope::Processes(&tgids), interrupted)?,
+            None => (procfs::harvest(&tgids)?, Default::default()),
         };
         runs_ns.push(started.elapsed().as_nanos() as u64);
+        kernel_ns.push(stats.kernel_time.as_nanos() as u64);
     }
     let started = Instant::now();
     let graph = crd::Graph::build(tgids[0], &last, &Default::default());
@@ -343,6 +346,7 @@ fn bench_harvest(
         "fds": last.fds.len(),
         "load_ns": load_ns,
         "runs_ns": runs_ns,
+        "kernel_ns": kernel_ns,
         "graph_ns": graph_ns,
     });
     println!("{report}");

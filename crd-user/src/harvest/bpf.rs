@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::{
-    Btf, Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader, Endianness,
     maps::{Array, HashMap, MapData, RingBuf},
     programs::Iter,
 };
@@ -21,7 +21,7 @@ use crd_common::{
 
 use super::{
     FdInfo, FileInfo, Harvest, InodeInfo, InodeKind, PipeInfo, TaskInfo,
-    offsets::{KernelBtf, OffsetsError},
+    offsets::{BtfBytes, KernelBtf, OffsetsError},
 };
 use crate::types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid};
 
@@ -128,6 +128,9 @@ pub struct HarvestStats {
     pub ring_full: u64,
     /// `read()` calls on the iterators.
     pub reads: u64,
+    /// Time inside those calls: the kernel running the iterators and crd's programs
+    /// (the rest of a harvest is draining and decoding in userspace).
+    pub kernel_time: std::time::Duration,
 }
 
 /// Loaded programs; one load can serve several harvests.
@@ -156,17 +159,33 @@ impl BpfHarvester {
         if BPF_OBJECT.is_empty() {
             return Err(BpfError::NoObject);
         }
-        let offsets = KernelBtf::from_sys_fs()?.offsets()?;
+        let started = std::time::Instant::now();
+        // aya parses all of the kernel's BTF (to find the iterators' attach points) while
+        // this thread looks up the few struct offsets: the two take about as long.
+        let bytes = BtfBytes::of_kernel()?;
+        // Three readers of the kernel's BTF, side by side: aya's loader parses it on its
+        // own when created (aya 0.14 has no way to hand it ours), `Iter::load` needs a
+        // parsed copy to find the iterators' attach points, and crd's offsets come from
+        // btf-rs, which decodes only the few structs asked for.
+        let (loader, btf, offsets) = std::thread::scope(|scope| {
+            let loader = scope.spawn(EbpfLoader::new);
+            let btf =
+                Btf::parse(&bytes, Endianness::default()).map_err(|e| OffsetsError::Parse(e.to_string()));
+            let offsets = KernelBtf::from_bytes(&bytes).and_then(|btf| btf.offsets());
+            (loader.join(), btf, offsets)
+        });
+        let (btf, offsets) = (btf?, offsets?);
+        let mut loader = loader.map_err(|_| BpfError::Load("aya's loader panicked".into()))?;
+        log::debug!("load: kernel BTF parsed in {:?}", started.elapsed());
         let config = Config { offsets, match_all: match_all as u32, _pad: 0 };
-        let btf = Btf::from_sys_fs().map_err(|_| OffsetsError::NoBtf(super::offsets::VMLINUX_BTF.into()))?;
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
+        let mut ebpf = loader
             .override_global("CRD_CONFIG", &config, true)
             // Statements below the userspace log level cost one compare in the kernel.
             .override_global("AYA_LOG_LEVEL", &(log::max_level() as u8), false)
             .map_max_entries("crd_events", ring_bytes)
             .load(BPF_OBJECT)
             .map_err(load_error)?;
+        log::debug!("load: object loaded at {:?}", started.elapsed());
         for (name, iter_type) in [("crd_task", "task"), ("crd_task_file", "task_file")] {
             let program: &mut Iter = ebpf
                 .program_mut(name)
@@ -179,6 +198,7 @@ impl BpfHarvester {
                 log::debug!("{name}: the verifier processed {n} instructions");
             }
         }
+        log::debug!("load: programs verified at {:?}", started.elapsed());
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
         let ring = RingBuf::try_from(
             ebpf.take_map("crd_events").ok_or(BpfError::Load("map crd_events missing".into()))?,
@@ -262,7 +282,10 @@ impl BpfHarvester {
                 return Err(BpfError::Interrupted);
             }
             stats.reads += 1;
-            let done = match file.read(&mut sink) {
+            let started = std::time::Instant::now();
+            let read = file.read(&mut sink);
+            stats.kernel_time += started.elapsed();
+            let done = match read {
                 Ok(0) => true,
                 Ok(_) => false,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,

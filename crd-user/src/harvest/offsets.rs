@@ -28,20 +28,69 @@ pub enum OffsetsError {
         "kernel BTF has no field {1} in struct {0}: this kernel is not supported by the BPF harvester; use --source procfs"
     )]
     NoField(&'static str, &'static str),
+    #[error(
+        "struct {0} is laid out in a way crd's BPF programs do not read ({1}): this kernel is not supported by the BPF harvester; use --source procfs"
+    )]
+    Layout(&'static str, String),
+}
+
+/// Where the BTF to use lives: `$CRD_KERNEL_BTF`, else the running kernel's.
+pub fn kernel_btf_path() -> std::path::PathBuf {
+    std::env::var_os(KERNEL_BTF_ENV).map(Into::into).unwrap_or_else(|| VMLINUX_BTF.into())
+}
+
+/// The kernel's BTF as bytes, for aya (which needs it to find the iterators' attach
+/// points). Mapped where the kernel allows it (6.10+): sysfs hands the 5 MB file out
+/// a page per `read()`, ~1,300 calls and ~45 ms; else read.
+pub enum BtfBytes {
+    Mapped(memmap2::Mmap),
+    Read(Vec<u8>),
+}
+
+impl std::ops::Deref for BtfBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            BtfBytes::Mapped(map) => map,
+            BtfBytes::Read(bytes) => bytes,
+        }
+    }
+}
+
+impl BtfBytes {
+    pub fn of_kernel() -> Result<Self, OffsetsError> {
+        let path = kernel_btf_path();
+        let missing = |_| OffsetsError::NoBtf(path.display().to_string());
+        let file = std::fs::File::open(&path).map_err(missing)?;
+        // SAFETY: the kernel's BTF never changes while the system runs (and a file named
+        // by $CRD_KERNEL_BTF is the caller's to keep still); the map is private and
+        // read-only, the only kind sysfs allows.
+        match unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) } {
+            Ok(map) => Ok(BtfBytes::Mapped(map)),
+            Err(_) => std::fs::read(&path).map(BtfBytes::Read).map_err(missing),
+        }
+    }
 }
 
 /// A parsed kernel BTF, for offset look-ups.
 pub struct KernelBtf {
     btf: Btf,
+    /// Structs already looked up: each name look-up scans every type of the kernel's
+    /// BTF, and `offsets` asks for a few structs many times.
+    structs: std::cell::RefCell<std::collections::HashMap<&'static str, btf_rs::Struct>>,
 }
 
 impl KernelBtf {
     /// Parses the running kernel's BTF (or the file `$CRD_KERNEL_BTF` names).
     pub fn from_sys_fs() -> Result<Self, OffsetsError> {
-        match std::env::var_os(KERNEL_BTF_ENV) {
-            Some(path) => Self::from_file(Path::new(&path)),
-            None => Self::from_file(Path::new(VMLINUX_BTF)),
-        }
+        Self::from_file(&kernel_btf_path())
+    }
+
+    /// From BTF already in memory (see [`BtfBytes`]).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, OffsetsError> {
+        let btf = mapped_copy(bytes).map_err(|e| OffsetsError::Parse(e.to_string()))?;
+        Ok(Self { btf, structs: Default::default() })
     }
 
     pub fn from_file(path: &Path) -> Result<Self, OffsetsError> {
@@ -49,24 +98,28 @@ impl KernelBtf {
             return Err(OffsetsError::NoBtf(path.display().to_string()));
         }
         // Mapping the BTF and decoding only the types asked for is ~10x faster than
-        // parsing all of it (0.3 s for vmlinux). Kernels before 6.10 cannot mmap sysfs
-        // BTF: map a copy in memory instead.
+        // parsing all of it (0.3 s for vmlinux). btf-rs maps files shared, which sysfs
+        // refuses: map a copy in memory instead.
         let btf = Btf::from_file_with_backend(path, Backend::Mmap)
-            .or_else(|_| mapped_copy(path))
-            .or_else(|_| Btf::from_file(path))
+            .or_else(|_| std::fs::read(path).map_err(Into::into).and_then(|bytes| mapped_copy(&bytes)))
             .map_err(|e| OffsetsError::Parse(e.to_string()))?;
-        Ok(Self { btf })
+        Ok(Self { btf, structs: Default::default() })
     }
 
     fn structure(&self, name: &'static str) -> Result<btf_rs::Struct, OffsetsError> {
+        if let Some(found) = self.structs.borrow().get(name) {
+            return Ok(found.clone());
+        }
         let types = self.btf.resolve_types_by_name(name).map_err(|_| OffsetsError::NoStruct(name))?;
-        types
+        let found = types
             .into_iter()
             .find_map(|t| match t {
                 Type::Struct(s) if !s.members.is_empty() => Some(s),
                 _ => None,
             })
-            .ok_or(OffsetsError::NoStruct(name))
+            .ok_or(OffsetsError::NoStruct(name))?;
+        self.structs.borrow_mut().insert(name, found.clone());
+        Ok(found)
     }
 
     /// Byte offset of `field` in struct `name`, searching anonymous members.
@@ -132,7 +185,7 @@ impl KernelBtf {
         // 6.13 replaced `atomic_long_t f_count` by `file_ref_t f_ref`, which counts from
         // zero for one reference.
         let (ref_kind, file_f_ref) = self.offset_of_any("file", &["f_ref", "f_count"])?;
-        Ok(Offsets {
+        let offsets = Offsets {
             task_pid: self.offset("task_struct", "pid")?,
             task_tgid: self.offset("task_struct", "tgid")?,
             task_real_parent: self.offset("task_struct", "real_parent")?,
@@ -161,14 +214,40 @@ impl KernelBtf {
             pipe_buffer_len: self.offset("pipe_buffer", "len")?,
             pipe_buffer_size: self.size_of("pipe_buffer")?,
             file_ref_bias: if ref_kind == 0 { 1 } else { 0 },
-        })
+        };
+        check_pipe_chunk(&offsets)?;
+        Ok(offsets)
     }
 }
 
+/// The BPF program reads the pipe fields it needs in one copy of
+/// [`crd_common::PIPE_CHUNK`] bytes from `head` on: they must all lie inside it.
+fn check_pipe_chunk(o: &Offsets) -> Result<(), OffsetsError> {
+    let fields = [
+        ("tail", o.pipe_tail, 4),
+        ("ring_size", o.pipe_ring_size, 4),
+        ("readers", o.pipe_readers, 4),
+        ("writers", o.pipe_writers, 4),
+        ("bufs", o.pipe_bufs, 8),
+    ];
+    for (name, offset, size) in fields {
+        if offset < o.pipe_head || offset - o.pipe_head + size > crd_common::PIPE_CHUNK as u32 {
+            return Err(OffsetsError::Layout(
+                "pipe_inode_info",
+                format!(
+                    "{name} at {offset} is not within {} bytes after head at {}",
+                    crd_common::PIPE_CHUNK,
+                    o.pipe_head
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Copies a BTF file into an anonymous memory file and maps that.
-fn mapped_copy(path: &Path) -> btf_rs::Result<Btf> {
+fn mapped_copy(bytes: &[u8]) -> btf_rs::Result<Btf> {
     use std::io::Write;
-    let bytes = std::fs::read(path)?;
     let memfd = nix::sys::memfd::memfd_create(c"crd-btf", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
         .map_err(std::io::Error::from)?;
     let mut file = std::fs::File::from(memfd);
@@ -210,7 +289,8 @@ mod tests {
     #[test]
     fn a_mapped_copy_gives_the_same_offsets() {
         let Ok(direct) = KernelBtf::from_sys_fs() else { return };
-        let copy = KernelBtf { btf: mapped_copy(Path::new(VMLINUX_BTF)).expect("mapped copy") };
+        let bytes = std::fs::read(VMLINUX_BTF).expect("kernel BTF readable");
+        let copy = KernelBtf::from_bytes(&bytes).expect("mapped copy");
         assert_eq!(copy.offsets().unwrap(), direct.offsets().unwrap());
     }
 
