@@ -74,7 +74,8 @@ pub fn effective() -> Option<u64> {
 pub fn missing(needs: &[Cap]) -> Vec<Cap> {
     let Some(eff) = effective() else { return Vec::new() };
     let has = |cap: Cap| eff & (1u64 << cap.number()) != 0;
-    needs.iter().copied().filter(|&c| !has(c) && !(c.sys_admin_will_do() && has(Cap::SysAdmin))).collect()
+    let covered = |cap: Cap| has(cap) || (cap.sys_admin_will_do() && has(Cap::SysAdmin));
+    needs.iter().copied().filter(|&c| !covered(c)).collect()
 }
 
 /// "CAP_A", "CAP_A and CAP_B", "CAP_A, CAP_B and CAP_C".
