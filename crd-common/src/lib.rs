@@ -90,8 +90,9 @@ pub struct FdRecord {
     pub i_rdev: u32,
     /// `FD_*` bits.
     pub flags: u32,
-    /// `pipe_inode_info::ring_size`: number of buffer slots.
-    pub pipe_ring_size: u32,
+    /// `pipe_inode_info::max_usage`: buffer slots the pipe may fill; its capacity
+    /// (F_GETPIPE_SZ) is this many pages.
+    pub pipe_max_usage: u32,
     /// `pipe_inode_info::readers`: open read descriptions of the pipe, system-wide.
     pub pipe_readers: u32,
     /// `pipe_inode_info::writers`: open write descriptions of the pipe, system-wide.
@@ -130,6 +131,7 @@ pub struct Offsets {
     pub pipe_head: u32,
     pub pipe_tail: u32,
     pub pipe_ring_size: u32,
+    pub pipe_max_usage: u32,
     pub pipe_readers: u32,
     pub pipe_writers: u32,
     pub pipe_bufs: u32,

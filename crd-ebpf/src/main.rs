@@ -62,6 +62,7 @@ static CRD_CONFIG: Config = Config {
         pipe_head: 0,
         pipe_tail: 0,
         pipe_ring_size: 0,
+        pipe_max_usage: 0,
         pipe_readers: 0,
         pipe_writers: 0,
         pipe_bufs: 0,
@@ -285,7 +286,7 @@ pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
         s_dev: load(sb, off.sb_s_dev),
         i_rdev: load(inode, off.inode_i_rdev),
         flags: 0,
-        pipe_ring_size: 0,
+        pipe_max_usage: 0,
         pipe_readers: 0,
         pipe_writers: 0,
         pipe_queued: 0,
@@ -350,7 +351,7 @@ fn fill_pipe(r: &mut Reader, record: &mut FdRecord, pipe: *const u8, off: &Offse
     let tail: u32 = load(pipe, off.pipe_tail);
     let ring_size: u32 = load(pipe, off.pipe_ring_size);
     let bufs = load::<*const u8>(pipe, off.pipe_bufs) as u64;
-    record.pipe_ring_size = ring_size;
+    record.pipe_max_usage = load(pipe, off.pipe_max_usage);
     record.pipe_readers = load(pipe, off.pipe_readers);
     record.pipe_writers = load(pipe, off.pipe_writers);
     let used = head.wrapping_sub(tail);

@@ -11,7 +11,11 @@
 //! Objrefs count from 1 in first-encounter order over a deterministic walk (processes
 //! in tree order, threads by TID, fds by number), so the same state always gives the
 //! same graph. This module knows nothing of BPF or /proc: it takes a [`Harvest`].
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+// Kernel pointers are unique and well spread: SipHash's defence against chosen keys buys
+// nothing here and cost a third of the graph's build time at 100,000 fds.
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use serde::{Deserialize, Serialize};
 
@@ -171,21 +175,25 @@ impl ObjHash {
 #[derive(Default)]
 struct InsideCounts {
     slots_per_file: HashMap<KernelPtr, u64>,
-    readers_per_pipe: HashMap<KernelPtr, HashSet<KernelPtr>>,
-    writers_per_pipe: HashMap<KernelPtr, HashSet<KernelPtr>>,
+    /// Distinct read and write descriptions of each pipe.
+    readers_per_pipe: HashMap<KernelPtr, u32>,
+    writers_per_pipe: HashMap<KernelPtr, u32>,
 }
 
 impl InsideCounts {
     fn of(harvest: &Harvest) -> Self {
         let mut counts = Self::default();
+        let mut pipe_descriptions: HashSet<KernelPtr> = HashSet::new();
         for f in &harvest.fds {
             *counts.slots_per_file.entry(f.file.id).or_default() += 1;
-            if let Some(pipe) = &f.file.inode.pipe {
+            if let Some(pipe) = &f.file.inode.pipe
+                && pipe_descriptions.insert(f.file.id)
+            {
                 if f.file.access.read {
-                    counts.readers_per_pipe.entry(pipe.id).or_default().insert(f.file.id);
+                    *counts.readers_per_pipe.entry(pipe.id).or_default() += 1;
                 }
                 if f.file.access.write {
-                    counts.writers_per_pipe.entry(pipe.id).or_default().insert(f.file.id);
+                    *counts.writers_per_pipe.entry(pipe.id).or_default() += 1;
                 }
             }
         }
@@ -397,9 +405,7 @@ fn file_desc(f: &FdInfo, inside: &InsideCounts, extras: &Extras, objhash: &mut O
                 rdev: i.rdev,
                 path: if i.kind.has_path() { f.link.clone() } else { None },
                 pipe: i.pipe.as_ref().map(|p| {
-                    let count = |m: &HashMap<KernelPtr, HashSet<KernelPtr>>| {
-                        m.get(&p.id).map_or(0, |s| s.len()) as u32
-                    };
+                    let count = |m: &HashMap<KernelPtr, u32>| m.get(&p.id).copied().unwrap_or(0);
                     let contents = extras.pipes.get(&i.id).cloned().unwrap_or_default();
                     Pipe {
                         capacity: contents.capacity,
@@ -484,7 +490,13 @@ mod tests {
                     mode: libc::S_IFIFO | 0o600,
                     dev: DeviceId { major: 0, minor: 14 },
                     rdev: DeviceId { major: 0, minor: 0 },
-                    pipe: Some(PipeInfo { id: KernelPtr(inode + 1), readers: 1, writers: 1, queued: None }),
+                    pipe: Some(PipeInfo {
+                        id: KernelPtr(inode + 1),
+                        readers: 1,
+                        writers: 1,
+                        queued: None,
+                        capacity: None,
+                    }),
                 },
             },
         }

@@ -456,7 +456,13 @@ mod tests {
                     mode: libc::S_IFIFO | 0o600,
                     dev: DeviceId { major: 0, minor: 14 },
                     rdev: DeviceId { major: 0, minor: 0 },
-                    pipe: Some(PipeInfo { id: KernelPtr(0x600), readers: 1, writers: 1, queued: Some(5) }),
+                    pipe: Some(PipeInfo {
+                        id: KernelPtr(0x600),
+                        readers: 1,
+                        writers: 1,
+                        queued: Some(5),
+                        capacity: None,
+                    }),
                 },
             },
         }

@@ -242,7 +242,7 @@ impl BpfHarvester {
         if failed != 0 {
             return Err(BpfError::ReadFailed(failed));
         }
-        Ok((harvest.dedup(), stats))
+        Ok((harvest.drop_repeated_tables(), stats))
     }
 
     fn counters(&self) -> Result<[u64; 3], BpfError> {
@@ -337,6 +337,14 @@ fn task_info(r: &TaskRecord) -> TaskInfo {
     }
 }
 
+/// The kernel's page size: a pipe's capacity is counted in pages.
+fn page_size() -> u32 {
+    static PAGE_SIZE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PAGE_SIZE.get_or_init(|| {
+        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u32
+    })
+}
+
 /// The iterator holds one reference to the file while the program runs.
 const ITERATOR_FILE_REFS: i64 = 1;
 
@@ -347,6 +355,7 @@ fn fd_info(r: &FdRecord, file_ref_bias: i64) -> FdInfo {
         readers: r.pipe_readers,
         writers: r.pipe_writers,
         queued: (r.flags & FD_PIPE_QUEUE_TRUNCATED == 0).then_some(r.pipe_queued),
+        capacity: Some(r.pipe_max_usage.saturating_mul(page_size())),
     });
     FdInfo {
         tgid: Tgid(r.tgid),

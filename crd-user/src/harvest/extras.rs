@@ -8,7 +8,7 @@
 //! SPLICE_F_NONBLOCK instead; no resize; no seek) — or, when the set holds only write
 //! ends, a fresh read-only open of `/proc/PID/fd/N` whose flags are crd's alone.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     fs,
     io::Read,
     os::fd::{AsFd, OwnedFd},
@@ -19,7 +19,7 @@ use nix::{
     unistd,
 };
 
-use super::{FdInfo, Harvest};
+use super::{FdInfo, Harvest, PipeInfo};
 use crate::{
     freeze::Frozen,
     sys::{self, SyscallError},
@@ -58,7 +58,7 @@ pub struct Extras {
 pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasError> {
     fill_links(harvest);
     // One source fd per pipe inode: a read end if the set has one.
-    let mut sources: BTreeMap<KernelPtr, &FdInfo> = BTreeMap::new();
+    let mut sources: foldhash::HashMap<KernelPtr, &FdInfo> = foldhash::HashMap::default();
     for f in harvest.fds.iter().filter(|f| f.file.inode.pipe.is_some()) {
         let better = |old: &&FdInfo| !old.file.access.read && f.file.access.read;
         match sources.get(&f.file.inode.id) {
@@ -70,6 +70,12 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasE
     }
     let mut extras = Extras::default();
     for (inode, f) in sources {
+        let pipe = f.file.inode.pipe.as_ref();
+        // A pipe the BPF harvester saw empty, with its capacity, needs no syscall.
+        if let Some(&PipeInfo { queued: Some(0), capacity: Some(capacity), .. }) = pipe {
+            extras.pipes.insert(inode, PipeContents { capacity, data: Vec::new() });
+            continue;
+        }
         let contents = read_pipe(f, frozen)?;
         // Two independent counts of one frozen queue must agree.
         if let Some(counted) = f.file.inode.pipe.as_ref().and_then(|p| p.queued)

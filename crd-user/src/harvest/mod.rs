@@ -176,9 +176,22 @@ pub struct PipeInfo {
     /// Bytes queued, as the kernel side counted them (None: not counted, or more
     /// buffers than the BPF program walks). Checked against what extras copies.
     pub queued: Option<u32>,
+    /// Capacity in bytes (F_GETPIPE_SZ), where the harvester read it (BPF does).
+    pub capacity: Option<u32>,
 }
 
 impl Harvest {
+    /// Drops the repeats the task_file iterator makes, in one pass: it visits a table
+    /// shared by CLONE_FILES processes once per process (threads of one process only
+    /// once), in PID order, so the slots of the lowest PID using a table are kept.
+    pub fn drop_repeated_tables(mut self) -> Self {
+        let mut user: foldhash::HashMap<KernelPtr, Tgid> = foldhash::HashMap::default();
+        self.fds.retain(|f| *user.entry(f.fd_table).or_insert(f.tgid) == f.tgid);
+        self.tasks.sort_by_key(|t| (t.tgid, t.pid));
+        self.tasks.dedup_by_key(|t| t.pid);
+        self
+    }
+
     /// Drops repeats: the task_file iterator visits a table shared by CLONE_FILES
     /// processes once per process; one slot is one slot.
     pub fn dedup(mut self) -> Self {

@@ -208,6 +208,7 @@ impl KernelBtf {
             pipe_head: self.offset("pipe_inode_info", "head")?,
             pipe_tail: self.offset("pipe_inode_info", "tail")?,
             pipe_ring_size: self.offset("pipe_inode_info", "ring_size")?,
+            pipe_max_usage: self.offset("pipe_inode_info", "max_usage")?,
             pipe_readers: self.offset("pipe_inode_info", "readers")?,
             pipe_writers: self.offset("pipe_inode_info", "writers")?,
             pipe_bufs: self.offset("pipe_inode_info", "bufs")?,

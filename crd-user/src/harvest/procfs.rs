@@ -176,6 +176,7 @@ fn read_table(
             readers: 0,
             writers: 0,
             queued: None,
+            capacity: None,
         });
         harvest.fds.push(FdInfo {
             tgid,
