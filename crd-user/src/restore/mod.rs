@@ -2,12 +2,14 @@
 //!
 //! 1. [`plan`]: which stubs, in which tree, with which fds — checked before anything is
 //!    made (unsupported kinds, pipes with an end outside).
-//! 2. [`objects`]: crd makes every open file description itself, walking the graph in
-//!    order (pipe2 on a pipe's first encounter, the other end deposited for later), or,
-//!    for a graft, takes the live ones with `pidfd_getfd`.
-//! 3. [`stub`]: crd forks the root stub; each stub forks its children, pulls its
-//!    descriptions out of crd with `pidfd_getfd`, `dup3`s them to their numbers, starts
-//!    its threads and reports.
+//! 2. [`stub`]: crd forks the root stub; each stub drops what it inherited and forks its
+//!    children, then waits for the hand-over.
+//! 3. [`objects`]: meanwhile crd makes every open file description itself, walking the
+//!    graph in order (pipe2 on a pipe's first encounter, the other end deposited for
+//!    later), or, for a graft, takes the live ones with `pidfd_getfd`, and publishes
+//!    where they are ([`handover`]: stubs forked first copy an almost empty fd table).
+//!    Each stub pulls its descriptions out of crd with `pidfd_getfd`, moves them to
+//!    their numbers, starts its threads and reports.
 //! 4. All or nothing: if any stub fails, every stub is killed (they die with their
 //!    parent until the commit). Otherwise crd closes its own copies and commits (SIGUSR1):
 //!    the stubs then outlive crd and wait for SIGTERM/SIGINT, or the root execs `--exec`.
@@ -15,6 +17,7 @@
 //! Threads: a process's threads all shared one fd table, so each stub is one process
 //! with as many threads as the original (they only wait). A process that shared its
 //! parent's table (CLONE_FILES) is recreated with CLONE_FILES.
+mod handover;
 pub mod objects;
 pub mod plan;
 mod stub;
@@ -39,6 +42,7 @@ use nix::{
 };
 
 use self::{
+    handover::Handover,
     objects::{ObjectError, ObjectTable},
     plan::{Mode, Plan, PlanError},
 };
@@ -95,8 +99,7 @@ pub fn restore_image(
 ) -> Result<Restored, RestoreError> {
     let plan = plan::plan(graph, Mode::Image { allow_external })?;
     let exec = command(exec)?;
-    let objects = ObjectTable::recreate(graph)?;
-    run(&plan, objects, exec.as_deref(), interrupted)
+    run(&plan, || Ok(ObjectTable::recreate(graph)?), exec.as_deref(), interrupted)
 }
 
 /// Hands the live open files of `root` (and with `tree` its descendants) to new stubs:
@@ -113,9 +116,12 @@ pub fn graft(
         freeze_and_harvest(Options { root, tree, source }, interrupted)?;
     let graph = Graph::build(root, &harvest, &Extras::default());
     let plan = plan::plan(&graph, Mode::Graft)?;
-    let objects = ObjectTable::graft(&graph, &frozen)?;
-    frozen.thaw();
-    let mut restored = run(&plan, objects, exec.as_deref(), interrupted)?;
+    let take = || {
+        let objects = ObjectTable::graft(&graph, &frozen)?;
+        frozen.thaw();
+        Ok(objects)
+    };
+    let mut restored = run(&plan, take, exec.as_deref(), interrupted)?;
     // Old TIDs of a graft are the live originals.
     restored.tasks =
         graph.tasks.iter().map(|t| t.pid).zip(restored.tasks.iter().map(|(_, new)| *new)).collect();
@@ -139,10 +145,11 @@ struct Report {
     threads: Vec<Pid>,
 }
 
-/// Forks the stubs, waits for their reports, commits or kills them all.
+/// Forks the stubs, makes the descriptions (`objects`) and hands them over, waits for
+/// the stubs' reports, commits or kills them all.
 fn run(
     plan: &Plan,
-    objects: ObjectTable,
+    objects: impl FnOnce() -> Result<ObjectTable, RestoreError>,
     exec: Option<&[CString]>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Restored, RestoreError> {
@@ -150,7 +157,7 @@ fn run(
     let crd_pidfd = crd_sys::pidfd_open(Pid(me.as_raw() as u32))?;
     let (status_r, status_w) =
         unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| SyscallError { call: "pipe2", source: e.into() })?;
-    let crd_fds = objects.raw_fds();
+    let handover = Handover::new(plan.max_objref())?;
     // Stubs wait for the commit signal with sigwait: it must be blocked before they exist.
     let mut commit = SigSet::empty();
     commit.add(Signal::SIGUSR1);
@@ -159,7 +166,7 @@ fn run(
         .map_err(|e| SyscallError { call: "sigprocmask", source: e.into() })?;
     let args = stub::StubArgs {
         plan,
-        crd_fds: &crd_fds,
+        handover: &handover,
         crd_pidfd: crd_pidfd.as_raw_fd(),
         status: status_w.as_raw_fd(),
         exec,
@@ -178,6 +185,16 @@ fn run(
         ForkResult::Parent { child } => child,
     };
     drop(status_w);
+    // The stubs exist (and are dropping what they inherited) while crd makes the
+    // descriptions they will pull.
+    let objects = match objects() {
+        Ok(objects) => objects,
+        Err(e) => {
+            kill_all(root, &[]);
+            return Err(e);
+        }
+    };
+    handover.publish(objects.raw_fds());
     let mut lines = Lines::new(status_r);
     let reports = match collect_reports(plan, &mut lines, interrupted) {
         Ok(reports) => reports,

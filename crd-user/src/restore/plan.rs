@@ -79,6 +79,20 @@ pub struct Plan {
     pub max_fd: u32,
 }
 
+impl Plan {
+    /// The highest objref of a description any stub pulls.
+    pub fn max_objref(&self) -> ObjRef {
+        self.processes
+            .iter()
+            .filter_map(|p| match &p.table {
+                TablePlan::Own(fds) => fds.iter().map(|f| f.file).max(),
+                TablePlan::SharedWithParent => None,
+            })
+            .max()
+            .unwrap_or(ObjRef(0))
+    }
+}
+
 /// Plans the restore of `graph`.
 pub fn plan(graph: &Graph, mode: Mode) -> Result<Plan, PlanError> {
     if graph.tasks.is_empty() {

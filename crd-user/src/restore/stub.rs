@@ -2,14 +2,14 @@
 //!
 //! A stub starts as a fork of crd (or of its parent stub) and drops every fd it
 //! inherited, so its table holds exactly what the image says: it forks its own child
-//! stubs first (so they start clean too), then pulls each of its descriptions out of
-//! crd with `pidfd_getfd` and moves it to its fd number with `dup3` (close-on-exec as
-//! recorded), starts its threads, reports, and waits for crd's commit (SIGUSR1). Until
+//! stubs first (so they start clean too), waits for crd to publish the descriptions
+//! (see `handover`), then pulls each out of crd with `pidfd_getfd` and moves it to its
+//! fd number (close-on-exec as recorded), starts its threads, reports, and waits for
+//! crd's commit (SIGUSR1). Until
 //! then it dies with its parent (PR_SET_PDEATHSIG), so a failed or killed restore leaves
 //! nothing running. After the commit it holds its fds until SIGTERM or SIGINT, or execs
 //! the program given with `--exec`.
 use std::{
-    collections::BTreeMap,
     ffi::CString,
     fmt::Write as _,
     os::fd::{BorrowedFd, RawFd},
@@ -21,8 +21,11 @@ use nix::{
     unistd::{self, ForkResult},
 };
 
-use super::plan::{Plan, TablePlan};
-use crate::{sys, types::ObjRef};
+use super::{
+    handover::Handover,
+    plan::{Plan, TablePlan},
+};
+use crate::sys;
 
 /// Test hook: `CRD_TEST_FAIL_STUB=N` makes stub N (in plan order) fail after it has
 /// made its children and taken its fds, to prove that a failed restore leaves nothing.
@@ -32,8 +35,8 @@ pub const FAIL_STUB_ENV: &str = "CRD_TEST_FAIL_STUB";
 #[derive(Clone, Copy)]
 pub(super) struct StubArgs<'a> {
     pub plan: &'a Plan,
-    /// Descriptions by objref, as fd numbers in crd.
-    pub crd_fds: &'a BTreeMap<ObjRef, RawFd>,
+    /// Where crd publishes each description's fd number (in crd), once made.
+    pub handover: &'a Handover,
     /// A pidfd of crd, to pull descriptions from (its fd number in this process).
     pub crd_pidfd: RawFd,
     /// Where stubs report, one line each (its fd number in this process).
@@ -99,11 +102,12 @@ fn setup(args: &mut StubArgs<'_>, index: usize, parent: unistd::Pid) -> Result<S
         spawn_child(*args, child)?;
     }
     if let TablePlan::Own(fds) = &me.table {
+        args.handover.wait();
         // SAFETY: crd_pidfd is open in this process for as long as the setup runs.
         let pidfd = unsafe { BorrowedFd::borrow_raw(args.crd_pidfd) };
         for f in fds {
-            let source = args.crd_fds.get(&f.file).ok_or(format!("fd {}: no object {}", f.fd, f.file))?;
-            let pulled = sys::pidfd_getfd(pidfd, crate::types::Fd(*source as u32))
+            let source = args.handover.fd_of(f.file).ok_or(format!("fd {}: no object {}", f.fd, f.file))?;
+            let pulled = sys::pidfd_getfd(pidfd, crate::types::Fd(source as u32))
                 .map_err(|e| format!("fd {} ({}): {e}", f.fd, f.file))?;
             place(pulled, f.fd.0 as RawFd, f.close_on_exec)
                 .map_err(|e| format!("fd {} ({}): {e}", f.fd, f.file))?;
