@@ -40,7 +40,7 @@ pub enum FreezeError {
     #[error("no process with PID {0}: check the PID (it may have exited)")]
     NoSuchProcess(Tgid),
     #[error(
-        "not allowed to trace PID {0}: run crd as root (it needs CAP_SYS_PTRACE and CAP_CHECKPOINT_RESTORE), or check kernel.yama.ptrace_scope"
+        "not allowed to trace PID {0}: run crd as root (it needs CAP_SYS_PTRACE), or check kernel.yama.ptrace_scope"
     )]
     NotPermitted(Tgid),
     #[error(
