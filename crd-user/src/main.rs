@@ -155,9 +155,12 @@ fn main() -> ExitCode {
     // crd holds one fd per restored description, and stubs need the image's fd numbers.
     crd::sys::raise_fd_limit();
     let interrupted = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // Ctrl-C only raises a flag: crd then resumes its targets and cleans up.
-        let _ = signal_hook::flag::register(signal, Arc::clone(&interrupted));
+    // A fixture process is a stand-in for a user's program: SIGTERM and Ctrl-C end it.
+    if !matches!(cli.command, Command::Fixture { .. }) {
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            // Ctrl-C only raises a flag: crd then resumes its targets and cleans up.
+            let _ = signal_hook::flag::register(signal, Arc::clone(&interrupted));
+        }
     }
     let is_interrupted = move || interrupted.load(Ordering::Relaxed);
     match run(cli.command, &is_interrupted) {

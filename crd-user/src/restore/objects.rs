@@ -117,8 +117,8 @@ impl ObjectTable {
                 },
             };
             let ctx = Ctx { at, inode, inode_ref };
-            let fd = table.description(&ctx, desc, first)?;
-            set_status_flags(&fd, desc.flags).map_err(|e| ctx.syscall(e))?;
+            let (fd, made) = table.description(&ctx, desc, first)?;
+            set_status_flags(&fd, desc.flags, made).map_err(|e| ctx.syscall(e))?;
             table.files.insert(*objref, fd);
         }
         // Only the descriptions themselves are needed from here on; the FIFO keepers
@@ -156,8 +156,9 @@ impl ObjectTable {
         ctx: &Ctx<'_>,
         desc: &FileDesc,
         first_of_inode: bool,
-    ) -> Result<OwnedFd, ObjectError> {
+    ) -> Result<(OwnedFd, Made), ObjectError> {
         let inode = ctx.inode;
+        let opened = |fd| Ok((fd, Made::Opened));
         match inode.kind {
             InodeKind::Pipe if first_of_inode => self.new_pipe(ctx, desc),
             InodeKind::Pipe => self.pipe_end(ctx, desc),
@@ -168,10 +169,10 @@ impl ObjectTable {
                 let path = ctx.path()?;
                 // The keeper is a reader and a writer, so this open never blocks.
                 let flags = access_flags(desc.access) | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-                fcntl::open(path, flags, Mode::empty()).map_err(|e| ctx.errno("open", e))
+                fcntl::open(path, flags, Mode::empty()).map_err(|e| ctx.errno("open", e)).and_then(opened)
             }
             InodeKind::Regular | InodeKind::Directory | InodeKind::CharDevice | InodeKind::BlockDevice => {
-                self.open_path(ctx, desc)
+                self.open_path(ctx, desc).and_then(opened)
             }
             what => Err(ObjectError::Unsupported {
                 tgid: ctx.at.tgid,
@@ -184,35 +185,35 @@ impl ObjectTable {
 
     /// First encounter of a pipe: `pipe2`, capacity, queued bytes; keep the end this
     /// description is, deposit the other.
-    fn new_pipe(&mut self, ctx: &Ctx<'_>, desc: &FileDesc) -> Result<OwnedFd, ObjectError> {
+    fn new_pipe(&mut self, ctx: &Ctx<'_>, desc: &FileDesc) -> Result<(OwnedFd, Made), ObjectError> {
         let (read, write) = unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| ctx.errno("pipe2", e))?;
         if let Some(pipe) = &ctx.inode.pipe {
-            fill_pipe(&write, pipe.capacity, &pipe.data).map_err(|e| ctx.syscall(e))?;
+            fill_pipe(&write, pipe.capacity, &pipe.data, Made::ByPipe2).map_err(|e| ctx.syscall(e))?;
         }
         self.inode_handles.insert(ctx.inode_ref, InodeHandle::Held(read.as_raw_fd()));
         Ok(match End::of(desc.access) {
             End::Read => {
                 self.deposited.insert((ctx.inode_ref, End::Write), write);
-                read
+                (read, Made::ByPipe2)
             }
             End::Write => {
                 self.deposited.insert((ctx.inode_ref, End::Read), read);
-                write
+                (write, Made::ByPipe2)
             }
             End::Both => {
                 self.deposited.insert((ctx.inode_ref, End::Read), read);
                 self.deposited.insert((ctx.inode_ref, End::Write), write);
-                self.reopen(ctx, desc.access)?
+                (self.reopen(ctx, desc.access)?, Made::Opened)
             }
         })
     }
 
     /// A later description of a pipe already made: the deposited end, or a new
     /// description of the same pipe.
-    fn pipe_end(&mut self, ctx: &Ctx<'_>, desc: &FileDesc) -> Result<OwnedFd, ObjectError> {
+    fn pipe_end(&mut self, ctx: &Ctx<'_>, desc: &FileDesc) -> Result<(OwnedFd, Made), ObjectError> {
         match self.deposited.remove(&(ctx.inode_ref, End::of(desc.access))) {
-            Some(end) => Ok(end),
-            None => self.reopen(ctx, desc.access),
+            Some(end) => Ok((end, Made::ByPipe2)),
+            None => Ok((self.reopen(ctx, desc.access)?, Made::Opened)),
         }
     }
 
@@ -235,7 +236,7 @@ impl ObjectTable {
             .map_err(|e| ctx.open_error(path, e))?;
         ctx.check_type(&keeper, path)?;
         if let Some(pipe) = &ctx.inode.pipe {
-            fill_pipe(&keeper, pipe.capacity, &pipe.data).map_err(|e| ctx.syscall(e))?;
+            fill_pipe(&keeper, pipe.capacity, &pipe.data, Made::Opened).map_err(|e| ctx.syscall(e))?;
         }
         self.inode_handles.insert(ctx.inode_ref, InodeHandle::Keeper(keeper));
         Ok(())
@@ -368,9 +369,22 @@ fn access_flags(access: Access) -> OFlag {
 
 /// Sets the description's status flags exactly (F_SETFL changes only O_APPEND,
 /// O_NONBLOCK, O_ASYNC, O_DIRECT and O_NOATIME).
-fn set_status_flags(fd: &OwnedFd, flags: u32) -> Result<(), SyscallError> {
+/// How crd got a description, which tells what it already knows about it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Made {
+    /// An end fresh from crd's own `pipe2(O_CLOEXEC)`: no status flags, nothing queued.
+    ByPipe2,
+    /// Opened by path: flags and contents are whatever the open gave.
+    Opened,
+}
+
+fn set_status_flags(fd: &OwnedFd, flags: u32, made: Made) -> Result<(), SyscallError> {
     let settable = OFlag::O_APPEND | OFlag::O_NONBLOCK | OFlag::O_ASYNC | OFlag::O_DIRECT | OFlag::O_NOATIME;
     let wanted = OFlag::from_bits_truncate(flags as i32) & settable;
+    if made == Made::ByPipe2 && wanted.is_empty() {
+        // Already right: saves two fcntl calls per pipe end.
+        return Ok(());
+    }
     let current = fcntl::fcntl(fd.as_fd(), FcntlArg::F_GETFL)
         .map_err(|e| SyscallError { call: "fcntl(F_GETFL)", source: e.into() })?;
     if current & libc::O_PATH != 0 {
@@ -386,7 +400,7 @@ fn set_status_flags(fd: &OwnedFd, flags: u32) -> Result<(), SyscallError> {
 
 /// Gives a pipe its capacity and queues `data` in it (the capacity first, so the data
 /// always fits without blocking).
-fn fill_pipe(write_end: &OwnedFd, capacity: u32, data: &[u8]) -> Result<(), SyscallError> {
+fn fill_pipe(write_end: &OwnedFd, capacity: u32, data: &[u8], made: Made) -> Result<(), SyscallError> {
     let errno = |call| move |e: nix::Error| SyscallError { call, source: e.into() };
     let current =
         fcntl::fcntl(write_end.as_fd(), FcntlArg::F_GETPIPE_SZ).map_err(errno("fcntl(F_GETPIPE_SZ)"))?;
@@ -400,7 +414,7 @@ fn fill_pipe(write_end: &OwnedFd, capacity: u32, data: &[u8]) -> Result<(), Sysc
             source: std::io::Error::other(format!("{} queued bytes exceed the pipe capacity", data.len())),
         });
     }
-    let queued = sys::pipe_queued(write_end.as_fd())?;
+    let queued = if made == Made::ByPipe2 { 0 } else { sys::pipe_queued(write_end.as_fd())? };
     if queued != 0 {
         // A FIFO opened again may still hold bytes from someone else: adding ours
         // would mix two streams.

@@ -189,7 +189,10 @@ fn place(pulled: std::os::fd::OwnedFd, target: RawFd, close_on_exec: bool) -> Re
     let raw = pulled.into_raw_fd();
     let cloexec_flag = if close_on_exec { libc::O_CLOEXEC } else { 0 };
     if raw == target {
-        // pidfd_getfd always sets close-on-exec; set the recorded bit instead.
+        if close_on_exec {
+            // pidfd_getfd always sets close-on-exec: already as recorded.
+            return Ok(());
+        }
         let fd_flags = if close_on_exec { libc::FD_CLOEXEC } else { 0 };
         // SAFETY: F_SETFD on an fd we own.
         if unsafe { libc::fcntl(raw, libc::F_SETFD, fd_flags) } < 0 {
