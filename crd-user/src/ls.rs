@@ -326,13 +326,13 @@ impl Listing {
                 let _ = writeln!(
                     out,
                     "{:>7} {:<15} {:>6} {:<6} {:<5} {:>10} {:>6} {}",
-                    p.pid,
+                    p.pid.to_string(),
                     p.comm,
                     format!("{}{}", f.fd, mode_letter(f.access)),
-                    f.kind,
+                    f.kind.to_string(),
                     flag_letters(f.close_on_exec, f.flags),
                     offset,
-                    f.description,
+                    f.description.to_string(),
                     f.name
                 );
             }
