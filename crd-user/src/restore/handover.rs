@@ -3,10 +3,12 @@
 //! Stubs are forked *before* crd makes (or, for a graft, takes) the descriptions: a fork
 //! copies the parent's fd table and the child must then close every copy again, so a
 //! fork from a crd holding 18,000 descriptions costs 36,000 reference-count updates per
-//! stub for nothing. Instead crd maps one shared page area before the first fork; once
-//! the descriptions exist it writes, per objref, the fd number that holds it in crd,
-//! raises a flag and wakes the stubs (a futex on the flag), which then pull each
-//! description with `pidfd_getfd`.
+//! stub for nothing. Instead crd maps a shared area before the first fork and, as it
+//! makes each description, writes the fd number holding it into the description's slot
+//! (by objref). The stubs pull each description with `pidfd_getfd` as soon as its slot
+//! is filled, so on two CPUs crd's making and the stubs' pulling overlap. Waiting stubs
+//! sleep on a futex: crd bumps a generation word and wakes them once per batch of
+//! descriptions, and once more when it is done.
 use std::{
     ffi::c_void,
     num::NonZeroUsize,
@@ -20,9 +22,19 @@ use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
 
 use crate::{sys::SyscallError, types::ObjRef};
 
-/// The flag's values.
-const WAITING: u32 = 0;
-const READY: u32 = 1;
+/// A slot not filled yet.
+const EMPTY: i32 = -1;
+/// Descriptions published between two wake-ups.
+const BATCH: u32 = 128;
+
+/// The shared area: a header, then one slot per objref.
+#[repr(C)]
+struct Header {
+    /// Bumped (and waited on) once per batch.
+    generation: AtomicU32,
+    /// Non-zero once crd has published everything it will.
+    done: AtomicU32,
+}
 
 /// crd's side owns the mapping; a stub, forked from crd, uses its copy of the same
 /// shared pages and never unmaps them (it execs or exits).
@@ -31,27 +43,35 @@ pub(super) struct Handover {
     len: usize,
     /// Objrefs 0..slots have a slot.
     slots: usize,
+    /// crd's count of descriptions published since the last wake-up.
+    unannounced: std::cell::Cell<u32>,
 }
 
 impl Handover {
     /// Room for descriptions numbered up to `max_objref`.
     pub fn new(max_objref: ObjRef) -> Result<Self, SyscallError> {
         let slots = max_objref.0 as usize + 1;
-        let len = size_of::<AtomicU32>() + slots * size_of::<AtomicI32>();
+        let len = size_of::<Header>() + slots * size_of::<AtomicI32>();
         let length = NonZeroUsize::new(len).unwrap_or(NonZeroUsize::MIN);
-        // SAFETY: a fresh anonymous mapping aliases nothing; it starts zeroed (WAITING,
-        // and fd 0 in every slot until `publish`).
+        // SAFETY: a fresh anonymous mapping aliases nothing; it starts zeroed, which is
+        // a valid header (generation 0, not done).
         let base = unsafe {
             mmap_anonymous(None, length, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED)
         }
         .map_err(|e| SyscallError { call: "mmap", source: e.into() })?;
-        Ok(Self { base, len, slots })
+        let handover = Self { base, len, slots, unannounced: std::cell::Cell::new(0) };
+        for index in 0..slots {
+            if let Some(slot) = handover.slot(ObjRef(index as u32)) {
+                slot.store(EMPTY, Ordering::Relaxed);
+            }
+        }
+        Ok(handover)
     }
 
-    fn flag(&self) -> &AtomicU32 {
-        // SAFETY: the mapping is at least 4 bytes, page-aligned, zero-initialised and
-        // lives as long as `self`; it is only ever accessed atomically.
-        unsafe { self.base.cast::<AtomicU32>().as_ref() }
+    fn header(&self) -> &Header {
+        // SAFETY: the mapping holds a Header at its (page-aligned) start, zero-initialised
+        // (valid atomics) and alive as long as `self`; it is only accessed atomically.
+        unsafe { self.base.cast::<Header>().as_ref() }
     }
 
     fn slot(&self, objref: ObjRef) -> Option<&AtomicI32> {
@@ -60,32 +80,52 @@ impl Handover {
             return None;
         }
         // SAFETY: slot `index` lies inside the mapping (checked above), 4-aligned after
-        // the 4-byte flag, and is only ever accessed atomically.
-        Some(unsafe { &*self.base.as_ptr().cast::<AtomicU32>().add(1).cast::<AtomicI32>().add(index) })
+        // the 8-byte header, and is only ever accessed atomically.
+        Some(unsafe { &*self.base.as_ptr().cast::<Header>().add(1).cast::<AtomicI32>().add(index) })
     }
 
-    /// crd: the descriptions exist; tell every stub where.
-    pub fn publish(&self, fds: impl IntoIterator<Item = (ObjRef, RawFd)>) {
-        for (objref, fd) in fds {
-            if let Some(slot) = self.slot(objref) {
-                slot.store(fd, Ordering::Relaxed);
-            }
+    /// crd: `objref`'s description now exists, at `fd` in crd.
+    pub fn publish(&self, objref: ObjRef, fd: RawFd) {
+        if let Some(slot) = self.slot(objref) {
+            slot.store(fd, Ordering::Release);
         }
-        self.flag().store(READY, Ordering::Release);
-        futex(self.flag(), libc::FUTEX_WAKE, i32::MAX as u32, None);
-    }
-
-    /// A stub: waits until crd has published. crd dying meanwhile kills the stub
-    /// (PR_SET_PDEATHSIG), so this needs no way out.
-    pub fn wait(&self) {
-        while self.flag().load(Ordering::Acquire) != READY {
-            futex(self.flag(), libc::FUTEX_WAIT, WAITING, Some(Duration::from_millis(100)));
+        let unannounced = self.unannounced.get() + 1;
+        self.unannounced.set(unannounced);
+        if unannounced >= BATCH {
+            self.wake();
         }
     }
 
-    /// A stub, after `wait`: the fd number of `objref`'s description in crd.
+    /// crd: everything is published; a slot still empty will stay so.
+    pub fn finish(&self) {
+        self.header().done.store(1, Ordering::Release);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        self.unannounced.set(0);
+        self.header().generation.fetch_add(1, Ordering::Release);
+        futex(&self.header().generation, libc::FUTEX_WAKE, i32::MAX as u32, None);
+    }
+
+    /// A stub: the fd number in crd of `objref`'s description, once crd has made it;
+    /// None if crd finished without it. crd dying meanwhile kills the stub
+    /// (PR_SET_PDEATHSIG), so this needs no other way out.
     pub fn fd_of(&self, objref: ObjRef) -> Option<RawFd> {
-        self.slot(objref).map(|slot| slot.load(Ordering::Relaxed))
+        let slot = self.slot(objref)?;
+        loop {
+            // Read the generation first: a publish after this read bumps it (within a
+            // batch), so the futex wait below cannot sleep through it.
+            let generation = self.header().generation.load(Ordering::Acquire);
+            let fd = slot.load(Ordering::Acquire);
+            if fd != EMPTY {
+                return Some(fd);
+            }
+            if self.header().done.load(Ordering::Acquire) != 0 {
+                return None;
+            }
+            futex(&self.header().generation, libc::FUTEX_WAIT, generation, Some(Duration::from_millis(50)));
+        }
     }
 }
 
@@ -118,25 +158,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_forked_child_waits_for_the_published_fds() {
+    fn a_forked_child_gets_each_fd_once_published_and_none_for_a_missing_one() {
         let handover = Handover::new(ObjRef(40)).expect("mapping");
         // SAFETY: the test process forks a child that only touches the shared mapping
         // and exits with _exit.
         match unsafe { nix::unistd::fork() }.expect("fork") {
             nix::unistd::ForkResult::Child => {
-                handover.wait();
-                let code =
-                    match (handover.fd_of(ObjRef(7)), handover.fd_of(ObjRef(40)), handover.fd_of(ObjRef(41)))
-                    {
-                        (Some(12), Some(99), None) => 0,
-                        _ => 1,
-                    };
+                let got = (handover.fd_of(ObjRef(7)), handover.fd_of(ObjRef(40)), handover.fd_of(ObjRef(3)));
+                let code = if got == (Some(12), Some(99), None) { 0 } else { 1 };
                 // SAFETY: ends the forked test child without running the harness.
                 unsafe { libc::_exit(code) }
             }
             nix::unistd::ForkResult::Parent { child } => {
-                std::thread::sleep(Duration::from_millis(50));
-                handover.publish([(ObjRef(7), 12), (ObjRef(40), 99)]);
+                std::thread::sleep(Duration::from_millis(30));
+                // Fewer than a batch: the child only learns of them from `finish`.
+                handover.publish(ObjRef(7), 12);
+                std::thread::sleep(Duration::from_millis(30));
+                handover.publish(ObjRef(40), 99);
+                handover.finish();
                 let status = nix::sys::wait::waitpid(child, None).expect("waitpid");
                 assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
             }

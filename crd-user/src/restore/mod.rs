@@ -27,7 +27,7 @@ pub use stub::FAIL_STUB_ENV;
 use std::{
     ffi::CString,
     io::{BufRead, BufReader},
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
     time::{Duration, Instant},
 };
 
@@ -51,7 +51,7 @@ use crate::{
     graph::Graph,
     harvest::{Source, extras::Extras},
     sys::{self as crd_sys, SyscallError},
-    types::{Pid, Tgid},
+    types::{ObjRef, Pid, Tgid},
 };
 
 /// How long the stubs may take to set up before the restore is abandoned.
@@ -99,7 +99,7 @@ pub fn restore_image(
 ) -> Result<Restored, RestoreError> {
     let plan = plan::plan(graph, Mode::Image { allow_external })?;
     let exec = command(exec)?;
-    run(&plan, || Ok(ObjectTable::recreate(graph)?), exec.as_deref(), interrupted)
+    run(&plan, |publish| Ok(ObjectTable::recreate(graph, publish)?), exec.as_deref(), interrupted)
 }
 
 /// Hands the live open files of `root` (and with `tree` its descendants) to new stubs:
@@ -116,8 +116,8 @@ pub fn graft(
         freeze_and_harvest(Options { root, tree, source }, interrupted)?;
     let graph = Graph::build(root, &harvest, &Extras::default());
     let plan = plan::plan(&graph, Mode::Graft)?;
-    let take = || {
-        let objects = ObjectTable::graft(&graph, &frozen)?;
+    let take = |publish: &mut dyn FnMut(ObjRef, RawFd)| {
+        let objects = ObjectTable::graft(&graph, &frozen, publish)?;
         frozen.thaw();
         Ok(objects)
     };
@@ -149,7 +149,7 @@ struct Report {
 /// the stubs' reports, commits or kills them all.
 fn run(
     plan: &Plan,
-    objects: impl FnOnce() -> Result<ObjectTable, RestoreError>,
+    objects: impl FnOnce(&mut dyn FnMut(ObjRef, RawFd)) -> Result<ObjectTable, RestoreError>,
     exec: Option<&[CString]>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Restored, RestoreError> {
@@ -187,14 +187,14 @@ fn run(
     drop(status_w);
     // The stubs exist (and are dropping what they inherited) while crd makes the
     // descriptions they will pull.
-    let objects = match objects() {
+    let objects = match objects(&mut |objref, fd| handover.publish(objref, fd)) {
         Ok(objects) => objects,
         Err(e) => {
             kill_all(root, &[]);
             return Err(e);
         }
     };
-    handover.publish(objects.raw_fds());
+    handover.finish();
     let mut lines = Lines::new(status_r);
     let reports = match collect_reports(plan, &mut lines, interrupted) {
         Ok(reports) => reports,

@@ -10,10 +10,12 @@
 //! nothing: it refers to the entry made at its first encounter. Whatever is still
 //! deposited when the table is dropped is closed, so no stray end keeps a pipe open.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
 };
 
+// Objrefs are small dense integers: a fast hasher, not SipHash.
+use foldhash::{HashMap, HashMapExt};
 use nix::{
     fcntl::{self, FcntlArg, OFlag},
     sys::stat::{Mode, SFlag, fstat},
@@ -93,13 +95,9 @@ impl InodeHandle {
 }
 
 impl ObjectTable {
-    /// Every description, as fds in crd, for the stubs (who pull them by number).
-    pub fn raw_fds(&self) -> BTreeMap<ObjRef, RawFd> {
-        self.files.iter().map(|(r, fd)| (*r, fd.as_raw_fd())).collect()
-    }
-
-    /// Recreates every description of an image.
-    pub fn recreate(graph: &Graph) -> Result<Self, ObjectError> {
+    /// Recreates every description of an image, telling `publish` where each is (its
+    /// fd number in crd) as soon as it exists, so stubs can start pulling.
+    pub fn recreate(graph: &Graph, publish: &mut dyn FnMut(ObjRef, RawFd)) -> Result<Self, ObjectError> {
         let mut table = ObjectTable::default();
         let mut inodes: HashMap<ObjRef, &Inode> = HashMap::new();
         for (task, slot) in graph.slots() {
@@ -119,6 +117,7 @@ impl ObjectTable {
             let ctx = Ctx { at, inode, inode_ref };
             let (fd, made) = table.description(&ctx, desc, first)?;
             set_status_flags(&fd, desc.flags, made).map_err(|e| ctx.syscall(e))?;
+            publish(*objref, fd.as_raw_fd());
             table.files.insert(*objref, fd);
         }
         // Only the descriptions themselves are needed from here on; the FIFO keepers
@@ -128,8 +127,13 @@ impl ObjectTable {
         Ok(table)
     }
 
-    /// Takes every description of a live, frozen process tree: the very same objects.
-    pub fn graft(graph: &Graph, frozen: &Frozen) -> Result<Self, ObjectError> {
+    /// Takes every description of a live, frozen process tree: the very same objects
+    /// (published as in [`recreate`](Self::recreate)).
+    pub fn graft(
+        graph: &Graph,
+        frozen: &Frozen,
+        publish: &mut dyn FnMut(ObjRef, RawFd),
+    ) -> Result<Self, ObjectError> {
         let mut table = ObjectTable::default();
         for (task, slot) in graph.slots() {
             let Encounter::First { objref, .. } = &slot.file else { continue };
@@ -145,6 +149,7 @@ impl ObjectTable {
                 objref: *objref,
                 source,
             })?;
+            publish(*objref, fd.as_raw_fd());
             table.files.insert(*objref, fd);
         }
         Ok(table)

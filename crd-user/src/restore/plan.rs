@@ -1,6 +1,7 @@
 //! The restore plan: which stubs to make, in which tree, with which fds — pure data,
 //! computed from the graph and checked before anything is created.
-use std::collections::HashMap;
+// Objrefs and PIDs are small integers: a fast hasher, not SipHash.
+use foldhash::{HashMap, HashMapExt};
 
 use crate::{
     graph::{Encounter, Graph, Inode},

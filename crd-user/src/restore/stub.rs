@@ -2,9 +2,9 @@
 //!
 //! A stub starts as a fork of crd (or of its parent stub) and drops every fd it
 //! inherited, so its table holds exactly what the image says: it forks its own child
-//! stubs first (so they start clean too), waits for crd to publish the descriptions
-//! (see `handover`), then pulls each out of crd with `pidfd_getfd` and moves it to its
-//! fd number (close-on-exec as recorded), starts its threads, reports, and waits for
+//! stubs first (so they start clean too), then pulls each of its descriptions out of
+//! crd with `pidfd_getfd` as soon as crd publishes it (see `handover`) and moves it to
+//! its fd number (close-on-exec as recorded), starts its threads, reports, and waits for
 //! crd's commit (SIGUSR1). Until
 //! then it dies with its parent (PR_SET_PDEATHSIG), so a failed or killed restore leaves
 //! nothing running. After the commit it holds its fds until SIGTERM or SIGINT, or execs
@@ -102,10 +102,10 @@ fn setup(args: &mut StubArgs<'_>, index: usize, parent: unistd::Pid) -> Result<S
         spawn_child(*args, child)?;
     }
     if let TablePlan::Own(fds) = &me.table {
-        args.handover.wait();
         // SAFETY: crd_pidfd is open in this process for as long as the setup runs.
         let pidfd = unsafe { BorrowedFd::borrow_raw(args.crd_pidfd) };
         for f in fds {
+            // Waits until crd has made it: crd makes while the stubs pull.
             let source = args.handover.fd_of(f.file).ok_or(format!("fd {}: no object {}", f.fd, f.file))?;
             let pulled = sys::pidfd_getfd(pidfd, crate::types::Fd(source as u32))
                 .map_err(|e| format!("fd {} ({}): {e}", f.fd, f.file))?;
