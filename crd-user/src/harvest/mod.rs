@@ -186,7 +186,16 @@ impl Harvest {
     /// once), in PID order, so the slots of the lowest PID using a table are kept.
     pub fn drop_repeated_tables(mut self) -> Self {
         let mut user: foldhash::HashMap<KernelPtr, Tgid> = foldhash::HashMap::default();
-        self.fds.retain(|f| *user.entry(f.fd_table).or_insert(f.tgid) == f.tgid);
+        // Records come in runs of one (table, process): decide once per run.
+        let mut run: Option<(KernelPtr, Tgid, bool)> = None;
+        self.fds.retain(|f| match run {
+            Some((table, tgid, keep)) if table == f.fd_table && tgid == f.tgid => keep,
+            _ => {
+                let keep = *user.entry(f.fd_table).or_insert(f.tgid) == f.tgid;
+                run = Some((f.fd_table, f.tgid, keep));
+                keep
+            }
+        });
         self.tasks.sort_by_key(|t| (t.tgid, t.pid));
         self.tasks.dedup_by_key(|t| t.pid);
         self
@@ -200,5 +209,51 @@ impl Harvest {
         self.fds.sort_by_key(|f| (f.fd_table, f.fd, f.tgid));
         self.fds.dedup_by_key(|f| (f.fd_table, f.fd));
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(tgid: u32, table: u64, fd: u32) -> FdInfo {
+        FdInfo {
+            tgid: Tgid(tgid),
+            fd_table: KernelPtr(table),
+            fd: Fd(fd),
+            close_on_exec: false,
+            link: None,
+            file: FileInfo {
+                id: KernelPtr(0x1000 + fd as u64),
+                flags: 0,
+                access: Access { read: true, write: false },
+                pos: 0,
+                refs: 1,
+                inode: InodeInfo {
+                    id: KernelPtr(0x2000),
+                    kind: InodeKind::Regular,
+                    ino: 1,
+                    mode: libc::S_IFREG,
+                    dev: DeviceId { major: 0, minor: 1 },
+                    rdev: DeviceId { major: 0, minor: 0 },
+                    pipe: None,
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn a_table_visited_through_several_processes_is_kept_once() {
+        // Processes 10 and 11 share table 0xa (CLONE_FILES); 12 has table 0xb
+        // (the iterator's visit order: by PID, fds ascending).
+        let fds =
+            vec![slot(10, 0xa, 0), slot(10, 0xa, 1), slot(11, 0xa, 0), slot(11, 0xa, 1), slot(12, 0xb, 3)];
+        let kept: Vec<(u32, u64, u32)> = Harvest { tasks: Vec::new(), fds }
+            .drop_repeated_tables()
+            .fds
+            .iter()
+            .map(|f| (f.tgid.0, f.fd_table.0, f.fd.0))
+            .collect();
+        assert_eq!(kept, vec![(10, 0xa, 0), (10, 0xa, 1), (12, 0xb, 3)]);
     }
 }
