@@ -458,49 +458,10 @@ fn tree_order(root: Tgid, tasks: &[TaskInfo]) -> Vec<&TaskInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::harvest::{FileInfo, InodeInfo, PipeInfo, extras::PipeContents};
-
-    fn task(pid: u32, tgid: u32, parent: u32, table: u64) -> TaskInfo {
-        TaskInfo {
-            pid: Pid(pid),
-            tgid: Tgid(tgid),
-            parent: Tgid(parent),
-            comm: "t".into(),
-            fd_table: KernelPtr(table),
-        }
-    }
-
-    fn pipe_end(tgid: u32, table: u64, fd: u32, file: u64, inode: u64, read: bool) -> FdInfo {
-        FdInfo {
-            tgid: Tgid(tgid),
-            fd_table: KernelPtr(table),
-            fd: Fd(fd),
-            close_on_exec: false,
-            link: None,
-            file: FileInfo {
-                id: KernelPtr(file),
-                flags: if read { 0 } else { 1 },
-                access: Access { read, write: !read },
-                pos: 0,
-                refs: 1,
-                inode: InodeInfo {
-                    id: KernelPtr(inode),
-                    kind: InodeKind::Pipe,
-                    ino: inode,
-                    mode: libc::S_IFIFO | 0o600,
-                    dev: DeviceId { major: 0, minor: 14 },
-                    rdev: DeviceId { major: 0, minor: 0 },
-                    pipe: Some(PipeInfo {
-                        id: KernelPtr(inode + 1),
-                        readers: 1,
-                        writers: 1,
-                        queued: None,
-                        capacity: None,
-                    }),
-                },
-            },
-        }
-    }
+    use crate::harvest::{
+        extras::PipeContents,
+        testing::{pipe_end, task},
+    };
 
     /// A parent (two threads) holding both ends of a pipe, the read end dup'ed to fd 5,
     /// and a child holding the read end across fork.

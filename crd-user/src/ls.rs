@@ -421,51 +421,21 @@ fn or_none(holders: &[Holder]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        harvest::{FdInfo, FileInfo, InodeInfo, PipeInfo, TaskInfo},
-        types::KernelPtr,
-    };
+    use crate::harvest::{FdInfo, TaskInfo, testing};
 
     fn task(pid: u32, tgid: u32, table: u64) -> TaskInfo {
-        TaskInfo {
-            pid: Pid(pid),
-            tgid: Tgid(tgid),
-            parent: Tgid(1),
-            comm: format!("p{tgid}"),
-            fd_table: KernelPtr(table),
-        }
+        testing::task(pid, tgid, 1, table)
     }
 
+    /// An end of pipe:[77], 5 bytes queued.
     fn pipe_fd(tgid: u32, table: u64, fd: u32, file: u64, read: bool, refs: u64) -> FdInfo {
-        FdInfo {
-            tgid: Tgid(tgid),
-            fd_table: KernelPtr(table),
-            fd: Fd(fd),
-            close_on_exec: false,
-            link: None,
-            file: FileInfo {
-                id: KernelPtr(file),
-                flags: if read { 0 } else { 1 },
-                access: Access { read, write: !read },
-                pos: 0,
-                refs,
-                inode: InodeInfo {
-                    id: KernelPtr(0x500),
-                    kind: InodeKind::Pipe,
-                    ino: 77,
-                    mode: libc::S_IFIFO | 0o600,
-                    dev: DeviceId { major: 0, minor: 14 },
-                    rdev: DeviceId { major: 0, minor: 0 },
-                    pipe: Some(PipeInfo {
-                        id: KernelPtr(0x600),
-                        readers: 1,
-                        writers: 1,
-                        queued: Some(5),
-                        capacity: None,
-                    }),
-                },
-            },
+        let mut f = testing::pipe_end(tgid, table, fd, file, 0x500, read);
+        f.file.refs = refs;
+        f.file.inode.ino = 77;
+        if let Some(pipe) = &mut f.file.inode.pipe {
+            pipe.queued = Some(5);
         }
+        f
     }
 
     /// Process 10 (two threads) holds both ends at fds 3, 4 and a dup of the read end at

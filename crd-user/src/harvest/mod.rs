@@ -212,11 +212,24 @@ impl Harvest {
     }
 }
 
+/// Record builders for unit tests across crd.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    fn slot(tgid: u32, table: u64, fd: u32) -> FdInfo {
+    pub fn task(pid: u32, tgid: u32, parent: u32, table: u64) -> TaskInfo {
+        TaskInfo {
+            pid: Pid(pid),
+            tgid: Tgid(tgid),
+            parent: Tgid(parent),
+            comm: format!("p{tgid}"),
+            fd_table: KernelPtr(table),
+        }
+    }
+
+    /// One end of pipe `inode` (its `pipe_inode_info` at `inode + 1`), held by `tgid`
+    /// at `fd` through description `file`.
+    pub fn pipe_end(tgid: u32, table: u64, fd: u32, file: u64, inode: u64, read: bool) -> FdInfo {
         FdInfo {
             tgid: Tgid(tgid),
             fd_table: KernelPtr(table),
@@ -224,28 +237,41 @@ mod tests {
             close_on_exec: false,
             link: None,
             file: FileInfo {
-                id: KernelPtr(0x1000 + fd as u64),
-                flags: 0,
-                access: Access { read: true, write: false },
+                id: KernelPtr(file),
+                flags: if read { 0 } else { 1 },
+                access: Access { read, write: !read },
                 pos: 0,
                 refs: 1,
                 inode: InodeInfo {
-                    id: KernelPtr(0x2000),
-                    kind: InodeKind::Regular,
-                    ino: 1,
-                    mode: libc::S_IFREG,
-                    dev: DeviceId { major: 0, minor: 1 },
+                    id: KernelPtr(inode),
+                    kind: InodeKind::Pipe,
+                    ino: inode,
+                    mode: libc::S_IFIFO | 0o600,
+                    dev: DeviceId { major: 0, minor: 14 },
                     rdev: DeviceId { major: 0, minor: 0 },
-                    pipe: None,
+                    pipe: Some(PipeInfo {
+                        id: KernelPtr(inode + 1),
+                        readers: 1,
+                        writers: 1,
+                        queued: None,
+                        capacity: None,
+                    }),
                 },
             },
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::pipe_end;
+    use super::*;
 
     #[test]
     fn a_table_visited_through_several_processes_is_kept_once() {
-        // Processes 10 and 11 share table 0xa (CLONE_FILES); 12 has table 0xb
-        // (the iterator's visit order: by PID, fds ascending).
+        // Processes 10 and 11 share table 0xa (CLONE_FILES); 12 has table 0xb (the
+        // iterator's visit order: by PID, fds ascending).
+        let slot = |tgid, table, fd| pipe_end(tgid, table, fd, 0x100 + fd as u64, 0x500, true);
         let fds =
             vec![slot(10, 0xa, 0), slot(10, 0xa, 1), slot(11, 0xa, 0), slot(11, 0xa, 1), slot(12, 0xb, 3)];
         let kept: Vec<(u32, u64, u32)> = Harvest { tasks: Vec::new(), fds }
