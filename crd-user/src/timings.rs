@@ -64,10 +64,10 @@ impl Phases {
     /// Writes the phases to `$CRD_TIMINGS_FILE` if it is set. Best effort: timings are
     /// a diagnostic and never fail the command.
     pub fn write_if_requested(&self) {
-        if let Some(path) = std::env::var_os(TIMINGS_FILE_ENV) {
-            if let Err(e) = std::fs::write(&path, self.to_json().to_string()) {
-                log::warn!("cannot write timings to {}: {e}", std::path::Path::new(&path).display());
-            }
+        if let Some(path) = std::env::var_os(TIMINGS_FILE_ENV)
+            && let Err(e) = std::fs::write(&path, self.to_json().to_string())
+        {
+            log::warn!("cannot write timings to {}: {e}", std::path::Path::new(&path).display());
         }
     }
 }

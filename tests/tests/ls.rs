@@ -13,7 +13,7 @@ fn ls_json(args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("crd ls --json prints JSON")
 }
 
-fn process<'v>(listing: &'v Value, pid: u32) -> &'v Value {
+fn process(listing: &Value, pid: u32) -> &Value {
     listing["processes"]
         .as_array()
         .and_then(|ps| ps.iter().find(|p| p["pid"] == pid))

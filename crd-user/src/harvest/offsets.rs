@@ -252,7 +252,7 @@ fn mapped_copy(bytes: &[u8]) -> btf_rs::Result<Btf> {
     let memfd = nix::sys::memfd::memfd_create(c"crd-btf", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
         .map_err(std::io::Error::from)?;
     let mut file = std::fs::File::from(memfd);
-    file.write_all(&bytes)?;
+    file.write_all(bytes)?;
     // The mapping keeps the memory file alive after `file` is closed.
     Btf::from_file_with_backend(
         format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)),
