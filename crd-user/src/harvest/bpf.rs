@@ -302,6 +302,8 @@ impl BpfHarvester {
             if done {
                 return Ok(());
             }
+            // The program paused the iteration: the ring was full (drained just now).
+            log::debug!("{name}: ring buffer full after {} records; drained, resuming", stats.records);
         }
     }
 }
