@@ -6,7 +6,7 @@
 //! [`Graph::build`], so objects carry the same objrefs a checkpoint of the same state
 //! would give them, and both harvesters (BPF, /proc) list the same thing.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt::Write as _,
     path::Path,
 };
@@ -167,6 +167,8 @@ pub struct SharedTable {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SharedDescription {
     pub description: ObjRef,
+    /// Objref of its inode.
+    pub inode: ObjRef,
     pub name: String,
     pub access: Access,
     pub holders: Vec<Holder>,
@@ -278,8 +280,15 @@ impl Listing {
             .filter(|(_, holders)| holders.len() > 1)
             .filter_map(|(description, holders)| {
                 let file = files.get(&description)?;
-                let inode = inodes.get(&file.inode.objref())?;
-                Some(SharedDescription { description, name: name(inode), access: file.access, holders })
+                let inode_ref = file.inode.objref();
+                let inode = inodes.get(&inode_ref)?;
+                Some(SharedDescription {
+                    description,
+                    inode: inode_ref,
+                    name: name(inode),
+                    access: file.access,
+                    holders,
+                })
             })
             .collect();
         let pipes = pipe_ends
@@ -304,7 +313,8 @@ impl Listing {
         for process in &mut self.processes {
             process.fds.retain(|f| f.kind.is_pipe_like());
         }
-        self.shared_descriptions.retain(|d| self.pipes.iter().any(|p| p.name == d.name));
+        let pipes: HashSet<ObjRef> = self.pipes.iter().map(|p| p.inode).collect();
+        self.shared_descriptions.retain(|d| pipes.contains(&d.inode));
         self
     }
 
