@@ -141,11 +141,8 @@ impl Drop for Handover {
 /// processes). Errors (EAGAIN: the word already changed; ETIMEDOUT; EINTR) only mean
 /// "look again", which every caller does.
 fn futex(word: &AtomicU32, op: i32, value: u32, timeout: Option<Duration>) {
-    let timespec = timeout.map(|t| libc::timespec {
-        tv_sec: t.as_secs() as libc::time_t,
-        tv_nsec: t.subsec_nanos() as libc::c_long,
-    });
-    let timeout_ptr = timespec.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let timespec = timeout.map(nix::sys::time::TimeSpec::from_duration);
+    let timeout_ptr = timespec.as_ref().map_or(std::ptr::null(), |t| t.as_ref() as *const libc::timespec);
     // SAFETY: `word` is a valid, aligned u32 in memory that outlives the call; the
     // timeout pointer is null or points at a live timespec.
     unsafe {
