@@ -157,15 +157,9 @@ pub fn checkpoint_to_file(
 pub const HOLD_FROZEN_ENV: &str = "CRD_TEST_HOLD_FROZEN_MS";
 
 fn hold_for_tests(interrupted: &dyn Fn() -> bool) -> Result<(), CheckpointError> {
-    let Some(ms) = std::env::var(HOLD_FROZEN_ENV).ok().and_then(|v| v.parse::<u64>().ok()) else {
-        return Ok(());
-    };
-    let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
-    while std::time::Instant::now() < until {
-        if interrupted() {
-            return Err(CheckpointError::Interrupted);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
+    if crate::test_hooks::hold(HOLD_FROZEN_ENV, interrupted) {
+        Ok(())
+    } else {
+        Err(CheckpointError::Interrupted)
     }
-    Ok(())
 }

@@ -25,6 +25,7 @@ pub mod privilege;
 pub mod restore;
 pub mod stress;
 pub mod sys;
+pub mod test_hooks;
 pub mod timings;
 pub mod types;
 

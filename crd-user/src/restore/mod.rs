@@ -274,17 +274,11 @@ fn collect_reports(
 pub const HOLD_RESTORE_ENV: &str = "CRD_TEST_HOLD_RESTORE_MS";
 
 fn hold_for_tests(interrupted: &dyn Fn() -> bool) -> Result<(), RestoreError> {
-    let Some(ms) = std::env::var(HOLD_RESTORE_ENV).ok().and_then(|v| v.parse::<u64>().ok()) else {
-        return Ok(());
-    };
-    let until = Instant::now() + Duration::from_millis(ms);
-    while Instant::now() < until {
-        if interrupted() {
-            return Err(RestoreError::Interrupted);
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    if crate::test_hooks::hold(HOLD_RESTORE_ENV, interrupted) {
+        Ok(())
+    } else {
+        Err(RestoreError::Interrupted)
     }
-    Ok(())
 }
 
 fn signal(pid: Pid, signal: Signal) -> Result<(), SyscallError> {
