@@ -4,32 +4,59 @@
 //! writes these bytes into a BPF ring buffer and userspace reads them back, so both
 //! sides must agree on the layout to the byte. Kernel pointers are carried as `u64`
 //! *identities* (they are never dereferenced in userspace); they tell which fds share an
-//! open file description, which share an inode, and which tasks share an fd table.
+//! open file description, which share an object, and which tasks share an fd table.
+//!
+//! An fd record is a common part ([`FdRecord`]) followed by a *tail* that depends on the
+//! file's kind ([`FdRecord::tail`] says which): a pipe's bookkeeping, an anon or shmem
+//! file's name, an eventfd's counter. A kind's fields widen only its own records.
 #![no_std]
+
+mod offsets;
+
+pub use offsets::{Field, FieldGroup, Offsets};
 
 /// Tag of a [`TaskRecord`] in the ring buffer.
 pub const RECORD_TASK: u32 = 1;
-/// Tag of a [`FdRecord`] in the ring buffer.
+/// Tag of an [`FdRecord`] (and its tail) in the ring buffer.
 pub const RECORD_FD: u32 = 2;
 
 /// Length of `task_struct::comm` (TASK_COMM_LEN).
 pub const COMM_LEN: usize = 16;
+/// Bytes of a dentry's name the BPF program copies (`[eventfd]`, `memfd:NAME`...).
+pub const NAME_LEN: usize = 16;
 
-/// [`FdRecord::flags`]: the pipe had more occupied buffers than the program walks, so
-/// `pipe_queued` is a lower bound (userspace measures the queue itself with FIONREAD).
-pub const FD_PIPE_QUEUE_TRUNCATED: u32 = 1 << 0;
 /// [`FdRecord::flags`]: the fd's close-on-exec bit is set.
 pub const FD_CLOEXEC: u32 = 1 << 1;
-/// [`FdRecord::flags`]: the inode is a FIFO or pipe and its `pipe_inode_info` was read.
-pub const FD_HAS_PIPE: u32 = 1 << 2;
+
+/// [`FdRecord::tail`]: no tail (the common part says all BPF knows).
+pub const TAIL_NONE: u32 = 0;
+/// [`FdRecord::tail`]: a [`PipeTail`] follows (pipes and FIFOs).
+pub const TAIL_PIPE: u32 = 1;
+/// [`FdRecord::tail`]: a [`NamedTail`] follows (anon-inode and shmem files).
+pub const TAIL_NAMED: u32 = 2;
+/// [`FdRecord::tail`]: an [`EventfdTail`] follows.
+pub const TAIL_EVENTFD: u32 = 3;
+
+/// [`PipeTail::flags`]: the pipe had more occupied buffers than the program walks, so
+/// `queued` is a lower bound (userspace measures the queue itself with FIONREAD).
+pub const PIPE_QUEUE_TRUNCATED: u32 = 1 << 0;
 
 /// How many occupied pipe buffers the BPF program sums at most to count queued bytes.
 pub const MAX_PIPE_BUFS_WALKED: u32 = 16;
 
-/// The BPF program copies `pipe_inode_info` in one read of this many bytes, from
-/// `pipe_head` on: `head`, `tail`, `ring_size`, `readers`, `writers` and `bufs` must all
-/// lie inside (userspace checks the kernel's layout before loading).
-pub const PIPE_CHUNK: usize = 128;
+/// [`Config::kinds`] bits: which kinds' kernel fields resolved on this kernel. A kind
+/// whose bit is clear is sent without its tail (userspace lists it as opaque).
+pub const KIND_NAMED: u32 = 1 << 0;
+/// [`Config::kinds`]: `eventfd_ctx` fields resolved.
+pub const KIND_EVENTFD: u32 = 1 << 1;
+/// [`Config::kinds`]: `shmem_inode_info::seals` resolved (memfd seals).
+pub const KIND_SHMEM: u32 = 1 << 2;
+
+/// Superblock magics the BPF program tells kinds apart by (include/uapi/linux/magic.h).
+pub const PIPEFS_MAGIC: u64 = 0x5049_5045;
+pub const ANON_INODE_FS_MAGIC: u64 = 0x0904_1934;
+pub const TMPFS_MAGIC: u64 = 0x0102_1994;
+pub const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
 
 /// One task (thread) of a checkpointed process, from the `iter/task` program.
 #[repr(C)]
@@ -49,7 +76,8 @@ pub struct TaskRecord {
     pub comm: [u8; COMM_LEN],
 }
 
-/// One open fd, from the `iter/task_file` program.
+/// The common part of one open fd, from the `iter/task_file` program. A tail
+/// ([`tail`](Self::tail)) follows it in the same ring record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FdRecord {
@@ -67,15 +95,15 @@ pub struct FdRecord {
     pub file: u64,
     /// `file::f_inode`: identity of the inode.
     pub inode: u64,
-    /// `inode::i_pipe` when the inode is a FIFO/pipe, else 0: identity of the pipe.
-    pub pipe: u64,
     /// `file::f_pos`.
     pub pos: i64,
     /// Raw reference count of the open file description (`f_ref`/`f_count`, see
-    /// [`Offsets::file_ref_bias`]).
+    /// [`Config::file_ref_bias`]).
     pub file_refs: i64,
     /// `inode::i_ino`.
     pub ino: u64,
+    /// `inode::i_size`.
+    pub size: i64,
     /// `super_block::s_magic` of the inode's filesystem (PIPEFS_MAGIC, SOCKFS_MAGIC...).
     pub sb_magic: u64,
     /// `file::f_flags` (O_* open flags).
@@ -90,57 +118,65 @@ pub struct FdRecord {
     pub i_rdev: u32,
     /// `FD_*` bits.
     pub flags: u32,
-    /// `pipe_inode_info::max_usage`: buffer slots the pipe may fill; its capacity
-    /// (F_GETPIPE_SZ) is this many pages.
-    pub pipe_max_usage: u32,
-    /// `pipe_inode_info::readers`: open read descriptions of the pipe, system-wide.
-    pub pipe_readers: u32,
-    /// `pipe_inode_info::writers`: open write descriptions of the pipe, system-wide.
-    pub pipe_writers: u32,
-    /// Bytes queued in the pipe (sum of occupied buffer lengths).
-    pub pipe_queued: u32,
+    /// `TAIL_*`: which tail follows.
+    pub tail: u32,
+    pub _pad: u32,
 }
 
-/// Kernel struct field offsets, resolved in userspace from the running kernel's BTF and
-/// handed to the BPF programs as a read-only global. Rust eBPF emits no CO-RE
-/// relocations, so this is how one BPF object reads the right fields on every kernel.
-///
-/// Every value is a byte offset inside the named struct, except where it says otherwise.
+/// The tail of a pipe or FIFO fd: its `pipe_inode_info`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Offsets {
-    pub task_pid: u32,
-    pub task_tgid: u32,
-    pub task_real_parent: u32,
-    pub task_comm: u32,
-    pub task_files: u32,
-    pub files_fdt: u32,
-    pub fdtable_close_on_exec: u32,
-    pub file_f_flags: u32,
-    pub file_f_mode: u32,
-    pub file_f_pos: u32,
-    pub file_f_inode: u32,
-    pub file_f_ref: u32,
-    pub inode_i_mode: u32,
-    pub inode_i_ino: u32,
-    pub inode_i_sb: u32,
-    pub inode_i_rdev: u32,
-    pub inode_i_pipe: u32,
-    pub sb_s_magic: u32,
-    pub sb_s_dev: u32,
-    pub pipe_head: u32,
-    pub pipe_tail: u32,
-    pub pipe_ring_size: u32,
-    pub pipe_max_usage: u32,
-    pub pipe_readers: u32,
-    pub pipe_writers: u32,
-    pub pipe_bufs: u32,
-    pub pipe_buffer_len: u32,
-    /// `sizeof(struct pipe_buffer)`.
-    pub pipe_buffer_size: u32,
-    /// Added to the raw file reference count to get the number of references: 1 for
-    /// `file_ref_t f_ref` (6.13+, counts from 0), 0 for `atomic_long_t f_count`.
-    pub file_ref_bias: u32,
+pub struct PipeTail {
+    /// `inode::i_pipe`: identity of the pipe.
+    pub pipe: u64,
+    /// `pipe_inode_info::max_usage`: buffer slots the pipe may fill; its capacity
+    /// (F_GETPIPE_SZ) is this many pages.
+    pub max_usage: u32,
+    /// `pipe_inode_info::readers`: open read descriptions of the pipe, system-wide.
+    pub readers: u32,
+    /// `pipe_inode_info::writers`: open write descriptions of the pipe, system-wide.
+    pub writers: u32,
+    /// Bytes queued in the pipe (sum of occupied buffer lengths).
+    pub queued: u32,
+    /// `PIPE_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// The tail of an anon-inode or shmem file: what names it and what it points to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NamedTail {
+    /// `file::private_data`: an anon file's object (the `eventfd_ctx`, the
+    /// `eventpoll`...). Every anon file sits on the kernel's one shared anon inode, so
+    /// this, not the inode, is the object's identity.
+    pub private_data: u64,
+    /// The first bytes of `file->f_path.dentry->d_name`, NUL-padded: `[eventfd]`,
+    /// `[eventpoll]`, `memfd:NAME`...
+    pub name: [u8; NAME_LEN],
+    /// `shmem_inode_info::seals` of a shmem file (F_SEAL_* bits), when resolved.
+    pub seals: u32,
+    pub _pad: u32,
+}
+
+/// The tail of an eventfd.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventfdTail {
+    pub named: NamedTail,
+    /// `eventfd_ctx::count`.
+    pub count: u64,
+    /// `eventfd_ctx::flags` (EFD_SEMAPHORE, EFD_NONBLOCK, EFD_CLOEXEC as created).
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// An fd record with its tail, as one ring buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FdWith<T> {
+    pub common: FdRecord,
+    pub tail: T,
 }
 
 /// Read-only configuration of one harvest, a global of the BPF object.
@@ -148,9 +184,22 @@ pub struct Offsets {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     pub offsets: Offsets,
+    /// `sizeof(struct pipe_buffer)`.
+    pub pipe_buffer_size: u32,
+    /// Added to the raw file reference count to get the number of references: 1 for
+    /// `file_ref_t f_ref` (6.13+, counts from 0), 0 for `atomic_long_t f_count`.
+    pub file_ref_bias: u32,
+    /// `KIND_*` bits: the kinds whose fields this kernel has.
+    pub kinds: u32,
     /// Non-zero: report every task on the system, ignoring the tgid filter map.
     pub match_all: u32,
-    pub _pad: u32,
+}
+
+impl Config {
+    /// The placeholder the BPF object is built with (userspace sets the real values
+    /// before load).
+    pub const ZERO: Self =
+        Self { offsets: Offsets::ZERO, pipe_buffer_size: 0, file_ref_bias: 0, kinds: 0, match_all: 0 };
 }
 
 /// Indices into the `crd_stats` array map.

@@ -15,8 +15,13 @@
 //! the BTF-typed pointers the iterator passes: the verifier checks each load against
 //! the kernel's BTF at load time and turns it into a fault-safe load. Only what BTF
 //! cannot type is copied with `bpf_probe_read_kernel`: the close-on-exec bitmap (one
-//! copy per 64 fds, cached per CPU), the pipe behind a FIFO inode (one copy of
-//! [`PIPE_CHUNK`] bytes) and, for a pipe holding data, its buffer lengths.
+//! copy per 64 fds, cached per CPU), for a pipe holding data its buffer lengths, and the
+//! name, eventfd counter or memfd seals of the kinds that have them.
+//!
+//! **Kinds**: each fd record is a common part plus a tail for its kind (crd-common):
+//! pipes and FIFOs carry their `pipe_inode_info`, anon-inode and shmem files their
+//! dentry name and private object, eventfds their counter. A kind's fields are read only
+//! for that kind, and only if userspace found them in this kernel's BTF (`Config::kinds`).
 //!
 //! **No silent loss**: when the ring buffer is full the program returns 1. The kernel then
 //! ends the current `read()` of the iterator and retries the same (task, fd) on the next
@@ -32,49 +37,17 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use crd_common::{
-    COMM_LEN, Config, FD_CLOEXEC, FD_HAS_PIPE, FD_PIPE_QUEUE_TRUNCATED, FdRecord, MAX_PIPE_BUFS_WALKED,
-    Offsets, RECORD_FD, RECORD_TASK, STAT_COUNT, STAT_READ_FAILED, STAT_RING_FULL,
-    STAT_SUBMITTED, TaskRecord,
+    ANON_INODE_FS_MAGIC, COMM_LEN, Config, EventfdTail, FD_CLOEXEC, FdRecord, FdWith, HUGETLBFS_MAGIC,
+    KIND_EVENTFD, KIND_NAMED, KIND_SHMEM, MAX_PIPE_BUFS_WALKED, NAME_LEN, NamedTail, Offsets,
+    PIPE_QUEUE_TRUNCATED, PipeTail, RECORD_FD, RECORD_TASK, STAT_COUNT, STAT_READ_FAILED,
+    STAT_RING_FULL, STAT_SUBMITTED, TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TMPFS_MAGIC,
+    TaskRecord,
 };
 
 /// Set by userspace before load (`EbpfLoader::set_global`); zero here only as a
 /// placeholder. Lives in `.rodata`, which aya freezes.
 #[unsafe(no_mangle)]
-static CRD_CONFIG: Config = Config {
-    offsets: Offsets {
-        task_pid: 0,
-        task_tgid: 0,
-        task_real_parent: 0,
-        task_comm: 0,
-        task_files: 0,
-        files_fdt: 0,
-        fdtable_close_on_exec: 0,
-        file_f_flags: 0,
-        file_f_mode: 0,
-        file_f_pos: 0,
-        file_f_inode: 0,
-        file_f_ref: 0,
-        inode_i_mode: 0,
-        inode_i_ino: 0,
-        inode_i_sb: 0,
-        inode_i_rdev: 0,
-        inode_i_pipe: 0,
-        sb_s_magic: 0,
-        sb_s_dev: 0,
-        pipe_head: 0,
-        pipe_tail: 0,
-        pipe_ring_size: 0,
-        pipe_max_usage: 0,
-        pipe_readers: 0,
-        pipe_writers: 0,
-        pipe_bufs: 0,
-        pipe_buffer_len: 0,
-        pipe_buffer_size: 0,
-        file_ref_bias: 0,
-    },
-    match_all: 0,
-    _pad: 0,
-};
+static CRD_CONFIG: Config = Config::ZERO;
 
 /// Records for userspace. Its size can be overridden at load time.
 #[map]
@@ -139,6 +112,7 @@ pub struct TaskFileCtx {
 
 const S_IFMT: u32 = 0o170000;
 const S_IFIFO: u32 = 0o010000;
+const S_IFREG: u32 = 0o100000;
 
 #[inline(always)]
 fn config() -> &'static Offsets {
@@ -147,10 +121,22 @@ fn config() -> &'static Offsets {
     unsafe { &*core::ptr::read_volatile(&&raw const CRD_CONFIG.offsets) }
 }
 
+/// A scalar of the frozen configuration.
+#[inline(always)]
+fn setting(field: *const u32) -> u32 {
+    // SAFETY: `field` points into CRD_CONFIG (a valid static); as in `config`.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
 #[inline(always)]
 fn match_all() -> bool {
-    // SAFETY: as in `config`.
-    unsafe { core::ptr::read_volatile(&raw const CRD_CONFIG.match_all) != 0 }
+    setting(&raw const CRD_CONFIG.match_all) != 0
+}
+
+/// Whether this kernel has the fields of the kind behind `bit` (`KIND_*`).
+#[inline(always)]
+fn kind_enabled(bit: u32) -> bool {
+    setting(&raw const CRD_CONFIG.kinds) & bit != 0
 }
 
 #[inline(always)]
@@ -189,6 +175,24 @@ impl Reader {
         // SAFETY: fully written above; only integers and byte arrays are read, for
         // which any bytes are a valid value.
         unsafe { value.assume_init() }
+    }
+
+    /// Copies the NUL-terminated string at `at` (at most `N - 1` bytes, NUL-padded):
+    /// unlike a fixed-size copy, never reads past the string's end.
+    #[inline(always)]
+    fn get_str<const N: usize>(&mut self, at: u64) -> [u8; N] {
+        let mut value = [0u8; N];
+        // SAFETY: bpf_probe_read_kernel_str checks the address itself and writes at most
+        // N bytes into the buffer, which holds N.
+        let ret = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_kernel_str(
+                value.as_mut_ptr().cast(),
+                N as u32,
+                at as *const core::ffi::c_void,
+            )
+        };
+        self.failed |= (ret as u64) >> 63;
+        value
     }
 
     /// Counts this program run in `crd_stats` if any read failed.
@@ -265,7 +269,8 @@ pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
     let inode: *const u8 = load(file, off.file_f_inode);
     let sb: *const u8 = load(inode, off.inode_i_sb);
     let i_mode = load::<u16>(inode, off.inode_i_mode) as u32;
-    let mut record = FdRecord {
+    let sb_magic: u64 = load(sb, off.sb_s_magic);
+    let mut common = FdRecord {
         kind: RECORD_FD,
         fd,
         tgid,
@@ -273,38 +278,102 @@ pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
         files: files as u64,
         file: file as u64,
         inode: inode as u64,
-        pipe: 0,
         pos: load(file, off.file_f_pos),
         file_refs: load(file, off.file_f_ref),
         ino: load(inode, off.inode_i_ino),
-        sb_magic: load(sb, off.sb_s_magic),
+        size: load(inode, off.inode_i_size),
+        sb_magic,
         f_flags: load(file, off.file_f_flags),
         f_mode: load(file, off.file_f_mode),
         i_mode,
         s_dev: load(sb, off.sb_s_dev),
         i_rdev: load(inode, off.inode_i_rdev),
         flags: 0,
-        pipe_max_usage: 0,
-        pipe_readers: 0,
-        pipe_writers: 0,
-        pipe_queued: 0,
+        tail: TAIL_NONE,
+        _pad: 0,
     };
     let mut r = Reader { failed: 0 };
     if close_on_exec(&mut r, files, fd, off) {
-        record.flags |= FD_CLOEXEC;
+        common.flags |= FD_CLOEXEC;
     }
-    // `i_pipe` shares a union with `i_cdev`, `i_link` and `i_dir_seq`: it means a pipe
-    // only when the inode is a FIFO (and BTF cannot type a union member, so it is copied).
-    if i_mode & S_IFMT == S_IFIFO {
-        let pipe: *const u8 = load(inode, off.inode_i_pipe);
-        if !pipe.is_null() {
-            fill_pipe(&mut r, &mut record, pipe, off);
+    // Each kind's tail: only the fields of that kind, read only for that kind.
+    let pushed = if i_mode & S_IFMT == S_IFIFO {
+        // `i_pipe` shares a union with `i_cdev`, `i_link` and `i_dir_seq`: it means a
+        // pipe only when the inode is a FIFO.
+        common.tail = TAIL_PIPE;
+        let tail = pipe_tail(&mut r, load(inode, off.inode_i_pipe), off);
+        report(&r, ctx, tgid, fd);
+        emit(FdWith { common, tail })
+    } else if kind_enabled(KIND_NAMED) && is_named(sb_magic, i_mode) {
+        let named = named_tail(&mut r, file, inode, sb_magic, off);
+        if sb_magic == ANON_INODE_FS_MAGIC && kind_enabled(KIND_EVENTFD) && is_eventfd(&named.name) {
+            common.tail = TAIL_EVENTFD;
+            let tail = eventfd_tail(&mut r, named, off);
+            report(&r, ctx, tgid, fd);
+            emit(FdWith { common, tail })
+        } else {
+            common.tail = TAIL_NAMED;
+            report(&r, ctx, tgid, fd);
+            emit(FdWith { common, tail: named })
         }
-    }
+    } else {
+        report(&r, ctx, tgid, fd);
+        emit(common)
+    };
+    pushed
+}
+
+/// Counts (and logs) a failed kernel read of this program run.
+#[inline(always)]
+fn report(r: &Reader, ctx: *const TaskFileCtx, tgid: u32, fd: u32) {
     if r.report() {
         warn!(ctx, "crd_task_file: a kernel read failed for pid {} fd {}", tgid, fd);
     }
-    emit(record)
+}
+
+/// Files whose name says what they are: anon-inode files (`[eventfd]`, `[eventpoll]`...)
+/// and regular files on shmem (a memfd is `memfd:NAME`).
+#[inline(always)]
+fn is_named(sb_magic: u64, i_mode: u32) -> bool {
+    sb_magic == ANON_INODE_FS_MAGIC
+        || (i_mode & S_IFMT == S_IFREG && (sb_magic == TMPFS_MAGIC || sb_magic == HUGETLBFS_MAGIC))
+}
+
+#[inline(always)]
+fn is_eventfd(name: &[u8; NAME_LEN]) -> bool {
+    name[..9] == *b"[eventfd]" && name[9] == 0
+}
+
+/// The name, private object and (for shmem) seals of an anon or shmem file.
+#[inline(always)]
+fn named_tail(r: &mut Reader, file: *const u8, inode: *const u8, sb_magic: u64, off: &Offsets) -> NamedTail {
+    let dentry: *const u8 = load(file, off.file_dentry);
+    // `const unsigned char *`: BTF types the pointer, not the bytes, so they are copied.
+    let name = load::<*const u8>(dentry, off.dentry_name) as u64;
+    let mut tail = NamedTail {
+        private_data: load::<*const u8>(file, off.file_private_data) as u64,
+        name: r.get_str(name),
+        seals: 0,
+        _pad: 0,
+    };
+    if sb_magic != ANON_INODE_FS_MAGIC && kind_enabled(KIND_SHMEM) {
+        // The inode is embedded in its `shmem_inode_info` (container_of): BTF cannot
+        // type a step backwards from it, so the seals are copied.
+        let info = (inode as u64).wrapping_sub(off.shmem_vfs_inode as u64);
+        tail.seals = r.get(info, off.shmem_seals);
+    }
+    tail
+}
+
+/// An eventfd's counter and flags, from its `eventfd_ctx` (`private_data`, untyped).
+#[inline(always)]
+fn eventfd_tail(r: &mut Reader, named: NamedTail, off: &Offsets) -> EventfdTail {
+    EventfdTail {
+        named,
+        count: r.get(named.private_data, off.eventfd_count),
+        flags: r.get(named.private_data, off.eventfd_flags),
+        _pad: 0,
+    }
 }
 
 /// Tests `fd`'s bit in `files->fdt->close_on_exec`, copying the bitmap word only when
@@ -332,41 +401,47 @@ fn close_on_exec(r: &mut Reader, files: *const u8, fd: u32, off: &Offsets) -> bo
     cache.bits & bit != 0
 }
 
-/// Copies the pipe's bookkeeping and, if it holds data, sums the lengths of its
-/// occupied buffers.
+/// The pipe's bookkeeping and, if it holds data, the sum of its occupied buffers'
+/// lengths.
 #[inline(always)]
-fn fill_pipe(r: &mut Reader, record: &mut FdRecord, pipe: *const u8, off: &Offsets) {
-    record.pipe = pipe as u64;
-    record.flags |= FD_HAS_PIPE;
+fn pipe_tail(r: &mut Reader, pipe: *const u8, off: &Offsets) -> PipeTail {
+    let mut tail = PipeTail {
+        pipe: pipe as u64,
+        max_usage: load(pipe, off.pipe_max_usage),
+        readers: load(pipe, off.pipe_readers),
+        writers: load(pipe, off.pipe_writers),
+        queued: 0,
+        flags: 0,
+        _pad: 0,
+    };
     let head: u32 = load(pipe, off.pipe_head);
-    let tail: u32 = load(pipe, off.pipe_tail);
+    let tail_index: u32 = load(pipe, off.pipe_tail);
     let ring_size: u32 = load(pipe, off.pipe_ring_size);
     let bufs = load::<*const u8>(pipe, off.pipe_bufs) as u64;
-    record.pipe_max_usage = load(pipe, off.pipe_max_usage);
-    record.pipe_readers = load(pipe, off.pipe_readers);
-    record.pipe_writers = load(pipe, off.pipe_writers);
-    let used = head.wrapping_sub(tail);
+    let used = head.wrapping_sub(tail_index);
     // An empty pipe (the common case) needs no walk: 0 bytes queued.
-    if used == 0 || ring_size == 0 || bufs == 0 {
-        return;
+    if pipe.is_null() || used == 0 || ring_size == 0 || bufs == 0 {
+        return tail;
     }
     let mask = ring_size - 1;
+    let buffer_size = setting(&raw const CRD_CONFIG.pipe_buffer_size) as u64;
     let mut queued: u32 = 0;
     // Branch-free on purpose: a fixed count of slots, each read whether in use or not
     // (every slot below ring_size is allocated) and counted only if in use. A loop that
     // breaks on `used` or branches on each read's result makes older verifiers (6.1)
     // walk every path and give up at 1M instructions.
     for i in 0..MAX_PIPE_BUFS_WALKED {
-        let slot = (tail.wrapping_add(i) & mask) as u64;
-        let len_at = bufs + slot * off.pipe_buffer_size as u64 + off.pipe_buffer_len as u64;
+        let slot = (tail_index.wrapping_add(i) & mask) as u64;
+        let len_at = bufs + slot * buffer_size + off.pipe_buffer_len as u64;
         let len: u32 = r.get(len_at, 0);
         let in_use = (i.wrapping_sub(used) >> 31) & 1; // 1 when i < used
         queued = queued.wrapping_add(len.wrapping_mul(in_use));
     }
     if used > MAX_PIPE_BUFS_WALKED {
-        record.flags |= FD_PIPE_QUEUE_TRUNCATED;
+        tail.flags |= PIPE_QUEUE_TRUNCATED;
     }
-    record.pipe_queued = queued;
+    tail.queued = queued;
+    tail
 }
 
 /// Pushes one record; on a full ring, pauses the iteration (return 1) so the same

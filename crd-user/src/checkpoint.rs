@@ -1,18 +1,19 @@
-//! Checkpoint: freeze → harvest → extras → thaw → graph → image.
+//! Checkpoint: freeze → harvest → extras (each kind saves its objects) → graph → thaw →
+//! image.
 //!
-//! The targets are frozen only for the harvest and the pipe copies; they are resumed
-//! (by dropping [`Frozen`]) before the graph is built and the image is written, on every
-//! path out of [`checkpoint`].
+//! The targets are frozen only for the harvest and the saving of contents; they are
+//! resumed (by dropping [`Frozen`]) on every path out of [`checkpoint`]. When the image
+//! streams contents from the targets' objects (a memfd's bytes are read while the image
+//! is written, never held twice in memory), [`checkpoint_to_file`] keeps them frozen
+//! until the image is written, so what it holds is one moment's state.
 use std::path::Path;
 
 use crate::{
     freeze::{FreezeError, Frozen},
     graph::Graph,
     harvest::{
-        Harvest, Source,
-        bpf::{self, BpfError, BpfHarvester, HarvestStats, Scope},
+        self, Harvest, HarvestError, HarvestStats, Harvester, LoadOptions, Scope, Source,
         extras::{self, ExtrasError},
-        procfs::{self, ProcfsError},
     },
     image::{self, Header, ImageBody, ImageError},
     privilege::{self, PrivilegeError},
@@ -25,9 +26,7 @@ pub enum CheckpointError {
     #[error(transparent)]
     Freeze(#[from] FreezeError),
     #[error(transparent)]
-    Bpf(#[from] BpfError),
-    #[error(transparent)]
-    Procfs(#[from] ProcfsError),
+    Harvest(HarvestError),
     #[error(transparent)]
     Extras(#[from] ExtrasError),
     #[error(transparent)]
@@ -38,13 +37,30 @@ pub enum CheckpointError {
     Interrupted,
 }
 
+impl From<HarvestError> for CheckpointError {
+    fn from(e: HarvestError) -> Self {
+        match e {
+            HarvestError::Interrupted => CheckpointError::Interrupted,
+            e => CheckpointError::Harvest(e),
+        }
+    }
+}
+
 /// What to checkpoint.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Options {
     pub root: Tgid,
     /// Include all descendants.
     pub tree: bool,
     pub source: Source,
+    /// How to load the BPF harvester.
+    pub load: LoadOptions,
+}
+
+impl Options {
+    pub fn new(root: Tgid, tree: bool, source: Source) -> Self {
+        Self { root, tree, source, load: LoadOptions::default() }
+    }
 }
 
 /// A finished checkpoint.
@@ -52,7 +68,7 @@ pub struct Checkpoint {
     pub body: ImageBody,
     /// BPF harvest counters (zero for procfs).
     pub stats: HarvestStats,
-    /// Time per phase: load, freeze, harvest, extras, thaw, graph (and write).
+    /// Time per phase: load, freeze, harvest, extras, graph, thaw (and write).
     pub phases: Phases,
 }
 
@@ -75,20 +91,25 @@ pub fn freeze_and_harvest(
     freeze_and_harvest_with(options, None, interrupted)
 }
 
-/// As [`freeze_and_harvest`], with `loaded`, if given, as the (BPF) harvester: one load
-/// serves many checkpoints (`crd stress`).
+/// As [`freeze_and_harvest`], with `loaded`, if given, as the harvester: one load
+/// serves many checkpoints.
 pub fn freeze_and_harvest_with(
     options: Options,
-    loaded: Option<&mut BpfHarvester>,
+    loaded: Option<&mut dyn Harvester>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<FrozenHarvest, CheckpointError> {
     let mut phases = Phases::start();
     // Load BPF before freezing: the targets stay frozen for as short as possible.
-    let (source, mut owned) = match loaded {
-        Some(_) => (Source::Bpf, None),
-        None => bpf::harvester_for(options.source, false).map_err(privilege::explain_bpf)?,
+    let mut owned: Option<Box<dyn Harvester>> = None;
+    let harvester: &mut dyn Harvester = match loaded {
+        Some(h) => h,
+        None => owned
+            .insert(
+                harvest::harvester(options.source, false, &options.load)
+                    .map_err(privilege::explain_harvest)?,
+            )
+            .as_mut(),
     };
-    let mut harvester = loaded.or(owned.as_mut());
     phases.lap("load");
     if interrupted() {
         return Err(CheckpointError::Interrupted);
@@ -99,45 +120,57 @@ pub fn freeze_and_harvest_with(
     })?;
     phases.lap("freeze");
     let tgids: Vec<Tgid> = frozen.processes().collect();
-    let (harvest, stats) = match harvester.as_mut() {
-        Some(h) => h.harvest(Scope::Processes(&tgids), interrupted).map_err(|e| match e {
-            BpfError::Interrupted => CheckpointError::Interrupted,
-            e => e.into(),
-        })?,
-        None => (procfs::harvest(&tgids)?, HarvestStats::default()),
-    };
+    let (harvest, stats) = harvester.harvest(Scope::Processes(&tgids), interrupted)?;
     phases.lap("harvest");
-    Ok(FrozenHarvest { frozen, harvest, stats, source, phases })
+    Ok(FrozenHarvest { frozen, harvest, stats, source: harvester.source(), phases })
 }
 
 /// Checkpoints `options.root` into an image body, leaving the targets running.
 /// `interrupted` is polled between steps (Ctrl-C).
 pub fn checkpoint(options: Options, interrupted: &dyn Fn() -> bool) -> Result<Checkpoint, CheckpointError> {
-    checkpoint_with(options, None, interrupted)
+    checkpoint_with(options, None, None, interrupted)
 }
 
-/// As [`checkpoint`], with `loaded`, if given, as the (BPF) harvester.
+/// As [`checkpoint`], with `loaded`, if given, as the harvester, and the image written
+/// to `output` (if given) before the targets are resumed when it streams their contents.
 pub fn checkpoint_with(
     options: Options,
-    loaded: Option<&mut BpfHarvester>,
+    loaded: Option<&mut dyn Harvester>,
+    output: Option<&Path>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Checkpoint, CheckpointError> {
     let check = || {
         if interrupted() { Err(CheckpointError::Interrupted) } else { Ok(()) }
     };
+    let tree = options.tree;
     let FrozenHarvest { frozen, mut harvest, stats, source, mut phases } =
         freeze_and_harvest_with(options, loaded, interrupted)?;
     check()?;
     let extras = extras::collect(&mut harvest, &frozen)?;
     phases.lap("extras");
     hold_for_tests(interrupted)?;
+    check()?;
     let root = frozen.root();
+    let graph = Graph::build(root, &harvest, &extras.saved);
+    phases.lap("graph");
+    let body = ImageBody { header: Header::now(source.into(), tree), graph };
+    let streams = body.graph.streams_contents();
+    if let Some(output) = output
+        && streams
+    {
+        image::write(output, &body)?;
+        phases.lap("write");
+    }
     frozen.thaw();
     phases.lap("thaw");
-    check()?;
-    let graph = Graph::build(root, &harvest, &extras);
-    phases.lap("graph");
-    Ok(Checkpoint { body: ImageBody { header: Header::now(source, options.tree), graph }, stats, phases })
+    if let Some(output) = output
+        && !streams
+    {
+        check()?;
+        image::write(output, &body)?;
+        phases.lap("write");
+    }
+    Ok(Checkpoint { body, stats, phases })
 }
 
 /// Checkpoints and writes the image atomically to `output`.
@@ -146,10 +179,7 @@ pub fn checkpoint_to_file(
     output: &Path,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Checkpoint, CheckpointError> {
-    let mut done = checkpoint(options, interrupted)?;
-    image::write(output, &done.body)?;
-    done.phases.lap("write");
-    Ok(done)
+    checkpoint_with(options, None, Some(output), interrupted)
 }
 
 /// Test hook: `CRD_TEST_HOLD_FROZEN_MS=N` keeps the targets frozen N ms after the harvest,

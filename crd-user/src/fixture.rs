@@ -27,6 +27,11 @@
 //! | `nodump`              | PR_SET_DUMPABLE 0: only CAP_SYS_PTRACE may trace it or take its fds |
 //! | `comm:NAME`           | set the process name (comm)                                 |
 //! | `socketpair:A:B`      | a connected pair of Unix stream sockets at fds A and B      |
+//! | `eventfd:FD:N:FLAGS`  | eventfd with counter N at FD; FLAGS letters s(emaphore) n(onblock) (may be empty) |
+//! | `memfd:FD:NAME:N:SEALS` | memfd NAME at FD holding N pattern bytes, then seals: letters s(hrink) g(row) w(rite) S(eal) |
+//! | `epoll:FD`            | epoll_create1 at FD                                          |
+//! | `timerfd:FD`          | timerfd_create (CLOCK_MONOTONIC) at FD                       |
+//! | `pty:M:S`             | a pty: master (/dev/ptmx) at M, its slave at S               |
 //! | `fork`                | fork; the child runs the rest                               |
 //! | `clonefiles`          | a child *process* sharing this fd table (CLONE_FILES); it only waits, and reports no readiness (its table is the parent's) |
 use std::{
@@ -244,6 +249,94 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
                 }
                 move_fd(high_a, a, step)?;
                 move_fd(high_b, b, step)?;
+            }
+            "eventfd" => {
+                let fd: RawFd = num(step, parts.next())?;
+                let count: u32 = num(step, parts.next())?;
+                let letters = parts.next().unwrap_or_default();
+                let mut flags = 0;
+                if letters.contains('s') {
+                    flags |= libc::EFD_SEMAPHORE;
+                }
+                if letters.contains('n') {
+                    flags |= libc::EFD_NONBLOCK;
+                }
+                // SAFETY: plain syscall with integer arguments.
+                let made = unsafe { libc::eventfd(count, flags) };
+                if made < 0 {
+                    return Err(failed(nix::Error::last()));
+                }
+                move_fd(made, fd, step)?;
+            }
+            "memfd" => {
+                let mut parts = step.splitn(5, ':').skip(1);
+                let fd: RawFd = num(step, parts.next())?;
+                let name = parts.next().unwrap_or_default();
+                let len: usize = num(step, parts.next())?;
+                let letters = parts.next().unwrap_or_default();
+                let name =
+                    std::ffi::CString::new(name).map_err(|_| FixtureError::BadStep(step.to_string()))?;
+                let made = nix::sys::memfd::memfd_create(
+                    name.as_c_str(),
+                    nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+                )
+                .map_err(failed)?;
+                let data = pattern(len.min(1 << 20));
+                let mut written = 0;
+                while written < len {
+                    let chunk = &data[..(len - written).min(data.len())];
+                    written += unistd::write(&made, chunk).map_err(failed)?;
+                }
+                let mut seals = 0;
+                for (letter, seal) in [
+                    ('s', libc::F_SEAL_SHRINK),
+                    ('g', libc::F_SEAL_GROW),
+                    ('w', libc::F_SEAL_WRITE),
+                    ('S', libc::F_SEAL_SEAL),
+                ] {
+                    if letters.contains(letter) {
+                        seals |= seal;
+                    }
+                }
+                if seals != 0 {
+                    fcntl::fcntl(&made, FcntlArg::F_ADD_SEALS(fcntl::SealFlag::from_bits_retain(seals)))
+                        .map_err(failed)?;
+                }
+                move_fd(made.into_raw_fd(), fd, step)?;
+            }
+            "epoll" => {
+                let fd: RawFd = num(step, parts.next())?;
+                // SAFETY: plain syscall with an integer argument.
+                let made = unsafe { libc::epoll_create1(0) };
+                if made < 0 {
+                    return Err(failed(nix::Error::last()));
+                }
+                move_fd(made, fd, step)?;
+            }
+            "timerfd" => {
+                let fd: RawFd = num(step, parts.next())?;
+                // SAFETY: plain syscall with integer arguments.
+                let made = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, 0) };
+                if made < 0 {
+                    return Err(failed(nix::Error::last()));
+                }
+                move_fd(made, fd, step)?;
+            }
+            "pty" => {
+                let (m, s): (RawFd, RawFd) = (num(step, parts.next())?, num(step, parts.next())?);
+                let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY).map_err(failed)?;
+                nix::pty::grantpt(&master).map_err(failed)?;
+                nix::pty::unlockpt(&master).map_err(failed)?;
+                // SAFETY: ptsname is not thread-safe; the fixture runs its steps on one
+                // thread (a `threads` step only starts sleepers).
+                let name = unsafe { nix::pty::ptsname(&master) }.map_err(failed)?;
+                let slave = fcntl::open(name.as_str(), OFlag::O_RDWR | OFlag::O_NOCTTY, Mode::empty())
+                    .map_err(failed)?;
+                let high_m = fcntl::fcntl(&master, FcntlArg::F_DUPFD(1000)).map_err(failed)?;
+                let high_s = fcntl::fcntl(&slave, FcntlArg::F_DUPFD(1000)).map_err(failed)?;
+                drop((master, slave));
+                move_fd(high_m, m, step)?;
+                move_fd(high_s, s, step)?;
             }
             "clonefiles" => {
                 let stack: &'static mut [u8] = Box::leak(vec![0u8; 256 * 1024].into_boxed_slice());

@@ -10,7 +10,8 @@
 //!
 //! Objrefs count from 1 in first-encounter order over a deterministic walk (processes
 //! in tree order, threads by TID, fds by number), so the same state always gives the
-//! same graph. This module knows nothing of BPF or /proc: it takes a [`Harvest`].
+//! same graph. This module knows nothing of BPF or /proc: it takes a [`Harvest`] and
+//! the objects' saved states (each kind's, see [`crate::kinds`]).
 use std::collections::BTreeMap;
 
 // Kernel pointers are unique and well spread: SipHash's defence against chosen keys buys
@@ -20,9 +21,14 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    harvest::{FdInfo, Harvest, InodeKind, TaskInfo, extras::Extras},
+    kinds::{InsideUse, Kind, Saved, decoding},
+    model::{FdInfo, Harvest, TaskInfo},
     types::{Access, DeviceId, Fd, KernelPtr, ObjRef, Pid, Tgid},
 };
+
+/// Each object's saved state (with contents), by the harvest's object identity; objects
+/// without one are sketched from what the harvest read.
+pub type SavedStates = std::collections::HashMap<KernelPtr, Saved>;
 
 /// The first encounter of an object carries it; later ones refer to it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +84,7 @@ pub struct Graph {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
     pub pid: Pid,
+    #[serde(deserialize_with = "decoding::tgid")]
     pub tgid: Tgid,
     /// The real parent's PID (outside the graph for the root).
     pub parent: Tgid,
@@ -93,6 +100,7 @@ pub struct FdTable {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FdSlot {
+    #[serde(deserialize_with = "decoding::fd")]
     pub fd: Fd,
     pub close_on_exec: bool,
     pub file: Encounter<FileDesc>,
@@ -108,32 +116,39 @@ pub struct FileDesc {
     /// Also referenced from outside the checkpointed set (an fd of another process, an
     /// mmap...): the kernel counts more references than the set holds.
     pub held_outside: bool,
-    pub inode: Encounter<Inode>,
+    pub object: Encounter<Object>,
 }
 
+/// The object a description opens: an inode, or an anon file's private object.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Inode {
-    pub kind: InodeKind,
+pub struct Object {
     pub ino: u64,
     pub mode: u32,
     pub dev: DeviceId,
     pub rdev: DeviceId,
-    /// Path of a named object (regular file, directory, FIFO, device), as
-    /// /proc/PID/fd/N shows it.
+    /// Path of a named object (regular file, directory, FIFO, device, memfd, anon
+    /// file), as /proc/PID/fd/N shows it.
     pub path: Option<String>,
-    pub pipe: Option<Pipe>,
+    /// Some part of the object is open outside the checkpointed set beyond what its
+    /// descriptions show (a pipe end another process holds): it cannot be reconnected
+    /// from an image.
+    pub held_outside: bool,
+    /// The kind's own state (the kind is its variant).
+    pub state: Saved,
 }
 
-/// The pipe of a pipe or FIFO inode.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Pipe {
-    /// Capacity in bytes (F_GETPIPE_SZ).
-    pub capacity: u32,
-    /// Bytes queued, oldest first.
-    pub data: Vec<u8>,
-    /// Some read or write end is open outside the checkpointed set: its peer cannot be
-    /// reconnected from an image.
-    pub held_outside: bool,
+impl Object {
+    pub fn kind(&self) -> Kind {
+        self.state.kind()
+    }
+
+    /// How `ls` and `inspect` name it: its path, or `kind:[ino]`.
+    pub fn name(&self) -> String {
+        match &self.path {
+            Some(path) => path.clone(),
+            None => format!("{}:[{}]", self.kind(), self.ino),
+        }
+    }
 }
 
 /// The kinds of object that get objrefs.
@@ -141,7 +156,7 @@ pub struct Pipe {
 enum Class {
     FdTable,
     File,
-    Inode,
+    Object,
 }
 
 /// linux-cr's objhash at checkpoint time: kernel identity → objref.
@@ -175,35 +190,47 @@ impl ObjHash {
 #[derive(Default)]
 struct InsideCounts {
     slots_per_file: HashMap<KernelPtr, u64>,
-    /// Distinct read and write descriptions of each pipe.
-    readers_per_pipe: HashMap<KernelPtr, u32>,
-    writers_per_pipe: HashMap<KernelPtr, u32>,
+    /// Distinct read and write descriptions of each object.
+    use_per_object: HashMap<KernelPtr, InsideUse>,
 }
 
 impl InsideCounts {
     fn of(harvest: &Harvest) -> Self {
         let mut counts = Self::default();
-        let mut pipe_descriptions: HashSet<KernelPtr> = HashSet::new();
+        let mut descriptions: HashSet<KernelPtr> = HashSet::new();
         for f in &harvest.fds {
             *counts.slots_per_file.entry(f.file.id).or_default() += 1;
-            if let Some(pipe) = &f.file.inode.pipe
-                && pipe_descriptions.insert(f.file.id)
-            {
-                if f.file.access.read {
-                    *counts.readers_per_pipe.entry(pipe.id).or_default() += 1;
-                }
-                if f.file.access.write {
-                    *counts.writers_per_pipe.entry(pipe.id).or_default() += 1;
-                }
+            if descriptions.insert(f.file.id) {
+                let inside = counts.use_per_object.entry(f.file.object.id).or_default();
+                inside.readers += f.file.access.read as u32;
+                inside.writers += f.file.access.write as u32;
             }
         }
         counts
     }
 }
 
+/// Objects of a graph by objref, from their first encounters: one index for every
+/// reader of a graph (restore, ls, inspect, tests).
+#[derive(Default)]
+pub struct GraphIndex<'g> {
+    pub tables: BTreeMap<ObjRef, &'g FdTable>,
+    pub files: BTreeMap<ObjRef, &'g FileDesc>,
+    pub objects: BTreeMap<ObjRef, &'g Object>,
+}
+
+impl<'g> GraphIndex<'g> {
+    /// The description `file` and the objref and object it opens.
+    pub fn open(&self, file: ObjRef) -> Option<(&'g FileDesc, ObjRef, &'g Object)> {
+        let desc = *self.files.get(&file)?;
+        let objref = desc.object.objref();
+        Some((desc, objref, *self.objects.get(&objref)?))
+    }
+}
+
 impl Graph {
     /// Builds the graph of `harvest`, rooted at `root`.
-    pub fn build(root: Tgid, harvest: &Harvest, extras: &Extras) -> Graph {
+    pub fn build(root: Tgid, harvest: &Harvest, saved: &SavedStates) -> Graph {
         let inside = InsideCounts::of(harvest);
         let mut tables: HashMap<KernelPtr, Vec<&FdInfo>> = HashMap::new();
         for f in &harvest.fds {
@@ -229,7 +256,7 @@ impl Graph {
                             fd: f.fd,
                             close_on_exec: f.close_on_exec,
                             file: objhash.encounter(Class::File, f.file.id, |objhash| {
-                                file_desc(f, &inside, extras, objhash)
+                                file_desc(f, &inside, saved, objhash)
                             }),
                         })
                         .collect(),
@@ -248,6 +275,28 @@ impl Graph {
             .flat_map(|(t, table)| table.fds.iter().map(move |slot| (t, slot)))
     }
 
+    /// Whether encoding the graph reads contents from the targets' objects.
+    pub fn streams_contents(&self) -> bool {
+        self.index().objects.values().any(|o| o.state.streams())
+    }
+
+    /// Every object by objref, from its first encounter.
+    pub fn index(&self) -> GraphIndex<'_> {
+        let mut index = GraphIndex::default();
+        for task in &self.tasks {
+            let Encounter::First { objref, object: table } = &task.fd_table else { continue };
+            index.tables.insert(*objref, table);
+            for slot in &table.fds {
+                let Encounter::First { objref, object: file } = &slot.file else { continue };
+                index.files.insert(*objref, file);
+                if let Encounter::First { objref, object } = &file.object {
+                    index.objects.insert(*objref, object);
+                }
+            }
+        }
+        index
+    }
+
     /// Each object's users, by objref: for a file or inode, the (process, fd) slots that
     /// reach it; for an fd table, the threads that share it.
     pub fn users(&self) -> BTreeMap<ObjRef, Vec<(Pid, Option<Fd>)>> {
@@ -258,7 +307,7 @@ impl Graph {
         }
         for (_, slot) in self.slots() {
             if let Encounter::First { objref, object } = &slot.file {
-                inode_of_file.insert(*objref, object.inode.objref());
+                inode_of_file.insert(*objref, object.object.objref());
             }
         }
         for (t, slot) in self.slots() {
@@ -278,13 +327,15 @@ impl Graph {
             let Encounter::First { objref, object: file } = &slot.file else {
                 continue;
             };
-            if let Encounter::First { objref: inode_ref, object: inode } = &file.inode
-                && inode.pipe.as_ref().is_some_and(|p| p.held_outside)
+            if let Encounter::First { objref: object_ref, object } = &file.object
+                && object.held_outside
             {
                 out.push(format!(
-                        "{} {inode_ref} (first seen at PID {} fd {}) has an end open outside the checkpointed processes",
-                        inode.kind, t.tgid, slot.fd
-                    ));
+                    "{} {object_ref} (first seen at PID {} fd {}) has an end open outside the checkpointed processes",
+                    object.kind(),
+                    t.tgid,
+                    slot.fd
+                ));
             }
             if file.held_outside {
                 out.push(format!(
@@ -356,64 +407,50 @@ fn same_file(a: &FileDesc, b: &FileDesc) -> Result<(), String> {
             a.flags, a.access, a.pos, b.flags, b.access, b.pos
         ));
     }
-    a.inode.same_as(&b.inode, "inode", same_inode)
+    a.object.same_as(&b.object, "object", same_object)
 }
 
-fn same_inode(a: &Inode, b: &Inode) -> Result<(), String> {
-    if (a.kind, a.mode, &a.path, a.rdev) != (b.kind, b.mode, &b.path, b.rdev) {
-        return Err(format!("{} {:o} {:?} vs {} {:o} {:?}", a.kind, a.mode, a.path, b.kind, b.mode, b.path));
+fn same_object(a: &Object, b: &Object) -> Result<(), String> {
+    if (a.kind(), a.mode, &a.path, a.rdev) != (b.kind(), b.mode, &b.path, b.rdev) {
+        return Err(format!(
+            "{} {:o} {:?} vs {} {:o} {:?}",
+            a.kind(),
+            a.mode,
+            a.path,
+            b.kind(),
+            b.mode,
+            b.path
+        ));
     }
-    if a.kind != InodeKind::Pipe && (a.ino, a.dev) != (b.ino, b.dev) {
+    if a.kind().same_inode() && (a.ino, a.dev) != (b.ino, b.dev) {
         return Err(format!("inode {} on {} vs {} on {}", a.ino, a.dev, b.ino, b.dev));
     }
-    match (&a.pipe, &b.pipe) {
-        (None, None) => Ok(()),
-        (Some(p), Some(q)) => {
-            if p.capacity != q.capacity {
-                return Err(format!("pipe capacity {} vs {}", p.capacity, q.capacity));
-            }
-            if p.data != q.data {
-                return Err(format!(
-                    "pipe holds {} queued bytes vs {} (or other bytes)",
-                    p.data.len(),
-                    q.data.len()
-                ));
-            }
-            if p.held_outside != q.held_outside {
-                return Err(format!("pipe held outside: {} vs {}", p.held_outside, q.held_outside));
-            }
-            Ok(())
-        }
-        _ => Err("pipe vs not a pipe".into()),
+    if a.held_outside != b.held_outside {
+        return Err(format!("held outside: {} vs {}", a.held_outside, b.held_outside));
     }
+    a.state.same(&b.state)
 }
 
-fn file_desc(f: &FdInfo, inside: &InsideCounts, extras: &Extras, objhash: &mut ObjHash) -> FileDesc {
+fn file_desc(f: &FdInfo, inside: &InsideCounts, saved: &SavedStates, objhash: &mut ObjHash) -> FileDesc {
     let slots_inside = inside.slots_per_file.get(&f.file.id).copied().unwrap_or(0);
     FileDesc {
         flags: f.file.flags,
         access: f.file.access,
         pos: f.file.pos,
         held_outside: f.file.refs > slots_inside,
-        inode: objhash.encounter(Class::Inode, f.file.inode.id, |_| {
-            let i = &f.file.inode;
-            Inode {
-                kind: i.kind,
-                ino: i.ino,
-                mode: i.mode,
-                dev: i.dev,
-                rdev: i.rdev,
-                path: if i.kind.has_path() { f.link.clone() } else { None },
-                pipe: i.pipe.as_ref().map(|p| {
-                    let count = |m: &HashMap<KernelPtr, u32>| m.get(&p.id).copied().unwrap_or(0);
-                    let contents = extras.pipes.get(&i.id).cloned().unwrap_or_default();
-                    Pipe {
-                        capacity: contents.capacity,
-                        data: contents.data,
-                        held_outside: p.readers > count(&inside.readers_per_pipe)
-                            || p.writers > count(&inside.writers_per_pipe),
-                    }
-                }),
+        object: objhash.encounter(Class::Object, f.file.object.id, |_| {
+            let o = &f.file.object;
+            let kind = o.kind();
+            Object {
+                ino: o.ino,
+                mode: o.mode,
+                dev: o.dev,
+                rdev: o.rdev,
+                path: if kind.has_path() { f.link.clone() } else { None },
+                held_outside: o
+                    .live
+                    .held_outside(inside.use_per_object.get(&o.id).copied().unwrap_or_default()),
+                state: saved.get(&o.id).cloned().unwrap_or_else(|| o.live.sketch()),
             }
         }),
     }
@@ -458,9 +495,9 @@ fn tree_order(root: Tgid, tasks: &[TaskInfo]) -> Vec<&TaskInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::harvest::{
-        extras::PipeContents,
-        testing::{pipe_end, task},
+    use crate::{
+        kinds::pipe::PipeState,
+        model::testing::{pipe_end, pipe_live, task},
     };
 
     /// A parent (two threads) holding both ends of a pipe, the read end dup'ed to fd 5,
@@ -480,7 +517,7 @@ mod tests {
 
     #[test]
     fn shared_objects_are_saved_once_then_referenced() {
-        let g = Graph::build(Tgid(10), &family(), &Extras::default());
+        let g = Graph::build(Tgid(10), &family(), &SavedStates::default());
         let order: Vec<u32> = g.tasks.iter().map(|t| t.pid.0).collect();
         assert_eq!(order, [10, 11, 20], "leader, its thread, then the child");
         // Thread 11 shares the leader's table: only an objref.
@@ -492,11 +529,11 @@ mod tests {
         // fd 3: file #2 with pipe inode #3 (first encounters, nested).
         let file = table.fds[0].file.first().expect("first encounter of the read end");
         assert_eq!(table.fds[0].file.objref(), ObjRef(2));
-        assert_eq!(file.inode.objref(), ObjRef(3));
+        assert_eq!(file.object.objref(), ObjRef(3));
         // fd 4: the write end is a new file #4 on the same inode #3.
         let write_end = table.fds[1].file.first().unwrap();
         assert_eq!(table.fds[1].file.objref(), ObjRef(4));
-        assert_eq!(write_end.inode, Encounter::Again(ObjRef(3)));
+        assert_eq!(write_end.object, Encounter::Again(ObjRef(3)));
         // fd 5 (dup of 3): the same description.
         assert_eq!(table.fds[2].file, Encounter::Again(ObjRef(2)));
         // The child: its own table #5, the inherited description #2.
@@ -512,8 +549,8 @@ mod tests {
         shuffled.tasks.reverse();
         shuffled.fds.rotate_left(2);
         assert_eq!(
-            Graph::build(Tgid(10), &family(), &Extras::default()),
-            Graph::build(Tgid(10), &shuffled, &Extras::default())
+            Graph::build(Tgid(10), &family(), &SavedStates::default()),
+            Graph::build(Tgid(10), &shuffled, &SavedStates::default())
         );
     }
 
@@ -522,12 +559,12 @@ mod tests {
         let mut h = family();
         // The kernel counts two writers; the set holds one write description.
         for f in &mut h.fds {
-            f.file.inode.pipe.as_mut().unwrap().writers = 2;
+            pipe_live(f).writers = 2;
         }
-        let g = Graph::build(Tgid(10), &h, &Extras::default());
+        let g = Graph::build(Tgid(10), &h, &SavedStates::default());
         let table = g.tasks[0].fd_table.first().unwrap();
-        let inode = table.fds[0].file.first().unwrap().inode.first().unwrap();
-        assert!(inode.pipe.as_ref().unwrap().held_outside);
+        let object = table.fds[0].file.first().unwrap().object.first().unwrap();
+        assert!(object.held_outside);
         assert_eq!(g.held_outside().len(), 1);
     }
 
@@ -537,7 +574,7 @@ mod tests {
         for f in h.fds.iter_mut().filter(|f| f.file.id == KernelPtr(0xf1)) {
             f.file.refs = 4; // three slots in the set, one more somewhere else
         }
-        let g = Graph::build(Tgid(10), &h, &Extras::default());
+        let g = Graph::build(Tgid(10), &h, &SavedStates::default());
         let file = g.tasks[0].fd_table.first().unwrap().fds[0].file.first().unwrap();
         assert!(file.held_outside);
         let write_end = g.tasks[0].fd_table.first().unwrap().fds[1].file.first().unwrap();
@@ -546,17 +583,18 @@ mod tests {
 
     #[test]
     fn pipe_contents_go_with_the_inode() {
-        let mut extras = Extras::default();
-        extras.pipes.insert(KernelPtr(0x100), PipeContents { capacity: 65536, data: b"queued".to_vec() });
-        let g = Graph::build(Tgid(10), &family(), &extras);
-        let inode = g.tasks[0].fd_table.first().unwrap().fds[0].file.first().unwrap().inode.first().unwrap();
-        let pipe = inode.pipe.as_ref().unwrap();
-        assert_eq!((pipe.capacity, pipe.data.as_slice()), (65536, &b"queued"[..]));
+        let mut saved = SavedStates::default();
+        let state = PipeState { capacity: 65536, data: b"queued".to_vec() };
+        saved.insert(KernelPtr(0x100), Saved::Pipe(state.clone()));
+        let g = Graph::build(Tgid(10), &family(), &saved);
+        let object =
+            g.tasks[0].fd_table.first().unwrap().fds[0].file.first().unwrap().object.first().unwrap();
+        assert_eq!(object.state, Saved::Pipe(state));
     }
 
     #[test]
     fn users_lists_every_slot_of_a_shared_object() {
-        let g = Graph::build(Tgid(10), &family(), &Extras::default());
+        let g = Graph::build(Tgid(10), &family(), &SavedStates::default());
         let users = g.users();
         assert_eq!(users[&ObjRef(1)], vec![(Pid(10), None), (Pid(11), None)]);
         assert_eq!(

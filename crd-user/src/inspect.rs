@@ -3,9 +3,8 @@
 use std::fmt::Write;
 
 use crate::{
-    graph::{Encounter, FileDesc, Graph, Inode},
+    graph::{Encounter, Graph, Object},
     image::ImageBody,
-    types::ObjRef,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -23,38 +22,14 @@ pub fn render(body: &ImageBody, format: Format) -> String {
     }
 }
 
-/// Objects by objref, from their first encounters.
-struct Objects<'a> {
-    files: std::collections::BTreeMap<ObjRef, &'a FileDesc>,
-    inodes: std::collections::BTreeMap<ObjRef, &'a Inode>,
-}
-
-impl<'a> Objects<'a> {
-    fn of(graph: &'a Graph) -> Self {
-        let mut files = std::collections::BTreeMap::new();
-        let mut inodes = std::collections::BTreeMap::new();
-        for (_, slot) in graph.slots() {
-            if let Encounter::First { objref, object } = &slot.file {
-                files.insert(*objref, object);
-                if let Encounter::First { objref, object } = &object.inode {
-                    inodes.insert(*objref, object);
-                }
-            }
-        }
-        Self { files, inodes }
+fn object_detail(object: &Object) -> String {
+    let mut s = object.name();
+    if let Some(detail) = object.state.detail() {
+        s.push(' ');
+        s.push_str(&detail);
     }
-}
-
-fn inode_detail(inode: &Inode) -> String {
-    let mut s = match &inode.path {
-        Some(p) => p.clone(),
-        None => format!("{}:[{}]", inode.kind, inode.ino),
-    };
-    if let Some(pipe) = &inode.pipe {
-        let _ = write!(s, " capacity {} queued {}", pipe.capacity, pipe.data.len());
-        if pipe.held_outside {
-            s.push_str(" EXTERNAL");
-        }
+    if object.held_outside {
+        s.push_str(" EXTERNAL");
     }
     s
 }
@@ -69,7 +44,7 @@ fn first_or_ref<T>(e: &Encounter<T>) -> String {
 fn text(body: &ImageBody) -> String {
     let h = &body.header;
     let g = &body.graph;
-    let objects = Objects::of(g);
+    let index = g.index();
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -102,41 +77,41 @@ fn text(body: &ImageBody) -> String {
         let _ = writeln!(out, "\nfd table {objref} of PID {} ({} fds)", t.tgid, table.fds.len());
         let _ = writeln!(
             out,
-            "{:>6} {:>4} {:>6} {:>3} {:>8} {:>10} {:>6} {:<6} OBJECT",
-            "FD", "CLOE", "FILE", "ACC", "FLAGS", "POS", "INODE", "KIND"
+            "{:>6} {:>4} {:>6} {:>3} {:>8} {:>10} {:>6} {:<7} NAME",
+            "FD", "CLOE", "FILE", "ACC", "FLAGS", "POS", "OBJECT", "KIND"
         );
         for slot in &table.fds {
-            let file = objects.files.get(&slot.file.objref());
-            let (acc, flags, pos, inode_ref, outside) = match file {
+            let file = index.files.get(&slot.file.objref());
+            let (acc, flags, pos, object_ref, outside) = match file {
                 Some(f) if slot.file.first().is_some() => (
                     f.access.to_string(),
                     format!("{:o}", f.flags),
                     f.pos.to_string(),
-                    first_or_ref(&f.inode),
+                    first_or_ref(&f.object),
                     f.held_outside,
                 ),
                 Some(f) => (
                     f.access.to_string(),
                     format!("{:o}", f.flags),
                     f.pos.to_string(),
-                    f.inode.objref().to_string(),
+                    f.object.objref().to_string(),
                     f.held_outside,
                 ),
                 None => ("?".into(), "?".into(), "?".into(), "?".into(), false),
             };
-            let inode = file.and_then(|f| objects.inodes.get(&f.inode.objref()));
+            let object = file.and_then(|f| index.objects.get(&f.object.objref()));
             let _ = writeln!(
                 out,
-                "{:>6} {:>4} {:>6} {:>3} {:>8} {:>10} {:>6} {:<6} {}{}",
+                "{:>6} {:>4} {:>6} {:>3} {:>8} {:>10} {:>6} {:<7} {}{}",
                 slot.fd,
                 if slot.close_on_exec { "yes" } else { "-" },
                 first_or_ref(&slot.file),
                 acc,
                 flags,
                 pos,
-                inode_ref,
-                inode.map(|i| i.kind.to_string()).unwrap_or_default(),
-                inode.map(|i| inode_detail(i)).unwrap_or_default(),
+                object_ref,
+                object.map(|o| o.kind().to_string()).unwrap_or_default(),
+                object.map(|o| object_detail(o)).unwrap_or_default(),
                 if outside { "  (description held outside)" } else { "" }
             );
         }
@@ -145,10 +120,10 @@ fn text(body: &ImageBody) -> String {
     if !shared.is_empty() {
         let _ = writeln!(out, "\nshared objects:");
         for (objref, users) in shared {
-            let what = if objects.files.contains_key(&objref) {
+            let what = if index.files.contains_key(&objref) {
                 "open file".to_string()
-            } else if let Some(inode) = objects.inodes.get(&objref) {
-                inode.kind.to_string()
+            } else if let Some(object) = index.objects.get(&objref) {
+                object.kind().to_string()
             } else {
                 "fd table".to_string()
             };
@@ -173,7 +148,7 @@ fn text(body: &ImageBody) -> String {
 }
 
 fn dot(g: &Graph) -> String {
-    let objects = Objects::of(g);
+    let index = g.index();
     let mut out = String::from("digraph crd {\n  rankdir=LR;\n  node [fontname=\"monospace\"];\n");
     for t in &g.tasks {
         let _ = writeln!(
@@ -198,7 +173,7 @@ fn dot(g: &Graph) -> String {
             }
         }
     }
-    for (objref, file) in &objects.files {
+    for (objref, file) in &index.files {
         let _ = writeln!(
             out,
             "  obj{} [shape=ellipse,label=\"file {objref}\\n{} pos {}\"{}];",
@@ -207,17 +182,16 @@ fn dot(g: &Graph) -> String {
             file.pos,
             if file.held_outside { ",color=red" } else { "" }
         );
-        let _ = writeln!(out, "  obj{} -> obj{};", objref.0, file.inode.objref().0);
+        let _ = writeln!(out, "  obj{} -> obj{};", objref.0, file.object.objref().0);
     }
-    for (objref, inode) in &objects.inodes {
-        let outside = inode.pipe.as_ref().is_some_and(|p| p.held_outside);
+    for (objref, object) in &index.objects {
         let _ = writeln!(
             out,
             "  obj{} [shape=note,label=\"{} {objref}\\n{}\"{}];",
             objref.0,
-            inode.kind,
-            inode_detail(inode).replace('"', "'"),
-            if outside { ",color=red" } else { "" }
+            object.kind(),
+            object_detail(object).replace('"', "'"),
+            if object.held_outside { ",color=red" } else { "" }
         );
     }
     out.push_str("}\n");

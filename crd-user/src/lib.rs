@@ -16,11 +16,14 @@
 pub mod checkpoint;
 pub mod fixture;
 pub mod freeze;
+pub mod graft;
 pub mod graph;
 pub mod harvest;
 pub mod image;
 pub mod inspect;
+pub mod kinds;
 pub mod ls;
+pub mod model;
 pub mod privilege;
 pub mod restore;
 pub mod stress;

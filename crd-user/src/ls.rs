@@ -14,14 +14,10 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    graph::{Encounter, FdTable, FileDesc, Graph, Inode},
-    harvest::{
-        Harvest, InodeKind, Source,
-        bpf::{self, BpfError, Scope},
-        extras::{self, Extras},
-        procfs::{self, ProcfsError},
-    },
-    types::{Access, DeviceId, Fd, ObjRef, Pid, Tgid},
+    graph::{Graph, Object, SavedStates},
+    harvest::{self, Harvest, HarvestError, LoadOptions, Scope, Source, extras},
+    kinds::{Kind, Live},
+    types::{Access, Fd, KernelPtr, ObjRef, Pid, Tgid},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -31,9 +27,7 @@ pub enum LsError {
     #[error("name the processes to list, or use --all for every process")]
     NothingToList,
     #[error(transparent)]
-    Bpf(#[from] BpfError),
-    #[error(transparent)]
-    Procfs(#[from] ProcfsError),
+    Harvest(#[from] HarvestError),
 }
 
 /// Which processes to list.
@@ -63,47 +57,22 @@ impl Targets {
     }
 }
 
-/// Every process crd may inspect, but crd itself.
-///
-/// The kernel lets a caller read a process's fd links only with ptrace read access
-/// (PTRACE_MODE_READ); a process that refuses it (a protected init, another user's
-/// process) is left out of `--all` whatever the source, so that both sources list the
-/// same processes. `/proc/PID/cwd` is behind the same check.
-pub fn all_processes() -> Vec<Tgid> {
-    let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    let mut tgids: Vec<Tgid> = entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&pid| pid != me && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok())
-        .map(Tgid)
-        .collect();
-    tgids.sort_unstable();
-    tgids
-}
-
 /// One harvest of `targets`, without freezing them. Returns the source actually used.
 pub fn harvest(
     source: Source,
+    load: &LoadOptions,
     targets: &Targets,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<(Source, Harvest), LsError> {
-    let match_all = *targets == Targets::All;
-    let (source, harvester) = bpf::harvester_for(source, match_all)?;
-    let mut harvest = match (harvester, targets) {
-        (Some(mut h), Targets::Processes(tgids)) => h.harvest(Scope::Processes(tgids), interrupted)?.0,
-        (Some(mut h), Targets::All) => {
-            let mut harvest = h.harvest(Scope::All, interrupted)?.0;
-            let listed: std::collections::HashSet<Tgid> = all_processes().into_iter().collect();
-            harvest.tasks.retain(|t| listed.contains(&t.tgid));
-            harvest.fds.retain(|f| listed.contains(&f.tgid));
-            harvest
-        }
-        (None, Targets::Processes(tgids)) => procfs::harvest(tgids)?,
-        (None, Targets::All) => procfs::harvest(&all_processes())?,
+    let mut harvester = harvest::harvester(source, *targets == Targets::All, load)?;
+    let scope = match targets {
+        Targets::Processes(tgids) => Scope::Processes(tgids),
+        Targets::All => Scope::All,
     };
+    let (mut harvest, _) = harvester.harvest(scope, interrupted)?;
     extras::fill_links(&mut harvest);
     extras::count_queued(&mut harvest);
-    Ok((source, harvest))
+    Ok((harvester.source(), harvest))
 }
 
 /// What `crd ls` shows.
@@ -130,7 +99,7 @@ pub struct Process {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct OpenFd {
     pub fd: Fd,
-    pub kind: InodeKind,
+    pub kind: Kind,
     pub access: Access,
     pub close_on_exec: bool,
     /// Open flags without the access mode and O_CLOEXEC.
@@ -138,9 +107,12 @@ pub struct OpenFd {
     pub offset: i64,
     /// The path, or `pipe:[ino]`-style for objects without one.
     pub name: String,
+    /// What the object's kind tells beyond its name (`count=7 semaphore`,
+    /// `4096 bytes seals=shrink`); pipes tell theirs in the pipe section.
+    pub detail: Option<String>,
     /// Objref of the open file description.
     pub description: ObjRef,
-    /// Objref of the inode.
+    /// Objref of the object (an inode, or an anon file's private object).
     pub inode: ObjRef,
 }
 
@@ -190,35 +162,31 @@ impl Listing {
     /// Builds the listing of `harvest` through the objref graph.
     pub fn new(harvest: &Harvest) -> Self {
         let root = harvest.tasks.iter().map(|t| t.tgid).min().unwrap_or(Tgid(0));
-        let graph = Graph::build(root, harvest, &Extras::default());
-        let queued: HashMap<(DeviceId, u64), Option<u32>> = harvest
+        let graph = Graph::build(root, harvest, &SavedStates::default());
+        // Objects are keyed by identity in the harvest; the graph names them by objref.
+        // Their first fds map one to the other.
+        let queued: HashMap<KernelPtr, Option<u32>> = harvest
             .fds
             .iter()
-            .filter_map(|f| Some(((f.file.inode.dev, f.file.inode.ino), f.file.inode.pipe.as_ref()?.queued)))
+            .filter_map(|f| match &f.file.object.live {
+                Live::Pipe(p) | Live::Fifo(p) => Some((f.file.object.id, p.queued)),
+                _ => None,
+            })
             .collect();
-        Self::from_graph(&graph, |inode| {
-            queued.get(&(inode.dev, inode.ino)).copied().flatten().map(u64::from)
+        let object_of: HashMap<(Tgid, Fd), KernelPtr> =
+            harvest.fds.iter().map(|f| ((f.tgid, f.fd), f.file.object.id)).collect();
+        Self::from_graph(&graph, |holder| {
+            object_of
+                .get(&(holder.pid, holder.fd))
+                .and_then(|id| queued.get(id))
+                .copied()
+                .flatten()
+                .map(u64::from)
         })
     }
 
-    fn from_graph(graph: &Graph, queued: impl Fn(&Inode) -> Option<u64>) -> Self {
-        // Objects by objref, from their first encounters.
-        let mut tables: HashMap<ObjRef, &FdTable> = HashMap::new();
-        let mut files: HashMap<ObjRef, &FileDesc> = HashMap::new();
-        let mut inodes: HashMap<ObjRef, &Inode> = HashMap::new();
-        for task in &graph.tasks {
-            if let Encounter::First { objref, object } = &task.fd_table {
-                tables.insert(*objref, object);
-                for slot in &object.fds {
-                    if let Encounter::First { objref, object } = &slot.file {
-                        files.insert(*objref, object);
-                        if let Encounter::First { objref, object } = &object.inode {
-                            inodes.insert(*objref, object);
-                        }
-                    }
-                }
-            }
-        }
+    fn from_graph(graph: &Graph, queued: impl Fn(&Holder) -> Option<u64>) -> Self {
+        let index = graph.index();
         let mut processes: BTreeMap<Tgid, Process> = BTreeMap::new();
         for task in &graph.tasks {
             let process = processes.entry(task.tgid).or_insert_with(|| Process {
@@ -240,15 +208,13 @@ impl Listing {
         let mut pipe_ends: BTreeMap<ObjRef, (Vec<Holder>, Vec<Holder>)> = BTreeMap::new();
         for process in processes.values_mut() {
             by_table.entry(process.fd_table).or_default().push((process.pid, process.threads.clone()));
-            let Some(table) = tables.get(&process.fd_table) else { continue };
+            let Some(table) = index.tables.get(&process.fd_table) else { continue };
             for slot in &table.fds {
                 let description = slot.file.objref();
-                let Some(file) = files.get(&description) else { continue };
-                let inode_ref = file.inode.objref();
-                let Some(inode) = inodes.get(&inode_ref) else { continue };
+                let Some((file, inode_ref, object)) = index.open(description) else { continue };
                 let holder = Holder { pid: process.pid, fd: slot.fd };
                 by_description.entry(description).or_default().push(holder);
-                if inode.pipe.is_some() {
+                if object.kind().is_pipe_like() {
                     let (readers, writers) = pipe_ends.entry(inode_ref).or_default();
                     if file.access.read {
                         readers.push(holder);
@@ -259,12 +225,13 @@ impl Listing {
                 }
                 process.fds.push(OpenFd {
                     fd: slot.fd,
-                    kind: inode.kind,
+                    kind: object.kind(),
                     access: file.access,
                     close_on_exec: slot.close_on_exec,
                     flags: file.flags & !(libc::O_ACCMODE as u32),
                     offset: file.pos,
-                    name: name(inode),
+                    name: name(object),
+                    detail: if object.kind().is_pipe_like() { None } else { object.state.detail() },
                     description,
                     inode: inode_ref,
                 });
@@ -279,13 +246,11 @@ impl Listing {
             .into_iter()
             .filter(|(_, holders)| holders.len() > 1)
             .filter_map(|(description, holders)| {
-                let file = files.get(&description)?;
-                let inode_ref = file.inode.objref();
-                let inode = inodes.get(&inode_ref)?;
+                let (file, inode_ref, object) = index.open(description)?;
                 Some(SharedDescription {
                     description,
                     inode: inode_ref,
-                    name: name(inode),
+                    name: name(object),
                     access: file.access,
                     holders,
                 })
@@ -294,14 +259,15 @@ impl Listing {
         let pipes = pipe_ends
             .into_iter()
             .filter_map(|(inode_ref, (readers, writers))| {
-                let inode = inodes.get(&inode_ref)?;
+                let object = index.objects.get(&inode_ref)?;
+                let first = readers.first().or(writers.first())?;
                 Some(PipeEnds {
                     inode: inode_ref,
-                    name: name(inode),
-                    readers,
-                    writers,
-                    held_outside: inode.pipe.as_ref().is_some_and(|p| p.held_outside),
-                    queued: queued(inode),
+                    name: name(object),
+                    readers: readers.clone(),
+                    writers: writers.clone(),
+                    held_outside: object.held_outside,
+                    queued: queued(first),
                 })
             })
             .collect();
@@ -323,19 +289,20 @@ impl Listing {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:>7} {:<15} {:>6} {:<6} {:<5} {:>10} {:>6} NAME",
+            "{:>7} {:<15} {:>6} {:<7} {:<5} {:>10} {:>6} NAME",
             "PID", "COMMAND", "FD", "TYPE", "FLAGS", "OFFSET", "OFD"
         );
         for p in &self.processes {
             for f in &p.fds {
-                let offset = if f.kind.is_pipe_like() || f.kind == InodeKind::Socket {
+                let offset = if f.kind.is_pipe_like() || f.kind == Kind::Socket {
                     String::new()
                 } else {
                     f.offset.to_string()
                 };
+                let detail = f.detail.as_deref().map(|d| format!(" {d}")).unwrap_or_default();
                 let _ = writeln!(
                     out,
-                    "{:>7} {:<15} {:>6} {:<6} {:<5} {:>10} {:>6} {}",
+                    "{:>7} {:<15} {:>6} {:<7} {:<5} {:>10} {:>6} {}{detail}",
                     p.pid.to_string(),
                     p.comm,
                     format!("{}{}", f.fd, mode_letter(f.access)),
@@ -386,12 +353,10 @@ impl Listing {
     }
 }
 
-fn name(inode: &Inode) -> String {
-    match (&inode.path, inode.kind) {
-        (Some(path), _) => path.clone(),
-        (None, InodeKind::Pipe) => format!("pipe:[{}]", inode.ino),
-        (None, InodeKind::Socket) => format!("socket:[{}]", inode.ino),
-        (None, kind) => format!("{kind}:[{}] (gone)", inode.ino),
+fn name(object: &Object) -> String {
+    match (&object.path, object.kind()) {
+        (None, kind) if kind.has_path() => format!("{kind}:[{}] (gone)", object.ino),
+        _ => object.name(),
     }
 }
 
@@ -431,7 +396,7 @@ fn or_none(holders: &[Holder]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::harvest::{FdInfo, TaskInfo, testing};
+    use crate::model::{FdInfo, TaskInfo, testing};
 
     fn task(pid: u32, tgid: u32, table: u64) -> TaskInfo {
         testing::task(pid, tgid, 1, table)
@@ -441,10 +406,8 @@ mod tests {
     fn pipe_fd(tgid: u32, table: u64, fd: u32, file: u64, read: bool, refs: u64) -> FdInfo {
         let mut f = testing::pipe_end(tgid, table, fd, file, 0x500, read);
         f.file.refs = refs;
-        f.file.inode.ino = 77;
-        if let Some(pipe) = &mut f.file.inode.pipe {
-            pipe.queued = Some(5);
-        }
+        f.file.object.ino = 77;
+        testing::pipe_live(&mut f).queued = Some(5);
         f
     }
 
@@ -488,9 +451,7 @@ mod tests {
     fn an_end_counted_by_the_kernel_but_not_listed_is_held_outside() {
         let mut harvest = harvest();
         for f in &mut harvest.fds {
-            if let Some(pipe) = &mut f.file.inode.pipe {
-                pipe.writers = 2;
-            }
+            testing::pipe_live(f).writers = 2;
         }
         let listing = Listing::new(&harvest);
         assert!(listing.pipes[0].held_outside);

@@ -10,21 +10,40 @@ use std::{
 };
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use crd::{
-    CheckpointError, Options, Source,
+    CheckpointError, Options,
     checkpoint::checkpoint_to_file,
     fixture,
-    harvest::{
-        bpf::{self, Scope},
-        procfs,
-    },
+    harvest::{self as harvesting, LoadOptions, Scope},
     image,
     inspect::{self, Format},
     ls::{self, Listing, Targets},
     timings::Phases,
     types::Tgid,
 };
+
+/// Where to read fd state from (`--source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Source {
+    /// BPF task/task_file iterators.
+    Bpf,
+    /// /proc/PID/{fd,fdinfo,task} and kcmp(2): slower, needs no BPF.
+    Procfs,
+    /// BPF, or /proc (with a warning saying why) where this kernel cannot run crd's BPF
+    /// programs.
+    Auto,
+}
+
+impl From<Source> for harvesting::Source {
+    fn from(source: Source) -> Self {
+        match source {
+            Source::Bpf => harvesting::Source::Bpf,
+            Source::Procfs => harvesting::Source::Procfs,
+            Source::Auto => harvesting::Source::Auto,
+        }
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -181,7 +200,7 @@ fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
     match command {
         Command::Checkpoint { pid, tree, output, source } => {
             let output = output.unwrap_or_else(|| PathBuf::from(format!("crd-{pid}.img")));
-            checkpoint(Options { root: Tgid(pid), tree, source }, &output, interrupted)?;
+            checkpoint(Options::new(Tgid(pid), tree, source.into()), &output, interrupted)?;
         }
         Command::Restore { image, pid_file, allow_external, exec, command } => {
             let mut phases = Phases::start();
@@ -195,7 +214,8 @@ fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
         }
         Command::Graft { pid, tree, pid_file, source, exec, command } => {
             let exec = exec.then_some(command.as_slice());
-            let restored = crd::restore::graft(Tgid(pid), tree, source, exec, interrupted)?;
+            let load = LoadOptions::default();
+            let restored = crd::graft::graft(Tgid(pid), tree, source.into(), &load, exec, interrupted)?;
             report_restored(&restored, pid_file.as_deref())?;
         }
         Command::Inspect { image, format } => {
@@ -205,7 +225,7 @@ fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
         Command::Demo { output, source } => demo(output, source, interrupted)?,
         Command::Ls { pids, all, pipes, json, source } => {
             let targets = Targets::new(&pids, all)?;
-            let (_, harvest) = ls::harvest(source, &targets, interrupted)?;
+            let (_, harvest) = ls::harvest(source.into(), &LoadOptions::default(), &targets, interrupted)?;
             let mut listing = Listing::new(&harvest);
             if pipes {
                 listing = listing.only_pipes();
@@ -291,7 +311,7 @@ fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool)
     println!("      a second pipe (8, 9; 9 close-on-exec). The child shares them across fork");
     println!("      and has closed fd 4.\n");
     let path = output.unwrap_or_else(|| scratch.path().join("demo.img"));
-    checkpoint(Options { root: Tgid(tree.root()), tree: true, source }, &path, interrupted)?;
+    checkpoint(Options::new(Tgid(tree.root()), true, source.into()), &path, interrupted)?;
     let body = image::read(&path)?;
     println!("{}", inspect::render(&body, Format::Text));
 
@@ -303,7 +323,7 @@ fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool)
     for (old, new) in &restored.tasks {
         println!("  {old} -> {new}");
     }
-    let again = crd::checkpoint(Options { root: Tgid(restored.root.0), tree: true, source }, interrupted)?;
+    let again = crd::checkpoint(Options::new(Tgid(restored.root.0), true, source.into()), interrupted)?;
     match body.graph.same_shape(&again.body.graph) {
         Ok(()) => println!(
             "a checkpoint of the stubs gives the same graph: same tree, fds, sharing, offsets and queued bytes."
@@ -324,7 +344,8 @@ fn bench_harvest(
         anyhow::bail!("name the processes to harvest");
     };
     let started = Instant::now();
-    let (source, mut harvester) = bpf::harvester_for(source, false)?;
+    let mut harvester = harvesting::harvester(source.into(), false, &LoadOptions::default())?;
+    let source = harvester.source();
     let load_ns = started.elapsed().as_nanos() as u64;
     let mut runs_ns = Vec::with_capacity(runs);
     let mut kernel_ns = Vec::with_capacity(runs);
@@ -332,10 +353,7 @@ fn bench_harvest(
     for _ in 0..runs {
         let started = Instant::now();
         let stats;
-        (last, stats) = match harvester.as_mut() {
-            Some(h) => h.harvest(Scope::Processes(&tgids), interrupted)?,
-            None => (procfs::harvest(&tgids)?, Default::default()),
-        };
+        (last, stats) = harvester.harvest(Scope::Processes(&tgids), interrupted)?;
         runs_ns.push(started.elapsed().as_nanos() as u64);
         kernel_ns.push(stats.kernel_time.as_nanos() as u64);
     }

@@ -11,7 +11,12 @@
 //! refusal; crd never refuses on its own guess.
 use std::fs;
 
-use crate::{checkpoint::CheckpointError, freeze::FreezeError, harvest::bpf::BpfError, types::Tgid};
+use crate::{
+    checkpoint::CheckpointError,
+    freeze::FreezeError,
+    harvest::{HarvestError, bpf::BpfError},
+    types::Tgid,
+};
 
 /// A Linux capability crd may need.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,9 +93,9 @@ pub fn list(caps: &[Cap]) -> String {
     }
 }
 
-/// A BPF load error, with the missing capabilities named if that is why it failed.
-pub fn explain_bpf(e: BpfError) -> CheckpointError {
-    if let BpfError::NotPermitted(_) = &e {
+/// A harvester load error, with the missing capabilities named if that is why it failed.
+pub fn explain_harvest(e: HarvestError) -> CheckpointError {
+    if let HarvestError::Bpf(BpfError::NotPermitted(_)) = &e {
         let lacking = missing(&[Cap::Bpf, Cap::Perfmon]);
         if !lacking.is_empty() {
             return PrivilegeError::Bpf { missing: list(&lacking) }.into();

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::{
     checkpoint::{CheckpointError, Options, checkpoint_with},
-    harvest::{Source, bpf::BpfHarvester},
+    harvest::{self, LoadOptions, Source},
     image::{self, ImageError},
     privilege,
     restore::{self, RestoreError},
@@ -103,8 +103,9 @@ pub fn run(
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Report, StressError> {
     let started = Instant::now();
-    let mut harvester = BpfHarvester::load(false).map_err(privilege::explain_bpf)?;
-    let options = Options { root, tree, source: Source::Bpf };
+    let mut harvester = harvest::harvester(Source::Bpf, false, &LoadOptions::default())
+        .map_err(privilege::explain_harvest)?;
+    let options = Options::new(root, tree, Source::Bpf);
     let mut report = Report {
         cycles,
         tasks: 0,
@@ -118,20 +119,20 @@ pub fn run(
         if interrupted() {
             return Err(StressError::Interrupted(cycle));
         }
-        let done = checkpoint_with(options, Some(&mut harvester), interrupted)?;
+        let done = checkpoint_with(options.clone(), Some(harvester.as_mut()), None, interrupted)?;
         let bytes = image::encode(&done.body)?;
         let body = image::decode(&bytes, "(in memory)")?;
         let restored = restore::restore_image(&body.graph, false, None, interrupted)?;
         let verdict = if cycle % VERIFY_EVERY == 0 || cycle + 1 == cycles {
-            let stubs = Options { root: Tgid(restored.root.0), tree: true, source: Source::Bpf };
-            checkpoint_with(stubs, Some(&mut harvester), interrupted).map_err(StressError::from).and_then(
-                |again| {
+            let stubs = Options::new(Tgid(restored.root.0), true, Source::Bpf);
+            checkpoint_with(stubs, Some(harvester.as_mut()), None, interrupted)
+                .map_err(StressError::from)
+                .and_then(|again| {
                     body.graph.same_shape(&again.body.graph).map_err(|difference| StressError::Differs {
                         cycle,
                         difference: difference.to_string(),
                     })
-                },
-            )
+                })
         } else {
             Ok(())
         };

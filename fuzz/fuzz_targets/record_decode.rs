@@ -6,7 +6,7 @@ use crd::harvest::{Harvest, bpf};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    // The bias is 0 or 1 on real kernels (see crd_common::Offsets::file_ref_bias).
+    // The bias is 0 or 1 on real kernels (see crd_common::Config::file_ref_bias).
     for bias in [0, 1] {
         let mut harvest = Harvest::default();
         match bpf::decode(data, bias, &mut harvest) {

@@ -4,7 +4,6 @@
 //! These tests need root (ptrace, BPF) and a kernel with BPF iterators; `cargo xtask
 //! test` builds the BPF object and the `crd` binary they use first.
 use std::{
-    collections::BTreeMap,
     fs,
     path::PathBuf,
     process::{Command, Output},
@@ -13,8 +12,9 @@ use std::{
 use crd::{
     Options, Source,
     fixture::{self, Spawned},
-    graph::{Encounter, FdSlot, FdTable, FileDesc, Graph, Inode},
+    graph::{FdSlot, FdTable, FileDesc, Graph, GraphIndex, Object},
     image::ImageBody,
+    kinds::{Saved, pipe::PipeState},
     types::{Fd, ObjRef, Tgid},
 };
 
@@ -35,7 +35,7 @@ pub fn spawn(steps: &[&str], processes: usize) -> Spawned {
 
 /// Checkpoints through the library, as `crd checkpoint` does.
 pub fn checkpoint(root: u32, tree: bool, source: Source) -> ImageBody {
-    crd::checkpoint(Options { root: Tgid(root), tree, source }, &|| false)
+    crd::checkpoint(Options::new(Tgid(root), tree, source), &|| false)
         .unwrap_or_else(|e| panic!("checkpoint of {root} ({source}): {e}"))
         .body
 }
@@ -48,29 +48,12 @@ pub fn crd(args: &[&str]) -> Output {
 /// Objects of a graph by objref, and fd tables by process.
 pub struct Index<'g> {
     pub graph: &'g Graph,
-    pub tables: BTreeMap<ObjRef, &'g FdTable>,
-    pub files: BTreeMap<ObjRef, &'g FileDesc>,
-    pub inodes: BTreeMap<ObjRef, &'g Inode>,
+    pub index: GraphIndex<'g>,
 }
 
 impl<'g> Index<'g> {
     pub fn new(graph: &'g Graph) -> Self {
-        let mut index =
-            Self { graph, tables: BTreeMap::new(), files: BTreeMap::new(), inodes: BTreeMap::new() };
-        for t in &graph.tasks {
-            if let Encounter::First { objref, object } = &t.fd_table {
-                index.tables.insert(*objref, object);
-                for slot in &object.fds {
-                    if let Encounter::First { objref, object } = &slot.file {
-                        index.files.insert(*objref, object);
-                        if let Encounter::First { objref, object } = &object.inode {
-                            index.inodes.insert(*objref, object);
-                        }
-                    }
-                }
-            }
-        }
-        index
+        Self { graph, index: graph.index() }
     }
 
     /// The fd table of process `pid`.
@@ -81,7 +64,7 @@ impl<'g> Index<'g> {
             .iter()
             .find(|t| t.tgid.0 == pid)
             .unwrap_or_else(|| panic!("no task {pid} in the graph"));
-        self.tables[&task.fd_table.objref()]
+        self.index.tables[&task.fd_table.objref()]
     }
 
     pub fn slot(&self, pid: u32, fd: u32) -> &'g FdSlot {
@@ -89,19 +72,29 @@ impl<'g> Index<'g> {
     }
 
     pub fn file(&self, pid: u32, fd: u32) -> &'g FileDesc {
-        self.files[&self.slot(pid, fd).file.objref()]
+        self.index.files[&self.slot(pid, fd).file.objref()]
     }
 
     pub fn file_ref(&self, pid: u32, fd: u32) -> ObjRef {
         self.slot(pid, fd).file.objref()
     }
 
+    /// The objref of the object (inode, or anon file's private object) behind an fd.
     pub fn inode_ref(&self, pid: u32, fd: u32) -> ObjRef {
-        self.file(pid, fd).inode.objref()
+        self.file(pid, fd).object.objref()
     }
 
-    pub fn inode(&self, pid: u32, fd: u32) -> &'g Inode {
-        self.inodes[&self.inode_ref(pid, fd)]
+    /// The object behind an fd.
+    pub fn inode(&self, pid: u32, fd: u32) -> &'g Object {
+        self.index.objects[&self.inode_ref(pid, fd)]
+    }
+
+    /// The pipe (or FIFO) state behind an fd.
+    pub fn pipe(&self, pid: u32, fd: u32) -> &'g PipeState {
+        match &self.inode(pid, fd).state {
+            Saved::Pipe(p) | Saved::Fifo(p) => p,
+            other => panic!("PID {pid} fd {fd} is not a pipe: {other:?}"),
+        }
     }
 
     /// The fd numbers of process `pid`.

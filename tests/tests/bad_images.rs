@@ -12,10 +12,10 @@ use std::{
 };
 
 use crd::{
-    Graph, Source,
-    graph::{Encounter, FdSlot, FdTable, FileDesc, Inode, Pipe, Task},
-    harvest::InodeKind,
-    image::{self, Header, ImageBody, ImageError},
+    Graph,
+    graph::{Encounter, FdSlot, FdTable, FileDesc, Object, Task},
+    image::{self, Header, ImageBody, ImageError, Source},
+    kinds::{Saved, pipe::PipeState},
     types::{Access, DeviceId, Fd, ObjRef, Pid, Tgid},
 };
 use crd_tests::crd;
@@ -87,14 +87,14 @@ fn body(tasks: usize, pipe_data: &[u8]) -> ImageBody {
     let mut graph = Graph { root: Tgid(7), tasks: Vec::new() };
     for i in 0..tasks {
         let pid = 7 + i as u32;
-        let inode = Inode {
-            kind: InodeKind::Pipe,
+        let inode = Object {
             ino: 42 + i as u64,
             mode: libc::S_IFIFO | 0o600,
             dev: DeviceId { major: 0, minor: 14 },
             rdev: DeviceId { major: 0, minor: 0 },
             path: None,
-            pipe: Some(Pipe { capacity: 65536, data: pipe_data.to_vec(), held_outside: false }),
+            held_outside: false,
+            state: Saved::Pipe(PipeState { capacity: 65536, data: pipe_data.to_vec() }),
         };
         let base = 1 + 3 * i as u32;
         let file = FileDesc {
@@ -102,7 +102,7 @@ fn body(tasks: usize, pipe_data: &[u8]) -> ImageBody {
             access: Access { read: true, write: false },
             pos: 0,
             held_outside: false,
-            inode: Encounter::First { objref: ObjRef(base + 2), object: inode },
+            object: Encounter::First { objref: ObjRef(base + 2), object: inode },
         };
         graph.tasks.push(Task {
             pid: Pid(pid),

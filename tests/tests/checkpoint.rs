@@ -6,7 +6,7 @@ use crd::{
     Source,
     fixture::pattern,
     graph::Encounter,
-    harvest::InodeKind,
+    kinds::Kind as InodeKind,
     sys::{self, pidfd_getfd, pidfd_open},
     types::{Access, Fd, Pid},
 };
@@ -43,7 +43,7 @@ fn fd_numbers_kinds_flags_offsets_and_cloexec_match_the_process() {
 
     assert_eq!(g.fds(pid), proc_fds(pid), "the same fd numbers as /proc");
     assert_eq!(g.fds(pid), [0, 1, 2, 5, 6, 7, 8, 9, 10, 11]);
-    let kind = |fd| g.inode(pid, fd).kind;
+    let kind = |fd| g.inode(pid, fd).kind();
     assert_eq!(
         [kind(5), kind(6), kind(7), kind(8), kind(9), kind(11)],
         [
@@ -105,7 +105,7 @@ fn dups_share_a_description_and_pipe_ends_share_an_inode_across_fork() {
     // Separate processes, separate tables.
     assert_ne!(body.graph.tasks[0].fd_table.objref(), body.graph.tasks[1].fd_table.objref());
     // Nothing in this tree is held from outside (the fixture's stdio is its own).
-    let pipe = g.inode(parent, 3).pipe.as_ref().unwrap();
+    let pipe = g.inode(parent, 3);
     assert!(!pipe.held_outside, "both ends are inside the tree");
     assert!(!g.file(parent, 3).held_outside);
     assert_eq!(body.graph.held_outside(), Vec::<String>::new());
@@ -194,11 +194,11 @@ fn queued_pipe_bytes_are_saved_without_being_consumed() {
     let pid = fixture.root();
     let body = checkpoint(pid, false, Source::Bpf);
     let g = Index::new(&body.graph);
-    let pipe = g.inode(pid, 3).pipe.as_ref().unwrap();
+    let pipe = g.pipe(pid, 3);
     assert_eq!(pipe.capacity, 1 << 20);
     assert_eq!(pipe.data.len(), big);
     assert!(pipe.data == pattern(big), "bytes in order");
-    let small = g.inode(pid, 5).pipe.as_ref().unwrap();
+    let small = g.pipe(pid, 5);
     assert_eq!((small.capacity, small.data.as_slice()), (65536, &b"small"[..]));
     // A second checkpoint sees the same bytes, and the target still reads them all.
     let again = checkpoint(pid, false, Source::Bpf);
@@ -227,7 +227,7 @@ fn fifo_data_is_saved_and_offsets_stay_put() {
     let pid = fixture.root();
     let body = checkpoint(pid, false, Source::Bpf);
     let g = Index::new(&body.graph);
-    assert_eq!(g.inode(pid, 3).pipe.as_ref().unwrap().data, b"through the fifo");
+    assert_eq!(g.pipe(pid, 3).data, b"through the fifo");
     let pos = fs::read_to_string(format!("/proc/{pid}/fdinfo/4")).unwrap();
     assert!(pos.starts_with("pos:\t2\n"), "the target's offset did not move: {pos}");
     assert_eq!(read_what_the_target_would(pid, 3, 16), b"through the fifo");
@@ -242,12 +242,12 @@ fn a_pipe_whose_reader_is_outside_is_marked_external() {
     let (parent, child) = (fixture.pids[0], fixture.pids[1]);
     let alone = checkpoint(child, false, Source::Bpf);
     let g = Index::new(&alone.graph);
-    assert!(g.inode(child, 4).pipe.as_ref().unwrap().held_outside);
+    assert!(g.inode(child, 4).held_outside);
     assert!(g.file(child, 4).held_outside, "the parent holds the same write description");
     assert!(!alone.graph.held_outside().is_empty());
     let both = checkpoint(parent, true, Source::Bpf);
     let g = Index::new(&both.graph);
-    assert!(!g.inode(child, 4).pipe.as_ref().unwrap().held_outside);
+    assert!(!g.inode(child, 4).held_outside);
     assert!(!g.file(child, 4).held_outside);
 }
 
@@ -285,14 +285,14 @@ fn bpf_and_procfs_harvests_give_the_same_graph() {
 #[test]
 fn a_tiny_ring_buffer_pauses_the_iterator_and_loses_nothing() {
     require_root!();
-    use crd::harvest::bpf::{BpfHarvester, Scope};
+    use crd::harvest::{Harvester, Scope, bpf::BpfHarvester};
     // 903 fds: within the smallest common fd limit (1024), ~30 ring fills.
     let fixture = spawn(&["pipes:450"], 1);
     let pid = crd::types::Tgid(fixture.root());
     let frozen = crd::freeze::Frozen::freeze(pid, false, &|| false).unwrap();
-    let mut tiny = BpfHarvester::load_with_ring(false, 4096).unwrap();
+    let mut tiny = BpfHarvester::load_with_ring(false, &Default::default(), 4096).unwrap();
     let (small_ring, stats) = tiny.harvest(Scope::Processes(&[pid]), &|| false).unwrap();
-    let mut roomy = BpfHarvester::load_with_ring(false, 1 << 22).unwrap();
+    let mut roomy = BpfHarvester::load_with_ring(false, &Default::default(), 1 << 22).unwrap();
     let (big_ring, big_stats) = roomy.harvest(Scope::Processes(&[pid]), &|| false).unwrap();
     drop(frozen);
     assert!(stats.ring_full > 10, "the ring filled and the iterator paused: {stats:?}");
@@ -300,7 +300,7 @@ fn a_tiny_ring_buffer_pauses_the_iterator_and_loses_nothing() {
     assert_eq!(small_ring.fds.len(), 3 + 900);
     // Every record, identical; fds 0-2 are shared with the test runner, whose reference
     // counts other tests change concurrently, so they are compared by identity only.
-    let key = |f: &crd::harvest::FdInfo| (f.fd, f.file.id, f.file.inode.id);
+    let key = |f: &crd::harvest::FdInfo| (f.fd, f.file.id, f.file.object.id);
     assert!(small_ring.fds.iter().map(key).eq(big_ring.fds.iter().map(key)));
     assert!(small_ring.fds[3..] == big_ring.fds[3..], "records from a tiny ring differ");
     assert_eq!(small_ring.tasks, big_ring.tasks);

@@ -122,7 +122,7 @@ fn bpftool_lists_crd_programs_and_maps_while_they_are_loaded() {
     if Command::new("bpftool").arg("version").output().is_err() {
         panic!("bpftool missing: `cargo xtask test` installs it");
     }
-    let harvester = crd::harvest::bpf::BpfHarvester::load(false).expect("BPF loads");
+    let harvester = crd::harvest::bpf::BpfHarvester::load(false, &Default::default()).expect("BPF loads");
     let progs = Command::new("bpftool").args(["prog", "show"]).output().unwrap();
     let progs = String::from_utf8_lossy(&progs.stdout);
     let ids: Vec<String> = progs
@@ -277,5 +277,5 @@ fn a_kernel_without_btf_is_a_one_line_error() {
         stderr(&out)
     );
     let body = crd::image::read(&image).unwrap();
-    assert_eq!(body.header.source, crd::Source::Procfs, "the image says which source it came from");
+    assert_eq!(body.header.source, crd::image::Source::Procfs, "the image says which source it came from");
 }

@@ -22,11 +22,11 @@ fn stderr(out: &std::process::Output) -> String {
 }
 
 fn bpf() -> BpfHarvester {
-    BpfHarvester::load(false).expect("the BPF harvester loads")
+    BpfHarvester::load(false, &Default::default()).expect("the BPF harvester loads")
 }
 
 fn options(root: u32, tree: bool) -> Options {
-    Options { root: Tgid(root), tree, source: Source::Bpf }
+    Options::new(Tgid(root), tree, Source::Bpf)
 }
 
 /// Every thread of `pid` runs free: not traced, not stopped.
@@ -78,7 +78,7 @@ fn a_target_that_exits_mid_checkpoint_gives_an_image_or_a_clear_error() {
         let mut target = Command::new("sh").args(["-c", script]).stdin(Stdio::null()).spawn().unwrap();
         std::thread::sleep(Duration::from_micros(150 * u64::from(i % 11)));
         let pid = target.id();
-        match checkpoint_with(options(pid, i % 2 == 0), Some(&mut harvester), &|| false) {
+        match checkpoint_with(options(pid, i % 2 == 0), Some(&mut harvester), None, &|| false) {
             Ok(done) => {
                 images += 1;
                 let graph = &done.body.graph;
@@ -118,10 +118,12 @@ fn a_zombie_or_reaped_target_is_a_one_line_error() {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(2));
     }
-    let err = checkpoint_with(options(pid, false), Some(&mut harvester), &|| false).err().expect("refused");
+    let err =
+        checkpoint_with(options(pid, false), Some(&mut harvester), None, &|| false).err().expect("refused");
     assert!(err.to_string().contains("exited"), "{err}");
     zombie.wait().unwrap();
-    let err = checkpoint_with(options(pid, false), Some(&mut harvester), &|| false).err().expect("refused");
+    let err =
+        checkpoint_with(options(pid, false), Some(&mut harvester), None, &|| false).err().expect("refused");
     assert!(err.to_string().contains("no process with PID"), "{err}");
 }
 
@@ -132,7 +134,7 @@ fn threads_created_and_exiting_during_checkpoints_give_consistent_images() {
     let pid = fixture.root();
     let mut harvester = bpf();
     for _ in 0..25 {
-        let done = checkpoint_with(options(pid, false), Some(&mut harvester), &|| false)
+        let done = checkpoint_with(options(pid, false), Some(&mut harvester), None, &|| false)
             .unwrap_or_else(|e| panic!("checkpoint under thread churn: {e}"));
         let graph = &done.body.graph;
         // The main thread, two sleepers and the churner, and whatever short-lived
@@ -142,7 +144,7 @@ fn threads_created_and_exiting_during_checkpoints_give_consistent_images() {
         let table = graph.tasks[0].fd_table.objref();
         assert!(graph.tasks.iter().all(|t| t.fd_table.objref() == table), "one table for every thread");
         let g = Index::new(graph);
-        assert_eq!(g.inode(pid, 3).pipe.as_ref().unwrap().data, b"abc");
+        assert_eq!(g.pipe(pid, 3).data, b"abc");
         assert_all_threads_free(pid);
     }
     assert_running_untraced(pid);
@@ -157,10 +159,10 @@ fn fds_opened_and_closed_in_a_tight_loop_give_consistent_images() {
     let mut harvester = bpf();
     let mut bodies = Vec::new();
     for _ in 0..25 {
-        let done = checkpoint_with(options(pid, false), Some(&mut harvester), &|| false)
+        let done = checkpoint_with(options(pid, false), Some(&mut harvester), None, &|| false)
             .unwrap_or_else(|e| panic!("checkpoint under fd churn: {e}"));
         let g = Index::new(&done.body.graph);
-        assert_eq!(g.inode(pid, 3).pipe.as_ref().unwrap().data, b"abc", "the queued bytes, unconsumed");
+        assert_eq!(g.pipe(pid, 3).data, b"abc", "the queued bytes, unconsumed");
         assert_eq!(g.inode_ref(pid, 3), g.inode_ref(pid, 4));
         // Every fd the image holds has its description and inode (no half-seen fd).
         for slot in &g.table(pid).fds {
@@ -302,15 +304,16 @@ fn a_full_disk_is_a_clean_error_and_leaves_no_file() {
     assert_running_untraced(pid);
     // The target lost nothing: its pipe still holds every byte.
     let body = crd_tests::checkpoint(pid, false, Source::Bpf);
-    assert_eq!(Index::new(&body.graph).inode(pid, 3).pipe.as_ref().unwrap().data.len(), 1_000_000);
+    assert_eq!(Index::new(&body.graph).pipe(pid, 3).data.len(), 1_000_000);
 }
 
 #[test]
 fn a_tiny_ring_buffer_on_a_thousand_fds_loses_nothing() {
     require_root!();
     let fixture = spawn(&["pipes:300", "fork", "pipes:200"], 2);
-    let mut harvester = BpfHarvester::load_with_ring(false, 4096).expect("BPF loads with a 4 KiB ring");
-    let done = checkpoint_with(options(fixture.root(), true), Some(&mut harvester), &|| false).unwrap();
+    let mut harvester =
+        BpfHarvester::load_with_ring(false, &Default::default(), 4096).expect("BPF loads with a 4 KiB ring");
+    let done = checkpoint_with(options(fixture.root(), true), Some(&mut harvester), None, &|| false).unwrap();
     assert!(done.stats.ring_full > 10, "the ring filled and was drained: {:?}", done.stats);
     let g = Index::new(&done.body.graph);
     let mut total = 0;

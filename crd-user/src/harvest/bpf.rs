@@ -15,15 +15,19 @@ use aya::{
     programs::Iter,
 };
 use crd_common::{
-    COMM_LEN, Config, FD_CLOEXEC, FD_HAS_PIPE, FD_PIPE_QUEUE_TRUNCATED, FdRecord, RECORD_FD, RECORD_TASK,
-    STAT_READ_FAILED, STAT_RING_FULL, STAT_SUBMITTED, TaskRecord,
+    COMM_LEN, EventfdTail, FD_CLOEXEC, FdRecord, NamedTail, RECORD_FD, RECORD_TASK, STAT_READ_FAILED,
+    STAT_RING_FULL, STAT_SUBMITTED, TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TaskRecord,
 };
 
 use super::{
-    FdInfo, FileInfo, Harvest, InodeInfo, InodeKind, PipeInfo, TaskInfo,
+    FdInfo, FileInfo, Harvest, HarvestError, HarvestStats, Harvester, LoadOptions, ObjectInfo, Scope, Source,
+    TaskInfo,
     offsets::{BtfBytes, KernelBtf, OffsetsError},
 };
-use crate::types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid};
+use crate::{
+    kinds::{self, Identity, Kind, Live, Recognise},
+    types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid},
+};
 
 /// The BPF object, built by `cargo xtask build` and embedded by build.rs (empty when the
 /// crate was built without it).
@@ -72,27 +76,6 @@ impl BpfError {
     }
 }
 
-/// Loads the harvester `source` asks for: returns the source actually used and the
-/// loaded programs (None for /proc). `match_all`: see [`BpfHarvester::load`].
-pub fn harvester_for(
-    source: super::Source,
-    match_all: bool,
-) -> Result<(super::Source, Option<BpfHarvester>), BpfError> {
-    use super::Source;
-    match source {
-        Source::Procfs => Ok((Source::Procfs, None)),
-        Source::Bpf => Ok((Source::Bpf, Some(BpfHarvester::load(match_all)?))),
-        Source::Auto => match BpfHarvester::load(match_all) {
-            Ok(harvester) => Ok((Source::Bpf, Some(harvester))),
-            Err(e) if e.is_unsupported() => {
-                log::warn!("the BPF harvester cannot run here ({e}); reading /proc instead");
-                Ok((Source::Procfs, None))
-            }
-            Err(e) => Err(e),
-        },
-    }
-}
-
 fn load_error(e: impl std::error::Error) -> BpfError {
     // aya's messages leave the kernel's answer to the error's sources: say them all.
     let mut text = e.to_string();
@@ -112,27 +95,6 @@ fn load_error(e: impl std::error::Error) -> BpfError {
     }
 }
 
-/// What to harvest.
-pub enum Scope<'a> {
-    /// These processes only (a tgid filter map in the kernel).
-    Processes(&'a [Tgid]),
-    /// Every process on the machine.
-    All,
-}
-
-/// Counters a harvest leaves behind, for tests and benchmarks.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HarvestStats {
-    pub records: u64,
-    /// Times the ring filled and the iteration was paused to drain it.
-    pub ring_full: u64,
-    /// `read()` calls on the iterators.
-    pub reads: u64,
-    /// Time inside those calls: the kernel running the iterators and crd's programs
-    /// (the rest of a harvest is draining and decoding in userspace).
-    pub kernel_time: std::time::Duration,
-}
-
 /// Loaded programs; one load can serve several harvests.
 pub struct BpfHarvester {
     ebpf: Ebpf,
@@ -140,44 +102,44 @@ pub struct BpfHarvester {
     /// every read of an iterator.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ring: RingBuf<MapData>,
-    /// See [`crd_common::Offsets::file_ref_bias`].
+    /// See [`crd_common::Config::file_ref_bias`].
     file_ref_bias: i64,
 }
 
 impl BpfHarvester {
     /// Loads the BPF object with this kernel's field offsets. `match_all` makes the
     /// programs ignore the tgid filter.
-    pub fn load(match_all: bool) -> Result<Self, BpfError> {
+    pub fn load(match_all: bool, options: &LoadOptions) -> Result<Self, BpfError> {
         let ring_bytes =
             std::env::var(RING_BYTES_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_RING_BYTES);
-        Self::load_with_ring(match_all, ring_bytes)
+        Self::load_with_ring(match_all, options, ring_bytes)
     }
 
     /// As [`load`](Self::load), with a ring buffer of `ring_bytes` (a power of two, at
     /// least a page).
-    pub fn load_with_ring(match_all: bool, ring_bytes: u32) -> Result<Self, BpfError> {
+    pub fn load_with_ring(match_all: bool, options: &LoadOptions, ring_bytes: u32) -> Result<Self, BpfError> {
         if BPF_OBJECT.is_empty() {
             return Err(BpfError::NoObject);
         }
         let started = std::time::Instant::now();
         // aya parses all of the kernel's BTF (to find the iterators' attach points) while
         // this thread looks up the few struct offsets: the two take about as long.
-        let bytes = BtfBytes::of_kernel()?;
+        let bytes = BtfBytes::of_kernel(options.btf.as_deref())?;
         // Three readers of the kernel's BTF, side by side: aya's loader parses it on its
         // own when created (aya 0.14 has no way to hand it ours), `Iter::load` needs a
         // parsed copy to find the iterators' attach points, and crd's offsets come from
         // btf-rs, which decodes only the few structs asked for.
-        let (loader, btf, offsets) = std::thread::scope(|scope| {
+        let (loader, btf, config) = std::thread::scope(|scope| {
             let loader = scope.spawn(EbpfLoader::new);
             let btf =
                 Btf::parse(&bytes, Endianness::default()).map_err(|e| OffsetsError::Parse(e.to_string()));
-            let offsets = KernelBtf::from_bytes(&bytes).and_then(|btf| btf.offsets());
-            (loader.join(), btf, offsets)
+            let config = KernelBtf::from_bytes(&bytes).and_then(|btf| btf.config());
+            (loader.join(), btf, config)
         });
-        let (btf, offsets) = (btf?, offsets?);
+        let (btf, mut config) = (btf?, config?);
+        config.match_all = match_all as u32;
         let mut loader = loader.map_err(|_| BpfError::Load("aya's loader panicked".into()))?;
         log::debug!("load: kernel BTF parsed in {:?}", started.elapsed());
-        let config = Config { offsets, match_all: match_all as u32, _pad: 0 };
         let mut ebpf = loader
             .override_global("CRD_CONFIG", &config, true)
             // Statements below the userspace log level cost one compare in the kernel.
@@ -204,11 +166,11 @@ impl BpfHarvester {
             ebpf.take_map("crd_events").ok_or(BpfError::Load("map crd_events missing".into()))?,
         )
         .map_err(load_error)?;
-        Ok(Self { ebpf, logger, ring, file_ref_bias: offsets.file_ref_bias as i64 })
+        Ok(Self { ebpf, logger, ring, file_ref_bias: config.file_ref_bias as i64 })
     }
 
     /// Runs both iterators over `scope` and decodes every record.
-    pub fn harvest(
+    pub fn harvest_bpf(
         &mut self,
         scope: Scope<'_>,
         interrupted: &dyn Fn() -> bool,
@@ -242,7 +204,12 @@ impl BpfHarvester {
         if failed != 0 {
             return Err(BpfError::ReadFailed(failed));
         }
-        Ok((harvest.drop_repeated_tables(), stats))
+        let mut harvest = harvest.drop_repeated_tables();
+        if let Scope::All = scope {
+            // The iterators see every task; list what /proc would (see all_processes).
+            harvest.retain_processes(&super::all_processes().into_iter().collect());
+        }
+        Ok((harvest, stats))
     }
 
     fn counters(&self) -> Result<[u64; 3], BpfError> {
@@ -308,6 +275,23 @@ impl BpfHarvester {
     }
 }
 
+impl Harvester for BpfHarvester {
+    fn source(&self) -> Source {
+        Source::Bpf
+    }
+
+    fn harvest(
+        &mut self,
+        scope: Scope<'_>,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<(Harvest, HarvestStats), HarvestError> {
+        self.harvest_bpf(scope, interrupted).map_err(|e| match e {
+            BpfError::Interrupted => HarvestError::Interrupted,
+            e => e.into(),
+        })
+    }
+}
+
 /// Decodes one ring buffer record into the typed harvest.
 pub fn decode(bytes: &[u8], file_ref_bias: i64, harvest: &mut Harvest) -> Result<(), BpfError> {
     let tag = bytes.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
@@ -321,7 +305,8 @@ pub fn decode(bytes: &[u8], file_ref_bias: i64, harvest: &mut Harvest) -> Result
         RECORD_FD if bytes.len() >= size_of::<FdRecord>() => {
             // SAFETY: as above, for FdRecord.
             let r: FdRecord = unsafe { bytes.as_ptr().cast::<FdRecord>().read_unaligned() };
-            harvest.fds.push(fd_info(&r, file_ref_bias));
+            let tail = &bytes[size_of::<FdRecord>()..];
+            harvest.fds.push(fd_info(&r, tail, file_ref_bias).ok_or(BpfError::BadRecord(tag, bytes.len()))?);
         }
         _ => return Err(BpfError::BadRecord(tag, bytes.len())),
     }
@@ -339,27 +324,33 @@ fn task_info(r: &TaskRecord) -> TaskInfo {
     }
 }
 
-/// The kernel's page size: a pipe's capacity is counted in pages.
-fn page_size() -> u32 {
-    static PAGE_SIZE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *PAGE_SIZE.get_or_init(|| {
-        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u32
-    })
-}
-
 /// The iterator holds one reference to the file while the program runs.
 const ITERATOR_FILE_REFS: i64 = 1;
 
-fn fd_info(r: &FdRecord, file_ref_bias: i64) -> FdInfo {
-    let kind = InodeKind::classify(r.i_mode, r.sb_magic);
-    let pipe = (r.flags & FD_HAS_PIPE != 0).then_some(PipeInfo {
-        id: KernelPtr(r.pipe),
-        readers: r.pipe_readers,
-        writers: r.pipe_writers,
-        queued: (r.flags & FD_PIPE_QUEUE_TRUNCATED == 0).then_some(r.pipe_queued),
-        capacity: Some(r.pipe_max_usage.saturating_mul(page_size())),
-    });
-    FdInfo {
+/// The common record and its tail, through the kind that recognises it. None: the tail
+/// is shorter than its tag says.
+fn fd_info(r: &FdRecord, tail: &[u8], file_ref_bias: i64) -> Option<FdInfo> {
+    let named: Option<NamedTail> = match r.tail {
+        TAIL_NAMED => Some(kinds::tail::<NamedTail>(tail)?),
+        TAIL_EVENTFD => Some(kinds::tail::<EventfdTail>(tail)?.named),
+        TAIL_NONE | TAIL_PIPE => None,
+        _ => return None,
+    };
+    let name = named.map(|n| kinds::name_of(&n.name));
+    let rdev = DeviceId::from_kernel(r.i_rdev);
+    let recognise =
+        Recognise { mode: r.i_mode, fs_magic: Some(r.sb_magic), name: name.as_deref(), rdev, link: None };
+    let kind = Kind::recognise(&recognise);
+    // A kind whose tail is missing (its fields are not in this kernel's BTF) is opaque.
+    let live = Live::from_bpf(kind, r, tail).or_else(|| {
+        let fallback = if r.sb_magic == crd_common::ANON_INODE_FS_MAGIC { Kind::Anon } else { Kind::Other };
+        Live::from_bpf(fallback, r, tail)
+    })?;
+    let id = match live.kind().identity() {
+        Identity::Private => named.map(|n| n.private_data).filter(|&p| p != 0).unwrap_or(r.file),
+        Identity::Inode => r.inode,
+    };
+    Some(FdInfo {
         tgid: Tgid(r.tgid),
         fd_table: KernelPtr(r.files),
         fd: Fd(r.fd),
@@ -372,15 +363,14 @@ fn fd_info(r: &FdRecord, file_ref_bias: i64) -> FdInfo {
             pos: r.pos,
             // Saturating: a damaged record must not overflow (found by `cargo xtask fuzz`).
             refs: r.file_refs.saturating_add(file_ref_bias).saturating_sub(ITERATOR_FILE_REFS).max(0) as u64,
-            inode: InodeInfo {
-                id: KernelPtr(r.inode),
-                kind,
+            object: ObjectInfo {
+                id: KernelPtr(id),
                 ino: r.ino,
                 mode: r.i_mode,
                 dev: DeviceId::from_kernel(r.s_dev),
-                rdev: DeviceId::from_kernel(r.i_rdev),
-                pipe,
+                rdev,
+                live,
             },
         },
-    }
+    })
 }

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use btf_rs::{Backend, Btf, Type};
-use crd_common::Offsets;
+use crd_common::{Config, FieldGroup, KIND_EVENTFD, KIND_NAMED, KIND_SHMEM, Offsets};
 
 /// Where the kernel publishes its own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -16,6 +16,10 @@ pub const KERNEL_BTF_ENV: &str = "CRD_KERNEL_BTF";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OffsetsError {
+    #[error(
+        "kernel BTF gives {structure}.{field} {found} bytes where crd's BPF programs load {expected}: this kernel is not supported by the BPF harvester; use --source procfs"
+    )]
+    Width { structure: &'static str, field: &'static str, found: u32, expected: u32 },
     #[error("kernel BTF not found at {0}: this kernel lacks CONFIG_DEBUG_INFO_BTF; use --source procfs")]
     NoBtf(String),
     #[error("cannot parse kernel BTF at {VMLINUX_BTF}: {0}")]
@@ -34,8 +38,12 @@ pub enum OffsetsError {
     Layout(&'static str, String),
 }
 
-/// Where the BTF to use lives: `$CRD_KERNEL_BTF`, else the running kernel's.
-pub fn kernel_btf_path() -> std::path::PathBuf {
+/// Where the BTF to use lives: `explicit` (`--btf`), else `$CRD_KERNEL_BTF`, else the
+/// running kernel's.
+pub fn kernel_btf_path(explicit: Option<&Path>) -> std::path::PathBuf {
+    if let Some(path) = explicit {
+        return path.to_path_buf();
+    }
     std::env::var_os(KERNEL_BTF_ENV).map(Into::into).unwrap_or_else(|| VMLINUX_BTF.into())
 }
 
@@ -59,8 +67,8 @@ impl std::ops::Deref for BtfBytes {
 }
 
 impl BtfBytes {
-    pub fn of_kernel() -> Result<Self, OffsetsError> {
-        let path = kernel_btf_path();
+    pub fn of_kernel(explicit: Option<&Path>) -> Result<Self, OffsetsError> {
+        let path = kernel_btf_path(explicit);
         let missing = |_| OffsetsError::NoBtf(path.display().to_string());
         let file = std::fs::File::open(&path).map_err(missing)?;
         // SAFETY: the kernel's BTF never changes while the system runs (and a file named
@@ -84,7 +92,7 @@ pub struct KernelBtf {
 impl KernelBtf {
     /// Parses the running kernel's BTF (or the file `$CRD_KERNEL_BTF` names).
     pub fn from_sys_fs() -> Result<Self, OffsetsError> {
-        Self::from_file(&kernel_btf_path())
+        Self::from_file(&kernel_btf_path(None))
     }
 
     /// From BTF already in memory (see [`BtfBytes`]).
@@ -124,23 +132,24 @@ impl KernelBtf {
 
     /// Byte offset of `field` in struct `name`, searching anonymous members.
     pub fn offset(&self, name: &'static str, field: &'static str) -> Result<u32, OffsetsError> {
-        let s = self.structure(name)?;
-        self.find_member(&s, field).ok_or(OffsetsError::NoField(name, field))
+        Ok(self.member(name, field)?.0)
     }
 
-    /// The first of `fields` that exists, with its index (fields get renamed across
-    /// kernel versions).
-    pub fn offset_of_any(
-        &self,
-        name: &'static str,
-        fields: &[&'static str],
-    ) -> Result<(usize, u32), OffsetsError> {
-        let s = self.structure(name)?;
-        fields
-            .iter()
-            .enumerate()
-            .find_map(|(i, f)| self.find_member(&s, f).map(|off| (i, off)))
-            .ok_or(OffsetsError::NoField(name, fields[0]))
+    /// Offset and size of the member at `path` (`a.b`: member `b` of the embedded
+    /// struct `a`) in struct `name`.
+    fn member(&self, name: &'static str, path: &'static str) -> Result<(u32, u32), OffsetsError> {
+        let mut s = self.structure(name)?;
+        let mut offset = 0;
+        let mut parts = path.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let (here, ty) = self.find_member(&s, part).ok_or(OffsetsError::NoField(name, path))?;
+            offset += here;
+            if parts.peek().is_none() {
+                return Ok((offset, self.size_of_type(ty).unwrap_or(0)));
+            }
+            s = self.aggregate(ty).ok_or(OffsetsError::NoField(name, path))?;
+        }
+        Err(OffsetsError::NoField(name, path))
     }
 
     /// `sizeof(struct name)`.
@@ -148,102 +157,129 @@ impl KernelBtf {
         Ok(self.structure(name)?.size() as u32)
     }
 
-    fn find_member(&self, s: &btf_rs::Struct, field: &str) -> Option<u32> {
+    /// The member named `field` (searching anonymous members): its offset and type.
+    fn find_member(&self, s: &btf_rs::Struct, field: &str) -> Option<(u32, Type)> {
         for member in &s.members {
             let name = self.btf.resolve_name(member).unwrap_or_default();
             let here = member.bit_offset() / 8;
             if name == field {
-                return Some(here);
+                return Some((here, self.btf.resolve_chained_type(member).ok()?));
             }
             if name.is_empty() {
                 // An anonymous struct or union: its members live at our offset plus
                 // theirs.
-                if let Some(inner) = self.anonymous_aggregate(member)
-                    && let Some(off) = self.find_member(&inner, field)
+                if let Some(inner) =
+                    self.btf.resolve_chained_type(member).ok().and_then(|t| self.aggregate(t))
+                    && let Some((off, ty)) = self.find_member(&inner, field)
                 {
-                    return Some(here + off);
+                    return Some((here + off, ty));
                 }
             }
         }
         None
     }
 
-    fn anonymous_aggregate(&self, member: &btf_rs::Member) -> Option<btf_rs::Struct> {
-        let mut ty = self.btf.resolve_chained_type(member).ok()?;
+    /// The struct or union behind `ty` (through typedefs and qualifiers).
+    fn aggregate(&self, mut ty: Type) -> Option<btf_rs::Struct> {
         loop {
             ty = match ty {
                 Type::Struct(s) | Type::Union(s) => return Some(s),
                 Type::Typedef(t) => self.btf.resolve_chained_type(&t).ok()?,
-                Type::Const(t) | Type::Volatile(t) => self.btf.resolve_chained_type(&t).ok()?,
+                Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => {
+                    self.btf.resolve_chained_type(&t).ok()?
+                }
                 _ => return None,
             };
         }
     }
 
-    /// Every offset the BPF programs need.
-    pub fn offsets(&self) -> Result<Offsets, OffsetsError> {
-        // 6.13 replaced `atomic_long_t f_count` by `file_ref_t f_ref`, which counts from
-        // zero for one reference.
-        let (ref_kind, file_f_ref) = self.offset_of_any("file", &["f_ref", "f_count"])?;
-        let offsets = Offsets {
-            task_pid: self.offset("task_struct", "pid")?,
-            task_tgid: self.offset("task_struct", "tgid")?,
-            task_real_parent: self.offset("task_struct", "real_parent")?,
-            task_comm: self.offset("task_struct", "comm")?,
-            task_files: self.offset("task_struct", "files")?,
-            files_fdt: self.offset("files_struct", "fdt")?,
-            fdtable_close_on_exec: self.offset("fdtable", "close_on_exec")?,
-            file_f_flags: self.offset("file", "f_flags")?,
-            file_f_mode: self.offset("file", "f_mode")?,
-            file_f_pos: self.offset("file", "f_pos")?,
-            file_f_inode: self.offset("file", "f_inode")?,
-            file_f_ref,
-            inode_i_mode: self.offset("inode", "i_mode")?,
-            inode_i_ino: self.offset("inode", "i_ino")?,
-            inode_i_sb: self.offset("inode", "i_sb")?,
-            inode_i_rdev: self.offset("inode", "i_rdev")?,
-            inode_i_pipe: self.offset("inode", "i_pipe")?,
-            sb_s_magic: self.offset("super_block", "s_magic")?,
-            sb_s_dev: self.offset("super_block", "s_dev")?,
-            pipe_head: self.offset("pipe_inode_info", "head")?,
-            pipe_tail: self.offset("pipe_inode_info", "tail")?,
-            pipe_ring_size: self.offset("pipe_inode_info", "ring_size")?,
-            pipe_max_usage: self.offset("pipe_inode_info", "max_usage")?,
-            pipe_readers: self.offset("pipe_inode_info", "readers")?,
-            pipe_writers: self.offset("pipe_inode_info", "writers")?,
-            pipe_bufs: self.offset("pipe_inode_info", "bufs")?,
-            pipe_buffer_len: self.offset("pipe_buffer", "len")?,
-            pipe_buffer_size: self.size_of("pipe_buffer")?,
-            file_ref_bias: if ref_kind == 0 { 1 } else { 0 },
-        };
-        check_pipe_chunk(&offsets)?;
-        Ok(offsets)
+    /// The size in bytes of `ty`, as a load of it reads.
+    fn size_of_type(&self, ty: Type) -> Option<u32> {
+        Some(match ty {
+            Type::Int(i) => i.size() as u32,
+            Type::Ptr(_) => 8,
+            Type::Enum(e) => e.size() as u32,
+            Type::Enum64(_) => 8,
+            Type::Struct(s) | Type::Union(s) => s.size() as u32,
+            Type::Array(a) => {
+                let element = self.btf.resolve_chained_type(&a).ok()?;
+                a.len() as u32 * self.size_of_type(element)?
+            }
+            Type::Typedef(t) => self.size_of_type(self.btf.resolve_chained_type(&t).ok()?)?,
+            Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => {
+                self.size_of_type(self.btf.resolve_chained_type(&t).ok()?)?
+            }
+            _ => return None,
+        })
     }
-}
 
-/// The BPF program reads the pipe fields it needs in one copy of
-/// [`crd_common::PIPE_CHUNK`] bytes from `head` on: they must all lie inside it.
-fn check_pipe_chunk(o: &Offsets) -> Result<(), OffsetsError> {
-    let fields = [
-        ("tail", o.pipe_tail, 4),
-        ("ring_size", o.pipe_ring_size, 4),
-        ("readers", o.pipe_readers, 4),
-        ("writers", o.pipe_writers, 4),
-        ("bufs", o.pipe_bufs, 8),
-    ];
-    for (name, offset, size) in fields {
-        if offset < o.pipe_head || offset - o.pipe_head + size > crd_common::PIPE_CHUNK as u32 {
-            return Err(OffsetsError::Layout(
-                "pipe_inode_info",
-                format!(
-                    "{name} at {offset} is not within {} bytes after head at {}",
-                    crd_common::PIPE_CHUNK,
-                    o.pipe_head
-                ),
-            ));
+    /// Resolves every field of [`Offsets::FIELDS`] (checking each load width against
+    /// BTF) into the configuration the BPF programs read. A missing core field makes
+    /// the BPF harvester unsupported; a missing field of a kind leaves that kind's bit
+    /// clear (its fds are then listed as opaque) with a warning.
+    pub fn config(&self) -> Result<Config, OffsetsError> {
+        let mut offsets = Offsets::ZERO;
+        let mut missing: Vec<(FieldGroup, String)> = Vec::new();
+        let mut file_ref_bias = 0;
+        for field in Offsets::FIELDS {
+            let resolved =
+                field.paths.iter().enumerate().find_map(|(i, path)| {
+                    self.member(field.structure, path).ok().map(|found| (i, path, found))
+                });
+            let Some((index, path, (offset, size))) = resolved else {
+                let error = OffsetsError::NoField(field.structure, field.paths[0]);
+                if field.group == FieldGroup::Core {
+                    return Err(error);
+                }
+                missing.push((field.group, format!("{}.{}", field.structure, field.paths[0])));
+                continue;
+            };
+            if field.width != 0 && size != field.width {
+                let error = OffsetsError::Width {
+                    structure: field.structure,
+                    field: path,
+                    found: size,
+                    expected: field.width,
+                };
+                if field.group == FieldGroup::Core {
+                    return Err(error);
+                }
+                missing.push((field.group, error.to_string()));
+                continue;
+            }
+            if field.name == "file_f_ref" {
+                // `file_ref_t f_ref` (6.13+) counts from zero for one reference.
+                file_ref_bias = if index == 0 { 1 } else { 0 };
+            }
+            if let Some(slot) = offsets.get_mut(field.name) {
+                *slot = offset;
+            }
         }
+        let mut kinds = KIND_NAMED | KIND_EVENTFD | KIND_SHMEM;
+        for (group, what) in &missing {
+            let (bit, consequence) = match group {
+                FieldGroup::Named => (KIND_NAMED, "anon-inode files and memfds are listed as opaque"),
+                FieldGroup::Eventfd => (KIND_EVENTFD, "eventfds are listed as opaque anon files"),
+                FieldGroup::Shmem => (KIND_SHMEM, "memfd seals are not read by BPF"),
+                FieldGroup::Core => continue,
+            };
+            if kinds & bit != 0 {
+                log::warn!("this kernel's BTF lacks {what}: {consequence}");
+            }
+            kinds &= !bit;
+        }
+        if kinds & KIND_NAMED == 0 {
+            // The eventfd and shmem reads start from the name's tail.
+            kinds = 0;
+        }
+        Ok(Config {
+            offsets,
+            pipe_buffer_size: self.size_of("pipe_buffer")?,
+            file_ref_bias,
+            kinds,
+            match_all: 0,
+        })
     }
-    Ok(())
 }
 
 /// Copies a BTF file into an anonymous memory file and maps that.
@@ -272,18 +308,24 @@ mod tests {
             eprintln!("no kernel BTF here; skipped");
             return;
         };
-        let off = btf.offsets().expect("all fields resolve");
+        let config = btf.config().expect("all fields resolve");
+        let off = config.offsets;
+        assert_eq!(
+            config.kinds,
+            KIND_NAMED | KIND_EVENTFD | KIND_SHMEM,
+            "every kind's fields on this kernel"
+        );
         // Fields every supported kernel has at a fixed place.
         assert_eq!(off.inode_i_mode, 0);
         assert!(off.task_tgid == off.task_pid + 4, "tgid follows pid in task_struct");
-        assert!(off.pipe_buffer_size >= 40);
+        assert!(config.pipe_buffer_size >= 40);
         assert!(off.inode_i_pipe > off.inode_i_sb);
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         if release.starts_with("6.18.") {
             assert_eq!((off.task_pid, off.task_tgid), (1264, 1268));
             assert_eq!((off.file_f_inode, off.file_f_flags, off.file_f_pos), (32, 40, 112));
             assert_eq!(off.inode_i_pipe, 584);
-            assert_eq!(off.file_ref_bias, 1);
+            assert_eq!(config.file_ref_bias, 1);
         }
     }
 
@@ -292,7 +334,7 @@ mod tests {
         let Ok(direct) = KernelBtf::from_sys_fs() else { return };
         let bytes = std::fs::read(VMLINUX_BTF).expect("kernel BTF readable");
         let copy = KernelBtf::from_bytes(&bytes).expect("mapped copy");
-        assert_eq!(copy.offsets().unwrap(), direct.offsets().unwrap());
+        assert_eq!(copy.config().unwrap(), direct.config().unwrap());
     }
 
     #[test]

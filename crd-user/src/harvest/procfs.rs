@@ -12,9 +12,12 @@ use std::{
     os::unix::fs::MetadataExt,
 };
 
-use super::{FdInfo, FileInfo, Harvest, InodeInfo, InodeKind, PipeInfo, TaskInfo};
+use super::{
+    FdInfo, FileInfo, Harvest, HarvestError, HarvestStats, Harvester, ObjectInfo, Scope, Source, TaskInfo,
+};
 use crate::{
     freeze::list_threads,
+    kinds::{Identity, Kind, Live, ProcSlot, Recognise},
     sys::{Kcmp, SyscallError, kcmp_same},
     types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid},
 };
@@ -31,10 +34,11 @@ pub enum ProcfsError {
 const TABLE_TAG: u64 = 0x7ab1 << 48;
 const FILE_TAG: u64 = 0xf11e << 48;
 const INODE_TAG: u64 = 0x1d0e << 48;
-const PIPE_TAG: u64 = 0x919e << 48;
 
 struct Slot {
     link: String,
+    fdinfo: String,
+    size: u64,
     dev: u64,
     ino: u64,
     mode: u32,
@@ -67,12 +71,14 @@ fn read_slot(tid: Pid, fd: Fd) -> Result<Option<Slot>, ProcfsError> {
     }
     Ok(Some(Slot {
         link: link.to_string_lossy().into_owned(),
+        size: meta.size(),
         dev: meta.dev(),
         ino: meta.ino(),
         mode: meta.mode(),
         rdev: meta.rdev(),
         flags,
         pos,
+        fdinfo: info,
     }))
 }
 
@@ -85,14 +91,23 @@ fn list_fds(tid: Pid) -> Vec<Fd> {
     fds.into_iter().map(Fd).collect()
 }
 
-fn classify(slot: &Slot) -> InodeKind {
-    if slot.link.starts_with("pipe:[") {
-        InodeKind::Pipe
-    } else if slot.link.starts_with("anon_inode:") {
-        InodeKind::Anon
+/// What the link says of the kind: the filesystem of pipes and anon files (whose
+/// names say what they are), and the link itself for the kinds that recognise theirs.
+fn classify(slot: &Slot) -> Kind {
+    let (fs_magic, name) = if slot.link.starts_with("pipe:[") {
+        (Some(crd_common::PIPEFS_MAGIC), None)
+    } else if let Some(name) = slot.link.strip_prefix("anon_inode:") {
+        (Some(crd_common::ANON_INODE_FS_MAGIC), Some(name))
     } else {
-        InodeKind::classify(slot.mode, 0)
-    }
+        (None, None)
+    };
+    Kind::recognise(&Recognise {
+        mode: slot.mode,
+        fs_magic,
+        name,
+        rdev: DeviceId::from_user(slot.rdev),
+        link: Some(&slot.link),
+    })
 }
 
 /// One open file description found so far: where to kcmp it from, and its identity.
@@ -102,12 +117,39 @@ struct Description {
     id: KernelPtr,
 }
 
+/// The /proc harvester (nothing to load).
+pub struct ProcfsHarvester;
+
+impl Harvester for ProcfsHarvester {
+    fn source(&self) -> Source {
+        Source::Procfs
+    }
+
+    fn harvest(
+        &mut self,
+        scope: Scope<'_>,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<(Harvest, HarvestStats), HarvestError> {
+        if interrupted() {
+            return Err(HarvestError::Interrupted);
+        }
+        let harvest = match scope {
+            Scope::Processes(tgids) => harvest(tgids)?,
+            Scope::All => harvest(&super::all_processes())?,
+        };
+        Ok((harvest, HarvestStats::default()))
+    }
+}
+
 /// Harvests `tgids` (every thread) from /proc.
 pub fn harvest(tgids: &[Tgid]) -> Result<Harvest, ProcfsError> {
     let mut harvest = Harvest::default();
     let mut tables: Vec<(Pid, KernelPtr)> = Vec::new();
     let mut inodes: HashMap<(u64, u64), KernelPtr> = HashMap::new();
     let mut descriptions: HashMap<KernelPtr, Vec<Description>> = HashMap::new();
+    // Each link seen in the set, with its inode's identity: where to look for the same
+    // objects in other processes.
+    let mut links: HashMap<String, KernelPtr> = HashMap::new();
 
     for &tgid in tgids {
         for tid in list_threads(tgid) {
@@ -131,14 +173,14 @@ pub fn harvest(tgids: &[Tgid]) -> Result<Harvest, ProcfsError> {
                 None => {
                     let id = KernelPtr(TABLE_TAG | (tables.len() as u64 + 1));
                     tables.push((tid, id));
-                    read_table(tgid, tid, id, &mut inodes, &mut descriptions, &mut harvest)?;
+                    read_table(tgid, tid, id, &mut inodes, &mut descriptions, &mut links, &mut harvest)?;
                     id
                 }
             };
             harvest.tasks.push(TaskInfo { pid: tid, tgid, parent, comm, fd_table });
         }
     }
-    count_references(tgids, &mut harvest, &descriptions)?;
+    count_references(tgids, &mut harvest, &descriptions, &links)?;
     Ok(harvest.dedup())
 }
 
@@ -148,6 +190,7 @@ fn read_table(
     table: KernelPtr,
     inodes: &mut HashMap<(u64, u64), KernelPtr>,
     descriptions: &mut HashMap<KernelPtr, Vec<Description>>,
+    links: &mut HashMap<String, KernelPtr>,
     harvest: &mut Harvest,
 ) -> Result<(), ProcfsError> {
     for fd in list_fds(tid) {
@@ -156,6 +199,7 @@ fn read_table(
         };
         let next_inode = INODE_TAG | (inodes.len() as u64 + 1);
         let inode_id = *inodes.entry((slot.dev, slot.ino)).or_insert(KernelPtr(next_inode));
+        links.insert(slot.link.clone(), inode_id);
         let same_inode = descriptions.entry(inode_id).or_default();
         let mut file_id = None;
         for d in same_inode.iter() {
@@ -170,14 +214,15 @@ fn read_table(
             id
         });
         let kind = classify(&slot);
-        let access = Access::from_open_flags(slot.flags);
-        let pipe = kind.is_pipe_like().then_some(PipeInfo {
-            id: KernelPtr(PIPE_TAG | (inode_id.0 & 0xffff_ffff_ffff)),
-            readers: 0,
-            writers: 0,
-            queued: None,
-            capacity: None,
-        });
+        let live = Live::from_proc(
+            kind,
+            &ProcSlot { tgid, fd, fdinfo: &slot.fdinfo, link: &slot.link, size: slot.size },
+        );
+        // /proc shows no private objects: an anon file's object is its description.
+        let object_id = match kind.identity() {
+            Identity::Inode => inode_id,
+            Identity::Private => file_id,
+        };
         harvest.fds.push(FdInfo {
             tgid,
             fd_table: table,
@@ -187,17 +232,16 @@ fn read_table(
             file: FileInfo {
                 id: file_id,
                 flags: slot.flags & !(libc::O_CLOEXEC as u32),
-                access,
+                access: Access::from_open_flags(slot.flags),
                 pos: slot.pos,
                 refs: 0,
-                inode: InodeInfo {
-                    id: inode_id,
-                    kind,
+                object: ObjectInfo {
+                    id: object_id,
                     ino: slot.ino,
                     mode: slot.mode,
                     dev: DeviceId::from_user(slot.dev),
                     rdev: DeviceId::from_user(slot.rdev),
-                    pipe,
+                    live,
                 },
             },
         });
@@ -211,13 +255,14 @@ fn count_references(
     tgids: &[Tgid],
     harvest: &mut Harvest,
     descriptions: &HashMap<KernelPtr, Vec<Description>>,
+    by_link: &HashMap<String, KernelPtr>,
 ) -> Result<(), ProcfsError> {
     let mut file_refs: HashMap<KernelPtr, u64> = HashMap::new();
     let mut pipe_ends: HashMap<KernelPtr, (BTreeSet<KernelPtr>, BTreeSet<KernelPtr>)> = HashMap::new();
     for f in &harvest.fds {
         *file_refs.entry(f.file.id).or_default() += 1;
-        if f.file.inode.pipe.is_some() {
-            let ends = pipe_ends.entry(f.file.inode.id).or_default();
+        if f.file.object.kind().is_pipe_like() {
+            let ends = pipe_ends.entry(f.file.object.id).or_default();
             if f.file.access.read {
                 ends.0.insert(f.file.id);
             }
@@ -228,9 +273,7 @@ fn count_references(
     }
     let mut outside_readers: HashMap<KernelPtr, u32> = HashMap::new();
     let mut outside_writers: HashMap<KernelPtr, u32> = HashMap::new();
-    // Links worth a closer look: the same name as something in the set.
-    let by_link: HashMap<String, KernelPtr> =
-        harvest.fds.iter().filter_map(|f| Some((f.link.clone()?, f.file.inode.id))).collect();
+    // Links worth a closer look (`by_link`): the same name as something in the set.
     let me = std::process::id();
     let inside: BTreeSet<u32> = tgids.iter().map(|t| t.0).collect();
     let Ok(procs) = fs::read_dir("/proc") else {
@@ -276,8 +319,8 @@ fn count_references(
     }
     for f in &mut harvest.fds {
         f.file.refs = file_refs.get(&f.file.id).copied().unwrap_or(0);
-        let inode = f.file.inode.id;
-        if let Some(pipe) = &mut f.file.inode.pipe {
+        let inode = f.file.object.id;
+        if let Live::Pipe(pipe) | Live::Fifo(pipe) = &mut f.file.object.live {
             let (r, w) = pipe_ends.get(&inode).map(|(r, w)| (r.len(), w.len())).unwrap_or_default();
             pipe.readers = r as u32 + outside_readers.get(&inode).copied().unwrap_or(0);
             pipe.writers = w as u32 + outside_writers.get(&inode).copied().unwrap_or(0);

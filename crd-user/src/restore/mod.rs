@@ -5,9 +5,9 @@
 //! 2. [`stub`]: crd forks the root stub; each stub drops what it inherited and forks its
 //!    children, then waits for the hand-over.
 //! 3. [`objects`]: meanwhile crd makes every open file description itself, walking the
-//!    graph in order (pipe2 on a pipe's first encounter, the other end deposited for
-//!    later), or, for a graft, takes the live ones with `pidfd_getfd`, and publishes
-//!    where they are ([`handover`]: stubs forked first copy an almost empty fd table).
+//!    graph in order (each through its kind: pipe2 on a pipe's first encounter, the other
+//!    end deposited for later), or, for a graft ([`crate::graft`]), takes the live ones
+//!    with `pidfd_getfd`, and publishes where they are ([`handover`]: stubs forked first copy an almost empty fd table).
 //!    Each stub pulls its descriptions out of crd with `pidfd_getfd`, moves them to
 //!    their numbers, starts its threads and reports.
 //! 4. All or nothing: if any stub fails, every stub is killed (they die with their
@@ -47,11 +47,10 @@ use self::{
     plan::{Mode, Plan, PlanError},
 };
 use crate::{
-    checkpoint::{CheckpointError, FrozenHarvest, Options, freeze_and_harvest},
+    checkpoint::CheckpointError,
     graph::Graph,
-    harvest::{Source, extras::Extras},
     sys::{self as crd_sys, SyscallError},
-    types::{ObjRef, Pid, Tgid},
+    types::{ObjRef, Pid},
 };
 
 /// How long the stubs may take to set up before the restore is abandoned.
@@ -102,33 +101,7 @@ pub fn restore_image(
     run(&plan, |publish| Ok(ObjectTable::recreate(graph, publish)?), exec.as_deref(), interrupted)
 }
 
-/// Hands the live open files of `root` (and with `tree` its descendants) to new stubs:
-/// the very same descriptions, so peers outside stay connected and offsets stay shared.
-pub fn graft(
-    root: Tgid,
-    tree: bool,
-    source: Source,
-    exec: Option<&[String]>,
-    interrupted: &dyn Fn() -> bool,
-) -> Result<Restored, RestoreError> {
-    let exec = command(exec)?;
-    let FrozenHarvest { frozen, harvest, .. } =
-        freeze_and_harvest(Options { root, tree, source }, interrupted)?;
-    let graph = Graph::build(root, &harvest, &Extras::default());
-    let plan = plan::plan(&graph, Mode::Graft)?;
-    let take = |publish: &mut dyn FnMut(ObjRef, RawFd)| {
-        let objects = ObjectTable::graft(&graph, &frozen, publish)?;
-        frozen.thaw();
-        Ok(objects)
-    };
-    let mut restored = run(&plan, take, exec.as_deref(), interrupted)?;
-    // Old TIDs of a graft are the live originals.
-    restored.tasks =
-        graph.tasks.iter().map(|t| t.pid).zip(restored.tasks.iter().map(|(_, new)| *new)).collect();
-    Ok(restored)
-}
-
-fn command(exec: Option<&[String]>) -> Result<Option<Vec<CString>>, RestoreError> {
+pub(crate) fn command(exec: Option<&[String]>) -> Result<Option<Vec<CString>>, RestoreError> {
     let Some(argv) = exec else { return Ok(None) };
     if argv.is_empty() {
         return Err(RestoreError::NoCommand);
@@ -147,7 +120,7 @@ struct Report {
 
 /// Forks the stubs, makes the descriptions (`objects`) and hands them over, waits for
 /// the stubs' reports, commits or kills them all.
-fn run(
+pub(crate) fn run(
     plan: &Plan,
     objects: impl FnOnce(&mut dyn FnMut(ObjRef, RawFd)) -> Result<ObjectTable, RestoreError>,
     exec: Option<&[CString]>,

@@ -4,8 +4,8 @@
 use foldhash::{HashMap, HashMapExt};
 
 use crate::{
-    graph::{Encounter, Graph, Inode},
-    harvest::InodeKind,
+    graph::{Encounter, Graph},
+    kinds::Kind,
     types::{Fd, ObjRef, Pid, Tgid},
 };
 
@@ -23,8 +23,8 @@ pub enum Mode {
 pub enum PlanError {
     #[error("the image holds no task")]
     Empty,
-    #[error("PID {tgid} fd {fd} ({kind} {objref}): restoring a {kind} is not supported yet")]
-    Unsupported { tgid: Tgid, fd: Fd, kind: InodeKind, objref: ObjRef },
+    #[error("PID {tgid} fd {fd} ({kind} {objref}): {why}")]
+    Unsupported { tgid: Tgid, fd: Fd, kind: Kind, objref: ObjRef, why: String },
     #[error(
         "{}: the other end was held outside the checkpointed processes and cannot be reconnected from an image; use `crd graft` on the live process, or --allow-external to recreate it disconnected",
         .0.join(", ")
@@ -148,76 +148,65 @@ pub fn plan(graph: &Graph, mode: Mode) -> Result<Plan, PlanError> {
     Ok(Plan { processes, max_fd })
 }
 
-/// Every object an image restore must recreate: a kind crd can recreate, and no pipe
-/// with an end outside (unless allowed). Every offending fd is named.
+/// Every object an image restore must recreate: a kind crd can recreate, and no object
+/// with a part outside (unless allowed). Every offending fd is named.
 fn check_objects(graph: &Graph, mode: Mode) -> Result<(), PlanError> {
     let Mode::Image { allow_external } = mode else { return Ok(()) };
-    let mut inodes: HashMap<ObjRef, &Inode> = HashMap::new();
-    let mut inode_of_file: HashMap<ObjRef, ObjRef> = HashMap::new();
+    let index = graph.index();
     let mut external = Vec::new();
     for (task, slot) in graph.slots() {
-        if let Encounter::First { objref, object } = &slot.file {
-            inode_of_file.insert(*objref, object.inode.objref());
-            if let Encounter::First { objref, object } = &object.inode {
-                inodes.insert(*objref, object);
-            }
-        }
-        let inode_ref = inode_of_file.get(&slot.file.objref()).copied().ok_or_else(|| {
-            PlanError::Inconsistent(format!("PID {} fd {}: unknown open file", task.tgid, slot.fd))
+        let (_, objref, object) = index.open(slot.file.objref()).ok_or_else(|| {
+            PlanError::Inconsistent(format!("PID {} fd {}: unknown open file or object", task.tgid, slot.fd))
         })?;
-        let inode = inodes.get(&inode_ref).ok_or_else(|| {
-            PlanError::Inconsistent(format!("PID {} fd {}: unknown inode", task.tgid, slot.fd))
-        })?;
-        if !restorable(inode.kind) {
+        if let Some(why) = object.state.refusal() {
             return Err(PlanError::Unsupported {
                 tgid: task.tgid,
                 fd: slot.fd,
-                kind: inode.kind,
-                objref: inode_ref,
+                kind: object.kind(),
+                objref,
+                why,
             });
         }
-        if inode.pipe.as_ref().is_some_and(|p| p.held_outside) && !allow_external {
-            external.push(format!("PID {} fd {} ({} {inode_ref})", task.tgid, slot.fd, inode.kind));
+        if object.held_outside && !allow_external {
+            external.push(format!("PID {} fd {} ({} {objref})", task.tgid, slot.fd, object.kind()));
         }
     }
     if external.is_empty() { Ok(()) } else { Err(PlanError::External(external)) }
-}
-
-/// Kinds an image restore can recreate.
-pub fn restorable(kind: InodeKind) -> bool {
-    matches!(
-        kind,
-        InodeKind::Pipe
-            | InodeKind::Fifo
-            | InodeKind::Regular
-            | InodeKind::Directory
-            | InodeKind::CharDevice
-            | InodeKind::BlockDevice
-    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
-        graph::{FdSlot, FdTable, FileDesc, Pipe, Task},
+        graph::{FdSlot, FdTable, FileDesc, Object, Task},
+        kinds::{Saved, pipe::PipeState, regular::ByPath},
         types::{Access, DeviceId},
     };
 
-    fn inode(kind: InodeKind, held_outside: bool) -> Inode {
-        Inode {
-            kind,
+    fn object(kind: Kind, held_outside: bool) -> Object {
+        Object {
             ino: 1,
             mode: 0,
             dev: DeviceId { major: 0, minor: 0 },
             rdev: DeviceId { major: 0, minor: 0 },
             path: None,
-            pipe: (kind == InodeKind::Pipe).then(|| Pipe { capacity: 65536, data: vec![], held_outside }),
+            held_outside,
+            state: match kind {
+                Kind::Pipe => Saved::Pipe(PipeState { capacity: 65536, data: vec![] }),
+                Kind::Socket => Saved::Socket(ByPath),
+                other => panic!("no sample of {other}"),
+            },
         }
     }
 
-    fn desc(inode: Encounter<Inode>) -> FileDesc {
-        FileDesc { flags: 0, access: Access { read: true, write: false }, pos: 0, held_outside: false, inode }
+    fn desc(object: Encounter<Object>) -> FileDesc {
+        FileDesc {
+            flags: 0,
+            access: Access { read: true, write: false },
+            pos: 0,
+            held_outside: false,
+            object,
+        }
     }
 
     fn task(pid: u32, tgid: u32, parent: u32, table: Encounter<FdTable>) -> Task {
@@ -236,10 +225,10 @@ mod tests {
 
     /// Root 10 (threads 10, 11) with a pipe read end at 3 and a dup at 4; child 20 with
     /// its own table holding the same description at 7; child 30 sharing 10's table.
-    fn graph(kind: InodeKind, held_outside: bool) -> Graph {
+    fn graph(kind: Kind, held_outside: bool) -> Graph {
         let first = Encounter::First {
             objref: ObjRef(2),
-            object: desc(Encounter::First { objref: ObjRef(3), object: inode(kind, held_outside) }),
+            object: desc(Encounter::First { objref: ObjRef(3), object: object(kind, held_outside) }),
         };
         Graph {
             root: Tgid(10),
@@ -270,7 +259,7 @@ mod tests {
 
     #[test]
     fn processes_threads_children_and_tables() {
-        let plan = plan(&graph(InodeKind::Pipe, false), Mode::Image { allow_external: false }).unwrap();
+        let plan = plan(&graph(Kind::Pipe, false), Mode::Image { allow_external: false }).unwrap();
         assert_eq!(plan.processes.len(), 3);
         let root = &plan.processes[0];
         assert_eq!(root.threads, vec![(Pid(10), "t10".into()), (Pid(11), "t11".into())]);
@@ -293,24 +282,27 @@ mod tests {
 
     #[test]
     fn unsupported_kinds_are_named_with_their_fd() {
-        let err = plan(&graph(InodeKind::Socket, false), Mode::Image { allow_external: false }).unwrap_err();
-        assert_eq!(err.to_string(), "PID 10 fd 3 (socket #3): restoring a socket is not supported yet");
+        let err = plan(&graph(Kind::Socket, false), Mode::Image { allow_external: false }).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "PID 10 fd 3 (socket #3): restoring a socket is not supported yet; `crd graft` hands the live one over"
+        );
         // A graft hands over the very same socket: fine.
-        assert!(plan(&graph(InodeKind::Socket, false), Mode::Graft).is_ok());
+        assert!(plan(&graph(Kind::Socket, false), Mode::Graft).is_ok());
     }
 
     #[test]
     fn external_pipes_are_refused_per_fd_unless_allowed() {
-        let err = plan(&graph(InodeKind::Pipe, true), Mode::Image { allow_external: false }).unwrap_err();
+        let err = plan(&graph(Kind::Pipe, true), Mode::Image { allow_external: false }).unwrap_err();
         let PlanError::External(fds) = &err else { panic!("{err}") };
         assert_eq!(fds, &["PID 10 fd 3 (pipe #3)", "PID 10 fd 4 (pipe #3)", "PID 20 fd 7 (pipe #3)"]);
-        assert!(plan(&graph(InodeKind::Pipe, true), Mode::Image { allow_external: true }).is_ok());
-        assert!(plan(&graph(InodeKind::Pipe, true), Mode::Graft).is_ok());
+        assert!(plan(&graph(Kind::Pipe, true), Mode::Image { allow_external: true }).is_ok());
+        assert!(plan(&graph(Kind::Pipe, true), Mode::Graft).is_ok());
     }
 
     #[test]
     fn a_table_shared_with_a_non_parent_is_refused() {
-        let mut g = graph(InodeKind::Pipe, false);
+        let mut g = graph(Kind::Pipe, false);
         g.tasks[3].parent = Tgid(20);
         assert_eq!(plan(&g, Mode::Graft).unwrap_err(), PlanError::ForeignTableSharing(Tgid(30)));
     }

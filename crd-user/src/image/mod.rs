@@ -11,6 +11,10 @@
 //! 24      ...   body: bincode 2 (standard config) of ImageBody { header, graph }
 //! ```
 //!
+//! Format 2 saves each object as (kind name, the kind's state), so a new kind appends a
+//! kind and an image holding a kind this crd does not know is refused by name. Format 1
+//! (pipes as a side field of every inode) still decodes, through [`v1`].
+//!
 //! The fixed prefix lets a reader reject a file that is not an image, is from a newer
 //! crd, is truncated or is corrupt, each with its own message, before decoding anything.
 //! Images are written atomically (temporary file in the target directory, fsync,
@@ -31,11 +35,18 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{graph::Graph, harvest::Source};
+use crate::{
+    graph::Graph,
+    kinds::decoding::{UNKNOWN_KIND, UNKNOWN_KIND_END},
+};
+
+mod v1;
 
 pub const MAGIC: [u8; 8] = *b"CRDIMAGE";
 /// Bumped on any incompatible change to [`ImageBody`].
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this crd still reads.
+pub const OLDEST_VERSION: u32 = 1;
 const PREFIX_LEN: usize = 24;
 /// Decoding refuses bodies larger than this (a bound on what a corrupt length can make
 /// crd allocate).
@@ -53,8 +64,12 @@ pub enum ImageError {
         "{path}: image format v{found} is newer than this crd supports (v{FORMAT_VERSION}); use a newer crd"
     )]
     TooNew { path: String, found: u32 },
-    #[error("{path}: image format v{found} is not supported (this crd reads v{FORMAT_VERSION})")]
+    #[error(
+        "{path}: image format v{found} is not supported (this crd reads v{OLDEST_VERSION} to v{FORMAT_VERSION})"
+    )]
     Unsupported { path: String, found: u32 },
+    #[error("{path}: {detail} (the image was made by a newer crd?); use a crd that knows it")]
+    UnknownKind { path: String, detail: String },
     #[error("{path}: image body of {len} bytes exceeds the {MAX_BODY}-byte limit")]
     TooLarge { path: String, len: u64 },
     #[error("{path}: image is corrupt (checksum mismatch)")]
@@ -71,6 +86,32 @@ pub enum ImageError {
         "{path}: refusing an image that others can write (mode {mode:04o}): it may have been altered; chmod 600 {path}"
     )]
     Writable { path: String, mode: u32 },
+}
+
+/// Which harvester read the image's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
+    Bpf,
+    Procfs,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Bpf => "bpf",
+            Source::Procfs => "procfs",
+        })
+    }
+}
+
+impl From<crate::harvest::Source> for Source {
+    fn from(source: crate::harvest::Source) -> Self {
+        match source {
+            crate::harvest::Source::Procfs => Source::Procfs,
+            // `auto` is resolved before a harvest; an image never says it.
+            crate::harvest::Source::Bpf | crate::harvest::Source::Auto => Source::Bpf,
+        }
+    }
 }
 
 /// Who made the image, where and when.
@@ -149,9 +190,13 @@ pub fn encode(body: &ImageBody) -> Result<Vec<u8>, ImageError> {
 }
 
 fn prefix(body_len: u64, crc: u32) -> [u8; PREFIX_LEN] {
+    prefix_of(FORMAT_VERSION, body_len, crc)
+}
+
+fn prefix_of(version: u32, body_len: u64, crc: u32) -> [u8; PREFIX_LEN] {
     let mut p = [0u8; PREFIX_LEN];
     p[..8].copy_from_slice(&MAGIC);
-    p[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    p[8..12].copy_from_slice(&version.to_le_bytes());
     p[12..20].copy_from_slice(&body_len.to_le_bytes());
     p[20..24].copy_from_slice(&crc.to_le_bytes());
     p
@@ -189,19 +234,21 @@ impl<W: Write> Write for CrcWriter<W> {
 }
 
 /// Decodes `payload` with a bincode limit of `LIMIT` bytes.
-fn decode_limited<const LIMIT: usize>(
+fn decode_limited<const LIMIT: usize, T: serde::de::DeserializeOwned>(
     payload: &[u8],
-) -> Result<(ImageBody, usize), bincode::error::DecodeError> {
+) -> Result<(T, usize), bincode::error::DecodeError> {
     bincode::serde::decode_from_slice(payload, bincode::config::standard().with_limit::<LIMIT>())
 }
 
 /// Decodes `payload` with the smallest limit that fits its length.
-fn decode_body(payload: &[u8]) -> Result<(ImageBody, usize), bincode::error::DecodeError> {
+fn decode_body<T: serde::de::DeserializeOwned>(
+    payload: &[u8],
+) -> Result<(T, usize), bincode::error::DecodeError> {
     macro_rules! by_limit {
         ($($log2:literal)*) => {
             match limit_for(payload.len() as u64) {
-                $(l if l <= 1 << $log2 => decode_limited::<{ 1usize << $log2 }>(payload),)*
-                _ => decode_limited::<{ usize::MAX }>(payload),
+                $(l if l <= 1 << $log2 => decode_limited::<{ 1usize << $log2 }, T>(payload),)*
+                _ => decode_limited::<{ usize::MAX }, T>(payload),
             }
         };
     }
@@ -228,7 +275,7 @@ pub fn decode(bytes: &[u8], path: &str) -> Result<ImageBody, ImageError> {
     if version > FORMAT_VERSION {
         return Err(ImageError::TooNew { path, found: version });
     }
-    if version != FORMAT_VERSION {
+    if version < OLDEST_VERSION {
         return Err(ImageError::Unsupported { path, found: version });
     }
     let mut body_len = [0u8; 8];
@@ -248,8 +295,19 @@ pub fn decode(bytes: &[u8], path: &str) -> Result<ImageBody, ImageError> {
     if crc32fast::hash(payload) != u32_at(20) {
         return Err(ImageError::Checksum { path });
     }
-    let (body, used) =
-        decode_body(payload).map_err(|e| ImageError::Decode { path: path.clone(), detail: one_line(&e) })?;
+    let decoded = if version == 1 {
+        decode_body::<v1::ImageBody>(payload).map(|(body, used)| (body.upgrade(), used))
+    } else {
+        decode_body::<ImageBody>(payload)
+    };
+    let (body, used) = decoded.map_err(|e| {
+        let detail = one_line(&e);
+        let unknown = detail.find(UNKNOWN_KIND).map(|at| &detail[at + UNKNOWN_KIND.len()..]);
+        match unknown.map(|rest| rest.split(UNKNOWN_KIND_END).next().unwrap_or(rest)) {
+            Some(message) => ImageError::UnknownKind { path: path.clone(), detail: message.to_string() },
+            None => ImageError::Decode { path: path.clone(), detail },
+        }
+    })?;
     if used != payload.len() {
         return Err(ImageError::Decode {
             path,
@@ -323,27 +381,27 @@ pub fn write(path: &Path, body: &ImageBody) -> Result<(), ImageError> {
 mod tests {
     use super::*;
     use crate::{
-        graph::{Encounter, FdSlot, FdTable, FileDesc, Inode, Pipe, Task},
-        harvest::InodeKind,
+        graph::{Encounter, FdSlot, FdTable, FileDesc, Object, Task},
+        kinds::{Saved, pipe::PipeState},
         types::{Access, DeviceId, Fd, ObjRef, Pid, Tgid},
     };
 
     fn sample() -> ImageBody {
-        let inode = Inode {
-            kind: InodeKind::Pipe,
+        let object = Object {
             ino: 42,
             mode: libc::S_IFIFO | 0o600,
             dev: DeviceId { major: 0, minor: 14 },
             rdev: DeviceId { major: 0, minor: 0 },
             path: None,
-            pipe: Some(Pipe { capacity: 65536, data: b"hello".to_vec(), held_outside: false }),
+            held_outside: false,
+            state: Saved::Pipe(PipeState { capacity: 65536, data: b"hello".to_vec() }),
         };
         let file = FileDesc {
             flags: 0,
             access: Access { read: true, write: false },
             pos: 0,
             held_outside: false,
-            inode: Encounter::First { objref: ObjRef(3), object: inode },
+            object: Encounter::First { objref: ObjRef(3), object },
         };
         ImageBody {
             header: Header::now(Source::Bpf, false),

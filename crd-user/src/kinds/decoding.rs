@@ -1,0 +1,43 @@
+//! Where in an image the decoder is, so that an object of a kind this crd does not know
+//! is refused with the process and fd that hold it, on one line.
+//!
+//! The graph's `Task::tgid` and `FdSlot::fd` note themselves here as they are decoded
+//! (`#[serde(deserialize_with)]`); a kind's state comes after both, so an unknown kind
+//! name can say where it was found.
+use std::cell::Cell;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::types::{Fd, Tgid};
+
+thread_local! {
+    static AT: Cell<(u32, u32)> = const { Cell::new((0, 0)) };
+}
+
+/// Marks an error message as "unknown kind" for the image layer (the decoder's error
+/// may wrap the message in more text: the message lies between the two marks).
+pub const UNKNOWN_KIND: &str = "unknown kind: ";
+/// Ends an "unknown kind" message.
+pub const UNKNOWN_KIND_END: &str = " [end]";
+
+/// Decodes a task's tgid and remembers it.
+pub fn tgid<'de, D: Deserializer<'de>>(d: D) -> Result<Tgid, D::Error> {
+    let tgid = Tgid::deserialize(d)?;
+    AT.with(|at| at.set((tgid.0, at.get().1)));
+    Ok(tgid)
+}
+
+/// Decodes an fd number and remembers it.
+pub fn fd<'de, D: Deserializer<'de>>(d: D) -> Result<Fd, D::Error> {
+    let fd = Fd::deserialize(d)?;
+    AT.with(|at| at.set((at.get().0, fd.0)));
+    Ok(fd)
+}
+
+/// The message for an object of kind `name` that this crd does not know.
+pub fn unknown_kind(name: &str) -> String {
+    let (tgid, fd) = AT.with(Cell::get);
+    format!(
+        "{UNKNOWN_KIND}PID {tgid} fd {fd} holds an object of kind `{name}`, a kind this crd does not know{UNKNOWN_KIND_END}"
+    )
+}

@@ -1,0 +1,467 @@
+//! File kinds: one module per kind, behind one trait ([`FileKind`]), registered in one
+//! place (the `registry!` list at the bottom of this file).
+//!
+//! A kind module owns everything about its kind, as a kind is one file in CRIU
+//! (`criu/eventfd.c` and its `file_desc_ops`):
+//! - how to recognise it ([`FileKind::recognise`]: inode mode, superblock magic, the
+//!   dentry name of anon and shmem files, the device number);
+//! - what identifies its object ([`FileKind::IDENTITY`]: the inode, or for anon files
+//!   the file's private object, since every anon file sits on one shared inode);
+//! - what the BPF record's tail carries for it and how to decode it
+//!   ([`FileKind::from_bpf`]), and how the /proc harvester fills the same state from
+//!   fdinfo ([`FileKind::from_proc`]);
+//! - what it saves in the image ([`FileKind::save`], while the targets are frozen, or
+//!   [`FileKind::sketch`] without reading contents), and whether its object is reached
+//!   from outside the checkpointed set ([`FileKind::held_outside`]);
+//! - how `ls` and `inspect` show it ([`FileKind::detail`]);
+//! - how restore makes a description of it ([`FileKind::open`]: the first encounter of
+//!   the object creates it, later ones pick it up from the [`ObjectStore`]), or why it
+//!   cannot ([`FileKind::refusal`]);
+//! - how round-trip tests compare it ([`FileKind::same`]).
+//!
+//! The registry generates the enums the rest of crd uses: [`Kind`] (which kind),
+//! [`Live`] (what a harvest read) and [`Saved`] (what an image holds). Adding a kind is
+//! one new module plus one registry line. Kinds sit low in the layering: they know
+//! syscalls and ids, not harvesters, graphs or images.
+use std::{
+    fmt,
+    os::fd::{BorrowedFd, OwnedFd, RawFd},
+};
+
+use foldhash::{HashMap, HashMapExt};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::{
+    sys::SyscallError,
+    types::{Access, DeviceId, Fd, ObjRef, Tgid},
+};
+
+pub mod decoding;
+pub mod device;
+pub mod directory;
+pub mod fifo;
+pub mod opaque;
+pub mod pipe;
+pub mod regular;
+pub mod terminal;
+
+/// What identifies the object behind an open file description.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Identity {
+    /// The inode (`file->f_inode`): files, pipes, devices.
+    Inode,
+    /// The file's private object (`file->private_data`): anon-inode files, which all
+    /// share the kernel's one anon inode. The /proc harvester, which sees no pointers,
+    /// uses the description instead.
+    Private,
+}
+
+/// What a harvester knows when it tells kinds apart.
+#[derive(Clone, Copy, Debug)]
+pub struct Recognise<'a> {
+    /// `i_mode`.
+    pub mode: u32,
+    /// The filesystem's magic, where known (the /proc harvester knows it only for pipes,
+    /// anon inodes and what it asks `statfs` about).
+    pub fs_magic: Option<u64>,
+    /// The dentry's name for anon and shmem files (`[eventfd]`, `memfd:NAME`), where known.
+    pub name: Option<&'a str>,
+    /// The device a device node stands for.
+    pub rdev: DeviceId,
+    /// What `/proc/PID/fd/N` links to, where read (the /proc harvester).
+    pub link: Option<&'a str>,
+}
+
+impl Recognise<'_> {
+    pub fn file_type(&self) -> u32 {
+        self.mode & libc::S_IFMT
+    }
+}
+
+/// What /proc shows of one fd, for [`FileKind::from_proc`].
+#[derive(Clone, Copy, Debug)]
+pub struct ProcSlot<'a> {
+    pub tgid: Tgid,
+    pub fd: Fd,
+    /// `/proc/PID/fdinfo/N`.
+    pub fdinfo: &'a str,
+    /// `/proc/PID/fd/N`.
+    pub link: &'a str,
+    /// `st_size`.
+    pub size: u64,
+}
+
+impl ProcSlot<'_> {
+    /// The value of an fdinfo line `name: value`.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fdinfo.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(str::trim))
+    }
+}
+
+/// How many distinct descriptions of one object the checkpointed set holds, to compare
+/// with what the kernel counts (linux-cr's leak check).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InsideUse {
+    pub readers: u32,
+    pub writers: u32,
+}
+
+/// A live fd of a frozen target, for [`FileKind::save`] to read contents through.
+#[derive(Clone, Copy, Debug)]
+pub struct Reach<'a> {
+    pub pidfd: BorrowedFd<'a>,
+    pub tgid: Tgid,
+    pub fd: Fd,
+    /// The description's access (a pipe's contents can only be copied from a read end).
+    pub access: Access,
+}
+
+/// Why a kind could not save or make an object. The caller adds where (PID, fd, objref).
+#[derive(Debug, thiserror::Error)]
+pub enum KindError {
+    #[error(transparent)]
+    Syscall(#[from] SyscallError),
+    #[error("{0} no longer exists")]
+    Gone(String),
+    #[error("{path} is now a {found}, not a {expected}")]
+    Changed { path: String, found: &'static str, expected: &'static str },
+    #[error("the image records no path for it")]
+    NoPath,
+    #[error("{0}")]
+    Other(String),
+}
+
+impl KindError {
+    pub fn errno(call: &'static str, e: nix::Error) -> Self {
+        KindError::Syscall(SyscallError { call, source: e.into() })
+    }
+}
+
+/// What restore knows about the description to make.
+#[derive(Clone, Copy, Debug)]
+pub struct OpenArgs<'a> {
+    /// The object's objref (deposits and handles are kept under it).
+    pub object: ObjRef,
+    /// Whether this is the object's first description in the walk (it must be created).
+    pub first: bool,
+    pub access: Access,
+    /// Open flags of the description (O_APPEND, O_NONBLOCK...), without O_CLOEXEC.
+    pub flags: u32,
+    pub pos: i64,
+    /// The path of a named object.
+    pub path: Option<&'a str>,
+    /// `i_mode` at checkpoint time.
+    pub mode: u32,
+    pub ino: u64,
+}
+
+impl OpenArgs<'_> {
+    pub fn path(&self) -> Result<&str, KindError> {
+        self.path.ok_or(KindError::NoPath)
+    }
+}
+
+/// A description made by [`FileKind::open`].
+pub struct Opened {
+    pub fd: OwnedFd,
+    /// Fresh from a creating call (pipe2, eventfd, memfd_create) with no status flags
+    /// set: restore skips the F_GETFL/F_SETFL round trip when none are wanted.
+    pub fresh: bool,
+}
+
+/// What restore holds between descriptions of one object: ends deposited by a first
+/// encounter (a pipe's other end), and a handle to open more descriptions of an object.
+#[derive(Default)]
+pub struct ObjectStore {
+    deposited: HashMap<(ObjRef, u8), OwnedFd>,
+    handles: HashMap<ObjRef, Handle>,
+}
+
+/// How restore reaches an object to open another description of it.
+pub enum Handle {
+    /// An fd restore already holds elsewhere (a deposited end or a made description,
+    /// which keep their numbers until the restore is done): no extra fd.
+    Held(RawFd),
+    /// An fd of its own (a FIFO's read-write keeper).
+    Owned(OwnedFd),
+}
+
+impl ObjectStore {
+    pub fn new() -> Self {
+        Self { deposited: HashMap::new(), handles: HashMap::new() }
+    }
+
+    /// Leaves `fd` under (`object`, `slot`) for a later description to pick up.
+    pub fn deposit(&mut self, object: ObjRef, slot: u8, fd: OwnedFd) {
+        self.deposited.insert((object, slot), fd);
+    }
+
+    /// Takes what a first encounter deposited under (`object`, `slot`).
+    pub fn pick_up(&mut self, object: ObjRef, slot: u8) -> Option<OwnedFd> {
+        self.deposited.remove(&(object, slot))
+    }
+
+    pub fn set_handle(&mut self, object: ObjRef, handle: Handle) {
+        self.handles.insert(object, handle);
+    }
+
+    /// The fd number of `object`'s handle.
+    pub fn handle(&self, object: ObjRef) -> Option<RawFd> {
+        self.handles.get(&object).map(|h| match h {
+            Handle::Held(fd) => *fd,
+            Handle::Owned(fd) => std::os::fd::AsRawFd::as_raw_fd(fd),
+        })
+    }
+
+    /// Closes every deposit and handle: once every description exists, nothing else may
+    /// hold an object open.
+    pub fn clear(&mut self) {
+        self.handles.clear();
+        self.deposited.clear();
+    }
+}
+
+/// One file kind. See the module documentation.
+pub trait FileKind {
+    /// The kind's name in `ls`, `inspect`, errors and the image.
+    const NAME: &'static str;
+    /// Whether `/proc/PID/fd/N` names the object usefully (not `pipe:[ino]`).
+    const HAS_PATH: bool = true;
+    /// Whether a restored object is the original inode (reopened by path), so that
+    /// round trips compare inode numbers.
+    const SAME_INODE: bool = false;
+    const IDENTITY: Identity = Identity::Inode;
+    /// What a harvest reads of one object.
+    type Live: Clone + fmt::Debug + PartialEq + Eq;
+    /// What an image holds of one object.
+    type Saved: Clone + fmt::Debug + PartialEq + Eq + Serialize + DeserializeOwned;
+
+    fn recognise(r: &Recognise<'_>) -> bool;
+    /// From the BPF record's tail (`TAIL_*` in crd-common); None if the tail lacks what
+    /// the kind needs (its fields are missing on this kernel): the fd is then opaque.
+    fn from_bpf(record: &crd_common::FdRecord, tail: &[u8]) -> Option<Self::Live>;
+    fn from_proc(slot: &ProcSlot<'_>) -> Self::Live;
+    /// Whether the object is also open outside the checkpointed set in a way its
+    /// descriptions do not show (a pipe end held by another process).
+    fn held_outside(_live: &Self::Live, _inside: InsideUse) -> bool {
+        false
+    }
+    /// The saved state without reading contents (`ls`, graft).
+    fn sketch(live: &Self::Live) -> Self::Saved;
+    /// The saved state with contents, read through `reach` while the targets are frozen.
+    fn save(live: &Self::Live, _reach: &Reach<'_>) -> Result<Self::Saved, KindError> {
+        Ok(Self::sketch(live))
+    }
+    /// Whether encoding `saved` reads from the target (contents streamed into the
+    /// image): the checkpoint then keeps the targets frozen until the image is written.
+    fn streams(_saved: &Self::Saved) -> bool {
+        false
+    }
+    /// What `ls` and `inspect` show beside the name (`count=7 semaphore`).
+    fn detail(saved: &Self::Saved) -> Option<String>;
+    /// Why an image restore cannot make this object (None: it can).
+    fn refusal(_saved: &Self::Saved) -> Option<String> {
+        None
+    }
+    /// Makes one description of the object (creating the object on its first encounter).
+    fn open(saved: &Self::Saved, args: &OpenArgs<'_>, store: &mut ObjectStore) -> Result<Opened, KindError>;
+    /// Round trip: the first difference between two saved states.
+    fn same(a: &Self::Saved, b: &Self::Saved) -> Result<(), String>;
+}
+
+/// A refusal for kinds crd does not make yet.
+pub fn not_supported(name: &str) -> Option<String> {
+    Some(format!("restoring a {name} is not supported yet; `crd graft` hands the live one over"))
+}
+
+/// Reads a tail struct from the bytes after the common record.
+pub fn tail<T: Copy + Default>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: the length was checked; the tails are plain old data (integers and byte
+    // arrays), valid for any bytes, and read_unaligned needs no alignment.
+    Some(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
+}
+
+/// A NUL-padded name from a BPF record.
+pub fn name_of(bytes: &[u8]) -> String {
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..len]).into_owned()
+}
+
+macro_rules! registry {
+    ($($variant:ident => $kind:ty,)*) => {
+        /// Which kind a file is (one per registered module).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        pub enum Kind {
+            $($variant,)*
+        }
+
+        impl Kind {
+            /// Every kind, in recognition order.
+            pub const ALL: &'static [Kind] = &[$(Kind::$variant,)*];
+
+            /// The first kind, in registry order, that recognises the file.
+            pub fn recognise(r: &Recognise<'_>) -> Kind {
+                $(if <$kind>::recognise(r) {
+                    return Kind::$variant;
+                })*
+                Kind::Other
+            }
+
+            pub fn name(self) -> &'static str {
+                match self { $(Kind::$variant => <$kind>::NAME,)* }
+            }
+
+            pub fn has_path(self) -> bool {
+                match self { $(Kind::$variant => <$kind>::HAS_PATH,)* }
+            }
+
+            pub fn same_inode(self) -> bool {
+                match self { $(Kind::$variant => <$kind>::SAME_INODE,)* }
+            }
+
+            pub fn identity(self) -> Identity {
+                match self { $(Kind::$variant => <$kind>::IDENTITY,)* }
+            }
+        }
+
+        /// What a harvest read of one object, by kind.
+        #[derive(Clone, Debug, PartialEq, Eq)]
+        pub enum Live {
+            $($variant(<$kind as FileKind>::Live),)*
+        }
+
+        impl Live {
+            pub fn kind(&self) -> Kind {
+                match self { $(Live::$variant(_) => Kind::$variant,)* }
+            }
+
+            /// Decodes `kind`'s state from a BPF record; None: the tail lacks it.
+            pub fn from_bpf(kind: Kind, record: &crd_common::FdRecord, tail: &[u8]) -> Option<Live> {
+                match kind { $(Kind::$variant => <$kind>::from_bpf(record, tail).map(Live::$variant),)* }
+            }
+
+            pub fn from_proc(kind: Kind, slot: &ProcSlot<'_>) -> Live {
+                match kind { $(Kind::$variant => Live::$variant(<$kind>::from_proc(slot)),)* }
+            }
+
+            pub fn held_outside(&self, inside: InsideUse) -> bool {
+                match self { $(Live::$variant(live) => <$kind>::held_outside(live, inside),)* }
+            }
+
+            pub fn sketch(&self) -> Saved {
+                match self { $(Live::$variant(live) => Saved::$variant(<$kind>::sketch(live)),)* }
+            }
+
+            pub fn save(&self, reach: &Reach<'_>) -> Result<Saved, KindError> {
+                match self { $(Live::$variant(live) => <$kind>::save(live, reach).map(Saved::$variant),)* }
+            }
+        }
+
+        /// What an image holds of one object, by kind. Encoded as (kind name, state), so
+        /// an image with a kind this crd does not know is refused by name.
+        #[derive(Clone, Debug, PartialEq, Eq)]
+        pub enum Saved {
+            $($variant(<$kind as FileKind>::Saved),)*
+        }
+
+        impl Saved {
+            pub fn kind(&self) -> Kind {
+                match self { $(Saved::$variant(_) => Kind::$variant,)* }
+            }
+
+            pub fn detail(&self) -> Option<String> {
+                match self { $(Saved::$variant(s) => <$kind>::detail(s),)* }
+            }
+
+            pub fn streams(&self) -> bool {
+                match self { $(Saved::$variant(s) => <$kind>::streams(s),)* }
+            }
+
+            pub fn refusal(&self) -> Option<String> {
+                match self { $(Saved::$variant(s) => <$kind>::refusal(s),)* }
+            }
+
+            pub fn open(&self, args: &OpenArgs<'_>, store: &mut ObjectStore) -> Result<Opened, KindError> {
+                match self { $(Saved::$variant(s) => <$kind>::open(s, args, store),)* }
+            }
+
+            pub fn same(&self, other: &Saved) -> Result<(), String> {
+                match (self, other) {
+                    $((Saved::$variant(a), Saved::$variant(b)) => <$kind>::same(a, b),)*
+                    (a, b) => Err(format!("{} vs {}", a.kind(), b.kind())),
+                }
+            }
+        }
+
+        impl Serialize for Saved {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeTuple;
+                let mut tuple = serializer.serialize_tuple(2)?;
+                match self {
+                    $(Saved::$variant(state) => {
+                        tuple.serialize_element(<$kind>::NAME)?;
+                        tuple.serialize_element(state)?;
+                    })*
+                }
+                tuple.end()
+            }
+        }
+
+        impl<'de> Deserialize<'de> for Saved {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct Visit;
+                impl<'de> serde::de::Visitor<'de> for Visit {
+                    type Value = Saved;
+
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("a kind name and its state")
+                    }
+
+                    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Saved, A::Error> {
+                        use serde::de::Error;
+                        let name: String =
+                            seq.next_element()?.ok_or_else(|| A::Error::invalid_length(0, &self))?;
+                        match name.as_str() {
+                            $(<$kind>::NAME => Ok(Saved::$variant(
+                                seq.next_element()?.ok_or_else(|| A::Error::invalid_length(1, &self))?,
+                            )),)*
+                            _ => Err(A::Error::custom(decoding::unknown_kind(&name))),
+                        }
+                    }
+                }
+                deserializer.deserialize_tuple(2, Visit)
+            }
+        }
+    };
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+impl Kind {
+    pub fn is_pipe_like(self) -> bool {
+        matches!(self, Kind::Pipe | Kind::Fifo)
+    }
+}
+
+// The registry: one line per kind, in recognition order (the first kind that
+// recognises a file takes it). Adding a kind is adding its module (and `pub mod` line
+// above) and its line here.
+registry! {
+    Pipe => pipe::Pipe,
+    Fifo => fifo::Fifo,
+    Terminal => terminal::Terminal,
+    Regular => regular::Regular,
+    Directory => directory::Directory,
+    CharDevice => device::CharDevice,
+    BlockDevice => device::BlockDevice,
+    Socket => opaque::Socket,
+    Anon => opaque::Anon,
+    Other => opaque::Other,
+}

@@ -1,0 +1,187 @@
+//! The records a harvest produces: typed, kernel-meaningful, in no particular order.
+//! Both harvesters (BPF and /proc) produce exactly these; everything above (graph,
+//! checkpoint, ls) reads only these.
+use crate::{
+    kinds::{Kind, Live},
+    types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid},
+};
+
+/// Everything one harvest saw, in no particular order.
+#[derive(Clone, Debug, Default)]
+pub struct Harvest {
+    pub tasks: Vec<TaskInfo>,
+    pub fds: Vec<FdInfo>,
+}
+
+/// One thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskInfo {
+    pub pid: Pid,
+    pub tgid: Tgid,
+    /// The real parent's process id (not crd, which is only the ptrace parent).
+    pub parent: Tgid,
+    pub comm: String,
+    /// Identity of the fd table: threads and CLONE_FILES processes share one.
+    pub fd_table: KernelPtr,
+}
+
+/// One slot of one fd table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FdInfo {
+    /// A process using the table (where /proc/PID/fd/N and pidfd_getfd reach the fd).
+    pub tgid: Tgid,
+    pub fd_table: KernelPtr,
+    pub fd: Fd,
+    pub close_on_exec: bool,
+    /// What /proc/PID/fd/N links to (a path, or `anon_inode:[eventfd]`-style), when read.
+    pub link: Option<String>,
+    pub file: FileInfo,
+}
+
+/// One open file description (`struct file`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileInfo {
+    pub id: KernelPtr,
+    /// `f_flags` without O_CLOEXEC (that bit belongs to the fd, not the description).
+    pub flags: u32,
+    pub access: Access,
+    pub pos: i64,
+    /// References to this description that the kernel counts (fd table slots anywhere
+    /// on the system, plus mmaps and in-flight messages), excluding the harvester's own.
+    pub refs: u64,
+    pub object: ObjectInfo,
+}
+
+/// The object a description opens: an inode, or for anon files the file's private
+/// object (see [`crate::kinds::Identity`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Identity of the object: equal means the same kernel object.
+    pub id: KernelPtr,
+    pub ino: u64,
+    /// `i_mode`: type and permission bits.
+    pub mode: u32,
+    /// Device of the filesystem holding the inode.
+    pub dev: DeviceId,
+    /// The device an inode of a device node stands for.
+    pub rdev: DeviceId,
+    /// What the kind's harvest read (the kind is its variant).
+    pub live: Live,
+}
+
+impl ObjectInfo {
+    pub fn kind(&self) -> Kind {
+        self.live.kind()
+    }
+}
+
+impl Harvest {
+    /// Drops the repeats the task_file iterator makes, in one pass: it visits a table
+    /// shared by CLONE_FILES processes once per process (threads of one process only
+    /// once), in PID order, so the slots of the lowest PID using a table are kept.
+    pub fn drop_repeated_tables(mut self) -> Self {
+        let mut user: foldhash::HashMap<KernelPtr, Tgid> = foldhash::HashMap::default();
+        // Records come in runs of one (table, process): decide once per run.
+        let mut run: Option<(KernelPtr, Tgid, bool)> = None;
+        self.fds.retain(|f| match run {
+            Some((table, tgid, keep)) if table == f.fd_table && tgid == f.tgid => keep,
+            _ => {
+                let keep = *user.entry(f.fd_table).or_insert(f.tgid) == f.tgid;
+                run = Some((f.fd_table, f.tgid, keep));
+                keep
+            }
+        });
+        self.tasks.sort_by_key(|t| (t.tgid, t.pid));
+        self.tasks.dedup_by_key(|t| t.pid);
+        self
+    }
+
+    /// Drops repeats: the task_file iterator visits a table shared by CLONE_FILES
+    /// processes once per process; one slot is one slot.
+    pub fn dedup(mut self) -> Self {
+        self.tasks.sort_by_key(|t| (t.tgid, t.pid));
+        self.tasks.dedup_by_key(|t| t.pid);
+        self.fds.sort_by_key(|f| (f.fd_table, f.fd, f.tgid));
+        self.fds.dedup_by_key(|f| (f.fd_table, f.fd));
+        self
+    }
+
+    /// Keeps only the processes in `keep`.
+    pub fn retain_processes(&mut self, keep: &std::collections::HashSet<Tgid>) {
+        self.tasks.retain(|t| keep.contains(&t.tgid));
+        self.fds.retain(|f| keep.contains(&f.tgid));
+    }
+}
+
+/// Record builders for unit tests across crd.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::kinds::pipe::PipeLive;
+
+    pub fn task(pid: u32, tgid: u32, parent: u32, table: u64) -> TaskInfo {
+        TaskInfo {
+            pid: Pid(pid),
+            tgid: Tgid(tgid),
+            parent: Tgid(parent),
+            comm: format!("p{tgid}"),
+            fd_table: KernelPtr(table),
+        }
+    }
+
+    /// One end of pipe `inode`, held by `tgid` at `fd` through description `file`.
+    pub fn pipe_end(tgid: u32, table: u64, fd: u32, file: u64, inode: u64, read: bool) -> FdInfo {
+        FdInfo {
+            tgid: Tgid(tgid),
+            fd_table: KernelPtr(table),
+            fd: Fd(fd),
+            close_on_exec: false,
+            link: None,
+            file: FileInfo {
+                id: KernelPtr(file),
+                flags: if read { 0 } else { 1 },
+                access: Access { read, write: !read },
+                pos: 0,
+                refs: 1,
+                object: ObjectInfo {
+                    id: KernelPtr(inode),
+                    ino: inode,
+                    mode: libc::S_IFIFO | 0o600,
+                    dev: DeviceId { major: 0, minor: 14 },
+                    rdev: DeviceId { major: 0, minor: 0 },
+                    live: Live::Pipe(PipeLive { readers: 1, writers: 1, queued: None, capacity: None }),
+                },
+            },
+        }
+    }
+
+    /// The pipe state of a record built by [`pipe_end`].
+    pub fn pipe_live(f: &mut FdInfo) -> &mut PipeLive {
+        match &mut f.file.object.live {
+            Live::Pipe(p) | Live::Fifo(p) => p,
+            other => panic!("not a pipe: {other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::pipe_end;
+    use super::*;
+
+    #[test]
+    fn a_table_visited_through_several_processes_is_kept_once() {
+        // Processes 10 and 11 share table 0xa (CLONE_FILES); 12 has table 0xb (the
+        // iterator's visit order: by PID, fds ascending).
+        let slot = |tgid, table, fd| pipe_end(tgid, table, fd, 0x100 + fd as u64, 0x500, true);
+        let fds =
+            vec![slot(10, 0xa, 0), slot(10, 0xa, 1), slot(11, 0xa, 0), slot(11, 0xa, 1), slot(12, 0xb, 3)];
+        let kept: Vec<(u32, u64, u32)> = Harvest { tasks: Vec::new(), fds }
+            .drop_repeated_tables()
+            .fds
+            .iter()
+            .map(|f| (f.tgid.0, f.fd_table.0, f.fd.0))
+            .collect();
+        assert_eq!(kept, vec![(10, 0xa, 0), (10, 0xa, 1), (12, 0xb, 3)]);
+    }
+}
