@@ -39,6 +39,7 @@ use crate::{
 pub mod decoding;
 pub mod device;
 pub mod directory;
+pub mod eventfd;
 pub mod fifo;
 pub mod opaque;
 pub mod pipe;
@@ -456,6 +457,7 @@ impl Kind {
 registry! {
     Pipe => pipe::Pipe,
     Fifo => fifo::Fifo,
+    Eventfd => eventfd::Eventfd,
     Terminal => terminal::Terminal,
     Regular => regular::Regular,
     Directory => directory::Directory,
