@@ -41,6 +41,7 @@ pub mod device;
 pub mod directory;
 pub mod eventfd;
 pub mod fifo;
+pub mod memfd;
 pub mod opaque;
 pub mod pipe;
 pub mod regular;
@@ -458,6 +459,7 @@ registry! {
     Pipe => pipe::Pipe,
     Fifo => fifo::Fifo,
     Eventfd => eventfd::Eventfd,
+    Memfd => memfd::Memfd,
     Terminal => terminal::Terminal,
     Regular => regular::Regular,
     Directory => directory::Directory,
