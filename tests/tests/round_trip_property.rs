@@ -1,4 +1,5 @@
-//! Property: for any process tree wired with pipes, dups and files, restoring its image
+//! Property: for any process tree wired with pipes, dups, files, eventfds and memfds,
+//! restoring its image
 //! and checkpointing the stubs gives the same graph. proptest shrinks a failure to a
 //! small tree.
 use std::collections::BTreeMap;
@@ -12,6 +13,8 @@ enum Kind {
     PipeRead(usize),
     PipeWrite(usize),
     File,
+    Eventfd,
+    Memfd,
 }
 
 /// Decodes random bytes into a valid fixture script: every step applies to fds that
@@ -43,7 +46,7 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
         if open.len() > 20 {
             break;
         }
-        match next() % 9 {
+        match next() % 11 {
             0 | 1 => {
                 let pipe = queued.len();
                 queued.push(0);
@@ -107,6 +110,19 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
             8 if threads < 2 => {
                 threads += 1;
                 steps.push("threads:1".into());
+            }
+            9 => {
+                let fd = free(&open, next());
+                open.insert(fd, Kind::Eventfd);
+                let flags = ["", "s", "n", "sn"][next() as usize % 4];
+                steps.push(format!("eventfd:{fd}:{}:{flags}", next()));
+            }
+            10 => {
+                let fd = free(&open, next());
+                open.insert(fd, Kind::Memfd);
+                let seals = ["", "s", "sg", "S", "sgw"][next() as usize % 5];
+                steps.push(format!("memfd:{fd}:m{fd}:{}:{seals}", next() as usize * 61));
+                steps.push(format!("seek:{fd}:{}", next() % 5));
             }
             _ => {}
         }

@@ -1,0 +1,387 @@
+//! File kinds as modules: eventfd and memfd harvested by BPF and by /proc, saved,
+//! restored and compared through the kernel; anon-inode files as objects of their own;
+//! terminals refused; images with unknown kinds and images of format 1.
+use std::{
+    fs,
+    os::{
+        fd::{AsFd, AsRawFd, OwnedFd},
+        unix::fs::{FileExt, PermissionsExt},
+    },
+    process::Command,
+};
+
+use crd::{
+    Source,
+    fixture::pattern,
+    graph::Encounter,
+    kinds::{Kind, Saved},
+    sys::{pidfd_getfd, pidfd_open},
+    types::{Fd, Pid},
+};
+use crd_tests::{
+    Index, assert_round_trip, assert_running_untraced, checkpoint, crd, crd_bin, image_of_stopped,
+    require_root, restore_with, spawn,
+};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A copy of fd `fd` of process `pid` (the very same description).
+fn fd_of(pid: u32, fd: u32) -> OwnedFd {
+    let pidfd = pidfd_open(Pid(pid)).expect("pidfd");
+    pidfd_getfd(pidfd.as_fd(), Fd(fd)).expect("pidfd_getfd")
+}
+
+/// The value of a `/proc/PID/fdinfo/FD` line.
+fn fdinfo(pid: u32, fd: u32, field: &str) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':').map(|v| v.trim().to_string()))
+}
+
+fn eventfd_state(body: &crd::image::ImageBody, pid: u32, fd: u32) -> (u64, bool) {
+    match &Index::new(&body.graph).inode(pid, fd).state {
+        Saved::Eventfd(e) => (e.count, e.semaphore),
+        other => panic!("PID {pid} fd {fd} is not an eventfd: {other:?}"),
+    }
+}
+
+#[test]
+fn eventfds_keep_counter_semaphore_flag_and_sharing_through_a_restore() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = ["eventfd:3:7:s", "eventfd:5:3:n", "dup:3:6", "cloexec:6", "fork"];
+    let fixture = spawn(&steps, 2);
+    let (parent, child) = (fixture.pids[0], fixture.pids[1]);
+    for source in [Source::Bpf, Source::Procfs] {
+        let body = checkpoint(parent, true, source);
+        let g = Index::new(&body.graph);
+        assert_eq!(g.inode(parent, 3).kind(), Kind::Eventfd, "{source}");
+        assert_eq!(eventfd_state(&body, parent, 3), (7, true), "{source}: counter and EFD_SEMAPHORE");
+        assert_eq!(eventfd_state(&body, parent, 5), (3, false), "{source}");
+        assert_eq!(g.file_ref(parent, 3), g.file_ref(parent, 6), "{source}: dup shares the description");
+        assert_eq!(g.file_ref(child, 3), g.file_ref(parent, 3), "{source}: fork shares it too");
+        assert_ne!(g.inode_ref(parent, 3), g.inode_ref(parent, 5), "{source}: two eventfds, two objects");
+        assert!(g.file(parent, 5).flags & libc::O_NONBLOCK as u32 != 0, "{source}: EFD_NONBLOCK");
+    }
+    assert_running_untraced(parent);
+    let (original, image, _log) = image_of_stopped(fixture, dir.path());
+    let restored = assert_round_trip(&original, &image);
+    // Through the kernel: the restored eventfd counts 7 and is a semaphore (each read
+    // takes 1), the other counts 3 and is non-blocking.
+    let stub = restored.root;
+    assert_eq!(fdinfo(stub, 3, "eventfd-count").map(|c| u64::from_str_radix(&c, 16).unwrap()), Some(7));
+    if let Some(semaphore) = fdinfo(stub, 3, "eventfd-semaphore") {
+        assert_eq!(semaphore, "1");
+    }
+    let copy = fd_of(stub, 3);
+    let mut value = [0u8; 8];
+    nix::unistd::read(&copy, &mut value).unwrap();
+    assert_eq!(u64::from_ne_bytes(value), 1, "a semaphore read takes one");
+    assert_eq!(fdinfo(stub, 6, "eventfd-count").map(|c| u64::from_str_radix(&c, 16).unwrap()), Some(6));
+    let flags = u32::from_str_radix(&fdinfo(stub, 5, "flags").unwrap(), 8).unwrap();
+    assert!(flags & libc::O_NONBLOCK as u32 != 0);
+}
+
+#[test]
+fn bpf_and_procfs_agree_on_new_kinds() {
+    require_root!();
+    let steps = [
+        "eventfd:3:9:",
+        "memfd:4:agree:5000:sg",
+        "epoll:5",
+        "timerfd:6",
+        "eventfd:7:1:sn",
+        "dup:4:8",
+        "fork",
+        "close:5",
+    ];
+    let fixture = spawn(&steps, 2);
+    for tree in [false, true] {
+        let bpf = checkpoint(fixture.root(), tree, Source::Bpf);
+        let procfs = checkpoint(fixture.root(), tree, Source::Procfs);
+        if let Err(difference) = bpf.graph.same_shape(&procfs.graph) {
+            panic!("BPF and /proc graphs differ (tree = {tree}): {difference}");
+        }
+        assert!(bpf.graph == procfs.graph, "BPF and /proc graphs differ (tree = {tree})");
+    }
+    // `crd ls` gives the same listing from either source.
+    let pids = [fixture.pids[0].to_string(), fixture.pids[1].to_string()];
+    let by_bpf = crd(&["ls", &pids[0], &pids[1], "--source", "bpf"]);
+    let by_procfs = crd(&["ls", &pids[0], &pids[1], "--source", "procfs"]);
+    assert!(by_bpf.status.success(), "{}", stderr(&by_bpf));
+    assert_eq!(String::from_utf8_lossy(&by_bpf.stdout), String::from_utf8_lossy(&by_procfs.stdout));
+}
+
+#[test]
+fn anon_inode_files_are_objects_of_their_own_named_by_their_kind() {
+    require_root!();
+    // Every anon file sits on the kernel's one anon inode: an eventfd, an epoll, another
+    // eventfd and a timerfd are four objects, not one.
+    let steps = ["eventfd:3:1:", "epoll:4", "eventfd:5:2:", "timerfd:6", "dup:3:7", "fork"];
+    let fixture = spawn(&steps, 2);
+    let (parent, child) = (fixture.pids[0], fixture.pids[1]);
+    for source in [Source::Bpf, Source::Procfs] {
+        let body = checkpoint(parent, true, source);
+        let g = Index::new(&body.graph);
+        let objects: Vec<_> = [3, 4, 5, 6].iter().map(|&fd| g.inode_ref(parent, fd)).collect();
+        let mut distinct = objects.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 4, "{source}: {objects:?}");
+        assert_eq!(g.inode_ref(parent, 7), g.inode_ref(parent, 3), "{source}: a dup is the same object");
+        assert_eq!(g.inode_ref(child, 3), g.inode_ref(parent, 3), "{source}: so is a fork's");
+        assert!(matches!(g.slot(child, 3).file, Encounter::Again(_)));
+        let names: Vec<_> =
+            [3, 4, 5, 6].iter().map(|&fd| g.inode(parent, fd).path.clone().unwrap_or_default()).collect();
+        assert_eq!(
+            names,
+            [
+                "anon_inode:[eventfd]",
+                "anon_inode:[eventpoll]",
+                "anon_inode:[eventfd]",
+                "anon_inode:[timerfd]"
+            ],
+            "{source}"
+        );
+        let kinds: Vec<_> = [3, 4, 5, 6].iter().map(|&fd| g.inode(parent, fd).kind()).collect();
+        assert_eq!(kinds, [Kind::Eventfd, Kind::Anon, Kind::Eventfd, Kind::Anon], "{source}");
+    }
+    // `ls` names each by its own kind, `inspect` too.
+    let out = crd(&["ls", &parent.to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = |fd: u32| {
+        text.lines()
+            .find(|l| {
+                l.split_whitespace()
+                    .nth(2)
+                    .is_some_and(|f| f.trim_end_matches(['r', 'w', 'u']) == fd.to_string())
+            })
+            .unwrap_or_else(|| panic!("no row for fd {fd}:\n{text}"))
+            .to_string()
+    };
+    assert!(row(3).contains("eventfd") && row(3).contains("anon_inode:[eventfd] count=1"), "{}", row(3));
+    assert!(row(4).contains("anon_inode:[eventpoll]") && !row(4).contains("eventfd"), "{}", row(4));
+    assert!(row(5).contains("anon_inode:[eventfd] count=2"), "{}", row(5));
+    assert!(row(6).contains("anon_inode:[timerfd]"), "{}", row(6));
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("anon.crd");
+    let done = crd(&["checkpoint", &parent.to_string(), "-o", image.to_str().unwrap()]);
+    assert!(done.status.success(), "{}", stderr(&done));
+    let shown = crd(&["inspect", image.to_str().unwrap()]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("anon_inode:[eventpoll]") && shown.contains("anon_inode:[timerfd]"), "{shown}");
+    assert!(shown.contains("eventfd anon_inode:[eventfd] count=2"), "{shown}");
+    // And an image restore refuses the kinds it cannot make, naming the fd.
+    let refused = crd(&["restore", image.to_str().unwrap()]);
+    let err = stderr(&refused);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("PID {parent} fd 4 (anon")) && err.contains("not supported yet"), "{err}");
+}
+
+#[test]
+fn a_64_mib_memfd_with_seals_streams_into_the_image_and_restores_byte_for_byte() {
+    require_root!();
+    const SIZE: usize = 64 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let steps = [format!("memfd:3:big:{SIZE}:sgw"), "seek:3:100".into(), "dup:3:4".into()];
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let fixture = spawn(&steps, 1);
+    let pid = fixture.root();
+    // The whole command, as a user runs it: its peak memory stays below the memfd's
+    // size, so the contents were never held in crd's memory in one piece.
+    let image = dir.path().join("memfd.crd");
+    let mut child = Command::new(crd_bin())
+        .args(["checkpoint", &pid.to_string(), "-o", image.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own child with valid pointers.
+    let waited = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(waited, child.id() as i32);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "checkpoint failed");
+    let _ = child.try_wait();
+    let peak_mib = usage.ru_maxrss as usize / 1024;
+    assert!(peak_mib < SIZE >> 20, "crd peaked at {peak_mib} MiB for a {} MiB memfd", SIZE >> 20);
+    assert!(fs::metadata(&image).unwrap().len() > SIZE as u64);
+    // The target's offset did not move, its contents are untouched.
+    assert_eq!(fdinfo(pid, 3, "pos").as_deref(), Some("100"));
+    assert_running_untraced(pid);
+    let body = crd::image::read(&image).unwrap();
+    let g = Index::new(&body.graph);
+    let Saved::Memfd(state) = &g.inode(pid, 3).state else { panic!("fd 3 is not a memfd") };
+    let seals = (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE) as u32;
+    assert_eq!((state.size, state.seals), (SIZE as u64, seals));
+    assert_eq!(g.file_ref(pid, 3), g.file_ref(pid, 4));
+    let _log = fixture.stop();
+    let restored = restore_with(&["restore", image.to_str().unwrap()]).unwrap_or_else(|e| panic!("{e}"));
+    let stub = restored.root;
+    let link = fs::read_link(format!("/proc/{stub}/fd/3")).unwrap();
+    assert_eq!(link.to_str(), Some("/memfd:big (deleted)"));
+    assert_eq!(fdinfo(stub, 3, "pos").as_deref(), Some("100"));
+    let copy = fd_of(stub, 3);
+    let got = nix::fcntl::fcntl(copy.as_fd(), nix::fcntl::FcntlArg::F_GET_SEALS).unwrap() as u32;
+    assert_eq!(got, seals, "the same seals");
+    let file = fs::File::from(copy);
+    assert_eq!(file.metadata().unwrap().len(), SIZE as u64);
+    let want = pattern(1 << 20);
+    let mut chunk = vec![0u8; 1 << 20];
+    for at in (0..SIZE).step_by(1 << 20) {
+        file.read_exact_at(&mut chunk, at as u64).unwrap();
+        // The fixture wrote the 1 MiB pattern over and over.
+        assert!(chunk == want, "bytes differ in the MiB at {at}");
+    }
+    // The seals hold in the restored memfd: it cannot grow.
+    assert!(file.set_len(SIZE as u64 + 1).is_err());
+    assert_eq!(fd_of(stub, 4).as_raw_fd() >= 0, true);
+    let again = checkpoint(stub, true, Source::Bpf);
+    body.graph.same_shape(&again.graph).unwrap_or_else(|d| panic!("the restored tree differs: {d}"));
+}
+
+#[test]
+fn memfds_round_trip_with_their_sharing() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = ["memfd:3:first:4096:", "memfd:5:second:10:S", "seek:3:17", "fork", "dup:3:6"];
+    let fixture = spawn(&steps, 2);
+    let (original, image, _log) = image_of_stopped(fixture, dir.path());
+    let restored = assert_round_trip(&original, &image);
+    let child = restored.tasks[1].1;
+    assert_eq!(
+        fs::read_link(format!("/proc/{child}/fd/6")).unwrap().to_str(),
+        Some("/memfd:first (deleted)")
+    );
+    assert_eq!(fdinfo(child, 6, "pos").as_deref(), Some("17"), "the shared offset");
+    let sealed = fd_of(restored.root, 5);
+    assert_eq!(
+        nix::fcntl::fcntl(sealed.as_fd(), nix::fcntl::FcntlArg::F_GET_SEALS).unwrap(),
+        libc::F_SEAL_SEAL,
+        "sealing sealed, as the original"
+    );
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn new(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "crd-full"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount tmpfs");
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_memfd_larger_than_the_free_disk_fails_cleanly_and_leaves_nothing() {
+    require_root!();
+    let disk = SmallDisk::new("4m");
+    let fixture = spawn(&["memfd:3:huge:16777216:", "seek:3:5"], 1);
+    let pid = fixture.root();
+    let image = disk.0.path().join("full.img");
+    let out = crd(&["checkpoint", &pid.to_string(), "-o", image.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("No space left on device") && err.contains("full.img"), "{err}");
+    assert_eq!(fs::read_dir(disk.0.path()).unwrap().count(), 0, "no image, no temporary file");
+    assert_running_untraced(pid);
+    assert_eq!(fdinfo(pid, 3, "pos").as_deref(), Some("5"), "the target's offset is untouched");
+}
+
+#[test]
+fn a_pty_end_is_recognised_and_refused_at_restore_by_name() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = spawn(&["pty:3:4"], 1);
+    let pid = fixture.root();
+    let body = checkpoint(pid, false, Source::Bpf);
+    let g = Index::new(&body.graph);
+    assert_eq!((g.inode(pid, 3).kind(), g.inode(pid, 4).kind()), (Kind::Terminal, Kind::Terminal));
+    let (_, image, _log) = image_of_stopped(fixture, dir.path());
+    let out = crd(&["restore", image.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("PID {pid} fd 3 (pty")) && err.contains("crd graft"), "{err}");
+}
+
+#[test]
+fn an_image_with_a_kind_this_crd_does_not_know_is_refused_naming_kind_and_fd() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = spawn(&["eventfd:5:1:"], 1);
+    let pid = fixture.root();
+    let (_, image, _log) = image_of_stopped(fixture, dir.path());
+    // A newer crd's kind: rename "eventfd" (same length) and seal the body again.
+    let mut bytes = fs::read(&image).unwrap();
+    let body_at = 24;
+    let mut i = body_at;
+    while let Some(at) = bytes[i..].windows(7).position(|w| w == b"eventfd") {
+        bytes[i + at..i + at + 7].copy_from_slice(b"futurfd");
+        i += at + 7;
+    }
+    let crc = crc32fast::hash(&bytes[body_at..]);
+    bytes[20..24].copy_from_slice(&crc.to_le_bytes());
+    fs::write(&image, &bytes).unwrap();
+    fs::set_permissions(&image, fs::Permissions::from_mode(0o600)).unwrap();
+    for command in ["inspect", "restore"] {
+        let out = crd(&[command, image.to_str().unwrap()]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{command}: {err}");
+        assert_eq!(err.lines().count(), 1, "{command}: {err}");
+        assert!(err.contains(&format!("PID {pid} fd 5")) && err.contains("`futurfd`"), "{command}: {err}");
+        assert!(err.contains("a kind this crd does not know"), "{command}: {err}");
+        assert!(out.stdout.is_empty(), "{command}: no partial output");
+    }
+}
+
+#[test]
+fn a_version_1_image_still_inspects_and_restores() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    // Made by crd 0.1 (format 1): a parent and a child sharing a pipe with 12 bytes
+    // queued (fds 3, 5 read, 4 write), a second pipe (6, 7 close-on-exec), /dev/null at
+    // 0-2 and 8, and fd 251, the write end of a pipe to a process outside.
+    let image = dir.path().join("v1.crd");
+    fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/data/v1-pipes.crd"), &image).unwrap();
+    fs::set_permissions(&image, fs::Permissions::from_mode(0o600)).unwrap();
+    let bytes = fs::read(&image).unwrap();
+    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 1, "a format-1 image");
+    let body = crd::image::read(&image).expect("format 1 decodes");
+    let (root, child) = (body.graph.tasks[0].tgid.0, body.graph.tasks[1].tgid.0);
+    let g = Index::new(&body.graph);
+    assert_eq!(g.pipe(root, 3).data, b"queued-in-v1");
+    assert_eq!(g.inode(root, 251).held_outside, true);
+    let shown = crd(&["inspect", image.to_str().unwrap()]);
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("capacity 65536 queued 12"));
+    let refused = crd(&["restore", image.to_str().unwrap()]);
+    assert!(stderr(&refused).contains("fd 251"), "the external pipe is refused: {}", stderr(&refused));
+    let restored = restore_with(&["restore", "--allow-external", image.to_str().unwrap()])
+        .unwrap_or_else(|e| panic!("restore: {e}"));
+    let again = checkpoint(restored.root, true, Source::Bpf);
+    let h = Index::new(&again.graph);
+    let stub_child = restored.tasks[1].1;
+    assert_eq!(h.pipe(restored.root, 3).data, b"queued-in-v1");
+    assert_eq!(h.file_ref(restored.root, 3), h.file_ref(restored.root, 5));
+    assert_eq!(h.file_ref(stub_child, 3), h.file_ref(restored.root, 3));
+    assert_eq!(h.inode_ref(restored.root, 4), h.inode_ref(restored.root, 3));
+    assert!(h.slot(restored.root, 7).close_on_exec);
+    assert_eq!(h.fds(stub_child), g.fds(child));
+}
