@@ -4,7 +4,7 @@
 use std::{
     fs,
     os::{
-        fd::{AsFd, AsRawFd, OwnedFd},
+        fd::{AsFd, OwnedFd},
         unix::fs::{FileExt, PermissionsExt},
     },
     process::Command,
@@ -238,7 +238,8 @@ fn a_64_mib_memfd_with_seals_streams_into_the_image_and_restores_byte_for_byte()
     }
     // The seals hold in the restored memfd: it cannot grow.
     assert!(file.set_len(SIZE as u64 + 1).is_err());
-    assert_eq!(fd_of(stub, 4).as_raw_fd() >= 0, true);
+    assert_eq!(fdinfo(stub, 4, "pos").as_deref(), Some("100"), "fd 4 shares fd 3's description");
+    assert!(crd::sys::kcmp_same(Pid(stub), Pid(stub), crd::sys::Kcmp::File(Fd(3), Fd(4))).unwrap());
     let again = checkpoint(stub, true, Source::Bpf);
     body.graph.same_shape(&again.graph).unwrap_or_else(|d| panic!("the restored tree differs: {d}"));
 }
@@ -367,7 +368,7 @@ fn a_version_1_image_still_inspects_and_restores() {
     let (root, child) = (body.graph.tasks[0].tgid.0, body.graph.tasks[1].tgid.0);
     let g = Index::new(&body.graph);
     assert_eq!(g.pipe(root, 3).data, b"queued-in-v1");
-    assert_eq!(g.inode(root, 251).held_outside, true);
+    assert!(g.inode(root, 251).held_outside);
     let shown = crd(&["inspect", image.to_str().unwrap()]);
     assert!(shown.status.success(), "{}", stderr(&shown));
     assert!(String::from_utf8_lossy(&shown.stdout).contains("capacity 65536 queued 12"));

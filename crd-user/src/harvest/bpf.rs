@@ -374,3 +374,69 @@ fn fd_info(r: &FdRecord, tail: &[u8], file_ref_bias: i64) -> Option<FdInfo> {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crd_common::{EventfdTail, FdWith, NAME_LEN};
+
+    use super::*;
+
+    fn bytes<T: Copy>(record: &T) -> Vec<u8> {
+        // SAFETY: the records are plain old data; reading their bytes is always valid.
+        unsafe { std::slice::from_raw_parts((record as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    }
+
+    fn named(name: &str, private_data: u64) -> NamedTail {
+        let mut tail = NamedTail { private_data, ..Default::default() };
+        tail.name[..name.len().min(NAME_LEN)].copy_from_slice(name.as_bytes());
+        tail
+    }
+
+    fn anon_record(tail: u32) -> FdRecord {
+        FdRecord {
+            kind: RECORD_FD,
+            fd: 3,
+            tgid: 10,
+            file: 0xf00,
+            inode: 0x1d0,
+            i_mode: libc::S_IFREG | 0o600,
+            sb_magic: crd_common::ANON_INODE_FS_MAGIC,
+            tail,
+            ..Default::default()
+        }
+    }
+
+    fn decoded(record: &[u8]) -> Result<FdInfo, BpfError> {
+        let mut harvest = Harvest::default();
+        decode(record, 1, &mut harvest)?;
+        Ok(harvest.fds.remove(0))
+    }
+
+    #[test]
+    fn an_eventfd_tail_decodes_to_an_eventfd_keyed_by_its_context() {
+        let tail = EventfdTail { named: named("[eventfd]", 0xc7c), count: 7, flags: 1, _pad: 0 };
+        let f = decoded(&bytes(&FdWith { common: anon_record(TAIL_EVENTFD), tail })).unwrap();
+        assert_eq!(f.file.object.kind(), Kind::Eventfd);
+        assert_eq!(f.file.object.id, KernelPtr(0xc7c), "the eventfd_ctx, not the shared anon inode");
+        let Live::Eventfd(live) = &f.file.object.live else { panic!() };
+        assert_eq!((live.count, live.semaphore), (7, Some(true)));
+    }
+
+    #[test]
+    fn an_eventfd_without_its_fields_is_an_opaque_anon_file() {
+        // This kernel's BTF lacked eventfd_ctx: the program sent the name tail only.
+        let f = decoded(&bytes(&FdWith { common: anon_record(TAIL_NAMED), tail: named("[eventfd]", 0xc7c) }))
+            .unwrap();
+        assert_eq!(f.file.object.kind(), Kind::Anon);
+        assert_eq!(f.file.object.id, KernelPtr(0xc7c));
+    }
+
+    #[test]
+    fn a_tail_shorter_than_its_tag_is_a_bad_record() {
+        let mut record = bytes(&FdWith { common: anon_record(TAIL_EVENTFD), tail: named("[eventfd]", 1) });
+        record.truncate(size_of::<FdRecord>() + 8);
+        assert!(matches!(decoded(&record), Err(BpfError::BadRecord(RECORD_FD, _))));
+        let unknown_tail = bytes(&anon_record(99));
+        assert!(matches!(decoded(&unknown_tail), Err(BpfError::BadRecord(..))));
+    }
+}

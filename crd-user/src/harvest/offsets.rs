@@ -218,68 +218,72 @@ impl KernelBtf {
     /// the BPF harvester unsupported; a missing field of a kind leaves that kind's bit
     /// clear (its fds are then listed as opaque) with a warning.
     pub fn config(&self) -> Result<Config, OffsetsError> {
-        let mut offsets = Offsets::ZERO;
-        let mut missing: Vec<(FieldGroup, String)> = Vec::new();
-        let mut file_ref_bias = 0;
-        for field in Offsets::FIELDS {
-            let resolved =
-                field.paths.iter().enumerate().find_map(|(i, path)| {
-                    self.member(field.structure, path).ok().map(|found| (i, path, found))
-                });
-            let Some((index, path, (offset, size))) = resolved else {
-                let error = OffsetsError::NoField(field.structure, field.paths[0]);
-                if field.group == FieldGroup::Core {
-                    return Err(error);
-                }
-                missing.push((field.group, format!("{}.{}", field.structure, field.paths[0])));
-                continue;
-            };
-            if field.width != 0 && size != field.width {
-                let error = OffsetsError::Width {
-                    structure: field.structure,
-                    field: path,
-                    found: size,
-                    expected: field.width,
-                };
-                if field.group == FieldGroup::Core {
-                    return Err(error);
-                }
-                missing.push((field.group, error.to_string()));
-                continue;
-            }
-            if field.name == "file_f_ref" {
-                // `file_ref_t f_ref` (6.13+) counts from zero for one reference.
-                file_ref_bias = if index == 0 { 1 } else { 0 };
-            }
-            if let Some(slot) = offsets.get_mut(field.name) {
-                *slot = offset;
-            }
-        }
-        let mut kinds = KIND_NAMED | KIND_EVENTFD | KIND_SHMEM;
-        for (group, what) in &missing {
-            let (bit, consequence) = match group {
-                FieldGroup::Named => (KIND_NAMED, "anon-inode files and memfds are listed as opaque"),
-                FieldGroup::Eventfd => (KIND_EVENTFD, "eventfds are listed as opaque anon files"),
-                FieldGroup::Shmem => (KIND_SHMEM, "memfd seals are not read by BPF"),
-                FieldGroup::Core => continue,
-            };
-            if kinds & bit != 0 {
-                log::warn!("this kernel's BTF lacks {what}: {consequence}");
-            }
-            kinds &= !bit;
-        }
-        if kinds & KIND_NAMED == 0 {
-            // The eventfd and shmem reads start from the name's tail.
-            kinds = 0;
-        }
-        Ok(Config {
-            offsets,
-            pipe_buffer_size: self.size_of("pipe_buffer")?,
-            file_ref_bias,
-            kinds,
-            match_all: 0,
-        })
+        config_from(|structure, path| self.member(structure, path), self.size_of("pipe_buffer")?)
     }
+}
+
+/// [`KernelBtf::config`] with `member` answering "offset and size of this member path
+/// in this struct" (a fake in tests).
+fn config_from(
+    member: impl Fn(&'static str, &'static str) -> Result<(u32, u32), OffsetsError>,
+    pipe_buffer_size: u32,
+) -> Result<Config, OffsetsError> {
+    let mut offsets = Offsets::ZERO;
+    let mut missing: Vec<(FieldGroup, String)> = Vec::new();
+    let mut file_ref_bias = 0;
+    for field in Offsets::FIELDS {
+        let resolved = field
+            .paths
+            .iter()
+            .enumerate()
+            .find_map(|(i, path)| member(field.structure, path).ok().map(|found| (i, path, found)));
+        let Some((index, path, (offset, size))) = resolved else {
+            let error = OffsetsError::NoField(field.structure, field.paths[0]);
+            if field.group == FieldGroup::Core {
+                return Err(error);
+            }
+            missing.push((field.group, format!("{}.{}", field.structure, field.paths[0])));
+            continue;
+        };
+        if field.width != 0 && size != field.width {
+            let error = OffsetsError::Width {
+                structure: field.structure,
+                field: path,
+                found: size,
+                expected: field.width,
+            };
+            if field.group == FieldGroup::Core {
+                return Err(error);
+            }
+            missing.push((field.group, error.to_string()));
+            continue;
+        }
+        if field.name == "file_f_ref" {
+            // `file_ref_t f_ref` (6.13+) counts from zero for one reference.
+            file_ref_bias = if index == 0 { 1 } else { 0 };
+        }
+        if let Some(slot) = offsets.get_mut(field.name) {
+            *slot = offset;
+        }
+    }
+    let mut kinds = KIND_NAMED | KIND_EVENTFD | KIND_SHMEM;
+    for (group, what) in &missing {
+        let (bit, consequence) = match group {
+            FieldGroup::Named => (KIND_NAMED, "anon-inode files and memfds are listed as opaque"),
+            FieldGroup::Eventfd => (KIND_EVENTFD, "eventfds are listed as opaque anon files"),
+            FieldGroup::Shmem => (KIND_SHMEM, "memfd seals are not read by BPF"),
+            FieldGroup::Core => continue,
+        };
+        if kinds & bit != 0 {
+            log::warn!("this kernel's BTF lacks {what}: {consequence}");
+        }
+        kinds &= !bit;
+    }
+    if kinds & KIND_NAMED == 0 {
+        // The eventfd and shmem reads start from the name's tail.
+        kinds = 0;
+    }
+    Ok(Config { offsets, pipe_buffer_size, file_ref_bias, kinds, match_all: 0 })
 }
 
 /// Copies a BTF file into an anonymous memory file and maps that.
@@ -327,6 +331,55 @@ mod tests {
             assert_eq!(off.inode_i_pipe, 584);
             assert_eq!(config.file_ref_bias, 1);
         }
+    }
+
+    /// The running kernel's BTF, with `hide` answering "no such field" and `resize`
+    /// giving other sizes.
+    fn config_with(
+        btf: &KernelBtf,
+        hide: &dyn Fn(&str) -> bool,
+        resize: &dyn Fn(&str) -> Option<u32>,
+    ) -> Result<Config, OffsetsError> {
+        config_from(
+            |structure, path| {
+                if hide(structure) {
+                    return Err(OffsetsError::NoField(structure, path));
+                }
+                let (offset, size) = btf.member(structure, path)?;
+                Ok((offset, resize(path).unwrap_or(size)))
+            },
+            64,
+        )
+    }
+
+    #[test]
+    fn a_kind_whose_fields_are_missing_degrades_alone() {
+        let Ok(btf) = KernelBtf::from_sys_fs() else { return };
+        let full = btf.config().unwrap();
+        let without_eventfd = config_with(&btf, &|s| s == "eventfd_ctx", &|_| None).expect("still loads");
+        assert_eq!(without_eventfd.kinds, full.kinds & !KIND_EVENTFD, "only eventfds degrade");
+        assert_eq!(without_eventfd.offsets.task_tgid, full.offsets.task_tgid);
+        let without_names = config_with(&btf, &|s| s == "dentry", &|_| None).expect("still loads");
+        assert_eq!(without_names.kinds, 0, "eventfd and shmem reads start from the name");
+        // A core field missing, or loaded at the wrong width, is no BPF harvester at all.
+        assert!(matches!(
+            config_with(&btf, &|s| s == "pipe_inode_info", &|_| None),
+            Err(OffsetsError::NoField(..))
+        ));
+        let wide_mode = config_with(&btf, &|_| false, &|path| (path == "i_mode").then_some(4));
+        assert!(matches!(wide_mode, Err(OffsetsError::Width { expected: 2, found: 4, .. })), "{wide_mode:?}");
+        // A kind's field at the wrong width degrades that kind.
+        let wide_count = config_with(&btf, &|_| false, &|path| (path == "count").then_some(4)).unwrap();
+        assert_eq!(wide_count.kinds, full.kinds & !KIND_EVENTFD);
+    }
+
+    #[test]
+    fn nested_member_paths_resolve() {
+        let Ok(btf) = KernelBtf::from_sys_fs() else { return };
+        let (f_path, _) = btf.member("file", "f_path").unwrap();
+        let (dentry_in_path, size) = btf.member("path", "dentry").unwrap();
+        assert_eq!(btf.member("file", "f_path.dentry").unwrap(), (f_path + dentry_in_path, size));
+        assert_eq!(size, 8);
     }
 
     #[test]
