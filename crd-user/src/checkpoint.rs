@@ -40,11 +40,13 @@ pub enum CheckpointError {
 
 /// What to checkpoint.
 #[derive(Clone, Copy, Debug)]
-pub struct Options {
+pub struct Options<'a> {
     pub root: Tgid,
     /// Include all descendants.
     pub tree: bool,
     pub source: Source,
+    /// The kernel BTF file for the BPF harvester (`--btf`); None: the running kernel's.
+    pub btf: Option<&'a Path>,
 }
 
 /// A finished checkpoint.
@@ -69,7 +71,7 @@ pub struct FrozenHarvest {
 /// Freezes `options.root` (and its tree) and harvests it. The targets stay frozen until
 /// the returned [`Frozen`] is dropped or thawed. Shared by checkpoint and graft.
 pub fn freeze_and_harvest(
-    options: Options,
+    options: Options<'_>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<FrozenHarvest, CheckpointError> {
     freeze_and_harvest_with(options, None, interrupted)
@@ -78,7 +80,7 @@ pub fn freeze_and_harvest(
 /// As [`freeze_and_harvest`], with `loaded`, if given, as the (BPF) harvester: one load
 /// serves many checkpoints (`crd stress`).
 pub fn freeze_and_harvest_with(
-    options: Options,
+    options: Options<'_>,
     loaded: Option<&mut BpfHarvester>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<FrozenHarvest, CheckpointError> {
@@ -86,7 +88,7 @@ pub fn freeze_and_harvest_with(
     // Load BPF before freezing: the targets stay frozen for as short as possible.
     let (source, mut owned) = match loaded {
         Some(_) => (Source::Bpf, None),
-        None => bpf::harvester_for(options.source, false).map_err(privilege::explain_bpf)?,
+        None => bpf::harvester_for(options.source, false, options.btf).map_err(privilege::explain_bpf)?,
     };
     let mut harvester = loaded.or(owned.as_mut());
     phases.lap("load");
@@ -112,13 +114,16 @@ pub fn freeze_and_harvest_with(
 
 /// Checkpoints `options.root` into an image body, leaving the targets running.
 /// `interrupted` is polled between steps (Ctrl-C).
-pub fn checkpoint(options: Options, interrupted: &dyn Fn() -> bool) -> Result<Checkpoint, CheckpointError> {
+pub fn checkpoint(
+    options: Options<'_>,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<Checkpoint, CheckpointError> {
     checkpoint_with(options, None, interrupted)
 }
 
 /// As [`checkpoint`], with `loaded`, if given, as the (BPF) harvester.
 pub fn checkpoint_with(
-    options: Options,
+    options: Options<'_>,
     loaded: Option<&mut BpfHarvester>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Checkpoint, CheckpointError> {
@@ -142,7 +147,7 @@ pub fn checkpoint_with(
 
 /// Checkpoints and writes the image atomically to `output`.
 pub fn checkpoint_to_file(
-    options: Options,
+    options: Options<'_>,
     output: &Path,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Checkpoint, CheckpointError> {

@@ -82,13 +82,15 @@ pub fn all_processes() -> Vec<Tgid> {
 }
 
 /// One harvest of `targets`, without freezing them. Returns the source actually used.
+/// `btf`: see [`bpf::BpfHarvester::load`].
 pub fn harvest(
     source: Source,
     targets: &Targets,
+    btf: Option<&Path>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<(Source, Harvest), LsError> {
     let match_all = *targets == Targets::All;
-    let (source, harvester) = bpf::harvester_for(source, match_all)?;
+    let (source, harvester) = bpf::harvester_for(source, match_all, btf)?;
     let mut harvest = match (harvester, targets) {
         (Some(mut h), Targets::Processes(tgids)) => h.harvest(Scope::Processes(tgids), interrupted)?.0,
         (Some(mut h), Targets::All) => {

@@ -1,6 +1,6 @@
 //! The `crd` command line.
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     sync::{
         Arc,
@@ -33,6 +33,11 @@ use crd::{
     about = "Checkpoint the open-file state of Linux processes with BPF iterators"
 )]
 struct Cli {
+    /// The kernel BTF to read struct offsets from, for the commands that load BPF: for
+    /// a kernel without /sys/kernel/btf/vmlinux, e.g. its file from BTFHub
+    /// [default: /sys/kernel/btf/vmlinux].
+    #[arg(long, global = true, value_name = "FILE")]
+    btf: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -163,7 +168,7 @@ fn main() -> ExitCode {
         }
     }
     let is_interrupted = move || interrupted.load(Ordering::Relaxed);
-    match run(cli.command, &is_interrupted) {
+    match run(cli.command, cli.btf.as_deref(), &is_interrupted) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("crd: {}", one_line(&e));
@@ -177,11 +182,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
+fn run(command: Command, btf: Option<&Path>, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
     match command {
         Command::Checkpoint { pid, tree, output, source } => {
             let output = output.unwrap_or_else(|| PathBuf::from(format!("crd-{pid}.img")));
-            checkpoint(Options { root: Tgid(pid), tree, source }, &output, interrupted)?;
+            checkpoint(Options { root: Tgid(pid), tree, source, btf }, &output, interrupted)?;
         }
         Command::Restore { image, pid_file, allow_external, exec, command } => {
             let mut phases = Phases::start();
@@ -195,17 +200,18 @@ fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
         }
         Command::Graft { pid, tree, pid_file, source, exec, command } => {
             let exec = exec.then_some(command.as_slice());
-            let restored = crd::restore::graft(Tgid(pid), tree, source, exec, interrupted)?;
+            let restored =
+                crd::restore::graft(Options { root: Tgid(pid), tree, source, btf }, exec, interrupted)?;
             report_restored(&restored, pid_file.as_deref())?;
         }
         Command::Inspect { image, format } => {
             let body = image::read(&image)?;
             print!("{}", inspect::render(&body, format));
         }
-        Command::Demo { output, source } => demo(output, source, interrupted)?,
+        Command::Demo { output, source } => demo(output, source, btf, interrupted)?,
         Command::Ls { pids, all, pipes, json, source } => {
             let targets = Targets::new(&pids, all)?;
-            let (_, harvest) = ls::harvest(source, &targets, interrupted)?;
+            let (_, harvest) = ls::harvest(source, &targets, btf, interrupted)?;
             let mut listing = Listing::new(&harvest);
             if pipes {
                 listing = listing.only_pipes();
@@ -218,9 +224,12 @@ fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
         }
         Command::Fixture { steps } => fixture::run(&steps)?,
         Command::Stress { pid, tree, cycles } => {
-            println!("{}", serde_json::to_string(&crd::stress::run(Tgid(pid), tree, cycles, interrupted)?)?)
+            println!(
+                "{}",
+                serde_json::to_string(&crd::stress::run(Tgid(pid), tree, cycles, btf, interrupted)?)?
+            )
         }
-        Command::BenchHarvest { source, runs, pids } => bench_harvest(source, runs, &pids, interrupted)?,
+        Command::BenchHarvest { source, runs, pids } => bench_harvest(source, runs, &pids, btf, interrupted)?,
     }
     Ok(())
 }
@@ -240,7 +249,7 @@ fn report_restored(
 }
 
 fn checkpoint(
-    options: Options,
+    options: Options<'_>,
     output: &std::path::Path,
     interrupted: &dyn Fn() -> bool,
 ) -> anyhow::Result<()> {
@@ -261,7 +270,12 @@ fn checkpoint(
     Ok(())
 }
 
-fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
+fn demo(
+    output: Option<PathBuf>,
+    source: Source,
+    btf: Option<&Path>,
+    interrupted: &dyn Fn() -> bool,
+) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
     let fifo = scratch.path().join("demo.fifo");
     let file = scratch.path().join("demo.txt");
@@ -291,7 +305,7 @@ fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool)
     println!("      a second pipe (8, 9; 9 close-on-exec). The child shares them across fork");
     println!("      and has closed fd 4.\n");
     let path = output.unwrap_or_else(|| scratch.path().join("demo.img"));
-    checkpoint(Options { root: Tgid(tree.root()), tree: true, source }, &path, interrupted)?;
+    checkpoint(Options { root: Tgid(tree.root()), tree: true, source, btf }, &path, interrupted)?;
     let body = image::read(&path)?;
     println!("{}", inspect::render(&body, Format::Text));
 
@@ -303,7 +317,8 @@ fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool)
     for (old, new) in &restored.tasks {
         println!("  {old} -> {new}");
     }
-    let again = crd::checkpoint(Options { root: Tgid(restored.root.0), tree: true, source }, interrupted)?;
+    let again =
+        crd::checkpoint(Options { root: Tgid(restored.root.0), tree: true, source, btf }, interrupted)?;
     match body.graph.same_shape(&again.body.graph) {
         Ok(()) => println!(
             "a checkpoint of the stubs gives the same graph: same tree, fds, sharing, offsets and queued bytes."
@@ -318,13 +333,14 @@ fn bench_harvest(
     source: Source,
     runs: usize,
     pids: &[u32],
+    btf: Option<&Path>,
     interrupted: &dyn Fn() -> bool,
 ) -> anyhow::Result<()> {
     let Targets::Processes(tgids) = Targets::new(pids, false)? else {
         anyhow::bail!("name the processes to harvest");
     };
     let started = Instant::now();
-    let (source, mut harvester) = bpf::harvester_for(source, false)?;
+    let (source, mut harvester) = bpf::harvester_for(source, false, btf)?;
     let load_ns = started.elapsed().as_nanos() as u64;
     let mut runs_ns = Vec::with_capacity(runs);
     let mut kernel_ns = Vec::with_capacity(runs);

@@ -1,7 +1,7 @@
 //! `crd stress` (hidden, for the load test): many checkpoint → encode → decode →
 //! restore → kill cycles in one process, with the BPF harvester loaded once, sampling
 //! crd's own fd count and RSS after every cycle so a leak shows as growth.
-use std::{fs, os::fd::AsFd, time::Instant};
+use std::{fs, os::fd::AsFd, path::Path, time::Instant};
 
 use nix::sys::{
     signal::{Signal, kill},
@@ -95,16 +95,18 @@ impl BpfIds {
 /// How often the restored tree is checked against the image (a second checkpoint).
 const VERIFY_EVERY: usize = 100;
 
-/// Runs `cycles` cycles on `root` (with `tree`, its descendants too).
+/// Runs `cycles` cycles on `root` (with `tree`, its descendants too); `btf`: see
+/// [`BpfHarvester::load`].
 pub fn run(
     root: Tgid,
     tree: bool,
     cycles: usize,
+    btf: Option<&Path>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Report, StressError> {
     let started = Instant::now();
-    let mut harvester = BpfHarvester::load(false).map_err(privilege::explain_bpf)?;
-    let options = Options { root, tree, source: Source::Bpf };
+    let mut harvester = BpfHarvester::load(false, btf).map_err(privilege::explain_bpf)?;
+    let options = Options { root, tree, source: Source::Bpf, btf };
     let mut report = Report {
         cycles,
         tasks: 0,
@@ -123,7 +125,7 @@ pub fn run(
         let body = image::decode(&bytes, "(in memory)")?;
         let restored = restore::restore_image(&body.graph, false, None, interrupted)?;
         let verdict = if cycle % VERIFY_EVERY == 0 || cycle + 1 == cycles {
-            let stubs = Options { root: Tgid(restored.root.0), tree: true, source: Source::Bpf };
+            let stubs = Options { root: Tgid(restored.root.0), tree: true, source: Source::Bpf, btf };
             checkpoint_with(stubs, Some(&mut harvester), interrupted).map_err(StressError::from).and_then(
                 |again| {
                     body.graph.same_shape(&again.body.graph).map_err(|difference| StressError::Differs {

@@ -35,7 +35,7 @@ pub fn spawn(steps: &[&str], processes: usize) -> Spawned {
 
 /// Checkpoints through the library, as `crd checkpoint` does.
 pub fn checkpoint(root: u32, tree: bool, source: Source) -> ImageBody {
-    crd::checkpoint(Options { root: Tgid(root), tree, source }, &|| false)
+    crd::checkpoint(Options { root: Tgid(root), tree, source, btf: None }, &|| false)
         .unwrap_or_else(|e| panic!("checkpoint of {root} ({source}): {e}"))
         .body
 }

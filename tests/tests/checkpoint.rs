@@ -290,9 +290,9 @@ fn a_tiny_ring_buffer_pauses_the_iterator_and_loses_nothing() {
     let fixture = spawn(&["pipes:450"], 1);
     let pid = crd::types::Tgid(fixture.root());
     let frozen = crd::freeze::Frozen::freeze(pid, false, &|| false).unwrap();
-    let mut tiny = BpfHarvester::load_with_ring(false, 4096).unwrap();
+    let mut tiny = BpfHarvester::load_with_ring(false, 4096, None).unwrap();
     let (small_ring, stats) = tiny.harvest(Scope::Processes(&[pid]), &|| false).unwrap();
-    let mut roomy = BpfHarvester::load_with_ring(false, 1 << 22).unwrap();
+    let mut roomy = BpfHarvester::load_with_ring(false, 1 << 22, None).unwrap();
     let (big_ring, big_stats) = roomy.harvest(Scope::Processes(&[pid]), &|| false).unwrap();
     drop(frozen);
     assert!(stats.ring_full > 10, "the ring filled and the iterator paused: {stats:?}");

@@ -122,7 +122,7 @@ fn bpftool_lists_crd_programs_and_maps_while_they_are_loaded() {
     if Command::new("bpftool").arg("version").output().is_err() {
         panic!("bpftool missing: `cargo xtask test` installs it");
     }
-    let harvester = crd::harvest::bpf::BpfHarvester::load(false).expect("BPF loads");
+    let harvester = crd::harvest::bpf::BpfHarvester::load(false, None).expect("BPF loads");
     let progs = Command::new("bpftool").args(["prog", "show"]).output().unwrap();
     let progs = String::from_utf8_lossy(&progs.stdout);
     let ids: Vec<String> = progs
@@ -246,36 +246,75 @@ fn an_unprivileged_user_is_told_what_is_missing() {
     assert!(std::path::Path::new(image).exists());
 }
 
+/// `crd ARGS` with a BTF file that does not exist.
+fn crd_without_btf(args: &[&str]) -> std::process::Output {
+    crd(&[args, &["--btf", "/nonexistent/vmlinux"]].concat())
+}
+
 #[test]
-fn a_kernel_without_btf_is_a_one_line_error() {
+fn a_missing_btf_file_is_a_one_line_error_for_every_bpf_command() {
     require_root!();
     let fixture = spawn(&[], 1);
-    let out = Command::new(crd_tests::crd_bin())
-        .args(["checkpoint", &fixture.root().to_string(), "-o", "/nonexistent/x.img", "--source", "bpf"])
-        .env("CRD_KERNEL_BTF", "/nonexistent/vmlinux")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = stderr(&out);
-    assert_eq!(
-        err.trim(),
-        "crd: kernel BTF not found at /nonexistent/vmlinux: this kernel lacks CONFIG_DEBUG_INFO_BTF; use --source procfs"
-    );
-    assert_running_untraced(fixture.root());
+    let pid = fixture.root().to_string();
+    let missing = "crd: cannot read the BTF file /nonexistent/vmlinux given with --btf: No such file or directory (os error 2)";
+    for args in [
+        vec!["checkpoint", &pid, "-o", "/nonexistent/x.img", "--source", "bpf"],
+        vec!["graft", &pid, "--source", "bpf"],
+        vec!["ls", &pid, "--source", "bpf"],
+        vec!["demo", "--source", "bpf"],
+    ] {
+        let out = crd_without_btf(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(stderr(&out).trim(), missing, "{args:?}");
+        assert_running_untraced(fixture.root());
+    }
     // The default source says why and falls back to /proc.
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("fallback.img");
-    let out = Command::new(crd_tests::crd_bin())
-        .args(["checkpoint", &fixture.root().to_string(), "-o", image.to_str().unwrap()])
-        .env("CRD_KERNEL_BTF", "/nonexistent/vmlinux")
-        .output()
-        .unwrap();
+    let out = crd_without_btf(&["checkpoint", &pid, "-o", image.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("the BPF harvester cannot run here (kernel BTF not found"),
+        stderr(&out)
+            .contains("the BPF harvester cannot run here (cannot read the BTF file /nonexistent/vmlinux"),
         "{}",
         stderr(&out)
     );
     let body = crd::image::read(&image).unwrap();
     assert_eq!(body.header.source, crd::Source::Procfs, "the image says which source it came from");
+    let out = crd_without_btf(&["ls", &pid]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("reading /proc instead"), "{}", stderr(&out));
+}
+
+#[test]
+fn btf_reads_the_kernel_offsets_from_the_file_given() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("vmlinux");
+    fs::write(&copy, fs::read(crd::harvest::offsets::VMLINUX_BTF).unwrap()).unwrap();
+    let copy = copy.to_str().unwrap();
+    let fixture = spawn(&["pipe:3:4", "write:4:abc", "dup:3:5"], 1);
+    let pid = fixture.root().to_string();
+    let image = dir.path().join("copy.img");
+    let out = crd(&["checkpoint", &pid, "-o", image.to_str().unwrap(), "--source", "bpf", "--btf", copy]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let body = crd::image::read(&image).unwrap();
+    assert_eq!(body.header.source, crd::Source::Bpf);
+    let direct = crd_tests::checkpoint(fixture.root(), false, crd::Source::Bpf);
+    body.graph.same_shape(&direct.graph).expect("the copy gives the offsets the kernel's own BTF gives");
+    let out = crd(&["ls", &pid, "--source", "bpf", "--btf", copy]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("pipe:["),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // And a file that is not BTF is named in the error: --btf is what was read.
+    let garbage = dir.path().join("garbage");
+    fs::write(&garbage, b"not BTF at all").unwrap();
+    let out = crd(&["ls", &pid, "--source", "bpf", "--btf", garbage.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with(&format!("crd: cannot parse kernel BTF: {}: ", garbage.display())), "{err}");
 }

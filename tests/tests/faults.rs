@@ -22,11 +22,11 @@ fn stderr(out: &std::process::Output) -> String {
 }
 
 fn bpf() -> BpfHarvester {
-    BpfHarvester::load(false).expect("the BPF harvester loads")
+    BpfHarvester::load(false, None).expect("the BPF harvester loads")
 }
 
-fn options(root: u32, tree: bool) -> Options {
-    Options { root: Tgid(root), tree, source: Source::Bpf }
+fn options(root: u32, tree: bool) -> Options<'static> {
+    Options { root: Tgid(root), tree, source: Source::Bpf, btf: None }
 }
 
 /// Every thread of `pid` runs free: not traced, not stopped.
@@ -309,7 +309,7 @@ fn a_full_disk_is_a_clean_error_and_leaves_no_file() {
 fn a_tiny_ring_buffer_on_a_thousand_fds_loses_nothing() {
     require_root!();
     let fixture = spawn(&["pipes:300", "fork", "pipes:200"], 2);
-    let mut harvester = BpfHarvester::load_with_ring(false, 4096).expect("BPF loads with a 4 KiB ring");
+    let mut harvester = BpfHarvester::load_with_ring(false, 4096, None).expect("BPF loads with a 4 KiB ring");
     let done = checkpoint_with(options(fixture.root(), true), Some(&mut harvester), &|| false).unwrap();
     assert!(done.stats.ring_full > 10, "the ring filled and was drained: {:?}", done.stats);
     let g = Index::new(&done.body.graph);

@@ -7,6 +7,7 @@
 use std::{
     io::{self, Read},
     mem::size_of,
+    path::Path,
 };
 
 use aya::{
@@ -21,7 +22,7 @@ use crd_common::{
 
 use super::{
     FdInfo, FileInfo, Harvest, InodeInfo, InodeKind, PipeInfo, TaskInfo,
-    offsets::{BtfBytes, KernelBtf, OffsetsError},
+    offsets::{BtfBytes, KernelBtf, OffsetsError, kernel_btf_path},
 };
 use crate::types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid};
 
@@ -73,16 +74,17 @@ impl BpfError {
 }
 
 /// Loads the harvester `source` asks for: returns the source actually used and the
-/// loaded programs (None for /proc). `match_all`: see [`BpfHarvester::load`].
+/// loaded programs (None for /proc). `match_all`, `btf`: see [`BpfHarvester::load`].
 pub fn harvester_for(
     source: super::Source,
     match_all: bool,
+    btf: Option<&Path>,
 ) -> Result<(super::Source, Option<BpfHarvester>), BpfError> {
     use super::Source;
     match source {
         Source::Procfs => Ok((Source::Procfs, None)),
-        Source::Bpf => Ok((Source::Bpf, Some(BpfHarvester::load(match_all)?))),
-        Source::Auto => match BpfHarvester::load(match_all) {
+        Source::Bpf => Ok((Source::Bpf, Some(BpfHarvester::load(match_all, btf)?))),
+        Source::Auto => match BpfHarvester::load(match_all, btf) {
             Ok(harvester) => Ok((Source::Bpf, Some(harvester))),
             Err(e) if e.is_unsupported() => {
                 log::warn!("the BPF harvester cannot run here ({e}); reading /proc instead");
@@ -146,31 +148,33 @@ pub struct BpfHarvester {
 
 impl BpfHarvester {
     /// Loads the BPF object with this kernel's field offsets. `match_all` makes the
-    /// programs ignore the tgid filter.
-    pub fn load(match_all: bool) -> Result<Self, BpfError> {
+    /// programs ignore the tgid filter; `btf` is the kernel BTF file to read them from
+    /// (`--btf`; None: the running kernel's, see [`kernel_btf_path`]).
+    pub fn load(match_all: bool, btf: Option<&Path>) -> Result<Self, BpfError> {
         let ring_bytes =
             std::env::var(RING_BYTES_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_RING_BYTES);
-        Self::load_with_ring(match_all, ring_bytes)
+        Self::load_with_ring(match_all, ring_bytes, btf)
     }
 
     /// As [`load`](Self::load), with a ring buffer of `ring_bytes` (a power of two, at
     /// least a page).
-    pub fn load_with_ring(match_all: bool, ring_bytes: u32) -> Result<Self, BpfError> {
+    pub fn load_with_ring(match_all: bool, ring_bytes: u32, btf: Option<&Path>) -> Result<Self, BpfError> {
         if BPF_OBJECT.is_empty() {
             return Err(BpfError::NoObject);
         }
         let started = std::time::Instant::now();
         // aya parses all of the kernel's BTF (to find the iterators' attach points) while
         // this thread looks up the few struct offsets: the two take about as long.
-        let bytes = BtfBytes::of_kernel()?;
+        let bytes = BtfBytes::of_kernel(btf)?;
+        let btf_path = kernel_btf_path(btf);
         // Three readers of the kernel's BTF, side by side: aya's loader parses it on its
         // own when created (aya 0.14 has no way to hand it ours), `Iter::load` needs a
         // parsed copy to find the iterators' attach points, and crd's offsets come from
         // btf-rs, which decodes only the few structs asked for.
         let (loader, btf, offsets) = std::thread::scope(|scope| {
             let loader = scope.spawn(EbpfLoader::new);
-            let btf =
-                Btf::parse(&bytes, Endianness::default()).map_err(|e| OffsetsError::Parse(e.to_string()));
+            let btf = Btf::parse(&bytes, Endianness::default())
+                .map_err(|e| OffsetsError::Parse(format!("{}: {e}", btf_path.display())));
             let offsets = KernelBtf::from_bytes(&bytes).and_then(|btf| btf.offsets());
             (loader.join(), btf, offsets)
         });

@@ -49,9 +49,9 @@ use self::{
 use crate::{
     checkpoint::{CheckpointError, FrozenHarvest, Options, freeze_and_harvest},
     graph::Graph,
-    harvest::{Source, extras::Extras},
+    harvest::extras::Extras,
     sys::{self as crd_sys, SyscallError},
-    types::{ObjRef, Pid, Tgid},
+    types::{ObjRef, Pid},
 };
 
 /// How long the stubs may take to set up before the restore is abandoned.
@@ -102,19 +102,17 @@ pub fn restore_image(
     run(&plan, |publish| Ok(ObjectTable::recreate(graph, publish)?), exec.as_deref(), interrupted)
 }
 
-/// Hands the live open files of `root` (and with `tree` its descendants) to new stubs:
-/// the very same descriptions, so peers outside stay connected and offsets stay shared.
+/// Hands the live open files of `options.root` (and with `options.tree` its
+/// descendants) to new stubs: the very same descriptions, so peers outside stay
+/// connected and offsets stay shared.
 pub fn graft(
-    root: Tgid,
-    tree: bool,
-    source: Source,
+    options: Options<'_>,
     exec: Option<&[String]>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Restored, RestoreError> {
     let exec = command(exec)?;
-    let FrozenHarvest { frozen, harvest, .. } =
-        freeze_and_harvest(Options { root, tree, source }, interrupted)?;
-    let graph = Graph::build(root, &harvest, &Extras::default());
+    let FrozenHarvest { frozen, harvest, .. } = freeze_and_harvest(options, interrupted)?;
+    let graph = Graph::build(options.root, &harvest, &Extras::default());
     let plan = plan::plan(&graph, Mode::Graft)?;
     let take = |publish: &mut dyn FnMut(ObjRef, RawFd)| {
         let objects = ObjectTable::graft(&graph, &frozen, publish)?;
