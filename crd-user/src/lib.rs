@@ -14,6 +14,7 @@
 //! - [`image`] is graph ⇄ bytes: versioned, checksummed, written atomically.
 //! - [`checkpoint`] runs the whole pipeline.
 pub mod checkpoint;
+pub mod demo;
 pub mod fixture;
 pub mod freeze;
 pub mod graph;

@@ -277,26 +277,8 @@ fn demo(
     interrupted: &dyn Fn() -> bool,
 ) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
-    let fifo = scratch.path().join("demo.fifo");
-    let file = scratch.path().join("demo.txt");
-    let (fifo, file) = (fifo.display().to_string(), file.display().to_string());
-    let steps = [
-        "pipe:3:4".to_string(),
-        "write:4:hello, queued in a pipe".into(),
-        "dup:3:5".into(),
-        format!("mkfifo:{fifo}"),
-        format!("open:6:rw:{fifo}"),
-        format!("open:7:rwc:{file}"),
-        "write:7:0123456789".into(),
-        "seek:7:4".into(),
-        "pipe:8:9".into(),
-        "cloexec:9".into(),
-        "fork".into(),
-        "close:4".into(),
-    ];
-    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
-    let exe = std::env::current_exe().context("cannot find the crd executable")?;
-    let tree = fixture::spawn(&exe, &steps, 2).context("cannot start the demo processes")?;
+    let tree = crd::demo::spawn(&scratch.path().join("demo.fifo"), &scratch.path().join("demo.txt"))
+        .context("cannot start the demo processes")?;
     println!(
         "demo: PID {} (and a child) hold: a pipe with both ends (fds 3, 4) and data queued,",
         tree.root()
