@@ -157,14 +157,18 @@ pub fn checkpoint_to_file(
     Ok(done)
 }
 
-/// Test hook: `CRD_TEST_HOLD_FROZEN_MS=N` keeps the targets frozen N ms after the harvest,
-/// so tests can interrupt or kill crd at the worst moment. Ctrl-C still ends the wait.
+/// Test hook (testing builds only): `CRD_TEST_HOLD_FROZEN_MS=N` keeps the targets frozen
+/// N ms after the harvest, so tests can interrupt or kill crd at the worst moment.
+/// Ctrl-C still ends the wait.
+#[cfg(feature = "testing")]
 pub const HOLD_FROZEN_ENV: &str = "CRD_TEST_HOLD_FROZEN_MS";
 
 fn hold_for_tests(interrupted: &dyn Fn() -> bool) -> Result<(), CheckpointError> {
-    if crate::test_hooks::hold(HOLD_FROZEN_ENV, interrupted) {
-        Ok(())
-    } else {
-        Err(CheckpointError::Interrupted)
+    #[cfg(feature = "testing")]
+    if !crate::test_hooks::hold(HOLD_FROZEN_ENV, interrupted) {
+        return Err(CheckpointError::Interrupted);
     }
+    #[cfg(not(feature = "testing"))]
+    let _ = interrupted;
+    Ok(())
 }

@@ -221,11 +221,14 @@ impl Drop for Frozen {
     }
 }
 
-/// Test hook: `CRD_TEST_PAUSE_AFTER_PIDFD_MS=N` sleeps N ms between opening the root's
-/// pidfd and attaching to its threads, so a test can make its PID be reused right there.
+/// Test hook (testing builds only): `CRD_TEST_PAUSE_AFTER_PIDFD_MS=N` sleeps N ms between
+/// opening the root's pidfd and attaching to its threads, so a test can make its PID be
+/// reused right there.
+#[cfg(feature = "testing")]
 pub const PAUSE_AFTER_PIDFD_ENV: &str = "CRD_TEST_PAUSE_AFTER_PIDFD_MS";
 
 fn pause_for_tests() {
+    #[cfg(feature = "testing")]
     if let Some(ms) = std::env::var(PAUSE_AFTER_PIDFD_ENV).ok().and_then(|v| v.parse().ok()) {
         thread::sleep(Duration::from_millis(ms));
     }

@@ -13,8 +13,12 @@
 //! - [`graph`] builds linux-cr's objref graph: shared objects saved once, then referenced.
 //! - [`image`] is graph ⇄ bytes: versioned, checksummed, written atomically.
 //! - [`checkpoint`] runs the whole pipeline.
+//!
+//! Test scaffolding (`fixture`, `stress`, `test_hooks` and the hooks' environment
+//! variables) exists only with the `testing` feature: the product reads no test hook.
 pub mod checkpoint;
 pub mod demo;
+#[cfg(feature = "testing")]
 pub mod fixture;
 pub mod freeze;
 pub mod graph;
@@ -24,8 +28,10 @@ pub mod inspect;
 pub mod ls;
 pub mod privilege;
 pub mod restore;
+#[cfg(feature = "testing")]
 pub mod stress;
 pub mod sys;
+#[cfg(feature = "testing")]
 pub mod test_hooks;
 pub mod timings;
 pub mod types;

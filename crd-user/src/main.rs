@@ -1,4 +1,7 @@
 //! The `crd` command line.
+//!
+//! The hidden test commands (`fixture`, `stress`, `bench-harvest`) exist only in builds
+//! with the `testing` feature: a product build does not know them at all.
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
@@ -6,7 +9,6 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Instant,
 };
 
 use anyhow::Context;
@@ -14,11 +16,6 @@ use clap::{Parser, Subcommand};
 use crd::{
     CheckpointError, Options, Source,
     checkpoint::checkpoint_to_file,
-    fixture,
-    harvest::{
-        bpf::{self, Scope},
-        procfs,
-    },
     image,
     inspect::{self, Format},
     ls::{self, Listing, Targets},
@@ -121,11 +118,13 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Source::Auto)]
         source: Source,
     },
-    /// Build a process tree from steps (for demo and tests).
+    /// Build a process tree from steps (for tests).
+    #[cfg(feature = "testing")]
     #[command(hide = true)]
     Fixture { steps: Vec<String> },
     /// Checkpoint, encode, decode, restore and kill PID CYCLES times with BPF loaded
     /// once; print crd's own fd count and RSS per cycle as JSON (for the load test).
+    #[cfg(feature = "testing")]
     #[command(hide = true)]
     Stress {
         pid: u32,
@@ -136,6 +135,7 @@ enum Command {
     },
     /// Time harvests for `cargo xtask bench`: load once, harvest the processes RUNS
     /// times without freezing them, print one JSON line.
+    #[cfg(feature = "testing")]
     #[command(hide = true)]
     BenchHarvest {
         #[arg(long, value_enum, default_value_t = Source::Bpf)]
@@ -161,7 +161,11 @@ fn main() -> ExitCode {
     crd::sys::raise_fd_limit();
     let interrupted = Arc::new(AtomicBool::new(false));
     // A fixture process is a stand-in for a user's program: SIGTERM and Ctrl-C end it.
-    if !matches!(cli.command, Command::Fixture { .. }) {
+    #[cfg(feature = "testing")]
+    let handles_signals = !matches!(cli.command, Command::Fixture { .. });
+    #[cfg(not(feature = "testing"))]
+    let handles_signals = true;
+    if handles_signals {
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             // Ctrl-C only raises a flag: crd then resumes its targets and cleans up.
             let _ = signal_hook::flag::register(signal, Arc::clone(&interrupted));
@@ -196,6 +200,7 @@ fn run(command: Command, btf: Option<&Path>, interrupted: &dyn Fn() -> bool) -> 
             let restored = crd::restore::restore_image(&body.graph, allow_external, exec, interrupted)?;
             phases.lap("restore");
             report_restored(&restored, pid_file.as_deref())?;
+            #[cfg(feature = "testing")]
             phases.write_if_requested();
         }
         Command::Graft { pid, tree, pid_file, source, exec, command } => {
@@ -222,13 +227,16 @@ fn run(command: Command, btf: Option<&Path>, interrupted: &dyn Fn() -> bool) -> 
                 print!("{}", listing.render_text());
             }
         }
-        Command::Fixture { steps } => fixture::run(&steps)?,
+        #[cfg(feature = "testing")]
+        Command::Fixture { steps } => crd::fixture::run(&steps)?,
+        #[cfg(feature = "testing")]
         Command::Stress { pid, tree, cycles } => {
             println!(
                 "{}",
                 serde_json::to_string(&crd::stress::run(Tgid(pid), tree, cycles, btf, interrupted)?)?
             )
         }
+        #[cfg(feature = "testing")]
         Command::BenchHarvest { source, runs, pids } => bench_harvest(source, runs, &pids, btf, interrupted)?,
     }
     Ok(())
@@ -254,6 +262,7 @@ fn checkpoint(
     interrupted: &dyn Fn() -> bool,
 ) -> anyhow::Result<()> {
     let done = checkpoint_to_file(options, output, interrupted)?;
+    #[cfg(feature = "testing")]
     done.phases.write_if_requested();
     let graph = &done.body.graph;
     for warning in graph.held_outside() {
@@ -311,6 +320,7 @@ fn demo(
     Ok(())
 }
 
+#[cfg(feature = "testing")]
 fn bench_harvest(
     source: Source,
     runs: usize,
@@ -318,6 +328,12 @@ fn bench_harvest(
     btf: Option<&Path>,
     interrupted: &dyn Fn() -> bool,
 ) -> anyhow::Result<()> {
+    use crd::harvest::{
+        bpf::{self, Scope},
+        procfs,
+    };
+    use std::time::Instant;
+
     let Targets::Processes(tgids) = Targets::new(pids, false)? else {
         anyhow::bail!("name the processes to harvest");
     };

@@ -100,19 +100,7 @@ fn a_corrupt_or_truncated_image_is_refused_in_one_line() {
 #[test]
 fn demo_checkpoints_a_wired_tree_and_shows_it() {
     require_root!();
-    let out = crd(&["demo"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = String::from_utf8(out.stdout).unwrap();
-    for expected in [
-        "with descendants, 2 tasks",
-        "shared objects:",
-        "fifo",
-        "queued 23",
-        "pipe",
-        "a checkpoint of the stubs gives the same graph",
-    ] {
-        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
-    }
+    crd_tests::assert_demo_output(&crd(&["demo"]));
 }
 
 #[test]

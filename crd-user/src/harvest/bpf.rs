@@ -33,8 +33,9 @@ static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// Default ring buffer size: room for ~2,000 fd records between drains.
 pub const DEFAULT_RING_BYTES: u32 = 256 * 1024;
 
-/// Test hook: `CRD_RING_BYTES=4096` forces a tiny ring buffer to exercise the
-/// pause-and-drain path.
+/// Test hook (testing builds only): `CRD_RING_BYTES=4096` forces a tiny ring buffer to
+/// exercise the pause-and-drain path.
+#[cfg(feature = "testing")]
 pub const RING_BYTES_ENV: &str = "CRD_RING_BYTES";
 
 #[derive(Debug, thiserror::Error)]
@@ -151,8 +152,11 @@ impl BpfHarvester {
     /// programs ignore the tgid filter; `btf` is the kernel BTF file to read them from
     /// (`--btf`; None: the running kernel's, see [`kernel_btf_path`]).
     pub fn load(match_all: bool, btf: Option<&Path>) -> Result<Self, BpfError> {
+        #[cfg(feature = "testing")]
         let ring_bytes =
             std::env::var(RING_BYTES_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_RING_BYTES);
+        #[cfg(not(feature = "testing"))]
+        let ring_bytes = DEFAULT_RING_BYTES;
         Self::load_with_ring(match_all, ring_bytes, btf)
     }
 
