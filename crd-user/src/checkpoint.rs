@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use crate::{
+    Interrupted,
     freeze::{FreezeError, Frozen},
     graph::Graph,
     harvest::{
@@ -35,7 +36,7 @@ pub enum CheckpointError {
     #[error(transparent)]
     Privilege(#[from] PrivilegeError),
     #[error("interrupted; the target was resumed and no image was written")]
-    Interrupted,
+    Interrupted(#[source] Interrupted),
 }
 
 /// What to checkpoint.
@@ -93,17 +94,17 @@ pub fn freeze_and_harvest_with(
     let mut harvester = loaded.or(owned.as_mut());
     phases.lap("load");
     if interrupted() {
-        return Err(CheckpointError::Interrupted);
+        return Err(CheckpointError::Interrupted(Interrupted));
     }
     let frozen = Frozen::freeze(options.root, options.tree, interrupted).map_err(|e| match e {
-        FreezeError::Interrupted => CheckpointError::Interrupted,
+        FreezeError::Interrupted(i) => CheckpointError::Interrupted(i),
         e => privilege::explain_freeze(e),
     })?;
     phases.lap("freeze");
     let tgids: Vec<Tgid> = frozen.processes().collect();
     let (harvest, stats) = match harvester.as_mut() {
         Some(h) => h.harvest(Scope::Processes(&tgids), interrupted).map_err(|e| match e {
-            BpfError::Interrupted => CheckpointError::Interrupted,
+            BpfError::Interrupted(i) => CheckpointError::Interrupted(i),
             e => e.into(),
         })?,
         None => (procfs::harvest(&tgids)?, HarvestStats::default()),
@@ -128,7 +129,7 @@ pub fn checkpoint_with(
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Checkpoint, CheckpointError> {
     let check = || {
-        if interrupted() { Err(CheckpointError::Interrupted) } else { Ok(()) }
+        if interrupted() { Err(CheckpointError::Interrupted(Interrupted)) } else { Ok(()) }
     };
     let FrozenHarvest { frozen, mut harvest, stats, source, mut phases } =
         freeze_and_harvest_with(options, loaded, interrupted)?;
@@ -166,7 +167,7 @@ pub const HOLD_FROZEN_ENV: &str = "CRD_TEST_HOLD_FROZEN_MS";
 fn hold_for_tests(interrupted: &dyn Fn() -> bool) -> Result<(), CheckpointError> {
     #[cfg(feature = "testing")]
     if !crate::test_hooks::hold(HOLD_FROZEN_ENV, interrupted) {
-        return Err(CheckpointError::Interrupted);
+        return Err(CheckpointError::Interrupted(Interrupted));
     }
     #[cfg(not(feature = "testing"))]
     let _ = interrupted;

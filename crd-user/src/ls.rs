@@ -34,6 +34,8 @@ pub enum LsError {
     Bpf(#[from] BpfError),
     #[error(transparent)]
     Procfs(#[from] ProcfsError),
+    #[error("interrupted; nothing was listed")]
+    Interrupted(#[source] crate::Interrupted),
 }
 
 /// Which processes to list.
@@ -105,6 +107,10 @@ pub fn harvest(
     };
     extras::fill_links(&mut harvest);
     extras::count_queued(&mut harvest);
+    // The /proc harvest has no check of its own: Ctrl-C stops the listing here.
+    if interrupted() {
+        return Err(LsError::Interrupted(crate::Interrupted));
+    }
     Ok((source, harvest))
 }
 

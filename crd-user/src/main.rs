@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use crd::{
-    CheckpointError, Options, Source,
+    Interrupted, Options, Source,
     checkpoint::checkpoint_to_file,
     image,
     inspect::{self, Format},
@@ -176,12 +176,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("crd: {}", one_line(&e));
-            let was_interrupt = e
-                .downcast_ref::<CheckpointError>()
-                .is_some_and(|e| matches!(e, CheckpointError::Interrupted))
-                || e.downcast_ref::<crd::restore::RestoreError>()
-                    .is_some_and(|e| matches!(e, crd::restore::RestoreError::Interrupted));
-            ExitCode::from(if was_interrupt { 130 } else { 1 })
+            // 128 + SIGINT, as a shell reports a program Ctrl-C ended, for every command:
+            // the interruption is found however the command's error wraps it.
+            ExitCode::from(if Interrupted::caused(e.as_ref()) { 130 } else { 1 })
         }
     }
 }

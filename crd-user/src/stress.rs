@@ -31,8 +31,8 @@ pub enum StressError {
     Differs { cycle: usize, difference: String },
     #[error("cycle {cycle}: stub {pid} did not die")]
     Lingering { cycle: usize, pid: Pid },
-    #[error("interrupted after {0} cycles; every stub was killed")]
-    Interrupted(usize),
+    #[error("interrupted after {cycles} cycles; every stub was killed")]
+    Interrupted { cycles: usize, source: crate::Interrupted },
 }
 
 /// crd's own resources after one cycle.
@@ -118,7 +118,7 @@ pub fn run(
     };
     for cycle in 0..cycles {
         if interrupted() {
-            return Err(StressError::Interrupted(cycle));
+            return Err(StressError::Interrupted { cycles: cycle, source: crate::Interrupted });
         }
         let done = checkpoint_with(options, Some(&mut harvester), interrupted)?;
         let bytes = image::encode(&done.body)?;

@@ -171,6 +171,77 @@ fn ctrl_c_while_frozen_resumes_the_target_and_writes_nothing() {
     }
 }
 
+/// Starts `crd ARGS` held at the start of its BPF harvest (the programs loaded, the
+/// targets of a graft frozen), and waits until `held` says it is there.
+fn crd_held_at_harvest(args: &[&str], held: impl Fn(u32) -> bool) -> std::process::Child {
+    let child = Command::new(crd_tests::crd_bin())
+        .args(args)
+        .env(crd::harvest::bpf::HOLD_HARVEST_ENV, "20000")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !held(child.id()) {
+        assert!(std::time::Instant::now() < deadline, "crd {args:?} never reached its harvest");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child
+}
+
+/// Whether process `pid` holds a BPF program (its fdinfo names a prog_id).
+fn holds_bpf_program(pid: u32) -> bool {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return false };
+    dir.flatten().any(|e| fs::read_to_string(e.path()).is_ok_and(|info| info.contains("prog_id:")))
+}
+
+/// Asserts crd ended by `signal` as an interrupted command does: status 130, one line
+/// saying so, nothing on stdout.
+fn assert_interrupted(crd: std::process::Child, signal: i32) {
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(crd.id() as i32, signal) };
+    let out = crd.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(130), "signal {signal}: {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("crd: interrupted"), "{err}");
+    assert!(out.stdout.is_empty(), "signal {signal}: {}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn ctrl_c_during_a_graft_resumes_the_target_and_exits_130() {
+    require_root!();
+    let fixture = spawn(&["comm:crdgraftint", "pipe:3:4", "write:4:keep", "fork"], 2);
+    let root = fixture.root().to_string();
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // Frozen (traced) means the BPF programs are loaded and the harvest is next.
+        let crd = crd_held_at_harvest(&["graft", &root, "--tree", "--source", "bpf"], |_| {
+            crd_tests::status_field(fixture.root(), "TracerPid:") != "0"
+        });
+        assert_interrupted(crd, signal);
+        for pid in &fixture.pids {
+            assert_running_untraced(*pid);
+        }
+        let named: Vec<_> = fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "crdgraftint"))
+            .collect();
+        assert_eq!(named.len(), 2, "the originals and no stub");
+    }
+}
+
+#[test]
+fn ctrl_c_during_ls_exits_130() {
+    require_root!();
+    let fixture = spawn(&["pipe:3:4"], 1);
+    let pid = fixture.root().to_string();
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let crd = crd_held_at_harvest(&["ls", &pid], holds_bpf_program);
+        assert_interrupted(crd, signal);
+    }
+}
+
 #[test]
 fn a_killed_crd_leaves_its_target_running() {
     require_root!();

@@ -38,6 +38,12 @@ pub const DEFAULT_RING_BYTES: u32 = 256 * 1024;
 #[cfg(feature = "testing")]
 pub const RING_BYTES_ENV: &str = "CRD_RING_BYTES";
 
+/// Test hook (testing builds only): `CRD_TEST_HOLD_HARVEST_MS=N` waits N ms at the start
+/// of each BPF harvest, the programs loaded (and for a checkpoint or graft the targets
+/// frozen), so tests can interrupt crd there. Ctrl-C still ends the wait.
+#[cfg(feature = "testing")]
+pub const HOLD_HARVEST_ENV: &str = "CRD_TEST_HOLD_HARVEST_MS";
+
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
     #[error(
@@ -63,7 +69,7 @@ pub enum BpfError {
     #[error("malformed record from the BPF programs (tag {0}, {1} bytes)")]
     BadRecord(u32, usize),
     #[error("interrupted")]
-    Interrupted,
+    Interrupted(#[source] crate::Interrupted),
 }
 
 impl BpfError {
@@ -221,6 +227,10 @@ impl BpfHarvester {
         scope: Scope<'_>,
         interrupted: &dyn Fn() -> bool,
     ) -> Result<(Harvest, HarvestStats), BpfError> {
+        #[cfg(feature = "testing")]
+        if !crate::test_hooks::hold(HOLD_HARVEST_ENV, interrupted) {
+            return Err(BpfError::Interrupted(crate::Interrupted));
+        }
         if let Scope::Processes(tgids) = scope {
             let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
                 self.ebpf.map_mut("crd_tgids").ok_or(BpfError::Load("map crd_tgids missing".into()))?,
@@ -287,7 +297,7 @@ impl BpfHarvester {
         let mut sink = [0u8; 64];
         loop {
             if interrupted() {
-                return Err(BpfError::Interrupted);
+                return Err(BpfError::Interrupted(crate::Interrupted));
             }
             stats.reads += 1;
             let started = std::time::Instant::now();

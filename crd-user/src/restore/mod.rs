@@ -71,7 +71,7 @@ pub enum RestoreError {
     #[error("the stubs did not report within {SETUP_TIMEOUT:?}; every stub was killed")]
     Timeout,
     #[error("interrupted; every stub was killed")]
-    Interrupted,
+    Interrupted(#[source] crate::Interrupted),
     #[error(transparent)]
     Syscall(#[from] SyscallError),
     #[error(transparent)]
@@ -241,7 +241,7 @@ fn collect_reports(
     let mut pending = plan.processes.len();
     while pending > 0 {
         if interrupted() {
-            return Err(RestoreError::Interrupted);
+            return Err(RestoreError::Interrupted(crate::Interrupted));
         }
         if Instant::now() > deadline {
             return Err(RestoreError::Timeout);
@@ -277,7 +277,7 @@ pub const HOLD_RESTORE_ENV: &str = "CRD_TEST_HOLD_RESTORE_MS";
 fn hold_for_tests(interrupted: &dyn Fn() -> bool) -> Result<(), RestoreError> {
     #[cfg(feature = "testing")]
     if !crate::test_hooks::hold(HOLD_RESTORE_ENV, interrupted) {
-        return Err(RestoreError::Interrupted);
+        return Err(RestoreError::Interrupted(crate::Interrupted));
     }
     #[cfg(not(feature = "testing"))]
     let _ = interrupted;
