@@ -98,7 +98,7 @@ pub fn freeze_and_harvest_with(
     }
     let frozen = Frozen::freeze(options.root, options.tree, interrupted).map_err(|e| match e {
         FreezeError::Interrupted(i) => CheckpointError::Interrupted(i),
-        e => privilege::explain_freeze(e),
+        e => e.into(),
     })?;
     phases.lap("freeze");
     let tgids: Vec<Tgid> = frozen.processes().collect();

@@ -28,6 +28,7 @@ use nix::{
 };
 
 use crate::{
+    privilege::PtraceRefusal,
     sys::{self, SyscallError},
     types::{Pid, Tgid},
 };
@@ -39,10 +40,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum FreezeError {
     #[error("no process with PID {0}: check the PID (it may have exited)")]
     NoSuchProcess(Tgid),
-    #[error(
-        "not allowed to trace PID {0}: run crd as root (it needs CAP_SYS_PTRACE), or check kernel.yama.ptrace_scope"
-    )]
-    NotPermitted(Tgid),
+    /// crd lacks CAP_SYS_PTRACE and the kernel's ptrace check refused: the message says
+    /// why (whose process, Yama's setting), diagnosed when the refusal happened.
+    #[error("{0}")]
+    NotPermitted(PtraceRefusal),
     #[error(
         "the kernel refuses to trace PID {0} even for root: it is init, a kernel thread, or protected by a security module"
     )]
@@ -141,7 +142,7 @@ impl Frozen {
                 if crate::privilege::missing(&[crate::privilege::Cap::SysPtrace]).is_empty() {
                     return Err(FreezeError::Untraceable(tgid));
                 }
-                return Err(FreezeError::NotPermitted(tgid));
+                return Err(FreezeError::NotPermitted(PtraceRefusal::of(tgid)));
             }
             Err(e) => {
                 return Err(SyscallError { call: "ptrace(PTRACE_SEIZE)", source: e.into() }.into());
