@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use crate::{
+    Interrupted,
     freeze::{FreezeError, Frozen},
     graph::Graph,
     harvest::{
@@ -16,7 +17,6 @@ use crate::{
         extras::{self, ExtrasError},
     },
     image::{self, Header, ImageBody, ImageError},
-    privilege::{self, PrivilegeError},
     timings::Phases,
     types::Tgid,
 };
@@ -31,16 +31,14 @@ pub enum CheckpointError {
     Extras(#[from] ExtrasError),
     #[error(transparent)]
     Image(#[from] ImageError),
-    #[error(transparent)]
-    Privilege(#[from] PrivilegeError),
     #[error("interrupted; the target was resumed and no image was written")]
-    Interrupted,
+    Interrupted(#[source] Interrupted),
 }
 
 impl From<HarvestError> for CheckpointError {
     fn from(e: HarvestError) -> Self {
         match e {
-            HarvestError::Interrupted => CheckpointError::Interrupted,
+            HarvestError::Interrupted(i) => CheckpointError::Interrupted(i),
             e => CheckpointError::Harvest(e),
         }
     }
@@ -103,20 +101,15 @@ pub fn freeze_and_harvest_with(
     let mut owned: Option<Box<dyn Harvester>> = None;
     let harvester: &mut dyn Harvester = match loaded {
         Some(h) => h,
-        None => owned
-            .insert(
-                harvest::harvester(options.source, false, &options.load)
-                    .map_err(privilege::explain_harvest)?,
-            )
-            .as_mut(),
+        None => owned.insert(harvest::harvester(options.source, false, &options.load)?).as_mut(),
     };
     phases.lap("load");
     if interrupted() {
-        return Err(CheckpointError::Interrupted);
+        return Err(CheckpointError::Interrupted(Interrupted));
     }
     let frozen = Frozen::freeze(options.root, options.tree, interrupted).map_err(|e| match e {
-        FreezeError::Interrupted => CheckpointError::Interrupted,
-        e => privilege::explain_freeze(e),
+        FreezeError::Interrupted(i) => CheckpointError::Interrupted(i),
+        e => e.into(),
     })?;
     phases.lap("freeze");
     let tgids: Vec<Tgid> = frozen.processes().collect();
@@ -140,7 +133,7 @@ pub fn checkpoint_with(
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Checkpoint, CheckpointError> {
     let check = || {
-        if interrupted() { Err(CheckpointError::Interrupted) } else { Ok(()) }
+        if interrupted() { Err(CheckpointError::Interrupted(Interrupted)) } else { Ok(()) }
     };
     let tree = options.tree;
     let FrozenHarvest { frozen, mut harvest, stats, source, mut phases } =
@@ -182,14 +175,18 @@ pub fn checkpoint_to_file(
     checkpoint_with(options, None, Some(output), interrupted)
 }
 
-/// Test hook: `CRD_TEST_HOLD_FROZEN_MS=N` keeps the targets frozen N ms after the harvest,
-/// so tests can interrupt or kill crd at the worst moment. Ctrl-C still ends the wait.
+/// Test hook (testing builds only): `CRD_TEST_HOLD_FROZEN_MS=N` keeps the targets frozen
+/// N ms after the harvest, so tests can interrupt or kill crd at the worst moment.
+/// Ctrl-C still ends the wait.
+#[cfg(feature = "testing")]
 pub const HOLD_FROZEN_ENV: &str = "CRD_TEST_HOLD_FROZEN_MS";
 
 fn hold_for_tests(interrupted: &dyn Fn() -> bool) -> Result<(), CheckpointError> {
-    if crate::test_hooks::hold(HOLD_FROZEN_ENV, interrupted) {
-        Ok(())
-    } else {
-        Err(CheckpointError::Interrupted)
+    #[cfg(feature = "testing")]
+    if !crate::test_hooks::hold(HOLD_FROZEN_ENV, interrupted) {
+        return Err(CheckpointError::Interrupted(Interrupted));
     }
+    #[cfg(not(feature = "testing"))]
+    let _ = interrupted;
+    Ok(())
 }

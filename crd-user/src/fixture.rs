@@ -1,5 +1,6 @@
-//! Fixture: a process tree wired with pipes and files from a list of steps, for
-//! `crd demo` and the integration tests (`crd fixture STEP...`, hidden).
+//! Fixture: a process tree wired with pipes and files from a list of steps, for the
+//! integration tests (`crd fixture STEP...`, hidden; only in builds with the `testing`
+//! feature — `crd demo` builds its own tree, see [`crate::demo`]).
 //!
 //! Steps run in order; `fork` splits the list: the child runs the remaining steps, the
 //! parent stops there. Every process then writes "DEPTH PID" (DEPTH: forks before it)

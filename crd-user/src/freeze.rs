@@ -28,6 +28,7 @@ use nix::{
 };
 
 use crate::{
+    privilege::PtraceRefusal,
     sys::{self, SyscallError},
     types::{Pid, Tgid},
 };
@@ -39,10 +40,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum FreezeError {
     #[error("no process with PID {0}: check the PID (it may have exited)")]
     NoSuchProcess(Tgid),
-    #[error(
-        "not allowed to trace PID {0}: run crd as root (it needs CAP_SYS_PTRACE), or check kernel.yama.ptrace_scope"
-    )]
-    NotPermitted(Tgid),
+    /// crd lacks CAP_SYS_PTRACE and the kernel's ptrace check refused: the message says
+    /// why (whose process, Yama's setting), diagnosed when the refusal happened.
+    #[error("{0}")]
+    NotPermitted(PtraceRefusal),
     #[error(
         "the kernel refuses to trace PID {0} even for root: it is init, a kernel thread, or protected by a security module"
     )]
@@ -54,7 +55,7 @@ pub enum FreezeError {
     #[error("PID {0} is already being traced (by a debugger or another crd): detach it first")]
     AlreadyTraced(Tgid),
     #[error("interrupted; every task was resumed")]
-    Interrupted,
+    Interrupted(#[source] crate::Interrupted),
     #[error(transparent)]
     Syscall(#[from] SyscallError),
 }
@@ -83,7 +84,7 @@ impl Frozen {
             Frozen { root, processes: BTreeMap::from([(root, pidfd)]), threads: BTreeMap::new() };
         loop {
             if interrupted() {
-                return Err(FreezeError::Interrupted);
+                return Err(FreezeError::Interrupted(crate::Interrupted));
             }
             let mut grew = false;
             let processes: Vec<Tgid> = frozen.processes.keys().copied().collect();
@@ -141,7 +142,7 @@ impl Frozen {
                 if crate::privilege::missing(&[crate::privilege::Cap::SysPtrace]).is_empty() {
                     return Err(FreezeError::Untraceable(tgid));
                 }
-                return Err(FreezeError::NotPermitted(tgid));
+                return Err(FreezeError::NotPermitted(PtraceRefusal::of(tgid)));
             }
             Err(e) => {
                 return Err(SyscallError { call: "ptrace(PTRACE_SEIZE)", source: e.into() }.into());
@@ -221,11 +222,14 @@ impl Drop for Frozen {
     }
 }
 
-/// Test hook: `CRD_TEST_PAUSE_AFTER_PIDFD_MS=N` sleeps N ms between opening the root's
-/// pidfd and attaching to its threads, so a test can make its PID be reused right there.
+/// Test hook (testing builds only): `CRD_TEST_PAUSE_AFTER_PIDFD_MS=N` sleeps N ms between
+/// opening the root's pidfd and attaching to its threads, so a test can make its PID be
+/// reused right there.
+#[cfg(feature = "testing")]
 pub const PAUSE_AFTER_PIDFD_ENV: &str = "CRD_TEST_PAUSE_AFTER_PIDFD_MS";
 
 fn pause_for_tests() {
+    #[cfg(feature = "testing")]
     if let Some(ms) = std::env::var(PAUSE_AFTER_PIDFD_ENV).ok().and_then(|v| v.parse().ok()) {
         thread::sleep(Duration::from_millis(ms));
     }

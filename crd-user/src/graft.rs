@@ -11,28 +11,25 @@ use std::os::fd::{AsRawFd, RawFd};
 use crate::{
     checkpoint::{FrozenHarvest, Options, freeze_and_harvest},
     graph::{Encounter, Graph, SavedStates},
-    harvest::{LoadOptions, Source},
     restore::{
         self, RestoreError, Restored,
         objects::{ObjectError, ObjectTable},
         plan::{self, Mode},
     },
     sys,
-    types::{ObjRef, Tgid},
+    types::ObjRef,
 };
 
-/// Hands the live open files of `root` (and with `tree` its descendants) to new stubs.
+/// Hands the live open files of `options.root` (and with `options.tree` its
+/// descendants) to new stubs.
 pub fn graft(
-    root: Tgid,
-    tree: bool,
-    source: Source,
-    load: &LoadOptions,
+    options: Options,
     exec: Option<&[String]>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Restored, RestoreError> {
     let exec = restore::command(exec)?;
-    let FrozenHarvest { frozen, harvest, .. } =
-        freeze_and_harvest(Options { root, tree, source, load: load.clone() }, interrupted)?;
+    let root = options.root;
+    let FrozenHarvest { frozen, harvest, .. } = freeze_and_harvest(options, interrupted)?;
     let graph = Graph::build(root, &harvest, &SavedStates::default());
     let plan = plan::plan(&graph, Mode::Graft)?;
     let take = |publish: &mut dyn FnMut(ObjRef, RawFd)| {

@@ -13,7 +13,12 @@
 //! - [`graph`] builds linux-cr's objref graph: shared objects saved once, then referenced.
 //! - [`image`] is graph ⇄ bytes: versioned, checksummed, written atomically.
 //! - [`checkpoint`] runs the whole pipeline.
+//!
+//! Test scaffolding (`fixture`, `stress`, `test_hooks` and the hooks' environment
+//! variables) exists only with the `testing` feature: the product reads no test hook.
 pub mod checkpoint;
+pub mod demo;
+#[cfg(feature = "testing")]
 pub mod fixture;
 pub mod freeze;
 pub mod graft;
@@ -21,13 +26,16 @@ pub mod graph;
 pub mod harvest;
 pub mod image;
 pub mod inspect;
+pub mod interrupt;
 pub mod kinds;
 pub mod ls;
 pub mod model;
 pub mod privilege;
 pub mod restore;
+#[cfg(feature = "testing")]
 pub mod stress;
 pub mod sys;
+#[cfg(feature = "testing")]
 pub mod test_hooks;
 pub mod timings;
 pub mod types;
@@ -36,3 +44,4 @@ pub use checkpoint::{CheckpointError, Options, checkpoint, checkpoint_to_file};
 pub use graph::Graph;
 pub use harvest::Source;
 pub use image::ImageBody;
+pub use interrupt::Interrupted;

@@ -28,6 +28,8 @@ pub enum LsError {
     NothingToList,
     #[error(transparent)]
     Harvest(#[from] HarvestError),
+    #[error("interrupted; nothing was listed")]
+    Interrupted(#[source] crate::Interrupted),
 }
 
 /// Which processes to list.
@@ -58,6 +60,7 @@ impl Targets {
 }
 
 /// One harvest of `targets`, without freezing them. Returns the source actually used.
+/// `btf`: see [`bpf::BpfHarvester::load`].
 pub fn harvest(
     source: Source,
     load: &LoadOptions,
@@ -72,6 +75,10 @@ pub fn harvest(
     let (mut harvest, _) = harvester.harvest(scope, interrupted)?;
     extras::fill_links(&mut harvest);
     extras::count_queued(&mut harvest);
+    // Path and queue reads have no check of their own: Ctrl-C stops the listing here.
+    if interrupted() {
+        return Err(LsError::Interrupted(crate::Interrupted));
+    }
     Ok((harvester.source(), harvest))
 }
 

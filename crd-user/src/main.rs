@@ -1,4 +1,7 @@
 //! The `crd` command line.
+//!
+//! The hidden test commands (`fixture`, `stress`, `bench-harvest`) exist only in builds
+//! with the `testing` feature: a product build does not know them at all.
 use std::{
     path::PathBuf,
     process::ExitCode,
@@ -6,16 +9,14 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Instant,
 };
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use crd::{
-    CheckpointError, Options,
+    Interrupted, Options,
     checkpoint::checkpoint_to_file,
-    fixture,
-    harvest::{self as harvesting, LoadOptions, Scope},
+    harvest::{self as harvesting, LoadOptions},
     image,
     inspect::{self, Format},
     ls::{self, Listing, Targets},
@@ -52,6 +53,11 @@ impl From<Source> for harvesting::Source {
     about = "Checkpoint the open-file state of Linux processes with BPF iterators"
 )]
 struct Cli {
+    /// The kernel BTF to read struct offsets from, for the commands that load BPF: for
+    /// a kernel without /sys/kernel/btf/vmlinux, e.g. its file from BTFHub
+    /// [default: /sys/kernel/btf/vmlinux].
+    #[arg(long, global = true, value_name = "FILE")]
+    btf: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -135,11 +141,13 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Source::Auto)]
         source: Source,
     },
-    /// Build a process tree from steps (for demo and tests).
+    /// Build a process tree from steps (for tests).
+    #[cfg(feature = "testing")]
     #[command(hide = true)]
     Fixture { steps: Vec<String> },
     /// Checkpoint, encode, decode, restore and kill PID CYCLES times with BPF loaded
     /// once; print crd's own fd count and RSS per cycle as JSON (for the load test).
+    #[cfg(feature = "testing")]
     #[command(hide = true)]
     Stress {
         pid: u32,
@@ -150,6 +158,7 @@ enum Command {
     },
     /// Time harvests for `cargo xtask bench`: load once, harvest the processes RUNS
     /// times without freezing them, print one JSON line.
+    #[cfg(feature = "testing")]
     #[command(hide = true)]
     BenchHarvest {
         #[arg(long, value_enum, default_value_t = Source::Bpf)]
@@ -175,32 +184,40 @@ fn main() -> ExitCode {
     crd::sys::raise_fd_limit();
     let interrupted = Arc::new(AtomicBool::new(false));
     // A fixture process is a stand-in for a user's program: SIGTERM and Ctrl-C end it.
-    if !matches!(cli.command, Command::Fixture { .. }) {
+    #[cfg(feature = "testing")]
+    let handles_signals = !matches!(cli.command, Command::Fixture { .. });
+    #[cfg(not(feature = "testing"))]
+    let handles_signals = true;
+    if handles_signals {
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             // Ctrl-C only raises a flag: crd then resumes its targets and cleans up.
             let _ = signal_hook::flag::register(signal, Arc::clone(&interrupted));
         }
     }
     let is_interrupted = move || interrupted.load(Ordering::Relaxed);
-    match run(cli.command, &is_interrupted) {
+    let load = LoadOptions { btf: cli.btf };
+    match run(cli.command, &load, &is_interrupted) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("crd: {}", one_line(&e));
-            let was_interrupt = e
-                .downcast_ref::<CheckpointError>()
-                .is_some_and(|e| matches!(e, CheckpointError::Interrupted))
-                || e.downcast_ref::<crd::restore::RestoreError>()
-                    .is_some_and(|e| matches!(e, crd::restore::RestoreError::Interrupted));
-            ExitCode::from(if was_interrupt { 130 } else { 1 })
+            // 128 + SIGINT, as a shell reports a program Ctrl-C ended, for every command:
+            // the interruption is found however the command's error wraps it.
+            ExitCode::from(if Interrupted::caused(e.as_ref()) { 130 } else { 1 })
         }
     }
 }
 
-fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
+fn run(command: Command, load: &LoadOptions, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
+    let options = |root: u32, tree: bool, source: Source| Options {
+        root: Tgid(root),
+        tree,
+        source: source.into(),
+        load: load.clone(),
+    };
     match command {
         Command::Checkpoint { pid, tree, output, source } => {
             let output = output.unwrap_or_else(|| PathBuf::from(format!("crd-{pid}.img")));
-            checkpoint(Options::new(Tgid(pid), tree, source.into()), &output, interrupted)?;
+            checkpoint(options(pid, tree, source), &output, interrupted)?;
         }
         Command::Restore { image, pid_file, allow_external, exec, command } => {
             let mut phases = Phases::start();
@@ -210,22 +227,22 @@ fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
             let restored = crd::restore::restore_image(&body.graph, allow_external, exec, interrupted)?;
             phases.lap("restore");
             report_restored(&restored, pid_file.as_deref())?;
+            #[cfg(feature = "testing")]
             phases.write_if_requested();
         }
         Command::Graft { pid, tree, pid_file, source, exec, command } => {
             let exec = exec.then_some(command.as_slice());
-            let load = LoadOptions::default();
-            let restored = crd::graft::graft(Tgid(pid), tree, source.into(), &load, exec, interrupted)?;
+            let restored = crd::graft::graft(options(pid, tree, source), exec, interrupted)?;
             report_restored(&restored, pid_file.as_deref())?;
         }
         Command::Inspect { image, format } => {
             let body = image::read(&image)?;
             print!("{}", inspect::render(&body, format));
         }
-        Command::Demo { output, source } => demo(output, source, interrupted)?,
+        Command::Demo { output, source } => demo(output, &|root| options(root, true, source), interrupted)?,
         Command::Ls { pids, all, pipes, json, source } => {
             let targets = Targets::new(&pids, all)?;
-            let (_, harvest) = ls::harvest(source.into(), &LoadOptions::default(), &targets, interrupted)?;
+            let (_, harvest) = ls::harvest(source.into(), load, &targets, interrupted)?;
             let mut listing = Listing::new(&harvest);
             if pipes {
                 listing = listing.only_pipes();
@@ -236,11 +253,25 @@ fn run(command: Command, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
                 print!("{}", listing.render_text());
             }
         }
-        Command::Fixture { steps } => fixture::run(&steps)?,
+        #[cfg(feature = "testing")]
+        Command::Fixture { steps } => crd::fixture::run(&steps)?,
+        #[cfg(feature = "testing")]
         Command::Stress { pid, tree, cycles } => {
-            println!("{}", serde_json::to_string(&crd::stress::run(Tgid(pid), tree, cycles, interrupted)?)?)
+            println!(
+                "{}",
+                serde_json::to_string(&crd::stress::run(
+                    Tgid(pid),
+                    tree,
+                    cycles,
+                    load.btf.as_deref(),
+                    interrupted
+                )?)?
+            )
         }
-        Command::BenchHarvest { source, runs, pids } => bench_harvest(source, runs, &pids, interrupted)?,
+        #[cfg(feature = "testing")]
+        Command::BenchHarvest { source, runs, pids } => {
+            bench_harvest(source, runs, &pids, load, interrupted)?
+        }
     }
     Ok(())
 }
@@ -265,6 +296,7 @@ fn checkpoint(
     interrupted: &dyn Fn() -> bool,
 ) -> anyhow::Result<()> {
     let done = checkpoint_to_file(options, output, interrupted)?;
+    #[cfg(feature = "testing")]
     done.phases.write_if_requested();
     let graph = &done.body.graph;
     for warning in graph.held_outside() {
@@ -281,28 +313,15 @@ fn checkpoint(
     Ok(())
 }
 
-fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
+/// `options(root)`: how to checkpoint the tree at `root` (the demo's, then the stubs').
+fn demo(
+    output: Option<PathBuf>,
+    options: &dyn Fn(u32) -> Options,
+    interrupted: &dyn Fn() -> bool,
+) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
-    let fifo = scratch.path().join("demo.fifo");
-    let file = scratch.path().join("demo.txt");
-    let (fifo, file) = (fifo.display().to_string(), file.display().to_string());
-    let steps = [
-        "pipe:3:4".to_string(),
-        "write:4:hello, queued in a pipe".into(),
-        "dup:3:5".into(),
-        format!("mkfifo:{fifo}"),
-        format!("open:6:rw:{fifo}"),
-        format!("open:7:rwc:{file}"),
-        "write:7:0123456789".into(),
-        "seek:7:4".into(),
-        "pipe:8:9".into(),
-        "cloexec:9".into(),
-        "fork".into(),
-        "close:4".into(),
-    ];
-    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
-    let exe = std::env::current_exe().context("cannot find the crd executable")?;
-    let tree = fixture::spawn(&exe, &steps, 2).context("cannot start the demo processes")?;
+    let tree = crd::demo::spawn(&scratch.path().join("demo.fifo"), &scratch.path().join("demo.txt"))
+        .context("cannot start the demo processes")?;
     println!(
         "demo: PID {} (and a child) hold: a pipe with both ends (fds 3, 4) and data queued,",
         tree.root()
@@ -311,7 +330,7 @@ fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool)
     println!("      a second pipe (8, 9; 9 close-on-exec). The child shares them across fork");
     println!("      and has closed fd 4.\n");
     let path = output.unwrap_or_else(|| scratch.path().join("demo.img"));
-    checkpoint(Options::new(Tgid(tree.root()), true, source.into()), &path, interrupted)?;
+    checkpoint(options(tree.root()), &path, interrupted)?;
     let body = image::read(&path)?;
     println!("{}", inspect::render(&body, Format::Text));
 
@@ -323,7 +342,7 @@ fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool)
     for (old, new) in &restored.tasks {
         println!("  {old} -> {new}");
     }
-    let again = crd::checkpoint(Options::new(Tgid(restored.root.0), true, source.into()), interrupted)?;
+    let again = crd::checkpoint(options(restored.root.0), interrupted)?;
     match body.graph.same_shape(&again.body.graph) {
         Ok(()) => println!(
             "a checkpoint of the stubs gives the same graph: same tree, fds, sharing, offsets and queued bytes."
@@ -334,17 +353,22 @@ fn demo(output: Option<PathBuf>, source: Source, interrupted: &dyn Fn() -> bool)
     Ok(())
 }
 
+#[cfg(feature = "testing")]
 fn bench_harvest(
     source: Source,
     runs: usize,
     pids: &[u32],
+    load: &LoadOptions,
     interrupted: &dyn Fn() -> bool,
 ) -> anyhow::Result<()> {
+    use crd::harvest::Scope;
+    use std::time::Instant;
+
     let Targets::Processes(tgids) = Targets::new(pids, false)? else {
         anyhow::bail!("name the processes to harvest");
     };
     let started = Instant::now();
-    let mut harvester = harvesting::harvester(source.into(), false, &LoadOptions::default())?;
+    let mut harvester = harvesting::harvester(source.into(), false, load)?;
     let source = harvester.source();
     let load_ns = started.elapsed().as_nanos() as u64;
     let mut runs_ns = Vec::with_capacity(runs);

@@ -1,7 +1,7 @@
 //! `crd stress` (hidden, for the load test): many checkpoint → encode → decode →
 //! restore → kill cycles in one process, with the BPF harvester loaded once, sampling
 //! crd's own fd count and RSS after every cycle so a leak shows as growth.
-use std::{fs, os::fd::AsFd, time::Instant};
+use std::{fs, os::fd::AsFd, path::Path, time::Instant};
 
 use nix::sys::{
     signal::{Signal, kill},
@@ -13,7 +13,6 @@ use crate::{
     checkpoint::{CheckpointError, Options, checkpoint_with},
     harvest::{self, LoadOptions, Source},
     image::{self, ImageError},
-    privilege,
     restore::{self, RestoreError},
     sys,
     types::{Pid, Tgid},
@@ -31,8 +30,8 @@ pub enum StressError {
     Differs { cycle: usize, difference: String },
     #[error("cycle {cycle}: stub {pid} did not die")]
     Lingering { cycle: usize, pid: Pid },
-    #[error("interrupted after {0} cycles; every stub was killed")]
-    Interrupted(usize),
+    #[error("interrupted after {cycles} cycles; every stub was killed")]
+    Interrupted { cycles: usize, source: crate::Interrupted },
 }
 
 /// crd's own resources after one cycle.
@@ -95,17 +94,19 @@ impl BpfIds {
 /// How often the restored tree is checked against the image (a second checkpoint).
 const VERIFY_EVERY: usize = 100;
 
-/// Runs `cycles` cycles on `root` (with `tree`, its descendants too).
+/// Runs `cycles` cycles on `root` (with `tree`, its descendants too); `btf`: see
+/// [`crate::harvest::LoadOptions`].
 pub fn run(
     root: Tgid,
     tree: bool,
     cycles: usize,
+    btf: Option<&Path>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Report, StressError> {
     let started = Instant::now();
-    let mut harvester = harvest::harvester(Source::Bpf, false, &LoadOptions::default())
-        .map_err(privilege::explain_harvest)?;
-    let options = Options::new(root, tree, Source::Bpf);
+    let load = LoadOptions { btf: btf.map(Path::to_path_buf) };
+    let mut harvester = harvest::harvester(Source::Bpf, false, &load).map_err(CheckpointError::from)?;
+    let options = Options { root, tree, source: Source::Bpf, load: load.clone() };
     let mut report = Report {
         cycles,
         tasks: 0,
@@ -117,14 +118,15 @@ pub fn run(
     };
     for cycle in 0..cycles {
         if interrupted() {
-            return Err(StressError::Interrupted(cycle));
+            return Err(StressError::Interrupted { cycles: cycle, source: crate::Interrupted });
         }
         let done = checkpoint_with(options.clone(), Some(harvester.as_mut()), None, interrupted)?;
         let bytes = image::encode(&done.body)?;
         let body = image::decode(&bytes, "(in memory)")?;
         let restored = restore::restore_image(&body.graph, false, None, interrupted)?;
         let verdict = if cycle % VERIFY_EVERY == 0 || cycle + 1 == cycles {
-            let stubs = Options::new(Tgid(restored.root.0), true, Source::Bpf);
+            let stubs =
+                Options { root: Tgid(restored.root.0), tree: true, source: Source::Bpf, load: load.clone() };
             checkpoint_with(stubs, Some(harvester.as_mut()), None, interrupted)
                 .map_err(StressError::from)
                 .and_then(|again| {

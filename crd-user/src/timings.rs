@@ -1,12 +1,14 @@
 //! Where a command's time went.
 //!
 //! `cargo xtask bench` judges crd by wall time, but needs to see which phase dominates
-//! (loading BPF, freezing, harvesting, copying pipes, writing): with
-//! `CRD_TIMINGS_FILE=PATH`, `crd checkpoint` and `crd restore` write their phases there
-//! as one JSON object of milliseconds.
+//! (loading BPF, freezing, harvesting, copying pipes, writing): in builds with the
+//! `testing` feature (which the bench uses), with `CRD_TIMINGS_FILE=PATH`, `crd
+//! checkpoint` and `crd restore` write their phases there as one JSON object of
+//! milliseconds. The product reads no such variable.
 use std::time::{Duration, Instant};
 
 /// The environment variable naming the file the phases are written to.
+#[cfg(feature = "testing")]
 pub const TIMINGS_FILE_ENV: &str = "CRD_TIMINGS_FILE";
 
 /// Consecutive phases of one command, each timed from the end of the previous one.
@@ -63,6 +65,7 @@ impl Phases {
 
     /// Writes the phases to `$CRD_TIMINGS_FILE` if it is set. Best effort: timings are
     /// a diagnostic and never fail the command.
+    #[cfg(feature = "testing")]
     pub fn write_if_requested(&self) {
         if let Some(path) = std::env::var_os(TIMINGS_FILE_ENV)
             && let Err(e) = std::fs::write(&path, self.to_json().to_string())

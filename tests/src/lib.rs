@@ -18,12 +18,23 @@ use crd::{
     types::{Fd, ObjRef, Tgid},
 };
 
-/// The `crd` binary under test: `$CRD_BIN` (set by `cargo xtask test`), else the debug
-/// build next to this workspace.
+/// The `crd` binary under test, a testing build (crd-user's `testing` feature: the
+/// fixture, the test hooks): `$CRD_BIN` (set by `cargo xtask test`), else the debug
+/// testing build next to this workspace.
 pub fn crd_bin() -> PathBuf {
     std::env::var_os("CRD_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/crd"))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/testing/debug/crd"))
+}
+
+/// The product `crd`, built without the `testing` feature: `$CRD_PRODUCT_BIN` (set by
+/// `cargo xtask test`), else the debug build next to this workspace.
+pub fn product_bin() -> PathBuf {
+    let bin = std::env::var_os("CRD_PRODUCT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/crd"));
+    assert!(bin.exists(), "{} missing: run the tests with `cargo xtask test`", bin.display());
+    bin
 }
 
 /// Starts a fixture tree (see `crd::fixture`) of `processes` processes.
@@ -43,6 +54,22 @@ pub fn checkpoint(root: u32, tree: bool, source: Source) -> ImageBody {
 /// Runs the crd binary.
 pub fn crd(args: &[&str]) -> Output {
     Command::new(crd_bin()).args(args).output().expect("crd runs")
+}
+
+/// Checks what `crd demo` printed: its tree in the image, and the final comparison.
+pub fn assert_demo_output(out: &Output) {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "with descendants, 2 tasks",
+        "shared objects:",
+        "fifo",
+        "queued 23",
+        "pipe",
+        "a checkpoint of the stubs gives the same graph",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
 }
 
 /// Objects of a graph by objref, and fd tables by process.

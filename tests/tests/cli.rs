@@ -100,19 +100,7 @@ fn a_corrupt_or_truncated_image_is_refused_in_one_line() {
 #[test]
 fn demo_checkpoints_a_wired_tree_and_shows_it() {
     require_root!();
-    let out = crd(&["demo"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = String::from_utf8(out.stdout).unwrap();
-    for expected in [
-        "with descendants, 2 tasks",
-        "shared objects:",
-        "fifo",
-        "queued 23",
-        "pipe",
-        "a checkpoint of the stubs gives the same graph",
-    ] {
-        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
-    }
+    crd_tests::assert_demo_output(&crd(&["demo"]));
 }
 
 #[test]
@@ -183,6 +171,77 @@ fn ctrl_c_while_frozen_resumes_the_target_and_writes_nothing() {
     }
 }
 
+/// Starts `crd ARGS` held at the start of its BPF harvest (the programs loaded, the
+/// targets of a graft frozen), and waits until `held` says it is there.
+fn crd_held_at_harvest(args: &[&str], held: impl Fn(u32) -> bool) -> std::process::Child {
+    let child = Command::new(crd_tests::crd_bin())
+        .args(args)
+        .env(crd::harvest::bpf::HOLD_HARVEST_ENV, "20000")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !held(child.id()) {
+        assert!(std::time::Instant::now() < deadline, "crd {args:?} never reached its harvest");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child
+}
+
+/// Whether process `pid` holds a BPF program (its fdinfo names a prog_id).
+fn holds_bpf_program(pid: u32) -> bool {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return false };
+    dir.flatten().any(|e| fs::read_to_string(e.path()).is_ok_and(|info| info.contains("prog_id:")))
+}
+
+/// Asserts crd ended by `signal` as an interrupted command does: status 130, one line
+/// saying so, nothing on stdout.
+fn assert_interrupted(crd: std::process::Child, signal: i32) {
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(crd.id() as i32, signal) };
+    let out = crd.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(130), "signal {signal}: {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("crd: interrupted"), "{err}");
+    assert!(out.stdout.is_empty(), "signal {signal}: {}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn ctrl_c_during_a_graft_resumes_the_target_and_exits_130() {
+    require_root!();
+    let fixture = spawn(&["comm:crdgraftint", "pipe:3:4", "write:4:keep", "fork"], 2);
+    let root = fixture.root().to_string();
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // Frozen (traced) means the BPF programs are loaded and the harvest is next.
+        let crd = crd_held_at_harvest(&["graft", &root, "--tree", "--source", "bpf"], |_| {
+            crd_tests::status_field(fixture.root(), "TracerPid:") != "0"
+        });
+        assert_interrupted(crd, signal);
+        for pid in &fixture.pids {
+            assert_running_untraced(*pid);
+        }
+        let named: Vec<_> = fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "crdgraftint"))
+            .collect();
+        assert_eq!(named.len(), 2, "the originals and no stub");
+    }
+}
+
+#[test]
+fn ctrl_c_during_ls_exits_130() {
+    require_root!();
+    let fixture = spawn(&["pipe:3:4"], 1);
+    let pid = fixture.root().to_string();
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let crd = crd_held_at_harvest(&["ls", &pid], holds_bpf_program);
+        assert_interrupted(crd, signal);
+    }
+}
+
 #[test]
 fn a_killed_crd_leaves_its_target_running() {
     require_root!();
@@ -246,36 +305,75 @@ fn an_unprivileged_user_is_told_what_is_missing() {
     assert!(std::path::Path::new(image).exists());
 }
 
+/// `crd ARGS` with a BTF file that does not exist.
+fn crd_without_btf(args: &[&str]) -> std::process::Output {
+    crd(&[args, &["--btf", "/nonexistent/vmlinux"]].concat())
+}
+
 #[test]
-fn a_kernel_without_btf_is_a_one_line_error() {
+fn a_missing_btf_file_is_a_one_line_error_for_every_bpf_command() {
     require_root!();
     let fixture = spawn(&[], 1);
-    let out = Command::new(crd_tests::crd_bin())
-        .args(["checkpoint", &fixture.root().to_string(), "-o", "/nonexistent/x.img", "--source", "bpf"])
-        .env("CRD_KERNEL_BTF", "/nonexistent/vmlinux")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = stderr(&out);
-    assert_eq!(
-        err.trim(),
-        "crd: kernel BTF not found at /nonexistent/vmlinux: this kernel lacks CONFIG_DEBUG_INFO_BTF; use --source procfs"
-    );
-    assert_running_untraced(fixture.root());
+    let pid = fixture.root().to_string();
+    let missing = "crd: cannot read the BTF file /nonexistent/vmlinux given with --btf: No such file or directory (os error 2)";
+    for args in [
+        vec!["checkpoint", &pid, "-o", "/nonexistent/x.img", "--source", "bpf"],
+        vec!["graft", &pid, "--source", "bpf"],
+        vec!["ls", &pid, "--source", "bpf"],
+        vec!["demo", "--source", "bpf"],
+    ] {
+        let out = crd_without_btf(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(stderr(&out).trim(), missing, "{args:?}");
+        assert_running_untraced(fixture.root());
+    }
     // The default source says why and falls back to /proc.
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("fallback.img");
-    let out = Command::new(crd_tests::crd_bin())
-        .args(["checkpoint", &fixture.root().to_string(), "-o", image.to_str().unwrap()])
-        .env("CRD_KERNEL_BTF", "/nonexistent/vmlinux")
-        .output()
-        .unwrap();
+    let out = crd_without_btf(&["checkpoint", &pid, "-o", image.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("the BPF harvester cannot run here (kernel BTF not found"),
+        stderr(&out)
+            .contains("the BPF harvester cannot run here (cannot read the BTF file /nonexistent/vmlinux"),
         "{}",
         stderr(&out)
     );
     let body = crd::image::read(&image).unwrap();
     assert_eq!(body.header.source, crd::image::Source::Procfs, "the image says which source it came from");
+    let out = crd_without_btf(&["ls", &pid]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("reading /proc instead"), "{}", stderr(&out));
+}
+
+#[test]
+fn btf_reads_the_kernel_offsets_from_the_file_given() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("vmlinux");
+    fs::write(&copy, fs::read(crd::harvest::offsets::VMLINUX_BTF).unwrap()).unwrap();
+    let copy = copy.to_str().unwrap();
+    let fixture = spawn(&["pipe:3:4", "write:4:abc", "dup:3:5"], 1);
+    let pid = fixture.root().to_string();
+    let image = dir.path().join("copy.img");
+    let out = crd(&["checkpoint", &pid, "-o", image.to_str().unwrap(), "--source", "bpf", "--btf", copy]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let body = crd::image::read(&image).unwrap();
+    assert_eq!(body.header.source, crd::image::Source::Bpf);
+    let direct = crd_tests::checkpoint(fixture.root(), false, crd::Source::Bpf);
+    body.graph.same_shape(&direct.graph).expect("the copy gives the offsets the kernel's own BTF gives");
+    let out = crd(&["ls", &pid, "--source", "bpf", "--btf", copy]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("pipe:["),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // And a file that is not BTF is named in the error: --btf is what was read.
+    let garbage = dir.path().join("garbage");
+    fs::write(&garbage, b"not BTF at all").unwrap();
+    let out = crd(&["ls", &pid, "--source", "bpf", "--btf", garbage.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with(&format!("crd: cannot parse kernel BTF: {}: ", garbage.display())), "{err}");
 }

@@ -183,7 +183,17 @@ fn procfs_works_on_own_processes_and_the_ptrace_check_is_never_bypassed() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = crd_as_nobody(&args);
         let err = one_line(&out);
-        assert!(err.contains(&format!("not allowed to trace PID {}", guarded.pid())), "{err}");
+        assert!(
+            err.contains(&format!("not allowed to trace PID {} (owned by uid {NOBODY})", guarded.pid())),
+            "{err}"
+        );
+        // Why, though it is the user's own: Yama's scope if Yama restricts ptrace, else
+        // the process's protection.
+        let yama: u32 = fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+            .map_or(0, |s| s.trim().parse().unwrap_or(0));
+        let why =
+            if yama > 0 { format!("kernel.yama.ptrace_scope is {yama}") } else { "not dumpable".into() };
+        assert!(err.contains(&why), "{err}");
         assert!(out.stdout.is_empty());
         assert_running_untraced(guarded.pid());
     }

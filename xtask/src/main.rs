@@ -7,6 +7,11 @@
 //! - `test`: build, then the whole test suite (unit and integration; needs root).
 //! - `bench`: build (release), then measure crd on real workloads (docs/benchmarks.md).
 //! - `fuzz`: run the decoders' fuzz targets (fuzz/, cargo-fuzz) for a given time each.
+//!
+//! Two flavours of crd ([`Flavor`]): `build` and `run` make the product, without test
+//! scaffolding; `test`, `vm-test` and `bench` make a *testing* build (crd-user's
+//! `testing` feature: hidden test commands, test hooks) into its own target directory,
+//! `target/testing`, so neither overwrites the other's `crd`.
 use std::{
     env,
     ffi::OsString,
@@ -87,9 +92,9 @@ fn main() -> std::process::ExitCode {
 fn run_task(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup(),
-        Task::Build { release } => build(release).map(|_| ()),
+        Task::Build { release } => build(release, Flavor::Product).map(|_| ()),
         Task::Run { release, args } => {
-            let crd = build(release)?;
+            let crd = build(release, Flavor::Product)?;
             // crd's own exit code is the answer: pass it on, no wrapper error.
             let status = Command::new(&crd)
                 .args(args)
@@ -99,23 +104,34 @@ fn run_task(task: Task) -> Result<()> {
         }
         Task::Bench { quick } => {
             bench::preflight()?;
-            let crd = build(true)?;
+            // `crd bench-harvest` and $CRD_TIMINGS_FILE exist only in testing builds.
+            let crd = build(true, Flavor::Testing)?;
             ensure_apt_packages(&[("lsof", "lsof")])?;
             bench::run(&crd, &root(), bench::Repetitions::new(quick))
         }
         Task::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
         Task::VmTest { kernels } => {
-            build(false)?;
-            let object = root().join("target/ebpf/bpfel-unknown-none/release/crd");
+            let object = bpf_object()?;
             if !matrix::vm_test(&root(), &object, &kernels)? {
                 bail!("some tests failed (table above)");
             }
             Ok(())
         }
         Task::Test { args } => {
-            let crd = build(false)?;
+            // The product too: a test checks that it holds no test scaffolding.
+            let product = build(false, Flavor::Product)?;
+            let crd = build(false, Flavor::Testing)?;
             ensure_apt_packages(&[("bpftool", "bpftool")])?;
-            run(cargo().args(["test", "--workspace"]).args(args).env("CRD_BIN", &crd))
+            // The tests crate turns on crd-user's `testing` feature for the whole
+            // workspace build: it goes to the testing target directory, with the same
+            // environment as the build above (so build.rs does not rerun).
+            run(cargo()
+                .args(["test", "--workspace", "--target-dir"])
+                .arg(root().join(TESTING_TARGET_DIR))
+                .args(args)
+                .env("CRD_BPF_OBJECT", root().join(BPF_OBJECT))
+                .env("CRD_BIN", &crd)
+                .env("CRD_PRODUCT_BIN", &product))
         }
     }
 }
@@ -245,24 +261,54 @@ pub(crate) fn ensure_apt_packages(tools: &[(&str, &str)]) -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-/// Builds the BPF object and crd; returns the path of the crd binary.
-fn build(release: bool) -> Result<PathBuf> {
+/// Where the BPF object is built, relative to the workspace.
+const BPF_OBJECT: &str = "target/ebpf/bpfel-unknown-none/release/crd";
+/// The target directory of testing builds, relative to the workspace.
+pub(crate) const TESTING_TARGET_DIR: &str = "target/testing";
+
+/// Which crd to build.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    /// What users run: no test commands, no test hooks. In `target/`.
+    Product,
+    /// With crd-user's `testing` feature, for the tests and the bench. In
+    /// [`TESTING_TARGET_DIR`]: cargo would otherwise put both at `target/debug/crd`, and
+    /// each build would overwrite the other's binary.
+    Testing,
+}
+
+/// Sets up the toolchain and builds the BPF object; returns its path.
+fn bpf_object() -> Result<PathBuf> {
     setup()?;
     let root = root();
-    let ebpf_target = root.join("target/ebpf");
     run(nightly("cargo")
         .args(["build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--manifest-path")
         .arg(root.join("crd-ebpf/Cargo.toml"))
         .arg("--target-dir")
-        .arg(&ebpf_target)
+        .arg(root.join("target/ebpf"))
         .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf"))?;
-    let object = ebpf_target.join("bpfel-unknown-none/release/crd");
+    Ok(root.join(BPF_OBJECT))
+}
+
+/// Builds the BPF object and crd; returns the path of the crd binary.
+fn build(release: bool, flavor: Flavor) -> Result<PathBuf> {
+    let object = bpf_object()?;
+    let target_dir = match flavor {
+        Flavor::Product => root().join("target"),
+        Flavor::Testing => root().join(TESTING_TARGET_DIR),
+    };
     let mut build = cargo();
-    build.args(["build", "--package", "crd-user", "--bin", "crd"]).env("CRD_BPF_OBJECT", &object);
+    build
+        .args(["build", "--package", "crd-user", "--bin", "crd", "--target-dir"])
+        .arg(&target_dir)
+        .env("CRD_BPF_OBJECT", &object);
+    if flavor == Flavor::Testing {
+        build.args(["--features", "testing"]);
+    }
     if release {
         build.arg("--release");
     }
     run(&mut build)?;
-    Ok(root.join("target").join(if release { "release" } else { "debug" }).join("crd"))
+    Ok(target_dir.join(if release { "release" } else { "debug" }).join("crd"))
 }

@@ -4,6 +4,10 @@
 //! built once for `x86_64-unknown-linux-musl` — static, so they run unchanged in a
 //! busybox guest — and shared with each guest over 9p. The suite also runs directly on
 //! the host kernel. The result is a table test × kernel.
+//!
+//! As for `cargo xtask test`, crd and the suites are testing builds (crd-user's
+//! `testing` feature, in `target/testing`), and the product crd is built too, for the
+//! test that checks it holds no test scaffolding.
 use std::{
     collections::BTreeMap,
     fs,
@@ -82,7 +86,10 @@ impl Results {
 
 /// The binaries of one matrix run.
 struct Build {
+    /// The testing build the suites run.
     crd: PathBuf,
+    /// The product build (no `testing` feature).
+    product: PathBuf,
     /// Suite name → test binary.
     suites: BTreeMap<String, PathBuf>,
 }
@@ -93,9 +100,14 @@ fn build(root: &Path, bpf_object: &Path) -> Result<Build> {
     if !installed.lines().any(|l| l.trim() == TARGET) {
         crate::run(Command::new("rustup").args(["target", "add", TARGET]))?;
     }
+    let testing_dir = root.join(crate::TESTING_TARGET_DIR);
+    let crd = ["build", "--release", "--target", TARGET, "--package", "crd-user", "--bin", "crd"];
+    crate::run(crate::cargo().args(crd).env("CRD_BPF_OBJECT", bpf_object))?;
     crate::run(
         crate::cargo()
-            .args(["build", "--release", "--target", TARGET, "--package", "crd-user", "--bin", "crd"])
+            .args(crd)
+            .args(["--features", "testing", "--target-dir"])
+            .arg(&testing_dir)
             .env("CRD_BPF_OBJECT", bpf_object),
     )?;
     let json = crate::output(
@@ -108,7 +120,9 @@ fn build(root: &Path, bpf_object: &Path) -> Result<Build> {
                 TARGET,
                 "--workspace",
                 "--message-format=json",
+                "--target-dir",
             ])
+            .arg(&testing_dir)
             .env("CRD_BPF_OBJECT", bpf_object),
     )?;
     let mut suites = BTreeMap::new();
@@ -135,12 +149,17 @@ fn build(root: &Path, bpf_object: &Path) -> Result<Build> {
     if suites.is_empty() {
         bail!("cargo built no test binary for {TARGET}");
     }
-    Ok(Build { crd: root.join("target").join(TARGET).join("release/crd"), suites })
+    Ok(Build {
+        crd: testing_dir.join(TARGET).join("release/crd"),
+        product: root.join("target").join(TARGET).join("release/crd"),
+        suites,
+    })
 }
 
 /// The shell snippet that runs every suite in a guest, from the 9p share at /mnt.
 fn guest_script(build: &Build) -> String {
-    let mut script = "export CRD_BIN=/mnt/crd CRD_IN_VM=1 PROPTEST_CASES=".to_string()
+    let mut script = "export CRD_BIN=/mnt/crd CRD_PRODUCT_BIN=/mnt/crd-product CRD_IN_VM=1 PROPTEST_CASES="
+        .to_string()
         + PROPTEST_CASES_IN_VM
         + " RUST_BACKTRACE=0\n";
     // Test hook: extra environment for the guests only, e.g. to make a test fail there
@@ -149,9 +168,9 @@ fn guest_script(build: &Build) -> String {
         script.push_str(&format!("export {extra}\n"));
     }
     script.push_str("cd /tmp\nstatus=0\n");
-    // A smoke test first: the whole pipeline once, with its output in the log.
+    // A smoke test first: the whole pipeline once, by the product, with its output in the log.
     script.push_str(
-        "echo CRD-SUITE-START smoke\ntimeout -s KILL 300 /mnt/crd demo 2>&1\nrc=$?\n\
+        "echo CRD-SUITE-START smoke\ntimeout -s KILL 300 /mnt/crd-product demo 2>&1\nrc=$?\n\
          if [ $rc = 0 ]; then echo 'test demo ... ok'; else echo 'test demo ... FAILED'; status=1; fi\n\
          echo 'test result: smoke'\necho CRD-SUITE-END smoke $rc\n",
     );
@@ -173,6 +192,7 @@ fn run_on_host(build: &Build) -> Result<Results> {
         let out = Command::new(binary)
             .arg("--test-threads=2")
             .env("CRD_BIN", &build.crd)
+            .env("CRD_PRODUCT_BIN", &build.product)
             .env("RUST_BACKTRACE", "0")
             .output()
             .with_context(|| format!("cannot run {}", binary.display()))?;
@@ -203,6 +223,8 @@ pub fn vm_test(root: &Path, bpf_object: &Path, kernels: &[String]) -> Result<boo
     let _ = fs::remove_dir_all(&share);
     fs::create_dir_all(&share)?;
     fs::copy(&build.crd, share.join("crd")).with_context(|| format!("copy {}", build.crd.display()))?;
+    fs::copy(&build.product, share.join("crd-product"))
+        .with_context(|| format!("copy {}", build.product.display()))?;
     for (name, binary) in &build.suites {
         fs::copy(binary, share.join(format!("suite-{name}")))
             .with_context(|| format!("copy {}", binary.display()))?;

@@ -22,10 +22,11 @@ use crd_common::{
 use super::{
     FdInfo, FileInfo, Harvest, HarvestError, HarvestStats, Harvester, LoadOptions, ObjectInfo, Scope, Source,
     TaskInfo,
-    offsets::{BtfBytes, KernelBtf, OffsetsError},
+    offsets::{BtfBytes, KernelBtf, OffsetsError, kernel_btf_path},
 };
 use crate::{
     kinds::{self, Identity, Kind, Live, Recognise},
+    privilege::{self, Cap},
     types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid},
 };
 
@@ -36,9 +37,16 @@ static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// Default ring buffer size: room for ~2,000 fd records between drains.
 pub const DEFAULT_RING_BYTES: u32 = 256 * 1024;
 
-/// Test hook: `CRD_RING_BYTES=4096` forces a tiny ring buffer to exercise the
-/// pause-and-drain path.
+/// Test hook (testing builds only): `CRD_RING_BYTES=4096` forces a tiny ring buffer to
+/// exercise the pause-and-drain path.
+#[cfg(feature = "testing")]
 pub const RING_BYTES_ENV: &str = "CRD_RING_BYTES";
+
+/// Test hook (testing builds only): `CRD_TEST_HOLD_HARVEST_MS=N` waits N ms at the start
+/// of each BPF harvest, the programs loaded (and for a checkpoint or graft the targets
+/// frozen), so tests can interrupt crd there. Ctrl-C still ends the wait.
+#[cfg(feature = "testing")]
+pub const HOLD_HARVEST_ENV: &str = "CRD_TEST_HOLD_HARVEST_MS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
@@ -48,10 +56,10 @@ pub enum BpfError {
     NoObject,
     #[error(transparent)]
     Offsets(#[from] OffsetsError),
-    #[error(
-        "cannot load crd's BPF programs ({0}): run as root (CAP_BPF and CAP_PERFMON are needed), or use --source procfs"
-    )]
-    NotPermitted(String),
+    /// The kernel refused the load; `missing` names the capabilities crd lacks, when that
+    /// is why (diagnosed here, where the refusal is seen, so no later layer loses it).
+    #[error("{}", not_permitted(.detail, .missing.as_deref()))]
+    NotPermitted { detail: String, missing: Option<String> },
     #[error("cannot load crd's BPF programs: {0}")]
     Load(String),
     #[error("reading the {iterator} iterator failed: {source}")]
@@ -65,7 +73,7 @@ pub enum BpfError {
     #[error("malformed record from the BPF programs (tag {0}, {1} bytes)")]
     BadRecord(u32, usize),
     #[error("interrupted")]
-    Interrupted,
+    Interrupted(#[source] crate::Interrupted),
 }
 
 impl BpfError {
@@ -73,6 +81,19 @@ impl BpfError {
     /// as opposed to a missing privilege or a failed harvest.
     pub fn is_unsupported(&self) -> bool {
         matches!(self, BpfError::NoObject | BpfError::Offsets(_) | BpfError::Load(_))
+    }
+}
+
+fn not_permitted(detail: &str, missing: Option<&str>) -> String {
+    match missing {
+        Some(missing) => {
+            format!(
+                "cannot load crd's BPF programs: crd lacks {missing}; run it as root, or use --source procfs"
+            )
+        }
+        None => format!(
+            "cannot load crd's BPF programs ({detail}): run as root (CAP_BPF and CAP_PERFMON are needed), or use --source procfs"
+        ),
     }
 }
 
@@ -89,7 +110,11 @@ fn load_error(e: impl std::error::Error) -> BpfError {
     }
     let lower = text.to_lowercase();
     if lower.contains("operation not permitted") || lower.contains("permission denied") {
-        BpfError::NotPermitted(text)
+        let lacking = privilege::missing(&[Cap::Bpf, Cap::Perfmon]);
+        BpfError::NotPermitted {
+            detail: text,
+            missing: (!lacking.is_empty()).then(|| privilege::list(&lacking)),
+        }
     } else {
         BpfError::Load(text)
     }
@@ -110,8 +135,11 @@ impl BpfHarvester {
     /// Loads the BPF object with this kernel's field offsets. `match_all` makes the
     /// programs ignore the tgid filter.
     pub fn load(match_all: bool, options: &LoadOptions) -> Result<Self, BpfError> {
+        #[cfg(feature = "testing")]
         let ring_bytes =
             std::env::var(RING_BYTES_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_RING_BYTES);
+        #[cfg(not(feature = "testing"))]
+        let ring_bytes = DEFAULT_RING_BYTES;
         Self::load_with_ring(match_all, options, ring_bytes)
     }
 
@@ -125,14 +153,15 @@ impl BpfHarvester {
         // aya parses all of the kernel's BTF (to find the iterators' attach points) while
         // this thread looks up the few struct offsets: the two take about as long.
         let bytes = BtfBytes::of_kernel(options.btf.as_deref())?;
+        let btf_path = kernel_btf_path(options.btf.as_deref());
         // Three readers of the kernel's BTF, side by side: aya's loader parses it on its
         // own when created (aya 0.14 has no way to hand it ours), `Iter::load` needs a
         // parsed copy to find the iterators' attach points, and crd's offsets come from
         // btf-rs, which decodes only the few structs asked for.
         let (loader, btf, config) = std::thread::scope(|scope| {
             let loader = scope.spawn(EbpfLoader::new);
-            let btf =
-                Btf::parse(&bytes, Endianness::default()).map_err(|e| OffsetsError::Parse(e.to_string()));
+            let btf = Btf::parse(&bytes, Endianness::default())
+                .map_err(|e| OffsetsError::Parse(format!("{}: {e}", btf_path.display())));
             let config = KernelBtf::from_bytes(&bytes).and_then(|btf| btf.config());
             (loader.join(), btf, config)
         });
@@ -175,6 +204,10 @@ impl BpfHarvester {
         scope: Scope<'_>,
         interrupted: &dyn Fn() -> bool,
     ) -> Result<(Harvest, HarvestStats), BpfError> {
+        #[cfg(feature = "testing")]
+        if !crate::test_hooks::hold(HOLD_HARVEST_ENV, interrupted) {
+            return Err(BpfError::Interrupted(crate::Interrupted));
+        }
         if let Scope::Processes(tgids) = scope {
             let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
                 self.ebpf.map_mut("crd_tgids").ok_or(BpfError::Load("map crd_tgids missing".into()))?,
@@ -246,7 +279,7 @@ impl BpfHarvester {
         let mut sink = [0u8; 64];
         loop {
             if interrupted() {
-                return Err(BpfError::Interrupted);
+                return Err(BpfError::Interrupted(crate::Interrupted));
             }
             stats.reads += 1;
             let started = std::time::Instant::now();
@@ -286,7 +319,7 @@ impl Harvester for BpfHarvester {
         interrupted: &dyn Fn() -> bool,
     ) -> Result<(Harvest, HarvestStats), HarvestError> {
         self.harvest_bpf(scope, interrupted).map_err(|e| match e {
-            BpfError::Interrupted => HarvestError::Interrupted,
+            BpfError::Interrupted(i) => HarvestError::Interrupted(i),
             e => e.into(),
         })
     }

@@ -54,7 +54,7 @@ pub enum HarvestError {
     #[error(transparent)]
     Procfs(#[from] procfs::ProcfsError),
     #[error("interrupted")]
-    Interrupted,
+    Interrupted(#[source] crate::Interrupted),
 }
 
 /// What to harvest.

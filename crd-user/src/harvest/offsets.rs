@@ -11,8 +11,6 @@ use crd_common::{Config, FieldGroup, KIND_EVENTFD, KIND_NAMED, KIND_SHMEM, Offse
 
 /// Where the kernel publishes its own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
-/// Overrides [`VMLINUX_BTF`] (tests; kernels whose BTF lives elsewhere).
-pub const KERNEL_BTF_ENV: &str = "CRD_KERNEL_BTF";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OffsetsError {
@@ -22,7 +20,9 @@ pub enum OffsetsError {
     Width { structure: &'static str, field: &'static str, found: u32, expected: u32 },
     #[error("kernel BTF not found at {0}: this kernel lacks CONFIG_DEBUG_INFO_BTF; use --source procfs")]
     NoBtf(String),
-    #[error("cannot parse kernel BTF at {VMLINUX_BTF}: {0}")]
+    #[error("cannot read the BTF file {0} given with --btf: {1}")]
+    BtfFile(String, std::io::Error),
+    #[error("cannot parse kernel BTF: {0}")]
     Parse(String),
     #[error(
         "kernel BTF has no struct {0}: this kernel is not supported by the BPF harvester; use --source procfs"
@@ -38,13 +38,12 @@ pub enum OffsetsError {
     Layout(&'static str, String),
 }
 
-/// Where the BTF to use lives: `explicit` (`--btf`), else `$CRD_KERNEL_BTF`, else the
-/// running kernel's.
-pub fn kernel_btf_path(explicit: Option<&Path>) -> std::path::PathBuf {
-    if let Some(path) = explicit {
-        return path.to_path_buf();
-    }
-    std::env::var_os(KERNEL_BTF_ENV).map(Into::into).unwrap_or_else(|| VMLINUX_BTF.into())
+/// Where the BTF to use lives: `btf` (`crd --btf FILE`, e.g. a BTFHub file for a kernel
+/// without `/sys/kernel/btf/vmlinux`, as libbpf's `btf_custom_path`), else the running
+/// kernel's. Only an explicit option chooses it: never the environment, since crd runs
+/// as root.
+pub fn kernel_btf_path(btf: Option<&Path>) -> &Path {
+    btf.unwrap_or(Path::new(VMLINUX_BTF))
 }
 
 /// The kernel's BTF as bytes, for aya (which needs it to find the iterators' attach
@@ -67,16 +66,20 @@ impl std::ops::Deref for BtfBytes {
 }
 
 impl BtfBytes {
-    pub fn of_kernel(explicit: Option<&Path>) -> Result<Self, OffsetsError> {
-        let path = kernel_btf_path(explicit);
-        let missing = |_| OffsetsError::NoBtf(path.display().to_string());
-        let file = std::fs::File::open(&path).map_err(missing)?;
+    /// The BTF at [`kernel_btf_path`]`(btf)`.
+    pub fn of_kernel(btf: Option<&Path>) -> Result<Self, OffsetsError> {
+        let path = kernel_btf_path(btf);
+        let missing = |e: std::io::Error| match btf {
+            Some(_) => OffsetsError::BtfFile(path.display().to_string(), e),
+            None => OffsetsError::NoBtf(path.display().to_string()),
+        };
+        let file = std::fs::File::open(path).map_err(missing)?;
         // SAFETY: the kernel's BTF never changes while the system runs (and a file named
-        // by $CRD_KERNEL_BTF is the caller's to keep still); the map is private and
-        // read-only, the only kind sysfs allows.
+        // by --btf is the caller's to keep still); the map is private and read-only, the
+        // only kind sysfs allows.
         match unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) } {
             Ok(map) => Ok(BtfBytes::Mapped(map)),
-            Err(_) => std::fs::read(&path).map(BtfBytes::Read).map_err(missing),
+            Err(_) => std::fs::read(path).map(BtfBytes::Read).map_err(missing),
         }
     }
 }
@@ -90,7 +93,7 @@ pub struct KernelBtf {
 }
 
 impl KernelBtf {
-    /// Parses the running kernel's BTF (or the file `$CRD_KERNEL_BTF` names).
+    /// Parses the running kernel's BTF ([`VMLINUX_BTF`]; another file: [`from_file`](Self::from_file)).
     pub fn from_sys_fs() -> Result<Self, OffsetsError> {
         Self::from_file(&kernel_btf_path(None))
     }
@@ -110,7 +113,7 @@ impl KernelBtf {
         // refuses: map a copy in memory instead.
         let btf = Btf::from_file_with_backend(path, Backend::Mmap)
             .or_else(|_| std::fs::read(path).map_err(Into::into).and_then(|bytes| mapped_copy(&bytes)))
-            .map_err(|e| OffsetsError::Parse(e.to_string()))?;
+            .map_err(|e| OffsetsError::Parse(format!("{}: {e}", path.display())))?;
         Ok(Self { btf, structs: Default::default() })
     }
 

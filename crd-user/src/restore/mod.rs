@@ -22,6 +22,7 @@ pub mod objects;
 pub mod plan;
 mod stub;
 
+#[cfg(feature = "testing")]
 pub use stub::FAIL_STUB_ENV;
 
 use std::{
@@ -69,7 +70,7 @@ pub enum RestoreError {
     #[error("the stubs did not report within {SETUP_TIMEOUT:?}; every stub was killed")]
     Timeout,
     #[error("interrupted; every stub was killed")]
-    Interrupted,
+    Interrupted(#[source] crate::Interrupted),
     #[error(transparent)]
     Syscall(#[from] SyscallError),
     #[error(transparent)]
@@ -215,7 +216,7 @@ fn collect_reports(
     let mut pending = plan.processes.len();
     while pending > 0 {
         if interrupted() {
-            return Err(RestoreError::Interrupted);
+            return Err(RestoreError::Interrupted(crate::Interrupted));
         }
         if Instant::now() > deadline {
             return Err(RestoreError::Timeout);
@@ -242,16 +243,20 @@ fn collect_reports(
     Ok(reports.into_iter().flatten().collect())
 }
 
-/// Test hook: `CRD_TEST_HOLD_RESTORE_MS=N` holds every stub, set up but uncommitted, for
-/// N ms, so tests can kill or interrupt crd mid-restore. Ctrl-C still ends the wait.
+/// Test hook (testing builds only): `CRD_TEST_HOLD_RESTORE_MS=N` holds every stub, set up
+/// but uncommitted, for N ms, so tests can kill or interrupt crd mid-restore. Ctrl-C
+/// still ends the wait.
+#[cfg(feature = "testing")]
 pub const HOLD_RESTORE_ENV: &str = "CRD_TEST_HOLD_RESTORE_MS";
 
 fn hold_for_tests(interrupted: &dyn Fn() -> bool) -> Result<(), RestoreError> {
-    if crate::test_hooks::hold(HOLD_RESTORE_ENV, interrupted) {
-        Ok(())
-    } else {
-        Err(RestoreError::Interrupted)
+    #[cfg(feature = "testing")]
+    if !crate::test_hooks::hold(HOLD_RESTORE_ENV, interrupted) {
+        return Err(RestoreError::Interrupted(crate::Interrupted));
     }
+    #[cfg(not(feature = "testing"))]
+    let _ = interrupted;
+    Ok(())
 }
 
 fn signal(pid: Pid, signal: Signal) -> Result<(), SyscallError> {

@@ -27,8 +27,10 @@ use super::{
 };
 use crate::sys;
 
-/// Test hook: `CRD_TEST_FAIL_STUB=N` makes stub N (in plan order) fail after it has
-/// made its children and taken its fds, to prove that a failed restore leaves nothing.
+/// Test hook (testing builds only): `CRD_TEST_FAIL_STUB=N` makes stub N (in plan order)
+/// fail after it has made its children and taken its fds, to prove that a failed restore
+/// leaves nothing.
+#[cfg(feature = "testing")]
 pub const FAIL_STUB_ENV: &str = "CRD_TEST_FAIL_STUB";
 
 /// What every stub needs to know; a stub gets it by being forked from crd.
@@ -113,6 +115,7 @@ fn setup(args: &mut StubArgs<'_>, index: usize, parent: unistd::Pid) -> Result<S
                 .map_err(|e| format!("fd {} ({}): {e}", f.fd, f.file))?;
         }
     }
+    #[cfg(feature = "testing")]
     if std::env::var(FAIL_STUB_ENV).ok().and_then(|v| v.parse::<usize>().ok()) == Some(index) {
         return Err(format!("failing on purpose (${FAIL_STUB_ENV})"));
     }
