@@ -9,7 +9,6 @@
 use std::path::Path;
 
 use crate::{
-    Interrupted,
     freeze::{FreezeError, Frozen},
     graph::Graph,
     harvest::{
@@ -17,6 +16,7 @@ use crate::{
         extras::{self, ExtrasError},
     },
     image::{self, Header, ImageBody, ImageError},
+    interrupt::Interrupted,
     timings::Phases,
     types::Tgid,
 };

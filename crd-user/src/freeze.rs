@@ -55,7 +55,7 @@ pub enum FreezeError {
     #[error("PID {0} is already being traced (by a debugger or another crd): detach it first")]
     AlreadyTraced(Tgid),
     #[error("interrupted; every task was resumed")]
-    Interrupted(#[source] crate::Interrupted),
+    Interrupted(#[source] crate::interrupt::Interrupted),
     #[error(transparent)]
     Syscall(#[from] SyscallError),
 }
@@ -84,7 +84,7 @@ impl Frozen {
             Frozen { root, processes: BTreeMap::from([(root, pidfd)]), threads: BTreeMap::new() };
         loop {
             if interrupted() {
-                return Err(FreezeError::Interrupted(crate::Interrupted));
+                return Err(FreezeError::Interrupted(crate::interrupt::Interrupted));
             }
             let mut grew = false;
             let processes: Vec<Tgid> = frozen.processes.keys().copied().collect();

@@ -9,7 +9,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 
 use crate::{
-    checkpoint::{FrozenHarvest, Options, freeze_and_harvest},
+    checkpoint::{CheckpointError, FrozenHarvest, Options, freeze_and_harvest},
     graph::{Encounter, Graph, SavedStates},
     restore::{
         self, RestoreError, Restored,
@@ -20,18 +20,27 @@ use crate::{
     types::ObjRef,
 };
 
+/// Why a graft failed: freezing and harvesting the live process, or making the stubs.
+#[derive(Debug, thiserror::Error)]
+pub enum GraftError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+}
+
 /// Hands the live open files of `options.root` (and with `options.tree` its
 /// descendants) to new stubs.
 pub fn graft(
     options: Options,
     exec: Option<&[String]>,
     interrupted: &dyn Fn() -> bool,
-) -> Result<Restored, RestoreError> {
+) -> Result<Restored, GraftError> {
     let exec = restore::command(exec)?;
     let root = options.root;
     let FrozenHarvest { frozen, harvest, .. } = freeze_and_harvest(options, interrupted)?;
     let graph = Graph::build(root, &harvest, &SavedStates::default());
-    let plan = plan::plan(&graph, Mode::Graft)?;
+    let plan = plan::plan(&graph, Mode::Graft).map_err(RestoreError::from)?;
     let take = |publish: &mut dyn FnMut(ObjRef, RawFd)| {
         let objects = take_live(&graph, &frozen, publish)?;
         frozen.thaw();

@@ -32,6 +32,7 @@ mod tests {
     use crate::{
         checkpoint::CheckpointError,
         freeze::FreezeError,
+        graft::GraftError,
         harvest::{HarvestError, bpf::BpfError},
         ls::LsError,
         restore::RestoreError,
@@ -47,13 +48,13 @@ mod tests {
             (&RestoreError::Interrupted(Interrupted), "interrupted; every stub was killed"),
             // A graft's checkpoint, interrupted while freezing.
             (
-                &RestoreError::Checkpoint(CheckpointError::Freeze(FreezeError::Interrupted(Interrupted))),
+                &GraftError::Checkpoint(CheckpointError::Freeze(FreezeError::Interrupted(Interrupted))),
                 "interrupted; every task was resumed",
             ),
             // `ls`'s BPF harvest, and a checkpoint's.
             (&LsError::Harvest(HarvestError::Bpf(BpfError::Interrupted(Interrupted))), "interrupted"),
             (
-                &RestoreError::Checkpoint(CheckpointError::Harvest(HarvestError::Interrupted(Interrupted))),
+                &GraftError::Checkpoint(CheckpointError::Harvest(HarvestError::Interrupted(Interrupted))),
                 "interrupted",
             ),
         ];
@@ -65,7 +66,7 @@ mod tests {
 
     #[test]
     fn other_errors_are_not_interruptions() {
-        let plain = RestoreError::Checkpoint(CheckpointError::Freeze(FreezeError::NoSuchProcess(
+        let plain = GraftError::Checkpoint(CheckpointError::Freeze(FreezeError::NoSuchProcess(
             crate::types::Tgid(1),
         )));
         assert!(!Interrupted::caused(&plain));

@@ -29,7 +29,7 @@ pub enum LsError {
     #[error(transparent)]
     Harvest(#[from] HarvestError),
     #[error("interrupted; nothing was listed")]
-    Interrupted(#[source] crate::Interrupted),
+    Interrupted(#[source] crate::interrupt::Interrupted),
 }
 
 /// Which processes to list.
@@ -77,7 +77,7 @@ pub fn harvest(
     extras::count_queued(&mut harvest);
     // Path and queue reads have no check of their own: Ctrl-C stops the listing here.
     if interrupted() {
-        return Err(LsError::Interrupted(crate::Interrupted));
+        return Err(LsError::Interrupted(crate::interrupt::Interrupted));
     }
     Ok((harvester.source(), harvest))
 }

@@ -190,7 +190,7 @@ mod tests {
     fn refusal(own: bool, yama: Option<u32>) -> String {
         let refusal = PtraceRefusal { tgid: Tgid(42), uid: Some(1000), reason: PtraceReason::of(own, yama) };
         // As the user reads it: through the checkpoint (and graft) errors that wrap it.
-        let wrapped = crate::restore::RestoreError::Checkpoint(crate::checkpoint::CheckpointError::Freeze(
+        let wrapped = crate::graft::GraftError::Checkpoint(crate::checkpoint::CheckpointError::Freeze(
             crate::freeze::FreezeError::NotPermitted(refusal.clone()),
         ));
         assert_eq!(wrapped.to_string(), refusal.to_string(), "no layer replaces the diagnosis");

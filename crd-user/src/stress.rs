@@ -31,7 +31,7 @@ pub enum StressError {
     #[error("cycle {cycle}: stub {pid} did not die")]
     Lingering { cycle: usize, pid: Pid },
     #[error("interrupted after {cycles} cycles; every stub was killed")]
-    Interrupted { cycles: usize, source: crate::Interrupted },
+    Interrupted { cycles: usize, source: crate::interrupt::Interrupted },
 }
 
 /// crd's own resources after one cycle.
@@ -118,7 +118,7 @@ pub fn run(
     };
     for cycle in 0..cycles {
         if interrupted() {
-            return Err(StressError::Interrupted { cycles: cycle, source: crate::Interrupted });
+            return Err(StressError::Interrupted { cycles: cycle, source: crate::interrupt::Interrupted });
         }
         let done = checkpoint_with(options.clone(), Some(harvester.as_mut()), None, interrupted)?;
         let bytes = image::encode(&done.body)?;

@@ -73,7 +73,7 @@ pub enum BpfError {
     #[error("malformed record from the BPF programs (tag {0}, {1} bytes)")]
     BadRecord(u32, usize),
     #[error("interrupted")]
-    Interrupted(#[source] crate::Interrupted),
+    Interrupted(#[source] crate::interrupt::Interrupted),
 }
 
 impl BpfError {
@@ -206,7 +206,7 @@ impl BpfHarvester {
     ) -> Result<(Harvest, HarvestStats), BpfError> {
         #[cfg(feature = "testing")]
         if !crate::test_hooks::hold(HOLD_HARVEST_ENV, interrupted) {
-            return Err(BpfError::Interrupted(crate::Interrupted));
+            return Err(BpfError::Interrupted(crate::interrupt::Interrupted));
         }
         if let Scope::Processes(tgids) = scope {
             let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
@@ -279,7 +279,7 @@ impl BpfHarvester {
         let mut sink = [0u8; 64];
         loop {
             if interrupted() {
-                return Err(BpfError::Interrupted(crate::Interrupted));
+                return Err(BpfError::Interrupted(crate::interrupt::Interrupted));
             }
             stats.reads += 1;
             let started = std::time::Instant::now();

@@ -54,7 +54,7 @@ pub enum HarvestError {
     #[error(transparent)]
     Procfs(#[from] procfs::ProcfsError),
     #[error("interrupted")]
-    Interrupted(#[source] crate::Interrupted),
+    Interrupted(#[source] crate::interrupt::Interrupted),
 }
 
 /// What to harvest.

@@ -131,7 +131,7 @@ impl Harvester for ProcfsHarvester {
         interrupted: &dyn Fn() -> bool,
     ) -> Result<(Harvest, HarvestStats), HarvestError> {
         if interrupted() {
-            return Err(HarvestError::Interrupted(crate::Interrupted));
+            return Err(HarvestError::Interrupted(crate::interrupt::Interrupted));
         }
         let harvest = match scope {
             Scope::Processes(tgids) => harvest(tgids)?,

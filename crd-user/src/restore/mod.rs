@@ -48,7 +48,6 @@ use self::{
     plan::{Mode, Plan, PlanError},
 };
 use crate::{
-    checkpoint::CheckpointError,
     graph::Graph,
     sys::{self as crd_sys, SyscallError},
     types::{ObjRef, Pid},
@@ -70,11 +69,9 @@ pub enum RestoreError {
     #[error("the stubs did not report within {SETUP_TIMEOUT:?}; every stub was killed")]
     Timeout,
     #[error("interrupted; every stub was killed")]
-    Interrupted(#[source] crate::Interrupted),
+    Interrupted(#[source] crate::interrupt::Interrupted),
     #[error(transparent)]
     Syscall(#[from] SyscallError),
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
     #[error("--exec needs a command")]
     NoCommand,
     #[error("the command contains a NUL byte")]
@@ -216,7 +213,7 @@ fn collect_reports(
     let mut pending = plan.processes.len();
     while pending > 0 {
         if interrupted() {
-            return Err(RestoreError::Interrupted(crate::Interrupted));
+            return Err(RestoreError::Interrupted(crate::interrupt::Interrupted));
         }
         if Instant::now() > deadline {
             return Err(RestoreError::Timeout);
@@ -252,7 +249,7 @@ pub const HOLD_RESTORE_ENV: &str = "CRD_TEST_HOLD_RESTORE_MS";
 fn hold_for_tests(interrupted: &dyn Fn() -> bool) -> Result<(), RestoreError> {
     #[cfg(feature = "testing")]
     if !crate::test_hooks::hold(HOLD_RESTORE_ENV, interrupted) {
-        return Err(RestoreError::Interrupted(crate::Interrupted));
+        return Err(RestoreError::Interrupted(crate::interrupt::Interrupted));
     }
     #[cfg(not(feature = "testing"))]
     let _ = interrupted;
