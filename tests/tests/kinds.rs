@@ -179,7 +179,11 @@ fn anon_inode_files_are_objects_of_their_own_named_by_their_kind() {
     let err = stderr(&refused);
     assert_eq!(refused.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains(&format!("PID {parent} fd 4 (anon")) && err.contains("not supported yet"), "{err}");
+    // Every such fd at once, each with its name and why.
+    for (fd, name) in [(4, "anon_inode:[eventpoll]"), (6, "anon_inode:[timerfd]")] {
+        assert!(err.contains(&format!("PID {parent} fd {fd} (anon ")) && err.contains(name), "{err}");
+    }
+    assert!(err.contains("crd does not recreate this anon-inode kind"), "{err}");
 }
 
 #[test]

@@ -271,9 +271,9 @@ pub trait FileKind {
     fn same(a: &Self::Saved, b: &Self::Saved) -> Result<(), String>;
 }
 
-/// A refusal for kinds crd does not make yet.
-pub fn not_supported(name: &str) -> Option<String> {
-    Some(format!("restoring a {name} is not supported yet; `crd graft` hands the live one over"))
+/// A refusal for kinds crd does not make yet: `what` names them ("sockets").
+pub fn not_supported(what: &str) -> Option<String> {
+    Some(format!("crd does not recreate {what} yet; `crd graft` hands the live one over"))
 }
 
 /// Reads a tail struct from the bytes after the common record.

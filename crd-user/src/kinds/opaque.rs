@@ -12,7 +12,7 @@ pub struct Anon;
 pub struct Other;
 
 macro_rules! opaque {
-    ($ty:ty, $name:literal, $has_path:literal, $identity:expr, |$r:ident| $recognise:expr) => {
+    ($ty:ty, $name:literal, $what:literal, $has_path:literal, $identity:expr, |$r:ident| $recognise:expr) => {
         impl FileKind for $ty {
             const NAME: &'static str = $name;
             const HAS_PATH: bool = $has_path;
@@ -39,7 +39,7 @@ macro_rules! opaque {
             }
 
             fn refusal(_saved: &ByPath) -> Option<String> {
-                not_supported($name)
+                not_supported($what)
             }
 
             fn open(
@@ -57,7 +57,14 @@ macro_rules! opaque {
     };
 }
 
-opaque!(Socket, "socket", false, Identity::Inode, |r| r.file_type() == libc::S_IFSOCK);
+opaque!(Socket, "socket", "sockets", false, Identity::Inode, |r| r.file_type() == libc::S_IFSOCK);
 // Every anon file sits on one shared inode: its object is its private data.
-opaque!(Anon, "anon", true, Identity::Private, |r| r.fs_magic == Some(crd_common::ANON_INODE_FS_MAGIC));
-opaque!(Other, "unknown", true, Identity::Inode, |_r| true);
+opaque!(
+    Anon,
+    "anon",
+    "this anon-inode kind (epoll, timerfd, signalfd, inotify...)",
+    true,
+    Identity::Private,
+    |r| r.fs_magic == Some(crd_common::ANON_INODE_FS_MAGIC)
+);
+opaque!(Other, "unknown", "this kind of file", true, Identity::Inode, |_r| true);

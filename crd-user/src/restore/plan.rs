@@ -5,7 +5,6 @@ use foldhash::{HashMap, HashMapExt};
 
 use crate::{
     graph::{Encounter, Graph},
-    kinds::Kind,
     types::{Fd, ObjRef, Pid, Tgid},
 };
 
@@ -23,8 +22,9 @@ pub enum Mode {
 pub enum PlanError {
     #[error("the image holds no task")]
     Empty,
-    #[error("PID {tgid} fd {fd} ({kind} {objref}): {why}")]
-    Unsupported { tgid: Tgid, fd: Fd, kind: Kind, objref: ObjRef, why: String },
+    /// Every fd holding an object crd cannot make, grouped by why, on one line.
+    #[error("{}", .0.join("; "))]
+    Unsupported(Vec<String>),
     #[error(
         "{}: the other end was held outside the checkpointed processes and cannot be reconnected from an image; use `crd graft` on the live process, or --allow-external to recreate it disconnected",
         .0.join(", ")
@@ -154,22 +154,28 @@ fn check_objects(graph: &Graph, mode: Mode) -> Result<(), PlanError> {
     let Mode::Image { allow_external } = mode else { return Ok(()) };
     let index = graph.index();
     let mut external = Vec::new();
+    let mut refused = Vec::new();
     for (task, slot) in graph.slots() {
         let (_, objref, object) = index.open(slot.file.objref()).ok_or_else(|| {
             PlanError::Inconsistent(format!("PID {} fd {}: unknown open file or object", task.tgid, slot.fd))
         })?;
         if let Some(why) = object.state.refusal() {
-            return Err(PlanError::Unsupported {
-                tgid: task.tgid,
-                fd: slot.fd,
-                kind: object.kind(),
-                objref,
-                why,
-            });
+            let (kind, name) = (object.kind(), object.name());
+            let at = format!("PID {} fd {} ({kind} {objref} {name})", task.tgid, slot.fd);
+            match refused.iter_mut().find(|(reason, _): &&mut (String, Vec<String>)| *reason == why) {
+                Some((_, fds)) => fds.push(at),
+                None => refused.push((why, vec![at])),
+            }
+            continue;
         }
         if object.held_outside && !allow_external {
             external.push(format!("PID {} fd {} ({} {objref})", task.tgid, slot.fd, object.kind()));
         }
+    }
+    if !refused.is_empty() {
+        // One clause per reason, naming every fd it refuses.
+        let clauses = refused.into_iter().map(|(why, fds)| format!("{}: {why}", fds.join(", ")));
+        return Err(PlanError::Unsupported(clauses.collect()));
     }
     if external.is_empty() { Ok(()) } else { Err(PlanError::External(external)) }
 }
@@ -179,7 +185,7 @@ mod tests {
     use super::*;
     use crate::{
         graph::{FdSlot, FdTable, FileDesc, Object, Task},
-        kinds::{Saved, pipe::PipeState, regular::ByPath},
+        kinds::{Kind, Saved, pipe::PipeState, regular::ByPath},
         types::{Access, DeviceId},
     };
 
@@ -285,7 +291,8 @@ mod tests {
         let err = plan(&graph(Kind::Socket, false), Mode::Image { allow_external: false }).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "PID 10 fd 3 (socket #3): restoring a socket is not supported yet; `crd graft` hands the live one over"
+            "PID 10 fd 3 (socket #3 socket:[1]), PID 10 fd 4 (socket #3 socket:[1]), PID 20 fd 7 (socket #3 socket:[1]): \
+             crd does not recreate sockets yet; `crd graft` hands the live one over"
         );
         // A graft hands over the very same socket: fine.
         assert!(plan(&graph(Kind::Socket, false), Mode::Graft).is_ok());
