@@ -13,7 +13,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -29,6 +29,11 @@ const SUITE_TIMEOUT_S: u32 = 900;
 /// Property-test cases per kernel: the host run does the full count.
 const PROPTEST_CASES_IN_VM: &str = "3";
 
+/// What crd's `--source auto` logs when the BPF harvester cannot run on a kernel
+/// (crd-user/src/harvest/bpf.rs), around the reason.
+const FALLBACK_WARNING: &str = "the BPF harvester cannot run here (";
+const FALLBACK_END: &str = "); reading /proc instead";
+
 /// Outcome of one test on one kernel.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -38,11 +43,18 @@ enum Outcome {
 }
 
 /// Results of the suite on one kernel: test → outcome, plus whole suites that died
-/// without finishing.
+/// without finishing, and what the smoke test's `crd demo` said about the harvester.
 #[derive(Default)]
 struct Results {
     tests: BTreeMap<String, Outcome>,
     broken_suites: Vec<String>,
+    /// The source `crd demo` (`--source auto`) harvested with: `bpf`, or `procfs` where
+    /// crd fell back.
+    source: Option<String>,
+    /// Why crd fell back to /proc, in its own words.
+    fallback: Option<String>,
+    /// How long the kernel's run took (a guest's: boot to power-off).
+    elapsed: Duration,
 }
 
 impl Results {
@@ -66,6 +78,17 @@ impl Results {
                 }
             } else if line.starts_with("test result:") {
                 finished = true;
+            } else if suite == "smoke"
+                && let Some((_, rest)) = line.split_once(FALLBACK_WARNING)
+            {
+                // `... cannot run here (REASON); reading /proc instead`
+                let reason = rest.rsplit_once(FALLBACK_END).map_or(rest, |(r, _)| r);
+                results.fallback.get_or_insert_with(|| reason.trim().to_string());
+            } else if suite == "smoke"
+                && line.starts_with("crd image: ")
+                && let Some((_, rest)) = line.split_once("; source ")
+            {
+                results.source = rest.split([',', ' ']).next().map(String::from);
             } else if let Some(rest) = line.strip_prefix("test ") {
                 let Some((name, outcome)) = rest.rsplit_once(" ... ") else { continue };
                 let outcome = match outcome.trim() {
@@ -184,9 +207,19 @@ fn guest_script(build: &Build) -> String {
     script
 }
 
-/// Runs the suite directly on the host kernel, with the same binaries.
+/// Runs the smoke test and the suites directly on the host kernel, with the same
+/// binaries.
 fn run_on_host(build: &Build) -> Result<Results> {
-    let mut log = String::new();
+    let started = Instant::now();
+    let mut log = String::from("CRD-SUITE-START smoke\n");
+    let out = Command::new(&build.crd).arg("demo").output().context("cannot run crd demo")?;
+    log.push_str(&String::from_utf8_lossy(&out.stdout));
+    log.push_str(&String::from_utf8_lossy(&out.stderr));
+    let rc = out.status.code().unwrap_or(-1);
+    log.push_str(&format!(
+        "\ntest demo ... {}\ntest result: smoke\nCRD-SUITE-END smoke {rc}\n",
+        if rc == 0 { "ok" } else { "FAILED" }
+    ));
     for (name, binary) in &build.suites {
         log.push_str(&format!("CRD-SUITE-START {name}\n"));
         let out = Command::new(binary)
@@ -200,7 +233,8 @@ fn run_on_host(build: &Build) -> Result<Results> {
         log.push_str(&text);
         log.push_str(&format!("\nCRD-SUITE-END {name} {}\n", out.status.code().unwrap_or(-1)));
     }
-    let results = Results::parse(&log);
+    let mut results = Results::parse(&log);
+    results.elapsed = started.elapsed();
     if results.failed() {
         eprintln!("--- host run ---\n{log}");
     }
@@ -210,10 +244,13 @@ fn run_on_host(build: &Build) -> Result<Results> {
 /// `cargo xtask vm-test [KERNEL...]`: returns whether everything passed.
 pub fn vm_test(root: &Path, bpf_object: &Path, kernels: &[String]) -> Result<bool> {
     vm::ensure_host_tools()?;
+    // The host run has the tools the suites use where they exist (guests skip the two
+    // tests that need them).
+    crate::ensure_apt_packages(&[("bpftool", "bpftool")])?;
     let cache = root.join("target/vmtest");
     fs::create_dir_all(&cache)?;
     let specs: Vec<String> = if kernels.is_empty() {
-        vec!["bookworm".into(), "bookworm-backports".into()]
+        vm::DEFAULT_KERNELS.iter().map(|k| k.to_string()).collect()
     } else {
         kernels.to_vec()
     };
@@ -233,54 +270,74 @@ pub fn vm_test(root: &Path, bpf_object: &Path, kernels: &[String]) -> Result<boo
     let mut columns: Vec<(String, Results)> = Vec::new();
     let host = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
     eprintln!("xtask: running the suite on the host kernel {host}");
-    columns.push((format!("host {host}"), run_on_host(&build)?));
+    let results = run_on_host(&build)?;
+    eprintln!("xtask: host done in {:.0?}", results.elapsed);
+    columns.push((format!("host ({host})"), results));
     for kernel in &kernels {
-        eprintln!("xtask: booting {} under qemu", kernel.name);
-        let started = std::time::Instant::now();
+        eprintln!("xtask: booting {} ({}) under qemu", kernel.label, kernel.name);
+        let started = Instant::now();
         let run = vm::boot_and_run(&cache, kernel, &share, &script, GUEST_TIMEOUT)?;
-        let results = Results::parse(&run.serial_log);
-        eprintln!("xtask: {} done in {:.0?} (exit {})", kernel.name, started.elapsed(), run.exit_code);
-        let mut results = results;
+        let mut results = Results::parse(&run.serial_log);
+        results.elapsed = started.elapsed();
+        eprintln!("xtask: {} done in {:.0?} (exit {})", kernel.label, results.elapsed, run.exit_code);
         if run.exit_code != 0 && !results.failed() {
             results.broken_suites.push(format!("guest exit {}", run.exit_code));
         }
         if results.failed() {
             eprintln!("--- serial log of {} ---\n{}\n--- end of serial log ---", kernel.name, run.serial_log);
         }
-        columns.push((kernel.name.clone(), results));
+        columns.push((format!("{} ({})", kernel.label, kernel.name), results));
     }
-    print_table(&columns);
+    println!("{}", render_table(&columns));
     Ok(!columns.iter().any(|(_, r)| r.failed()))
 }
 
-fn print_table(columns: &[(String, Results)]) {
+/// The table test × kernel, then notes: where crd could not use BPF (and why), suites
+/// that did not finish, and each kernel's time.
+fn render_table(columns: &[(String, Results)]) -> String {
     let mut tests: Vec<&String> = columns.iter().flat_map(|(_, r)| r.tests.keys()).collect();
     tests.sort();
     tests.dedup();
-    let mut header = String::from("| test |");
-    let mut rule = String::from("|---|");
+    let mut out = String::from("\n| test |");
     for (kernel, _) in columns {
-        header.push_str(&format!(" {kernel} |"));
-        rule.push_str("---|");
+        out.push_str(&format!(" {kernel} |"));
     }
-    println!("\n{header}\n{rule}");
+    out.push_str("\n|---|");
+    out.push_str(&"---|".repeat(columns.len()));
     for test in tests {
-        let mut row = format!("| {test} |");
+        out.push_str(&format!("\n| {test} |"));
         for (_, results) in columns {
-            row.push_str(match results.tests.get(test) {
+            out.push_str(match results.tests.get(test) {
                 Some(Outcome::Pass) => " pass |",
                 Some(Outcome::Fail) => " **FAIL** |",
                 Some(Outcome::Skip) => " skip |",
                 None => " - |",
             });
         }
-        println!("{row}");
     }
+    out.push('\n');
     for (kernel, results) in columns {
+        // The smoke test harvests with `--source auto`: it says what the kernel can do.
+        match (&results.fallback, results.source.as_deref()) {
+            (Some(reason), _) => {
+                out.push_str(&format!("\n{kernel}: crd cannot use BPF here and fell back to /proc: {reason}"))
+            }
+            (None, Some(source)) if source != "bpf" => {
+                out.push_str(&format!("\n{kernel}: crd demo harvested from {source}, not bpf"))
+            }
+            (None, None) => {
+                out.push_str(&format!("\n{kernel}: unknown harvester source (crd demo wrote no image)"))
+            }
+            _ => {}
+        }
         for suite in &results.broken_suites {
-            println!("\n{kernel}: suite {suite} did not finish");
+            out.push_str(&format!("\n{kernel}: suite {suite} did not finish"));
         }
     }
+    let times: Vec<String> =
+        columns.iter().map(|(kernel, r)| format!("{kernel} {:.0} s", r.elapsed.as_secs_f64())).collect();
+    out.push_str(&format!("\ntime: {}\n", times.join(", ")));
+    out
 }
 
 #[cfg(test)]
@@ -298,5 +355,34 @@ mod tests {
         assert!(r.tests[&"cli::c".to_string()] == Outcome::Skip);
         assert_eq!(r.broken_suites, ["cli (exit 139)"]);
         assert!(r.failed());
+    }
+
+    #[test]
+    fn a_fallback_to_proc_in_the_smoke_test_becomes_a_note() {
+        let log = "CRD-SUITE-START smoke\n\
+                   [2026-01-01T00:00:00Z WARN  crd::harvest::bpf] the BPF harvester cannot run here \
+                   (cannot load crd's BPF programs: the BPF verifier rejected (x)); reading /proc instead\n\
+                   crd image: root PID 97 with descendants, 2 tasks; source procfs, kernel 5.10.0-46-amd64\n\
+                   test demo ... ok\ntest result: smoke\nCRD-SUITE-END smoke 0\n\
+                   CRD-SUITE-START cli\ntest c ... ok\ntest result: ok\n\
+                   the BPF harvester cannot run here (a test's own output); reading /proc instead\n\
+                   CRD-SUITE-END cli 0\n";
+        let r = Results::parse(log);
+        assert_eq!(r.source.as_deref(), Some("procfs"));
+        assert_eq!(
+            r.fallback.as_deref(),
+            Some("cannot load crd's BPF programs: the BPF verifier rejected (x)")
+        );
+        assert!(!r.failed(), "a fallback alone is no failure: the tests that need BPF say so");
+        let table = render_table(&[("5.10 (5.10.0-46-amd64)".into(), r)]);
+        assert!(table.contains(
+            "\n5.10 (5.10.0-46-amd64): crd cannot use BPF here and fell back to /proc: cannot load crd's BPF \
+             programs: the BPF verifier rejected (x)\n"
+        ), "{table}");
+        assert!(table.contains("| cli::c | pass |"), "{table}");
+
+        let bpf = Results::parse("CRD-SUITE-START smoke\ncrd image: root PID 9; source bpf, kernel 6.1\n");
+        assert_eq!((bpf.source.as_deref(), bpf.fallback.as_deref()), (Some("bpf"), None));
+        assert!(!render_table(&[("6.1".into(), bpf)]).contains("6.1:"));
     }
 }
