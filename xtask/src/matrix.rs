@@ -38,6 +38,9 @@ const HOST_ONLY_SUITES: &[&str] = &["bad_images"];
 /// (crd-user/src/harvest/bpf.rs), around the reason.
 const FALLBACK_WARNING: &str = "the BPF harvester cannot run here (";
 const FALLBACK_END: &str = "); reading /proc instead";
+/// How crd prints a warning (crd-user/src/main.rs), e.g. that a kernel's BTF lacks a
+/// kind's fields and that kind's fds are listed as opaque.
+const WARNING: &str = "crd: warn: ";
 
 /// Outcome of one test on one kernel.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -58,6 +61,8 @@ struct Results {
     source: Option<String>,
     /// Why crd fell back to /proc, in its own words.
     fallback: Option<String>,
+    /// crd's other warnings in the smoke test: what it cannot read on this kernel.
+    warnings: Vec<String>,
     /// How long the kernel's run took (a guest's: boot to power-off).
     elapsed: Duration,
 }
@@ -89,6 +94,11 @@ impl Results {
                 // `... cannot run here (REASON); reading /proc instead`
                 let reason = rest.rsplit_once(FALLBACK_END).map_or(rest, |(r, _)| r);
                 results.fallback.get_or_insert_with(|| reason.trim().to_string());
+            } else if suite == "smoke"
+                && let Some((_, warning)) = line.split_once(WARNING)
+                && !results.warnings.iter().any(|w| w == warning)
+            {
+                results.warnings.push(warning.trim().to_string());
             } else if suite == "smoke"
                 && line.starts_with("crd image: ")
                 && let Some((_, rest)) = line.split_once("; source ")
@@ -218,7 +228,7 @@ fn run_on_host(build: &Build) -> Result<(Results, String)> {
     eprintln!("xtask: running the suite on the host kernel");
     let started = Instant::now();
     let mut log = String::from("CRD-SUITE-START smoke\n");
-    let out = Command::new(&build.crd).arg("demo").output().context("cannot run crd demo")?;
+    let out = Command::new(&build.product).arg("demo").output().context("cannot run crd demo")?;
     log.push_str(&String::from_utf8_lossy(&out.stdout));
     log.push_str(&String::from_utf8_lossy(&out.stderr));
     let rc = out.status.code().unwrap_or(-1);
@@ -348,6 +358,9 @@ fn render_table(columns: &[(String, Results)]) -> String {
             }
             _ => {}
         }
+        for warning in &results.warnings {
+            out.push_str(&format!("\n{kernel}: crd warned: {warning}"));
+        }
         for suite in &results.broken_suites {
             out.push_str(&format!("\n{kernel}: suite {suite} did not finish"));
         }
@@ -398,6 +411,16 @@ mod tests {
              programs: the BPF verifier rejected (x)\n"
         ), "{table}");
         assert!(table.contains("| cli::c | pass |"), "{table}");
+
+        // A kind this kernel's BTF cannot type: BPF runs, that kind is opaque.
+        let log = "CRD-SUITE-START smoke\n\
+                   crd: warn: this kernel's BTF lacks eventfd_ctx.count: eventfds are listed as opaque anon files\n\
+                   crd image: root PID 9; source bpf, kernel 5.10\n";
+        let table = render_table(&[("5.10".into(), Results::parse(log))]);
+        assert!(table.contains(
+            "\n5.10: crd warned: this kernel's BTF lacks eventfd_ctx.count: eventfds are listed as opaque anon files\n"
+        ), "{table}");
+        assert!(!table.contains("/proc"), "{table}");
 
         let bpf = Results::parse("CRD-SUITE-START smoke\ncrd image: root PID 9; source bpf, kernel 6.1\n");
         assert_eq!((bpf.source.as_deref(), bpf.fallback.as_deref()), (Some("bpf"), None));
