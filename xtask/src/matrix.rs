@@ -194,8 +194,34 @@ fn build(root: &Path, bpf_object: &Path) -> Result<Build> {
     })
 }
 
+/// Fixture steps that open one fd of every kind crd reads beyond pipes and files: the
+/// smoke test lists them from /proc and by BPF, and crd warns about what this kernel
+/// cannot read.
+const KIND_PROBE: &str =
+    "eventfd:20:1:s memfd:21:crd-probe:16:s epoll:22 timerfd:23 socketpair:24:25 pty:26:27";
+
+/// The smoke test, as a shell snippet for the host's `sh` and the guests' busybox: the
+/// product's `crd demo` (the whole pipeline once, with its output in the log), then
+/// `crd ls` of one fd of each kind through each source. `crd` is the testing build (for
+/// `crd fixture`), `product` the product. Adds to `$status`.
+fn smoke_script(crd: &str, product: &str) -> String {
+    format!(
+        "echo CRD-SUITE-START smoke\nsmoke=0\n\
+         timeout -s KILL 300 {product} demo 2>&1\n\
+         if [ $? = 0 ]; then echo 'test demo ... ok'; else echo 'test demo ... FAILED'; smoke=101; fi\n\
+         rm -f probe.ready\n\
+         CRD_FIXTURE_READY=9 {crd} fixture {KIND_PROBE} </dev/null >/dev/null 9>probe.ready &\nprobe=$!\nn=0\n\
+         while [ -d /proc/$probe ] && [ ! -s probe.ready ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done\n\
+         for source in procfs bpf; do\n\
+         timeout -s KILL 120 {product} ls --source $source $probe 2>&1 >/dev/null\n\
+         if [ $? = 0 ]; then echo \"test kinds_$source ... ok\"; else echo \"test kinds_$source ... FAILED\"; smoke=101; fi\n\
+         done\nkill -9 $probe 2>/dev/null\nwait $probe 2>/dev/null\n\
+         echo 'test result: smoke'\necho CRD-SUITE-END smoke $smoke\n[ $smoke = 0 ] || status=1\n"
+    )
+}
+
 /// The shell snippet that runs every suite in a guest, from the 9p share at /mnt.
-fn guest_script(build: &Build) -> String {
+fn guest_script(root: &Path, build: &Build) -> String {
     let mut script = "export CRD_BIN=/mnt/crd CRD_PRODUCT_BIN=/mnt/crd-product CRD_IN_VM=1 PROPTEST_CASES="
         .to_string()
         + PROPTEST_CASES_IN_VM
@@ -205,13 +231,15 @@ fn guest_script(build: &Build) -> String {
     if let Ok(extra) = std::env::var("CRD_VM_GUEST_ENV") {
         script.push_str(&format!("export {extra}\n"));
     }
+    // The tests' data, where the test binaries were built to find it.
+    let data = root.join("tests/data");
+    script.push_str(&format!(
+        "mkdir -p '{}'\nln -s /mnt/tests-data '{}'\n",
+        root.join("tests").display(),
+        data.display()
+    ));
     script.push_str("cd /tmp\nstatus=0\n");
-    // A smoke test first: the whole pipeline once, by the product, with its output in the log.
-    script.push_str(
-        "echo CRD-SUITE-START smoke\ntimeout -s KILL 300 /mnt/crd-product demo 2>&1\nrc=$?\n\
-         if [ $rc = 0 ]; then echo 'test demo ... ok'; else echo 'test demo ... FAILED'; status=1; fi\n\
-         echo 'test result: smoke'\necho CRD-SUITE-END smoke $rc\n",
-    );
+    script.push_str(&smoke_script("/mnt/crd", "/mnt/crd-product"));
     for name in build.suites.keys().filter(|n| !HOST_ONLY_SUITES.contains(&n.as_str())) {
         script.push_str(&format!(
             "echo CRD-SUITE-START {name}\ntimeout -s KILL {SUITE_TIMEOUT_S} /mnt/suite-{name} --test-threads=2 2>&1\n\
@@ -227,15 +255,14 @@ fn guest_script(build: &Build) -> String {
 fn run_on_host(build: &Build) -> Result<(Results, String)> {
     eprintln!("xtask: running the suite on the host kernel");
     let started = Instant::now();
-    let mut log = String::from("CRD-SUITE-START smoke\n");
-    let out = Command::new(&build.product).arg("demo").output().context("cannot run crd demo")?;
-    log.push_str(&String::from_utf8_lossy(&out.stdout));
+    let smoke = smoke_script(&build.crd.display().to_string(), &build.product.display().to_string());
+    let out = Command::new("sh")
+        .args(["-c", &smoke])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .context("cannot run the smoke test")?;
+    let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
     log.push_str(&String::from_utf8_lossy(&out.stderr));
-    let rc = out.status.code().unwrap_or(-1);
-    log.push_str(&format!(
-        "\ntest demo ... {}\ntest result: smoke\nCRD-SUITE-END smoke {rc}\n",
-        if rc == 0 { "ok" } else { "FAILED" }
-    ));
     for (name, binary) in &build.suites {
         log.push_str(&format!("CRD-SUITE-START {name}\n"));
         let out = Command::new(binary)
@@ -280,7 +307,8 @@ pub fn vm_test(root: &Path, bpf_object: &Path, kernels: &[String]) -> Result<boo
         fs::copy(binary, share.join(format!("suite-{name}")))
             .with_context(|| format!("copy {}", binary.display()))?;
     }
-    let script = guest_script(&build);
+    copy_dir(&root.join("tests/data"), &share.join("tests-data"))?;
+    let script = guest_script(root, &build);
     let host = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
     let mut columns: Vec<(String, Results)> = Vec::new();
     let mut failed_logs = Vec::new();
@@ -304,6 +332,19 @@ pub fn vm_test(root: &Path, bpf_object: &Path, kernels: &[String]) -> Result<boo
     }
     println!("{}", render_table(&columns));
     Ok(!columns.iter().any(|(_, r)| r.failed()))
+}
+
+/// Copies the files of `from` (one level) into a new `to`.
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from).with_context(|| format!("read {}", from.display()))? {
+        let path = entry?.path();
+        if path.is_file() {
+            fs::copy(&path, to.join(path.file_name().unwrap_or_default()))
+                .with_context(|| format!("copy {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Boots `kernel` and runs the suite in it: the results and the serial log.

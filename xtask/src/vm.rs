@@ -9,8 +9,8 @@
 //! - The guest boots the uncompressed `vmlinux` (through its PVH entry), which halves
 //!   boot time under TCG, with a newc initramfs written here: static busybox, the 9p
 //!   modules the kernel needs, and an `/init` that mounts proc, sys, devtmpfs, bpffs,
-//!   debugfs, a tmpfs and the host's share, runs the caller's script, prints its status
-//!   and powers off.
+//!   debugfs, a tmpfs, devpts (for ptys) and the host's share, runs the caller's
+//!   script, prints its status and powers off.
 //! - KVM is used only where the host offers it; these machines are themselves VMs with
 //!   nested PVM, where stock kernels crawl or abort under KVM, so they use TCG.
 use std::{
@@ -426,7 +426,8 @@ fn init_script(modules: &[&str], guest_script: &str) -> String {
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexport PATH=/bin\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
          mkdir -p /sys/fs/bpf /sys/kernel/debug\nmount -t bpf bpf /sys/fs/bpf\n\
-         mount -t debugfs debugfs /sys/kernel/debug\nmount -t tmpfs tmp /tmp\n",
+         mount -t debugfs debugfs /sys/kernel/debug\nmount -t tmpfs tmp /tmp\n\
+         mkdir -p /dev/pts\nmount -t devpts devpts /dev/pts\n",
     );
     for m in modules {
         s.push_str(&format!("insmod /lib/modules/{m}.ko 2>/dev/null\n"));
