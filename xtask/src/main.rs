@@ -67,8 +67,8 @@ enum Task {
     },
     /// Run the integration suite on several kernels in qemu, and on the host kernel.
     VmTest {
-        /// Kernels: 6.1 (stable), 6.12 (backports) or linux-image-* package names
-        /// [default: 6.1 6.12].
+        /// Kernels: 5.10 (bullseye), 6.1 (bookworm), 6.12 (bookworm-backports) or
+        /// linux-image-* package names [default: 5.10 6.1 6.12].
         kernels: Vec<String>,
     },
     /// Build, then run every test.

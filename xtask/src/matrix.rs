@@ -3,7 +3,8 @@
 //! One build serves every kernel: crd (with its BPF object) and the test binaries are
 //! built once for `x86_64-unknown-linux-musl` — static, so they run unchanged in a
 //! busybox guest — and shared with each guest over 9p. The suite also runs directly on
-//! the host kernel. The result is a table test × kernel.
+//! the host kernel. The result is a table test × kernel, with notes under it: where
+//! crd fell back to /proc (and why), suites that did not finish, each kernel's time.
 //!
 //! As for `cargo xtask test`, crd and the suites are testing builds (crd-user's
 //! `testing` feature, in `target/testing`), and the product crd is built too, for the
@@ -13,7 +14,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -28,6 +29,18 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const SUITE_TIMEOUT_S: u32 = 900;
 /// Property-test cases per kernel: the host run does the full count.
 const PROPTEST_CASES_IN_VM: &str = "3";
+/// Suites that say nothing about a kernel, run on the host only: `bad_images` decodes
+/// made-up images (and has `crd inspect` and `crd restore` refuse them before they touch
+/// the kernel). It took 4 to 14 s of each guest's time under TCG.
+const HOST_ONLY_SUITES: &[&str] = &["bad_images"];
+
+/// What crd's `--source auto` logs when the BPF harvester cannot run on a kernel
+/// (crd-user/src/harvest/bpf.rs), around the reason.
+const FALLBACK_WARNING: &str = "the BPF harvester cannot run here (";
+const FALLBACK_END: &str = "); reading /proc instead";
+/// How crd prints a warning (crd-user/src/main.rs), e.g. that a kernel's BTF lacks a
+/// kind's fields and that kind's fds are listed as opaque.
+const WARNING: &str = "crd: warn: ";
 
 /// Outcome of one test on one kernel.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -38,11 +51,20 @@ enum Outcome {
 }
 
 /// Results of the suite on one kernel: test → outcome, plus whole suites that died
-/// without finishing.
+/// without finishing, and what the smoke test's `crd demo` said about the harvester.
 #[derive(Default)]
 struct Results {
     tests: BTreeMap<String, Outcome>,
     broken_suites: Vec<String>,
+    /// The source `crd demo` (`--source auto`) harvested with: `bpf`, or `procfs` where
+    /// crd fell back.
+    source: Option<String>,
+    /// Why crd fell back to /proc, in its own words.
+    fallback: Option<String>,
+    /// crd's other warnings in the smoke test: what it cannot read on this kernel.
+    warnings: Vec<String>,
+    /// How long the kernel's run took (a guest's: boot to power-off).
+    elapsed: Duration,
 }
 
 impl Results {
@@ -66,6 +88,22 @@ impl Results {
                 }
             } else if line.starts_with("test result:") {
                 finished = true;
+            } else if suite == "smoke"
+                && let Some((_, rest)) = line.split_once(FALLBACK_WARNING)
+            {
+                // `... cannot run here (REASON); reading /proc instead`
+                let reason = rest.rsplit_once(FALLBACK_END).map_or(rest, |(r, _)| r);
+                results.fallback.get_or_insert_with(|| reason.trim().to_string());
+            } else if suite == "smoke"
+                && let Some((_, warning)) = line.split_once(WARNING)
+                && !results.warnings.iter().any(|w| w == warning)
+            {
+                results.warnings.push(warning.trim().to_string());
+            } else if suite == "smoke"
+                && line.starts_with("crd image: ")
+                && let Some((_, rest)) = line.split_once("; source ")
+            {
+                results.source = rest.split([',', ' ']).next().map(String::from);
             } else if let Some(rest) = line.strip_prefix("test ") {
                 let Some((name, outcome)) = rest.rsplit_once(" ... ") else { continue };
                 let outcome = match outcome.trim() {
@@ -156,8 +194,34 @@ fn build(root: &Path, bpf_object: &Path) -> Result<Build> {
     })
 }
 
+/// Fixture steps that open one fd of every kind crd reads beyond pipes and files: the
+/// smoke test lists them from /proc and by BPF, and crd warns about what this kernel
+/// cannot read.
+const KIND_PROBE: &str =
+    "eventfd:20:1:s memfd:21:crd-probe:16:s epoll:22 timerfd:23 socketpair:24:25 pty:26:27";
+
+/// The smoke test, as a shell snippet for the host's `sh` and the guests' busybox: the
+/// product's `crd demo` (the whole pipeline once, with its output in the log), then
+/// `crd ls` of one fd of each kind through each source. `crd` is the testing build (for
+/// `crd fixture`), `product` the product. Adds to `$status`.
+fn smoke_script(crd: &str, product: &str) -> String {
+    format!(
+        "echo CRD-SUITE-START smoke\nsmoke=0\n\
+         timeout -s KILL 300 {product} demo 2>&1\n\
+         if [ $? = 0 ]; then echo 'test demo ... ok'; else echo 'test demo ... FAILED'; smoke=101; fi\n\
+         rm -f probe.ready\n\
+         CRD_FIXTURE_READY=9 {crd} fixture {KIND_PROBE} </dev/null >/dev/null 9>probe.ready &\nprobe=$!\nn=0\n\
+         while [ -d /proc/$probe ] && [ ! -s probe.ready ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done\n\
+         for source in procfs bpf; do\n\
+         timeout -s KILL 120 {product} ls --source $source $probe 2>&1 >/dev/null\n\
+         if [ $? = 0 ]; then echo \"test kinds_$source ... ok\"; else echo \"test kinds_$source ... FAILED\"; smoke=101; fi\n\
+         done\nkill -9 $probe 2>/dev/null\nwait $probe 2>/dev/null\n\
+         echo 'test result: smoke'\necho CRD-SUITE-END smoke $smoke\n[ $smoke = 0 ] || status=1\n"
+    )
+}
+
 /// The shell snippet that runs every suite in a guest, from the 9p share at /mnt.
-fn guest_script(build: &Build) -> String {
+fn guest_script(root: &Path, build: &Build) -> String {
     let mut script = "export CRD_BIN=/mnt/crd CRD_PRODUCT_BIN=/mnt/crd-product CRD_IN_VM=1 PROPTEST_CASES="
         .to_string()
         + PROPTEST_CASES_IN_VM
@@ -167,14 +231,16 @@ fn guest_script(build: &Build) -> String {
     if let Ok(extra) = std::env::var("CRD_VM_GUEST_ENV") {
         script.push_str(&format!("export {extra}\n"));
     }
+    // The tests' data, where the test binaries were built to find it.
+    let data = root.join("tests/data");
+    script.push_str(&format!(
+        "mkdir -p '{}'\nln -s /mnt/tests-data '{}'\n",
+        root.join("tests").display(),
+        data.display()
+    ));
     script.push_str("cd /tmp\nstatus=0\n");
-    // A smoke test first: the whole pipeline once, by the product, with its output in the log.
-    script.push_str(
-        "echo CRD-SUITE-START smoke\ntimeout -s KILL 300 /mnt/crd-product demo 2>&1\nrc=$?\n\
-         if [ $rc = 0 ]; then echo 'test demo ... ok'; else echo 'test demo ... FAILED'; status=1; fi\n\
-         echo 'test result: smoke'\necho CRD-SUITE-END smoke $rc\n",
-    );
-    for name in build.suites.keys() {
+    script.push_str(&smoke_script("/mnt/crd", "/mnt/crd-product"));
+    for name in build.suites.keys().filter(|n| !HOST_ONLY_SUITES.contains(&n.as_str())) {
         script.push_str(&format!(
             "echo CRD-SUITE-START {name}\ntimeout -s KILL {SUITE_TIMEOUT_S} /mnt/suite-{name} --test-threads=2 2>&1\n\
              rc=$?\necho CRD-SUITE-END {name} $rc\n[ $rc = 0 ] || status=1\n"
@@ -184,9 +250,19 @@ fn guest_script(build: &Build) -> String {
     script
 }
 
-/// Runs the suite directly on the host kernel, with the same binaries.
-fn run_on_host(build: &Build) -> Result<Results> {
-    let mut log = String::new();
+/// Runs the smoke test and the suites directly on the host kernel, with the same
+/// binaries.
+fn run_on_host(build: &Build) -> Result<(Results, String)> {
+    eprintln!("xtask: running the suite on the host kernel");
+    let started = Instant::now();
+    let smoke = smoke_script(&build.crd.display().to_string(), &build.product.display().to_string());
+    let out = Command::new("sh")
+        .args(["-c", &smoke])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .context("cannot run the smoke test")?;
+    let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
+    log.push_str(&String::from_utf8_lossy(&out.stderr));
     for (name, binary) in &build.suites {
         log.push_str(&format!("CRD-SUITE-START {name}\n"));
         let out = Command::new(binary)
@@ -200,20 +276,22 @@ fn run_on_host(build: &Build) -> Result<Results> {
         log.push_str(&text);
         log.push_str(&format!("\nCRD-SUITE-END {name} {}\n", out.status.code().unwrap_or(-1)));
     }
-    let results = Results::parse(&log);
-    if results.failed() {
-        eprintln!("--- host run ---\n{log}");
-    }
-    Ok(results)
+    let mut results = Results::parse(&log);
+    results.elapsed = started.elapsed();
+    eprintln!("xtask: host done in {:.0?}", results.elapsed);
+    Ok((results, log))
 }
 
 /// `cargo xtask vm-test [KERNEL...]`: returns whether everything passed.
 pub fn vm_test(root: &Path, bpf_object: &Path, kernels: &[String]) -> Result<bool> {
     vm::ensure_host_tools()?;
+    // The host run has the tools the suites use where they exist (guests skip the two
+    // tests that need them).
+    crate::ensure_apt_packages(&[("bpftool", "bpftool")])?;
     let cache = root.join("target/vmtest");
     fs::create_dir_all(&cache)?;
     let specs: Vec<String> = if kernels.is_empty() {
-        vec!["bookworm".into(), "bookworm-backports".into()]
+        vm::DEFAULT_KERNELS.iter().map(|k| k.to_string()).collect()
     } else {
         kernels.to_vec()
     };
@@ -229,58 +307,109 @@ pub fn vm_test(root: &Path, bpf_object: &Path, kernels: &[String]) -> Result<boo
         fs::copy(binary, share.join(format!("suite-{name}")))
             .with_context(|| format!("copy {}", binary.display()))?;
     }
-    let script = guest_script(&build);
-    let mut columns: Vec<(String, Results)> = Vec::new();
+    copy_dir(&root.join("tests/data"), &share.join("tests-data"))?;
+    let script = guest_script(root, &build);
     let host = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-    eprintln!("xtask: running the suite on the host kernel {host}");
-    columns.push((format!("host {host}"), run_on_host(&build)?));
-    for kernel in &kernels {
-        eprintln!("xtask: booting {} under qemu", kernel.name);
-        let started = std::time::Instant::now();
-        let run = vm::boot_and_run(&cache, kernel, &share, &script, GUEST_TIMEOUT)?;
-        let results = Results::parse(&run.serial_log);
-        eprintln!("xtask: {} done in {:.0?} (exit {})", kernel.name, started.elapsed(), run.exit_code);
-        let mut results = results;
-        if run.exit_code != 0 && !results.failed() {
-            results.broken_suites.push(format!("guest exit {}", run.exit_code));
-        }
-        if results.failed() {
-            eprintln!("--- serial log of {} ---\n{}\n--- end of serial log ---", kernel.name, run.serial_log);
-        }
-        columns.push((kernel.name.clone(), results));
+    let mut columns: Vec<(String, Results)> = Vec::new();
+    let mut failed_logs = Vec::new();
+    // One at a time: a guest under TCG keeps both of a 2-core machine's cores busy
+    // (two guests side by side took as long in all as one after the other).
+    let (results, log) = run_on_host(&build)?;
+    if results.failed() {
+        failed_logs.push((0, log));
     }
-    print_table(&columns);
+    columns.push((format!("host ({host})"), results));
+    for kernel in &kernels {
+        let (results, log) = run_guest(&cache, kernel, &share, &script)?;
+        if results.failed() {
+            failed_logs.push((columns.len(), log));
+        }
+        columns.push((format!("{} ({})", kernel.label, kernel.name), results));
+    }
+    // The logs of failed runs first, the table last, where it is seen.
+    for (column, log) in failed_logs {
+        eprintln!("--- log of {} ---\n{log}\n--- end of log ---", columns[column].0);
+    }
+    println!("{}", render_table(&columns));
     Ok(!columns.iter().any(|(_, r)| r.failed()))
 }
 
-fn print_table(columns: &[(String, Results)]) {
+/// Copies the files of `from` (one level) into a new `to`.
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from).with_context(|| format!("read {}", from.display()))? {
+        let path = entry?.path();
+        if path.is_file() {
+            fs::copy(&path, to.join(path.file_name().unwrap_or_default()))
+                .with_context(|| format!("copy {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Boots `kernel` and runs the suite in it: the results and the serial log.
+fn run_guest(cache: &Path, kernel: &Kernel, share: &Path, script: &str) -> Result<(Results, String)> {
+    eprintln!("xtask: booting {} ({}) under qemu", kernel.label, kernel.name);
+    let started = Instant::now();
+    let run = vm::boot_and_run(cache, kernel, share, script, GUEST_TIMEOUT)?;
+    let mut results = Results::parse(&run.serial_log);
+    results.elapsed = started.elapsed();
+    eprintln!("xtask: {} done in {:.0?} (exit {})", kernel.label, results.elapsed, run.exit_code);
+    if run.exit_code != 0 && !results.failed() {
+        results.broken_suites.push(format!("guest exit {}", run.exit_code));
+    }
+    Ok((results, run.serial_log))
+}
+
+/// The table test × kernel, then notes: where crd could not use BPF (and why), suites
+/// that did not finish, and each kernel's time.
+fn render_table(columns: &[(String, Results)]) -> String {
     let mut tests: Vec<&String> = columns.iter().flat_map(|(_, r)| r.tests.keys()).collect();
     tests.sort();
     tests.dedup();
-    let mut header = String::from("| test |");
-    let mut rule = String::from("|---|");
+    let mut out = String::from("\n| test |");
     for (kernel, _) in columns {
-        header.push_str(&format!(" {kernel} |"));
-        rule.push_str("---|");
+        out.push_str(&format!(" {kernel} |"));
     }
-    println!("\n{header}\n{rule}");
+    out.push_str("\n|---|");
+    out.push_str(&"---|".repeat(columns.len()));
     for test in tests {
-        let mut row = format!("| {test} |");
+        out.push_str(&format!("\n| {test} |"));
         for (_, results) in columns {
-            row.push_str(match results.tests.get(test) {
+            out.push_str(match results.tests.get(test) {
                 Some(Outcome::Pass) => " pass |",
                 Some(Outcome::Fail) => " **FAIL** |",
                 Some(Outcome::Skip) => " skip |",
                 None => " - |",
             });
         }
-        println!("{row}");
     }
+    out.push('\n');
     for (kernel, results) in columns {
+        // The smoke test harvests with `--source auto`: it says what the kernel can do.
+        match (&results.fallback, results.source.as_deref()) {
+            (Some(reason), _) => {
+                out.push_str(&format!("\n{kernel}: crd cannot use BPF here and fell back to /proc: {reason}"))
+            }
+            (None, Some(source)) if source != "bpf" => {
+                out.push_str(&format!("\n{kernel}: crd demo harvested from {source}, not bpf"))
+            }
+            (None, None) => {
+                out.push_str(&format!("\n{kernel}: unknown harvester source (crd demo wrote no image)"))
+            }
+            _ => {}
+        }
+        for warning in &results.warnings {
+            out.push_str(&format!("\n{kernel}: crd warned: {warning}"));
+        }
         for suite in &results.broken_suites {
-            println!("\n{kernel}: suite {suite} did not finish");
+            out.push_str(&format!("\n{kernel}: suite {suite} did not finish"));
         }
     }
+    let times: Vec<String> =
+        columns.iter().map(|(kernel, r)| format!("{kernel} {:.0} s", r.elapsed.as_secs_f64())).collect();
+    out.push_str(&format!("\ntime: {}\n", times.join(", ")));
+    out
 }
 
 #[cfg(test)]
@@ -298,5 +427,44 @@ mod tests {
         assert!(r.tests[&"cli::c".to_string()] == Outcome::Skip);
         assert_eq!(r.broken_suites, ["cli (exit 139)"]);
         assert!(r.failed());
+    }
+
+    #[test]
+    fn a_fallback_to_proc_in_the_smoke_test_becomes_a_note() {
+        let log = "CRD-SUITE-START smoke\n\
+                   [2026-01-01T00:00:00Z WARN  crd::harvest::bpf] the BPF harvester cannot run here \
+                   (cannot load crd's BPF programs: the BPF verifier rejected (x)); reading /proc instead\n\
+                   crd image: root PID 97 with descendants, 2 tasks; source procfs, kernel 5.10.0-46-amd64\n\
+                   test demo ... ok\ntest result: smoke\nCRD-SUITE-END smoke 0\n\
+                   CRD-SUITE-START cli\ntest c ... ok\ntest result: ok\n\
+                   the BPF harvester cannot run here (a test's own output); reading /proc instead\n\
+                   CRD-SUITE-END cli 0\n";
+        let r = Results::parse(log);
+        assert_eq!(r.source.as_deref(), Some("procfs"));
+        assert_eq!(
+            r.fallback.as_deref(),
+            Some("cannot load crd's BPF programs: the BPF verifier rejected (x)")
+        );
+        assert!(!r.failed(), "a fallback alone is no failure: the tests that need BPF say so");
+        let table = render_table(&[("5.10 (5.10.0-46-amd64)".into(), r)]);
+        assert!(table.contains(
+            "\n5.10 (5.10.0-46-amd64): crd cannot use BPF here and fell back to /proc: cannot load crd's BPF \
+             programs: the BPF verifier rejected (x)\n"
+        ), "{table}");
+        assert!(table.contains("| cli::c | pass |"), "{table}");
+
+        // A kind this kernel's BTF cannot type: BPF runs, that kind is opaque.
+        let log = "CRD-SUITE-START smoke\n\
+                   crd: warn: this kernel's BTF lacks eventfd_ctx.count: eventfds are listed as opaque anon files\n\
+                   crd image: root PID 9; source bpf, kernel 5.10\n";
+        let table = render_table(&[("5.10".into(), Results::parse(log))]);
+        assert!(table.contains(
+            "\n5.10: crd warned: this kernel's BTF lacks eventfd_ctx.count: eventfds are listed as opaque anon files\n"
+        ), "{table}");
+        assert!(!table.contains("/proc"), "{table}");
+
+        let bpf = Results::parse("CRD-SUITE-START smoke\ncrd image: root PID 9; source bpf, kernel 6.1\n");
+        assert_eq!((bpf.source.as_deref(), bpf.fallback.as_deref()), (Some("bpf"), None));
+        assert!(!render_table(&[("6.1".into(), bpf)]).contains("6.1:"));
     }
 }

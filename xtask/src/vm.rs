@@ -1,14 +1,16 @@
 //! Booting Debian kernels under qemu to run crd's tests in them.
 //!
 //! - Kernels come from Debian's archive by package name, resolved at run time (ABI
-//!   versions come and go): the release's `linux-image-amd64`, and the same metapackage
-//!   from `<codename>-backports` through a *private* apt configuration (its own sources
-//!   file and lists directory under the cache), so the machine's apt sources never change.
+//!   versions come and go): a release's `linux-image-amd64` (5.10: bullseye and
+//!   bullseye-security; 6.1: bookworm and bookworm-security; 6.12: bookworm-backports),
+//!   each through a *private* apt configuration (its own sources file and lists
+//!   directory under the cache) on the machine's own mirrors, so the machine's apt
+//!   sources never change.
 //! - The guest boots the uncompressed `vmlinux` (through its PVH entry), which halves
 //!   boot time under TCG, with a newc initramfs written here: static busybox, the 9p
 //!   modules the kernel needs, and an `/init` that mounts proc, sys, devtmpfs, bpffs,
-//!   debugfs, a tmpfs and the host's share, runs the caller's script, prints its status
-//!   and powers off.
+//!   debugfs, a tmpfs, devpts (for ptys) and the host's share, runs the caller's
+//!   script, prints its status and powers off.
 //! - KVM is used only where the host offers it; these machines are themselves VMs with
 //!   nested PVM, where stock kernels crawl or abort under KVM, so they use TCG.
 use std::{
@@ -24,6 +26,8 @@ use anyhow::{Context, Result, bail};
 
 /// A kernel of the matrix, downloaded and unpacked.
 pub struct Kernel {
+    /// The name it was asked for by: `5.10`, `6.1`, `6.12`, or a package name.
+    pub label: String,
     /// The package's kernel release, e.g. `6.1.0-56-amd64`.
     pub name: String,
     /// The uncompressed kernel image.
@@ -69,19 +73,66 @@ pub fn ensure_host_tools() -> Result<()> {
     Ok(())
 }
 
-/// apt options for a private configuration reaching `suite` only.
-fn private_apt(cache: &Path, suite: &str) -> Result<Vec<String>> {
-    let dir = cache.join("apt").join(suite);
+/// The kernels the matrix knows by name: each is a Debian release's `linux-image-amd64`,
+/// resolved at run time (ABI versions come and go) from that release's suites only.
+struct Release {
+    /// The name on the command line and in the table.
+    label: &'static str,
+    /// Other names accepted on the command line.
+    aliases: &'static [&'static str],
+    /// Suites on the machine's Debian mirror.
+    suites: &'static [&'static str],
+    /// Suites on its security mirror: where an LTS release's kernel updates land.
+    security: &'static [&'static str],
+}
+
+const RELEASES: &[Release] = &[
+    // bullseye (LTS): its last point release has 5.10.223; later 5.10s are in
+    // bullseye-security only.
+    Release {
+        label: "5.10",
+        aliases: &["bullseye"],
+        suites: &["bullseye"],
+        security: &["bullseye-security"],
+    },
+    Release {
+        label: "6.1",
+        aliases: &["stable", "bookworm"],
+        suites: &["bookworm"],
+        security: &["bookworm-security"],
+    },
+    Release {
+        label: "6.12",
+        aliases: &["backports", "bookworm-backports"],
+        suites: &["bookworm-backports"],
+        security: &[],
+    },
+];
+
+/// The kernels of `cargo xtask vm-test` without arguments, oldest first.
+pub const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12"];
+
+/// apt options for a private configuration reaching `release`'s suites only: its own
+/// sources file and lists directory under the cache, so the machine's apt sources never
+/// change.
+fn private_apt(cache: &Path, release: &Release) -> Result<Vec<String>> {
+    let dir = cache.join("apt").join(release.label);
     fs::create_dir_all(dir.join("lists/partial"))?;
     // apt reads deb822 only from files named *.sources.
     let sources = dir.join("private.sources");
-    let uri = mirror().context("cannot find the machine's Debian mirror in /etc/apt")?;
-    fs::write(
-        &sources,
-        format!(
-            "Types: deb\nURIs: {uri}\nSuites: {suite}\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
-        ),
-    )?;
+    let mirrors = mirrors().context("cannot find the machine's Debian mirror in /etc/apt")?;
+    let mut text = String::new();
+    for (uri, suites) in [(&mirrors.main, release.suites), (&mirrors.security, release.security)] {
+        if suites.is_empty() {
+            continue;
+        }
+        text.push_str(&format!(
+            "Types: deb\nURIs: {uri}\nSuites: {}\nComponents: main\n\
+             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n",
+            suites.join(" ")
+        ));
+    }
+    fs::write(&sources, text)?;
     Ok(vec![
         "-o".into(),
         format!("Dir::Etc::sourcelist={}", sources.display()),
@@ -94,53 +145,86 @@ fn private_apt(cache: &Path, suite: &str) -> Result<Vec<String>> {
     ])
 }
 
-/// The machine's own Debian mirror, whatever it is: read, never written.
-fn mirror() -> Option<String> {
+/// The machine's Debian mirrors.
+#[derive(Debug, PartialEq)]
+struct Mirrors {
+    main: String,
+    security: String,
+}
+
+/// The machine's own Debian mirrors, whatever they are: read, never written.
+fn mirrors() -> Option<Mirrors> {
     let deb822 = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
     let one_line = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
-    deb822
-        .lines()
-        .find_map(|l| l.strip_prefix("URIs:").and_then(|u| u.split_whitespace().next()))
-        .or_else(|| one_line.lines().find_map(|l| l.strip_prefix("deb ")?.split_whitespace().next()))
-        .map(String::from)
+    parse_mirrors(&deb822, &one_line)
 }
 
-fn codename() -> String {
-    fs::read_to_string("/etc/os-release")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VERSION_CODENAME=").map(|v| v.trim_matches('"').to_string()))
-        .unwrap_or_else(|| "bookworm".into())
+/// The main mirror is the first source of a suite other than `*-security`; the security
+/// mirror the first of a `*-security` suite, else the main one's `-security` sibling
+/// (the archive's own layout).
+fn parse_mirrors(deb822: &str, one_line: &str) -> Option<Mirrors> {
+    // (uri, suites) of every source, deb822 stanzas first.
+    let mut sources: Vec<(String, String)> = Vec::new();
+    for stanza in deb822.split("\n\n") {
+        let field = |name: &str| stanza.lines().find_map(|l| l.strip_prefix(name).map(str::trim));
+        if let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:"))
+            && let Some(uri) = uris.split_whitespace().next()
+        {
+            sources.push((uri.to_string(), suites.to_string()));
+        }
+    }
+    for line in one_line.lines() {
+        let Some(rest) = line.trim().strip_prefix("deb ") else { continue };
+        // `deb [options] uri suite components`
+        let rest = match rest.trim_start().strip_prefix('[') {
+            Some(options) => options.split_once(']').map(|(_, r)| r).unwrap_or_default(),
+            None => rest,
+        };
+        let mut words = rest.split_whitespace();
+        if let (Some(uri), Some(suite)) = (words.next(), words.next()) {
+            sources.push((uri.to_string(), suite.to_string()));
+        }
+    }
+    let is_security = |suites: &str| suites.split_whitespace().any(|s| s.ends_with("-security"));
+    let main = sources.iter().find(|(_, s)| !is_security(s))?.0.trim_end_matches('/').to_string();
+    let security = sources
+        .iter()
+        .find(|(_, s)| is_security(s))
+        .map(|(u, _)| u.trim_end_matches('/').to_string())
+        .unwrap_or_else(|| format!("{main}-security"));
+    Some(Mirrors { main, security })
 }
 
-/// Resolves `specs` ("6.1"/"stable", "6.12"/"backports", or a `linux-image-*` package
-/// name) to unpacked kernels under `cache`, downloading only what is not cached.
+/// Resolves `specs` (5.10, 6.1, 6.12 or an alias of one; or a `linux-image-*` package
+/// name, looked up in the machine's own apt sources) to unpacked kernels under `cache`,
+/// downloading only what is not cached.
 pub fn resolve_kernels(cache: &Path, specs: &[String]) -> Result<Vec<Kernel>> {
-    let codename = codename();
     let mut kernels = Vec::new();
     for spec in specs {
-        let backports = format!("{codename}-backports");
-        let (suite, package) = match spec.as_str() {
-            "6.1" | "stable" | "bookworm" => (None, "linux-image-amd64".to_string()),
-            "6.12" | "backports" => (Some(backports), "linux-image-amd64".to_string()),
-            s if s == backports => (Some(backports), "linux-image-amd64".to_string()),
-            s if s.starts_with("linux-image-") => (None, s.to_string()),
-            s => bail!("unknown kernel {s:?}: use 6.1, 6.12, stable, backports or a linux-image-* package"),
+        let release = RELEASES.iter().find(|r| r.label == spec || r.aliases.contains(&spec.as_str()));
+        let (label, package) = match release {
+            Some(r) => (r.label.to_string(), "linux-image-amd64".to_string()),
+            None if spec.starts_with("linux-image-") => (spec.clone(), spec.clone()),
+            None => {
+                let known: Vec<&str> = RELEASES.iter().map(|r| r.label).collect();
+                bail!("unknown kernel {spec:?}: use {} or a linux-image-* package", known.join(", "))
+            }
         };
-        let resolved_file = cache.join(format!("kernels/{spec}.package"));
+        let resolved_file = cache.join(format!("kernels/{label}.package"));
         let cached = fs::read_to_string(&resolved_file).ok().map(|s| s.trim().to_string());
         let package = match cached {
             Some(p) if cache.join("kernels").join(&p).join("vmlinux").exists() => p,
             _ => {
-                let opts = match &suite {
-                    Some(suite) => {
-                        let opts = private_apt(cache, suite)?;
+                let opts = match release {
+                    Some(release) => {
+                        let opts = private_apt(cache, release)?;
                         crate::run(Command::new("apt-get").arg("update").arg("-qq").args(&opts))?;
                         opts
                     }
                     None => Vec::new(),
                 };
                 let concrete = if package == "linux-image-amd64" {
+                    // The candidate's: the newest version in any of the release's suites.
                     let deps =
                         crate::output(Command::new("apt-cache").args(&opts).args(["depends", &package]))?;
                     deps.lines()
@@ -159,11 +243,12 @@ pub fn resolve_kernels(cache: &Path, specs: &[String]) -> Result<Vec<Kernel>> {
             }
         };
         let dir = cache.join("kernels").join(&package);
-        let release = package.trim_start_matches("linux-image-").to_string();
+        let name = package.trim_start_matches("linux-image-").to_string();
         kernels.push(Kernel {
-            name: release.clone(),
+            label,
+            modules: dir.join("root/lib/modules").join(&name),
             vmlinux: dir.join("vmlinux"),
-            modules: dir.join("root/lib/modules").join(&release),
+            name,
         });
     }
     Ok(kernels)
@@ -183,7 +268,11 @@ fn unpack(cache: &Path, package: &str, apt_opts: &[String]) -> Result<()> {
     if find().is_none() {
         eprintln!("xtask: downloading {package}");
         crate::run(
-            Command::new("apt-get").args(apt_opts).args(["download", "-qq", package]).current_dir(&downloads),
+            Command::new("apt-get")
+                .args(apt_opts)
+                // The cache is root's: apt's `_apt` user could not write there.
+                .args(["-o", "APT::Sandbox::User=root", "download", "-qq", package])
+                .current_dir(&downloads),
         )?;
     }
     let deb = find().with_context(|| format!("apt-get download {package} left no .deb"))?;
@@ -337,7 +426,8 @@ fn init_script(modules: &[&str], guest_script: &str) -> String {
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexport PATH=/bin\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
          mkdir -p /sys/fs/bpf /sys/kernel/debug\nmount -t bpf bpf /sys/fs/bpf\n\
-         mount -t debugfs debugfs /sys/kernel/debug\nmount -t tmpfs tmp /tmp\n",
+         mount -t debugfs debugfs /sys/kernel/debug\nmount -t tmpfs tmp /tmp\n\
+         mkdir -p /dev/pts\nmount -t devpts devpts /dev/pts\n",
     );
     for m in modules {
         s.push_str(&format!("insmod /lib/modules/{m}.ko 2>/dev/null\n"));
@@ -475,6 +565,33 @@ pub fn boot_and_run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mirrors_come_from_the_machines_sources() {
+        let deb822 = "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n\
+                      Components: main\n\nTypes: deb\nURIs: http://sec.example/debian-security/\n\
+                      Suites: bookworm-security\nComponents: main\n";
+        let both =
+            |main: &str, security: &str| Some(Mirrors { main: main.into(), security: security.into() });
+        assert_eq!(
+            parse_mirrors(deb822, ""),
+            both("http://mirror.example/debian", "http://sec.example/debian-security")
+        );
+        // One-line sources, with options and without a security line.
+        let one_line = "# comment\ndeb [arch=amd64 signed-by=/k.gpg] http://m.example/debian bookworm main\n";
+        assert_eq!(
+            parse_mirrors("", one_line),
+            both("http://m.example/debian", "http://m.example/debian-security")
+        );
+        assert_eq!(parse_mirrors("", ""), None);
+    }
+
+    #[test]
+    fn every_default_kernel_is_a_known_release() {
+        for k in DEFAULT_KERNELS {
+            assert!(RELEASES.iter().any(|r| r.label == *k), "{k}");
+        }
+    }
 
     #[test]
     fn cpio_entries_are_aligned_and_terminated() {
