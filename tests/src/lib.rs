@@ -263,3 +263,26 @@ pub fn comm_exists(comm: &str) -> bool {
         .filter(|e| fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm))
         .any(|e| !fs::read_to_string(e.path().join("stat")).is_ok_and(|s| s.contains(") Z ")))
 }
+
+/// A tmpfs of `size` mounted on a fresh directory (field 0), unmounted when dropped: a
+/// disk that fills up.
+pub struct SmallDisk(pub tempfile::TempDir);
+
+impl SmallDisk {
+    pub fn new(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "crd-full"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount tmpfs");
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}

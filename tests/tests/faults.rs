@@ -266,32 +266,10 @@ fn a_pid_reused_mid_checkpoint_is_never_touched() {
     }
 }
 
-/// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped.
-struct SmallDisk(tempfile::TempDir);
-
-impl SmallDisk {
-    fn new(size: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "crd-full"])
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "mount tmpfs");
-        SmallDisk(dir)
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
-}
-
 #[test]
 fn a_full_disk_is_a_clean_error_and_leaves_no_file() {
     require_root!();
-    let disk = SmallDisk::new("64k");
+    let disk = crd_tests::SmallDisk::new("64k");
     let fixture = spawn(&["pipe:3:4", "pipesz:4:1048576", "fill:4:1000000"], 1);
     let pid = fixture.root();
     let image = disk.0.path().join("full.img");

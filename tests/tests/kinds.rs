@@ -283,32 +283,10 @@ fn memfds_round_trip_with_their_sharing() {
     );
 }
 
-/// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped.
-struct SmallDisk(tempfile::TempDir);
-
-impl SmallDisk {
-    fn new(size: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "crd-full"])
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "mount tmpfs");
-        SmallDisk(dir)
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
-}
-
 #[test]
 fn a_memfd_larger_than_the_free_disk_fails_cleanly_and_leaves_nothing() {
     require_root!();
-    let disk = SmallDisk::new("4m");
+    let disk = crd_tests::SmallDisk::new("4m");
     let fixture = spawn(&["memfd:3:huge:16777216:", "seek:3:5"], 1);
     let pid = fixture.root();
     let image = disk.0.path().join("full.img");

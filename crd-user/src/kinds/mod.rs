@@ -36,6 +36,65 @@ use crate::{
     types::{Access, DeviceId, Fd, ObjRef, Tgid},
 };
 
+/// A kind with no state of its own beyond the object's path, mode and inode (files,
+/// directories, devices, and the kinds crd lists but does not make yet): its name, how
+/// it is recognised, and how restore makes it, or why not.
+macro_rules! stateless_kind {
+    (
+        $ty:ty, $name:literal,
+        has_path: $has_path:literal, same_inode: $same_inode:literal, identity: $identity:expr,
+        recognise: |$r:ident| $recognise:expr,
+        refusal: $refusal:expr,
+        open: |$args:ident| $open:expr $(,)?
+    ) => {
+        impl $crate::kinds::FileKind for $ty {
+            const NAME: &'static str = $name;
+            const HAS_PATH: bool = $has_path;
+            const SAME_INODE: bool = $same_inode;
+            const IDENTITY: $crate::kinds::Identity = $identity;
+            type Live = ();
+            type Saved = $crate::kinds::regular::ByPath;
+
+            fn recognise($r: &$crate::kinds::Recognise<'_>) -> bool {
+                $recognise
+            }
+
+            fn from_bpf(_record: &crd_common::FdRecord, _tail: &[u8]) -> Option<()> {
+                Some(())
+            }
+
+            fn from_proc(_slot: &$crate::kinds::ProcSlot<'_>) {}
+
+            fn sketch(_live: &()) -> Self::Saved {
+                $crate::kinds::regular::ByPath
+            }
+
+            fn detail(_saved: &Self::Saved) -> Option<String> {
+                None
+            }
+
+            fn refusal(_saved: &Self::Saved) -> Option<String> {
+                $refusal
+            }
+
+            fn open(
+                saved: &Self::Saved,
+                $args: &$crate::kinds::OpenArgs<'_>,
+                _store: &mut $crate::kinds::ObjectStore,
+            ) -> Result<$crate::kinds::Opened, $crate::kinds::KindError> {
+                match Self::refusal(saved) {
+                    Some(why) => Err($crate::kinds::KindError::Other(why)),
+                    None => $open,
+                }
+            }
+
+            fn same(_a: &Self::Saved, _b: &Self::Saved) -> Result<(), String> {
+                Ok(())
+            }
+        }
+    };
+}
+
 pub mod decoding;
 pub mod device;
 pub mod directory;

@@ -11,7 +11,7 @@ use nix::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{FileKind, KindError, ObjectStore, OpenArgs, Opened, Recognise, pipe::access_flags};
+use super::{Identity, KindError, OpenArgs, Opened, pipe::access_flags};
 
 pub struct Regular;
 
@@ -19,38 +19,12 @@ pub struct Regular;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ByPath;
 
-impl FileKind for Regular {
-    const NAME: &'static str = "file";
-    const SAME_INODE: bool = true;
-    type Live = ();
-    type Saved = ByPath;
-
-    fn recognise(r: &Recognise<'_>) -> bool {
-        r.file_type() == libc::S_IFREG
-    }
-
-    fn from_bpf(_record: &crd_common::FdRecord, _tail: &[u8]) -> Option<()> {
-        Some(())
-    }
-
-    fn from_proc(_slot: &super::ProcSlot<'_>) {}
-
-    fn sketch(_live: &()) -> ByPath {
-        ByPath
-    }
-
-    fn detail(_saved: &ByPath) -> Option<String> {
-        None
-    }
-
-    fn open(_saved: &ByPath, args: &OpenArgs<'_>, _store: &mut ObjectStore) -> Result<Opened, KindError> {
-        open_by_path(args, Self::NAME, true)
-    }
-
-    fn same(_a: &ByPath, _b: &ByPath) -> Result<(), String> {
-        Ok(())
-    }
-}
+stateless_kind!(Regular, "file",
+    has_path: true, same_inode: true, identity: Identity::Inode,
+    recognise: |r| r.file_type() == libc::S_IFREG,
+    refusal: None,
+    open: |args| open_by_path(args, "file", true),
+);
 
 /// Opens a named object by path with the description's access and kept flags, checks it
 /// is still the same kind of object, and moves to the offset if `seekable`.
