@@ -95,7 +95,7 @@ pub struct KernelBtf {
 impl KernelBtf {
     /// Parses the running kernel's BTF ([`VMLINUX_BTF`]; another file: [`from_file`](Self::from_file)).
     pub fn from_sys_fs() -> Result<Self, OffsetsError> {
-        Self::from_file(&kernel_btf_path(None))
+        Self::from_file(kernel_btf_path(None))
     }
 
     /// From BTF already in memory (see [`BtfBytes`]).
