@@ -121,7 +121,8 @@ fn run_task(task: Task) -> Result<()> {
             // The product too: a test checks that it holds no test scaffolding.
             let product = build(false, Flavor::Product)?;
             let crd = build(false, Flavor::Testing)?;
-            ensure_apt_packages(&[("bpftool", "bpftool")])?;
+            // python3: a test runs a real asyncio server (tests/tests/kinds.rs).
+            ensure_apt_packages(&[("bpftool", "bpftool"), ("python3", "python3")])?;
             // The tests crate turns on crd-user's `testing` feature for the whole
             // workspace build: it goes to the testing target directory, with the same
             // environment as the build above (so build.rs does not rerun).
