@@ -144,7 +144,7 @@ pub fn checkpoint_with(
     hold_for_tests(interrupted)?;
     check()?;
     let root = frozen.root();
-    let graph = Graph::build(root, &harvest, &extras.saved);
+    let graph = Graph::build(root, &harvest, extras.saved);
     phases.lap("graph");
     let body = ImageBody { header: Header::now(source.into(), tree), graph };
     let streams = body.graph.streams_contents();

@@ -39,7 +39,7 @@ pub fn graft(
     let exec = restore::command(exec)?;
     let root = options.root;
     let FrozenHarvest { frozen, harvest, .. } = freeze_and_harvest(options, interrupted)?;
-    let graph = Graph::build(root, &harvest, &SavedStates::default());
+    let graph = Graph::build(root, &harvest, SavedStates::default());
     let plan = plan::plan(&graph, Mode::Graft).map_err(RestoreError::from)?;
     let take = |publish: &mut dyn FnMut(ObjRef, RawFd)| {
         let objects = take_live(&graph, &frozen, publish)?;

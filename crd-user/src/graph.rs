@@ -230,7 +230,9 @@ impl<'g> GraphIndex<'g> {
 
 impl Graph {
     /// Builds the graph of `harvest`, rooted at `root`.
-    pub fn build(root: Tgid, harvest: &Harvest, saved: &SavedStates) -> Graph {
+    /// `saved` is consumed: each state moves into its object (a pipe's queued bytes are
+    /// not copied again).
+    pub fn build(root: Tgid, harvest: &Harvest, mut saved: SavedStates) -> Graph {
         let inside = InsideCounts::of(harvest);
         let mut tables: HashMap<KernelPtr, Vec<&FdInfo>> = HashMap::new();
         for f in &harvest.fds {
@@ -256,7 +258,7 @@ impl Graph {
                             fd: f.fd,
                             close_on_exec: f.close_on_exec,
                             file: objhash.encounter(Class::File, f.file.id, |objhash| {
-                                file_desc(f, &inside, saved, objhash)
+                                file_desc(f, &inside, &mut saved, objhash)
                             }),
                         })
                         .collect(),
@@ -431,7 +433,7 @@ fn same_object(a: &Object, b: &Object) -> Result<(), String> {
     a.state.same(&b.state)
 }
 
-fn file_desc(f: &FdInfo, inside: &InsideCounts, saved: &SavedStates, objhash: &mut ObjHash) -> FileDesc {
+fn file_desc(f: &FdInfo, inside: &InsideCounts, saved: &mut SavedStates, objhash: &mut ObjHash) -> FileDesc {
     let slots_inside = inside.slots_per_file.get(&f.file.id).copied().unwrap_or(0);
     FileDesc {
         flags: f.file.flags,
@@ -450,7 +452,7 @@ fn file_desc(f: &FdInfo, inside: &InsideCounts, saved: &SavedStates, objhash: &m
                 held_outside: o
                     .live
                     .held_outside(inside.use_per_object.get(&o.id).copied().unwrap_or_default()),
-                state: saved.get(&o.id).cloned().unwrap_or_else(|| o.live.sketch()),
+                state: saved.remove(&o.id).unwrap_or_else(|| o.live.sketch()),
             }
         }),
     }
@@ -517,7 +519,7 @@ mod tests {
 
     #[test]
     fn shared_objects_are_saved_once_then_referenced() {
-        let g = Graph::build(Tgid(10), &family(), &SavedStates::default());
+        let g = Graph::build(Tgid(10), &family(), SavedStates::default());
         let order: Vec<u32> = g.tasks.iter().map(|t| t.pid.0).collect();
         assert_eq!(order, [10, 11, 20], "leader, its thread, then the child");
         // Thread 11 shares the leader's table: only an objref.
@@ -549,8 +551,8 @@ mod tests {
         shuffled.tasks.reverse();
         shuffled.fds.rotate_left(2);
         assert_eq!(
-            Graph::build(Tgid(10), &family(), &SavedStates::default()),
-            Graph::build(Tgid(10), &shuffled, &SavedStates::default())
+            Graph::build(Tgid(10), &family(), SavedStates::default()),
+            Graph::build(Tgid(10), &shuffled, SavedStates::default())
         );
     }
 
@@ -561,7 +563,7 @@ mod tests {
         for f in &mut h.fds {
             pipe_live(f).writers = 2;
         }
-        let g = Graph::build(Tgid(10), &h, &SavedStates::default());
+        let g = Graph::build(Tgid(10), &h, SavedStates::default());
         let table = g.tasks[0].fd_table.first().unwrap();
         let object = table.fds[0].file.first().unwrap().object.first().unwrap();
         assert!(object.held_outside);
@@ -574,7 +576,7 @@ mod tests {
         for f in h.fds.iter_mut().filter(|f| f.file.id == KernelPtr(0xf1)) {
             f.file.refs = 4; // three slots in the set, one more somewhere else
         }
-        let g = Graph::build(Tgid(10), &h, &SavedStates::default());
+        let g = Graph::build(Tgid(10), &h, SavedStates::default());
         let file = g.tasks[0].fd_table.first().unwrap().fds[0].file.first().unwrap();
         assert!(file.held_outside);
         let write_end = g.tasks[0].fd_table.first().unwrap().fds[1].file.first().unwrap();
@@ -586,7 +588,7 @@ mod tests {
         let mut saved = SavedStates::default();
         let state = PipeState { capacity: 65536, data: b"queued".to_vec() };
         saved.insert(KernelPtr(0x100), Saved::Pipe(state.clone()));
-        let g = Graph::build(Tgid(10), &family(), &saved);
+        let g = Graph::build(Tgid(10), &family(), saved);
         let object =
             g.tasks[0].fd_table.first().unwrap().fds[0].file.first().unwrap().object.first().unwrap();
         assert_eq!(object.state, Saved::Pipe(state));
@@ -594,7 +596,7 @@ mod tests {
 
     #[test]
     fn users_lists_every_slot_of_a_shared_object() {
-        let g = Graph::build(Tgid(10), &family(), &SavedStates::default());
+        let g = Graph::build(Tgid(10), &family(), SavedStates::default());
         let users = g.users();
         assert_eq!(users[&ObjRef(1)], vec![(Pid(10), None), (Pid(11), None)]);
         assert_eq!(

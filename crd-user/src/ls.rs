@@ -17,7 +17,7 @@ use crate::{
     graph::{Graph, Object, SavedStates},
     harvest::{self, Harvest, HarvestError, LoadOptions, Scope, Source, extras},
     kinds::{Kind, Live},
-    types::{Access, Fd, KernelPtr, ObjRef, Pid, Tgid},
+    types::{Access, DeviceId, Fd, ObjRef, Pid, Tgid},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -169,30 +169,22 @@ impl Listing {
     /// Builds the listing of `harvest` through the objref graph.
     pub fn new(harvest: &Harvest) -> Self {
         let root = harvest.tasks.iter().map(|t| t.tgid).min().unwrap_or(Tgid(0));
-        let graph = Graph::build(root, harvest, &SavedStates::default());
-        // Objects are keyed by identity in the harvest; the graph names them by objref.
-        // Their first fds map one to the other.
-        let queued: HashMap<KernelPtr, Option<u32>> = harvest
+        let graph = Graph::build(root, harvest, SavedStates::default());
+        // Pipes are keyed by inode: (dev, ino) names the same pipe in harvest and graph.
+        let queued: HashMap<(DeviceId, u64), Option<u32>> = harvest
             .fds
             .iter()
             .filter_map(|f| match &f.file.object.live {
-                Live::Pipe(p) | Live::Fifo(p) => Some((f.file.object.id, p.queued)),
+                Live::Pipe(p) | Live::Fifo(p) => Some(((f.file.object.dev, f.file.object.ino), p.queued)),
                 _ => None,
             })
             .collect();
-        let object_of: HashMap<(Tgid, Fd), KernelPtr> =
-            harvest.fds.iter().map(|f| ((f.tgid, f.fd), f.file.object.id)).collect();
-        Self::from_graph(&graph, |holder| {
-            object_of
-                .get(&(holder.pid, holder.fd))
-                .and_then(|id| queued.get(id))
-                .copied()
-                .flatten()
-                .map(u64::from)
+        Self::from_graph(&graph, |object| {
+            queued.get(&(object.dev, object.ino)).copied().flatten().map(u64::from)
         })
     }
 
-    fn from_graph(graph: &Graph, queued: impl Fn(&Holder) -> Option<u64>) -> Self {
+    fn from_graph(graph: &Graph, queued: impl Fn(&Object) -> Option<u64>) -> Self {
         let index = graph.index();
         let mut processes: BTreeMap<Tgid, Process> = BTreeMap::new();
         for task in &graph.tasks {
@@ -267,14 +259,13 @@ impl Listing {
             .into_iter()
             .filter_map(|(inode_ref, (readers, writers))| {
                 let object = index.objects.get(&inode_ref)?;
-                let first = readers.first().or(writers.first())?;
                 Some(PipeEnds {
                     inode: inode_ref,
                     name: name(object),
-                    readers: readers.clone(),
-                    writers: writers.clone(),
+                    readers,
+                    writers,
                     held_outside: object.held_outside,
-                    queued: queued(first),
+                    queued: queued(object),
                 })
             })
             .collect();

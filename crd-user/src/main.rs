@@ -382,7 +382,7 @@ fn bench_harvest(
         kernel_ns.push(stats.kernel_time.as_nanos() as u64);
     }
     let started = Instant::now();
-    let graph = crd::Graph::build(tgids[0], &last, &Default::default());
+    let graph = crd::Graph::build(tgids[0], &last, Default::default());
     let graph_ns = started.elapsed().as_nanos() as u64;
     let report = serde_json::json!({
         "source": source.to_string(),
