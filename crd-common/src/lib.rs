@@ -37,6 +37,10 @@ pub const TAIL_NAMED: u32 = 2;
 /// [`FdRecord::tail`]: an [`EventfdTail`] follows.
 pub const TAIL_EVENTFD: u32 = 3;
 
+/// [`FdRecord::tail`]: a [`SocketTail`] follows (every socket whose `struct sock` was
+/// read; a socket sent without it is listed as an opaque socket).
+pub const TAIL_SOCKET: u32 = 4;
+
 /// [`PipeTail::flags`]: the pipe had more occupied buffers than the program walks, so
 /// `queued` is a lower bound (userspace measures the queue itself with FIONREAD).
 pub const PIPE_QUEUE_TRUNCATED: u32 = 1 << 0;
@@ -51,6 +55,12 @@ pub const KIND_NAMED: u32 = 1 << 0;
 pub const KIND_EVENTFD: u32 = 1 << 1;
 /// [`Config::kinds`]: `shmem_inode_info::seals` resolved (memfd seals).
 pub const KIND_SHMEM: u32 = 1 << 2;
+
+/// [`Config::kinds`]: `socket`, `sock`, `unix_sock` and `inet_sock` fields resolved.
+pub const KIND_SOCKET: u32 = 1 << 3;
+
+/// Bytes of a unix socket's bound name the BPF program copies (`sun_path`, 108 bytes).
+pub const UNIX_PATH_LEN: usize = 108;
 
 /// Superblock magics the BPF program tells kinds apart by (include/uapi/linux/magic.h).
 pub const PIPEFS_MAGIC: u64 = 0x5049_5045;
@@ -169,6 +179,75 @@ pub struct EventfdTail {
     /// `eventfd_ctx::flags` (EFD_SEMAPHORE, EFD_NONBLOCK, EFD_CLOEXEC as created).
     pub flags: u32,
     pub _pad: u32,
+}
+
+/// The tail of a socket: its `struct socket` and `struct sock`, for every family, plus
+/// the family's own fields (unix: peer and bound name; inet: addresses and ports).
+/// Socket options restore needs are read by userspace with getsockopt while the targets
+/// are frozen; this tail carries what `ls` and the objref graph need.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketTail {
+    /// `socket::sk`: identity of the `struct sock`.
+    pub sock: u64,
+    /// unix: `i_ino` of the peer's socket inode (`unix_sock::peer->sk_socket`); 0 when
+    /// there is no peer, or when the peer is a connection not yet accepted (it has no
+    /// socket, so no inode yet).
+    pub peer_ino: u64,
+    /// `sock_common::skc_family` (AF_UNIX, AF_INET, AF_INET6, AF_NETLINK...).
+    pub family: u16,
+    /// `sock::sk_type` (SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET, SOCK_RAW...).
+    pub sock_type: u16,
+    /// `sock::sk_protocol` (IPPROTO_TCP, IPPROTO_UDP...; 0 for unix).
+    pub protocol: u16,
+    /// `sock_common::skc_state`: TCP_* numbering for every family (unix uses
+    /// TCP_ESTABLISHED = 1, TCP_CLOSE = 7, TCP_LISTEN = 10).
+    pub state: u8,
+    /// `sock::sk_shutdown` (RCV_SHUTDOWN = 1, SEND_SHUTDOWN = 2).
+    pub shutdown: u8,
+    /// `sock::sk_max_ack_backlog`: a listener's backlog.
+    pub backlog: u32,
+    /// `sock::sk_ack_backlog`: connections waiting to be accepted.
+    pub pending: u32,
+    /// `sock::sk_receive_queue.qlen`: buffers (unix: messages) queued for reading.
+    pub rqueue: u32,
+    /// inet: local port (`skc_num`, host order).
+    pub local_port: u16,
+    /// inet: remote port (`skc_dport`, converted to host order).
+    pub remote_port: u16,
+    /// inet: local address, network order (IPv4 in the first 4 bytes).
+    pub local_addr: [u8; 16],
+    /// inet: remote address, network order (IPv4 in the first 4 bytes).
+    pub remote_addr: [u8; 16],
+    /// unix: `unix_address::len` (bytes of `sockaddr_un` including `sun_family`); 0:
+    /// not bound.
+    pub name_len: u32,
+    /// unix: `sun_path` of the bound name, as many bytes as `name_len` says (an abstract
+    /// name starts with a NUL byte).
+    pub name: [u8; UNIX_PATH_LEN],
+}
+
+impl Default for SocketTail {
+    fn default() -> Self {
+        Self {
+            sock: 0,
+            peer_ino: 0,
+            family: 0,
+            sock_type: 0,
+            protocol: 0,
+            state: 0,
+            shutdown: 0,
+            backlog: 0,
+            pending: 0,
+            rqueue: 0,
+            local_port: 0,
+            remote_port: 0,
+            local_addr: [0; 16],
+            remote_addr: [0; 16],
+            name_len: 0,
+            name: [0; UNIX_PATH_LEN],
+        }
+    }
 }
 
 /// An fd record with its tail, as one ring buffer record.

@@ -146,7 +146,7 @@ impl Object {
     pub fn name(&self) -> String {
         match &self.path {
             Some(path) => path.clone(),
-            None => format!("{}:[{}]", self.kind(), self.ino),
+            None => self.state.name().unwrap_or_else(|| format!("{}:[{}]", self.kind(), self.ino)),
         }
     }
 }

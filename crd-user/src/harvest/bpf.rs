@@ -16,7 +16,7 @@ use aya::{
 };
 use crd_common::{
     COMM_LEN, EventfdTail, FD_CLOEXEC, FdRecord, NamedTail, RECORD_FD, RECORD_TASK, STAT_READ_FAILED,
-    STAT_RING_FULL, STAT_SUBMITTED, TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TaskRecord,
+    STAT_RING_FULL, STAT_SUBMITTED, TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TAIL_SOCKET, SocketTail, TaskRecord,
 };
 
 use super::{
@@ -366,13 +366,17 @@ fn fd_info(r: &FdRecord, tail: &[u8], file_ref_bias: i64) -> Option<FdInfo> {
     let named: Option<NamedTail> = match r.tail {
         TAIL_NAMED => Some(kinds::tail::<NamedTail>(tail)?),
         TAIL_EVENTFD => Some(kinds::tail::<EventfdTail>(tail)?.named),
-        TAIL_NONE | TAIL_PIPE => None,
+        TAIL_NONE | TAIL_PIPE | TAIL_SOCKET => None,
         _ => return None,
     };
     let name = named.map(|n| kinds::name_of(&n.name));
     let rdev = DeviceId::from_kernel(r.i_rdev);
+    let family = match r.tail {
+        TAIL_SOCKET => Some(kinds::tail::<SocketTail>(tail)?.family),
+        _ => None,
+    };
     let recognise =
-        Recognise { mode: r.i_mode, fs_magic: Some(r.sb_magic), name: name.as_deref(), rdev, link: None };
+        Recognise { mode: r.i_mode, fs_magic: Some(r.sb_magic), name: name.as_deref(), rdev, link: None, family };
     let kind = Kind::recognise(&recognise);
     // A kind whose tail is missing (its fields are not in this kernel's BTF) is opaque.
     let live = Live::from_bpf(kind, r, tail).or_else(|| {

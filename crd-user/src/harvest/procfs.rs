@@ -107,6 +107,7 @@ fn classify(slot: &Slot) -> Kind {
         name,
         rdev: DeviceId::from_user(slot.rdev),
         link: Some(&slot.link),
+        family: None,
     })
 }
 
@@ -216,7 +217,7 @@ fn read_table(
         let kind = classify(&slot);
         let live = Live::from_proc(
             kind,
-            &ProcSlot { tgid, fd, fdinfo: &slot.fdinfo, link: &slot.link, size: slot.size },
+            &ProcSlot { tgid, fd, fdinfo: &slot.fdinfo, link: &slot.link, size: slot.size, socket: None },
         );
         // /proc shows no private objects: an anon file's object is its description.
         let object_id = match kind.identity() {

@@ -173,14 +173,18 @@ impl Inode {
             // Format 1 did not tell terminals from other devices: today's crd does.
             InodeKind::CharDevice => {
                 let r =
-                    Recognise { mode: self.mode, fs_magic: None, name: None, rdev: self.rdev, link: None };
+                    Recognise { mode: self.mode, fs_magic: None, name: None, rdev: self.rdev, link: None, family: None };
                 match Kind::recognise(&r) {
                     Kind::Terminal => Saved::Terminal(ByPath),
                     _ => Saved::CharDevice(ByPath),
                 }
             }
             InodeKind::BlockDevice => Saved::BlockDevice(ByPath),
-            InodeKind::Socket => Saved::Socket(ByPath),
+            InodeKind::Socket => Saved::Socket(crate::kinds::socket::OtherSocketState {
+                family: None,
+                sock_type: None,
+                protocol: 0,
+            }),
             InodeKind::Anon => Saved::Anon(ByPath),
             InodeKind::Symlink | InodeKind::Unknown => Saved::Other(ByPath),
         };

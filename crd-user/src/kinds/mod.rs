@@ -104,7 +104,10 @@ pub mod memfd;
 pub mod opaque;
 pub mod pipe;
 pub mod regular;
+pub mod socket;
 pub mod terminal;
+pub mod unix;
+pub mod inet;
 
 /// What identifies the object behind an open file description.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +134,8 @@ pub struct Recognise<'a> {
     pub rdev: DeviceId,
     /// What `/proc/PID/fd/N` links to, where read (the /proc harvester).
     pub link: Option<&'a str>,
+    /// A socket's family (`AF_*`), where read.
+    pub family: Option<u16>,
 }
 
 impl Recognise<'_> {
@@ -150,6 +155,9 @@ pub struct ProcSlot<'a> {
     pub link: &'a str,
     /// `st_size`.
     pub size: u64,
+    /// What sock_diag said of a socket (looked up by inode in the target's network
+    /// namespace), where it answered.
+    pub socket: Option<&'a socket::SocketFacts>,
 }
 
 impl ProcSlot<'_> {
@@ -318,6 +326,11 @@ pub trait FileKind {
     fn streams(_saved: &Self::Saved) -> bool {
         false
     }
+    /// How `ls` and `inspect` name the object when it has no path (`TCP *:80 (LISTEN)`);
+    /// None: `kind:[ino]`.
+    fn name(_saved: &Self::Saved) -> Option<String> {
+        None
+    }
     /// What `ls` and `inspect` show beside the name (`count=7 semaphore`).
     fn detail(saved: &Self::Saved) -> Option<String>;
     /// Why an image restore cannot make this object (None: it can).
@@ -437,6 +450,10 @@ macro_rules! registry {
                 match self { $(Saved::$variant(s) => <$kind>::detail(s),)* }
             }
 
+            pub fn name(&self) -> Option<String> {
+                match self { $(Saved::$variant(s) => <$kind>::name(s),)* }
+            }
+
             pub fn streams(&self) -> bool {
                 match self { $(Saved::$variant(s) => <$kind>::streams(s),)* }
             }
@@ -524,7 +541,9 @@ registry! {
     Directory => directory::Directory,
     CharDevice => device::CharDevice,
     BlockDevice => device::BlockDevice,
-    Socket => opaque::Socket,
+    Unix => unix::Unix,
+    Inet => inet::Inet,
+    Socket => socket::OtherSocket,
     Anon => opaque::Anon,
     Other => opaque::Other,
 }

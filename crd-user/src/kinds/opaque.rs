@@ -1,20 +1,12 @@
-//! Kinds crd lists but does not recreate yet: sockets, anon-inode files other than the
+//! Kinds crd lists but does not recreate yet: anon-inode files other than the
 //! kinds that have a module (epoll, timerfd, signalfd, inotify, pidfd...), and anything
 //! else (symlinks opened with O_PATH, unknown types). `ls` and `inspect` show them by
 //! their /proc name; an image restore refuses them, naming the fd; `graft` hands the
 //! live ones over.
 use super::{Identity, not_supported};
 
-pub struct Socket;
 pub struct Anon;
 pub struct Other;
-
-stateless_kind!(Socket, "socket",
-    has_path: false, same_inode: false, identity: Identity::Inode,
-    recognise: |r| r.file_type() == libc::S_IFSOCK,
-    refusal: not_supported("sockets"),
-    open: |_args| unreachable!("refused"),
-);
 
 // Every anon file sits on one shared inode: its object is its private data.
 stateless_kind!(Anon, "anon",

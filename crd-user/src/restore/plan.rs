@@ -199,7 +199,11 @@ mod tests {
             held_outside,
             state: match kind {
                 Kind::Pipe => Saved::Pipe(PipeState { capacity: 65536, data: vec![] }),
-                Kind::Socket => Saved::Socket(ByPath),
+                Kind::Socket => Saved::Socket(crate::kinds::socket::OtherSocketState {
+                    family: Some(crate::kinds::socket::Family::from_raw(libc::AF_NETLINK as u16)),
+                    sock_type: None,
+                    protocol: 0,
+                }),
                 other => panic!("no sample of {other}"),
             },
         }
@@ -292,7 +296,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "PID 10 fd 3 (socket #3 socket:[1]), PID 10 fd 4 (socket #3 socket:[1]), PID 20 fd 7 (socket #3 socket:[1]): \
-             crd does not recreate sockets yet; `crd graft` hands the live one over"
+             crd does not recreate netlink sockets (only unix, TCP and UDP); `crd graft` hands the live one over"
         );
         // A graft hands over the very same socket: fine.
         assert!(plan(&graph(Kind::Socket, false), Mode::Graft).is_ok());
