@@ -21,14 +21,14 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    kinds::{InsideUse, Kind, Saved, decoding},
-    model::{FdInfo, Harvest, TaskInfo},
+    kinds::{InsideUse, Kind, Saved, Tie, decoding, socket::UnixName},
+    model::{Carried, FdInfo, FileInfo, Harvest, ObjectInfo, Saves, TaskInfo},
     types::{Access, DeviceId, Fd, KernelPtr, ObjRef, Pid, Tgid},
 };
 
-/// Each object's saved state (with contents), by the harvest's object identity; objects
-/// without one are sketched from what the harvest read.
-pub type SavedStates = std::collections::HashMap<KernelPtr, Saved>;
+/// Each object's saved state (with contents) and the files it carries, by the harvest's
+/// object identity; objects without a state are sketched from what the harvest read.
+pub type SavedStates = Saves;
 
 /// The first encounter of an object carries it; later ones refer to it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +135,15 @@ pub struct Object {
     pub held_outside: bool,
     /// The kind's own state (the kind is its variant).
     pub state: Saved,
+    /// The objects it is tied to, one per [`Saved::ties`] in that order (a socket's
+    /// peer, its listener), nested here on their first encounter as linux-cr nests a
+    /// socket's peer; None: not in the checkpointed set. (Format 3.)
+    #[serde(deserialize_with = "decoding::since_v3")]
+    pub tied: Vec<Option<Encounter<Object>>>,
+    /// The files it carries (fds in flight in a socket's queue), in the order its state
+    /// names them. (Format 3.)
+    #[serde(deserialize_with = "decoding::since_v3")]
+    pub carried: Vec<Encounter<FileDesc>>,
 }
 
 impl Object {
@@ -195,15 +204,18 @@ struct InsideCounts {
 }
 
 impl InsideCounts {
-    fn of(harvest: &Harvest) -> Self {
+    /// Every fd slot, and every file in flight inside an object of the set (the kernel
+    /// counts the message's reference too).
+    fn of(harvest: &Harvest, carried: &std::collections::HashMap<KernelPtr, Vec<Carried>>) -> Self {
         let mut counts = Self::default();
         let mut descriptions: HashSet<KernelPtr> = HashSet::new();
-        for f in &harvest.fds {
-            *counts.slots_per_file.entry(f.file.id).or_default() += 1;
-            if descriptions.insert(f.file.id) {
-                let inside = counts.use_per_object.entry(f.file.object.id).or_default();
-                inside.readers += f.file.access.read as u32;
-                inside.writers += f.file.access.write as u32;
+        let files = harvest.fds.iter().map(|f| &f.file).chain(carried.values().flatten().map(|c| &c.file));
+        for file in files {
+            *counts.slots_per_file.entry(file.id).or_default() += 1;
+            if descriptions.insert(file.id) {
+                let inside = counts.use_per_object.entry(file.object.id).or_default();
+                inside.readers += file.access.read as u32;
+                inside.writers += file.access.write as u32;
             }
         }
         counts
@@ -220,6 +232,25 @@ pub struct GraphIndex<'g> {
 }
 
 impl<'g> GraphIndex<'g> {
+    /// Indexes a description's first encounter, its object's, and whatever that object
+    /// nests (tied objects, carried files).
+    fn add_file(&mut self, file: &'g Encounter<FileDesc>) {
+        let Encounter::First { objref, object: file } = file else { return };
+        self.files.insert(*objref, file);
+        self.add_object(&file.object);
+    }
+
+    fn add_object(&mut self, object: &'g Encounter<Object>) {
+        let Encounter::First { objref, object } = object else { return };
+        self.objects.insert(*objref, object);
+        for tied in object.tied.iter().flatten() {
+            self.add_object(tied);
+        }
+        for carried in &object.carried {
+            self.add_file(carried);
+        }
+    }
+
     /// The description `file` and the objref and object it opens.
     pub fn open(&self, file: ObjRef) -> Option<(&'g FileDesc, ObjRef, &'g Object)> {
         let desc = *self.files.get(&file)?;
@@ -232,8 +263,8 @@ impl Graph {
     /// Builds the graph of `harvest`, rooted at `root`.
     /// `saved` is consumed: each state moves into its object (a pipe's queued bytes are
     /// not copied again).
-    pub fn build(root: Tgid, harvest: &Harvest, mut saved: SavedStates) -> Graph {
-        let inside = InsideCounts::of(harvest);
+    pub fn build(root: Tgid, harvest: &Harvest, saved: SavedStates) -> Graph {
+        let mut walk = Walk::new(harvest, saved);
         let mut tables: HashMap<KernelPtr, Vec<&FdInfo>> = HashMap::new();
         for f in &harvest.fds {
             tables.entry(f.fd_table).or_default().push(f);
@@ -258,7 +289,7 @@ impl Graph {
                             fd: f.fd,
                             close_on_exec: f.close_on_exec,
                             file: objhash.encounter(Class::File, f.file.id, |objhash| {
-                                file_desc(f, &inside, &mut saved, objhash)
+                                walk.file_desc(&f.file, objhash)
                             }),
                         })
                         .collect(),
@@ -289,11 +320,7 @@ impl Graph {
             let Encounter::First { objref, object: table } = &task.fd_table else { continue };
             index.tables.insert(*objref, table);
             for slot in &table.fds {
-                let Encounter::First { objref, object: file } = &slot.file else { continue };
-                index.files.insert(*objref, file);
-                if let Encounter::First { objref, object } = &file.object {
-                    index.objects.insert(*objref, object);
-                }
+                index.add_file(&slot.file);
             }
         }
         index
@@ -433,28 +460,116 @@ fn same_object(a: &Object, b: &Object) -> Result<(), String> {
     a.state.same(&b.state)
 }
 
-fn file_desc(f: &FdInfo, inside: &InsideCounts, saved: &mut SavedStates, objhash: &mut ObjHash) -> FileDesc {
-    let slots_inside = inside.slots_per_file.get(&f.file.id).copied().unwrap_or(0);
-    FileDesc {
-        flags: f.file.flags,
-        access: f.file.access,
-        pos: f.file.pos,
-        held_outside: f.file.refs > slots_inside,
-        object: objhash.encounter(Class::Object, f.file.object.id, |_| {
-            let o = &f.file.object;
-            let kind = o.kind();
-            Object {
-                ino: o.ino,
-                mode: o.mode,
-                dev: o.dev,
-                rdev: o.rdev,
-                path: if kind.has_path() { f.link.clone() } else { None },
-                held_outside: o
-                    .live
-                    .held_outside(inside.use_per_object.get(&o.id).copied().unwrap_or_default()),
-                state: saved.remove(&o.id).unwrap_or_else(|| o.live.sketch()),
+/// What the walk looks objects up in: every object of the harvest (and every file in
+/// flight) with its state, so that an object can nest the objects it is tied to.
+struct Walk<'h> {
+    inside: InsideCounts,
+    /// Each object's state, taken by its first encounter.
+    states: HashMap<KernelPtr, Saved>,
+    /// Each object's record and a link to name it by.
+    objects: HashMap<KernelPtr, (&'h ObjectInfo, Option<&'h String>)>,
+    /// Objects by (kind, inode number), for [`Tie::Peer`].
+    by_inode: HashMap<(Kind, u64), KernelPtr>,
+    /// Listeners by name, for [`Tie::Listener`].
+    listeners: HashMap<UnixName, KernelPtr>,
+    carried: std::collections::HashMap<KernelPtr, Vec<Carried>>,
+}
+
+impl<'h> Walk<'h> {
+    fn new(harvest: &'h Harvest, saves: Saves) -> Self {
+        let Saves { states: mut saved, carried } = saves;
+        let inside = InsideCounts::of(harvest, &carried);
+        let mut objects: HashMap<KernelPtr, (&ObjectInfo, Option<&String>)> = HashMap::new();
+        for f in &harvest.fds {
+            objects.entry(f.file.object.id).or_insert((&f.file.object, f.link.as_ref()));
+        }
+        let mut states: HashMap<KernelPtr, Saved> = HashMap::with_capacity(objects.len());
+        let mut by_inode = HashMap::new();
+        let mut listeners = HashMap::new();
+        for (id, (object, _)) in &objects {
+            let state = saved.remove(id).unwrap_or_else(|| object.live.sketch());
+            by_inode.insert((object.kind(), object.ino), *id);
+            if let Some(name) = state.listens_at() {
+                listeners.insert(name.clone(), *id);
             }
-        }),
+            states.insert(*id, state);
+        }
+        for c in carried.values().flatten() {
+            let id = c.file.object.id;
+            if states.contains_key(&id) {
+                continue;
+            }
+            let state = saved.remove(&id).unwrap_or_else(|| c.file.object.live.sketch());
+            by_inode.entry((c.file.object.kind(), c.file.object.ino)).or_insert(id);
+            states.insert(id, state);
+        }
+        Walk { inside, states, objects, by_inode, listeners, carried }
+    }
+
+    fn file_desc(&mut self, file: &FileInfo, objhash: &mut ObjHash) -> FileDesc {
+        let slots_inside = self.inside.slots_per_file.get(&file.id).copied().unwrap_or(0);
+        FileDesc {
+            flags: file.flags,
+            access: file.access,
+            pos: file.pos,
+            held_outside: file.refs > slots_inside,
+            object: objhash.encounter(Class::Object, file.object.id, |objhash| {
+                let link = self.objects.get(&file.object.id).and_then(|(_, link)| link.cloned()).or_else(|| {
+                    self.carried.values().flatten().find(|c| c.file.object.id == file.object.id)?.link.clone()
+                });
+                self.object(&file.object, link, objhash)
+            }),
+        }
+    }
+
+    /// An object's record, on its first encounter: its state, then the objects it is
+    /// tied to and the files it carries, each encountered in turn.
+    fn object(&mut self, o: &ObjectInfo, link: Option<String>, objhash: &mut ObjHash) -> Object {
+        let kind = o.kind();
+        let state = self.states.remove(&o.id).unwrap_or_else(|| o.live.sketch());
+        let mut found = Vec::new();
+        let tied = state
+            .ties()
+            .iter()
+            .map(|tie| {
+                let target = match tie {
+                    Tie::Peer(ino) => self.by_inode.get(&(kind, *ino)).copied(),
+                    Tie::Listener(name) => self.listeners.get(name).copied().filter(|id| *id != o.id),
+                };
+                found.push(target.is_some());
+                let id = target?;
+                Some(objhash.encounter(Class::Object, id, |objhash| {
+                    let (info, link) = match self.objects.get(&id) {
+                        Some((info, link)) => ((*info).clone(), link.cloned()),
+                        None => {
+                            let c = self.carried.values().flatten().find(|c| c.file.object.id == id);
+                            match c {
+                                Some(c) => (c.file.object.clone(), c.link.clone()),
+                                None => unreachable!("ties resolve only to harvested objects"),
+                            }
+                        }
+                    };
+                    self.object(&info, link, objhash)
+                }))
+            })
+            .collect();
+        let carried_files = self.carried.get(&o.id).cloned().unwrap_or_default();
+        let carried = carried_files
+            .iter()
+            .map(|c| objhash.encounter(Class::File, c.file.id, |objhash| self.file_desc(&c.file, objhash)))
+            .collect();
+        let inside = self.inside.use_per_object.get(&o.id).copied().unwrap_or_default();
+        Object {
+            ino: o.ino,
+            mode: o.mode,
+            dev: o.dev,
+            rdev: o.rdev,
+            path: if kind.has_path() { link } else { None },
+            held_outside: o.live.held_outside(inside) || state.outside_unless_tied(&found),
+            state,
+            tied,
+            carried,
+        }
     }
 }
 
@@ -587,7 +702,7 @@ mod tests {
     fn pipe_contents_go_with_the_inode() {
         let mut saved = SavedStates::default();
         let state = PipeState { capacity: 65536, data: b"queued".to_vec() };
-        saved.insert(KernelPtr(0x100), Saved::Pipe(state.clone()));
+        saved.states.insert(KernelPtr(0x100), Saved::Pipe(state.clone()));
         let g = Graph::build(Tgid(10), &family(), saved);
         let object =
             g.tasks[0].fd_table.first().unwrap().fds[0].file.first().unwrap().object.first().unwrap();

@@ -69,6 +69,25 @@ pub struct ObjectInfo {
     pub live: Live,
 }
 
+/// A file found inside an object rather than in an fd table: an fd in flight in a unix
+/// socket's queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Carried {
+    /// What /proc showed for it (a path, `pipe:[ino]`...), when read.
+    pub link: Option<String>,
+    pub file: FileInfo,
+}
+
+/// What a checkpoint read while its targets were frozen, beyond the harvest: each
+/// object's saved state with its contents, and the files each object carries, both by
+/// the harvest's object identity. Objects without a state are sketched from the harvest.
+#[derive(Clone, Debug, Default)]
+pub struct Saves {
+    pub states: std::collections::HashMap<KernelPtr, crate::kinds::Saved>,
+    /// In the order the object's state names them.
+    pub carried: std::collections::HashMap<KernelPtr, Vec<Carried>>,
+}
+
 impl ObjectInfo {
     pub fn kind(&self) -> Kind {
         self.live.kind()

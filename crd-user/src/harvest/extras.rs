@@ -1,14 +1,21 @@
 //! Facts the harvesters leave out, gathered while the targets are still frozen: the path
 //! behind each named object, and each object's saved state with its contents (a pipe's
 //! queue, a memfd's bytes), read by its kind ([`crate::kinds::FileKind::save`]).
-use std::{collections::HashMap, fs, os::fd::AsFd};
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    fs,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::unix::fs::MetadataExt,
+};
 
-use super::{FdInfo, Harvest};
+use super::{FdInfo, Harvest, procfs};
 use crate::{
     freeze::Frozen,
-    kinds::{KindError, Live, Reach, Saved},
-    sys::{self, SyscallError},
-    types::{Fd, KernelPtr, Tgid},
+    kinds::{KindError, Live, Reach},
+    model::{Carried, Saves},
+    sys::{self, Kcmp, SyscallError},
+    types::{DeviceId, Fd, KernelPtr, Pid, Tgid},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -17,12 +24,20 @@ pub enum ExtrasError {
     Save { tgid: Tgid, fd: Fd, kind: &'static str, source: KindError },
     #[error("PID {tgid} fd {fd}: {source}")]
     Pidfd { tgid: Tgid, fd: Fd, source: SyscallError },
+    #[error("PID {tgid} fd {fd}: a file in flight in its queue: {detail}")]
+    InFlight { tgid: Tgid, fd: Fd, detail: String },
 }
 
-/// Each object's saved state, by the harvest's object identity.
+/// Identities of files found only in flight (no fd table holds them).
+const IN_FLIGHT_TAG: u64 = 0x1f17 << 48;
+
+/// How deep files in flight may nest (a socket in flight carrying a socket in flight...).
+const MAX_IN_FLIGHT_DEPTH: usize = 4;
+
+/// What extras saved.
 #[derive(Clone, Debug, Default)]
 pub struct Extras {
-    pub saved: HashMap<KernelPtr, Saved>,
+    pub saved: Saves,
 }
 
 /// Fills in `link` for named objects and saves every object's state with its contents.
@@ -40,6 +55,9 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasE
         }
     }
     let mut extras = Extras::default();
+    // Files found in flight, to identify once every object is saved: (the object
+    // carrying them, where it was reached, the fds received).
+    let mut in_flight: Vec<(KernelPtr, Tgid, Fd, Vec<OwnedFd>)> = Vec::new();
     for (object, f) in sources {
         let live = &f.file.object.live;
         let pidfd = frozen.pidfd(f.tgid).ok_or_else(|| ExtrasError::Pidfd {
@@ -50,16 +68,99 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasE
                 source: std::io::Error::from_raw_os_error(libc::ESRCH),
             },
         })?;
-        let reach = Reach { pidfd, tgid: f.tgid, fd: f.fd, access: f.file.access };
+        let carried = RefCell::new(Vec::new());
+        let reach = Reach { pidfd, tgid: f.tgid, fd: f.fd, access: f.file.access, carried: &carried };
         let state = live.save(&reach).map_err(|source| ExtrasError::Save {
             tgid: f.tgid,
             fd: f.fd,
             kind: live.kind().name(),
             source,
         })?;
-        extras.saved.insert(object, state);
+        extras.saved.states.insert(object, state);
+        let carried = carried.into_inner();
+        if !carried.is_empty() {
+            in_flight.push((object, f.tgid, f.fd, carried));
+        }
     }
+    identify_in_flight(harvest, in_flight, &mut extras.saved)?;
     Ok(extras)
+}
+
+/// Names each file found in flight as the harvest names it: the very description an fd
+/// of the set holds (kcmp), or a description of its own on an object the set holds, or
+/// on an object only the message holds — whose state is then saved through crd's own
+/// copy (and which may carry files in turn).
+fn identify_in_flight(
+    harvest: &Harvest,
+    mut pending: Vec<(KernelPtr, Tgid, Fd, Vec<OwnedFd>)>,
+    saves: &mut Saves,
+) -> Result<(), ExtrasError> {
+    let me = Pid(std::process::id());
+    let mut by_inode: HashMap<(DeviceId, u64), Vec<&FdInfo>> = HashMap::new();
+    for f in &harvest.fds {
+        by_inode.entry((f.file.object.dev, f.file.object.ino)).or_default().push(f);
+    }
+    let own_pidfd = sys::pidfd_open(me)
+        .map_err(|source| ExtrasError::Pidfd { tgid: Tgid(me.0), fd: Fd(0), source })?;
+    let mut next = 0u64;
+    // Kept open until every state is saved: a received fd closed early could let its
+    // number be reused by the next one and confuse two files.
+    let mut keep: Vec<OwnedFd> = Vec::new();
+    for _depth in 0..MAX_IN_FLIGHT_DEPTH {
+        let mut deeper = Vec::new();
+        for (carrier, tgid, fd, fds) in pending {
+            let err = |detail: String| ExtrasError::InFlight { tgid, fd, detail };
+            let mut list = Vec::with_capacity(fds.len());
+            for received in fds {
+                let meta = fs::metadata(format!("/proc/self/fd/{}", received.as_raw_fd()))
+                    .map_err(|e| err(format!("cannot stat it: {e}")))?;
+                let candidates = by_inode.get(&(DeviceId::from_user(meta.dev()), meta.ino()));
+                let own = Fd(received.as_raw_fd() as u32);
+                let same = candidates.into_iter().flatten().find(|f| {
+                    sys::kcmp_same(me, Pid(f.tgid.0), Kcmp::File(own, f.fd)).unwrap_or(false)
+                });
+                if let Some(f) = same {
+                    list.push(Carried { link: f.link.clone(), file: f.file.clone() });
+                    keep.push(received);
+                    continue;
+                }
+                next += 1;
+                let object = candidates.and_then(|c| c.first()).map(|f| f.file.object.id);
+                let (link, file) = procfs::own_file(own, KernelPtr(IN_FLIGHT_TAG | next), object)
+                    .map_err(|e| err(e.to_string()))?
+                    .ok_or_else(|| err("it vanished from crd's own fd table".into()))?;
+                if !saves.states.contains_key(&file.object.id) {
+                    let carried = RefCell::new(Vec::new());
+                    let reach = Reach {
+                        pidfd: own_pidfd.as_fd(),
+                        tgid: Tgid(me.0),
+                        fd: own,
+                        access: file.access,
+                        carried: &carried,
+                    };
+                    let state = file.object.live.save(&reach).map_err(|e| err(e.to_string()))?;
+                    saves.states.insert(file.object.id, state);
+                    let carried = carried.into_inner();
+                    if !carried.is_empty() {
+                        deeper.push((file.object.id, tgid, fd, carried));
+                    }
+                }
+                list.push(Carried { link: Some(link), file });
+                keep.push(received);
+            }
+            saves.carried.insert(carrier, list);
+        }
+        pending = deeper;
+        if pending.is_empty() {
+            return Ok(());
+        }
+    }
+    let (_, tgid, fd, _) = &pending[0];
+    Err(ExtrasError::InFlight {
+        tgid: *tgid,
+        fd: *fd,
+        detail: format!("files in flight nest more than {MAX_IN_FLIGHT_DEPTH} deep"),
+    })
 }
 
 /// Fills in `link` for named objects (files, directories, FIFOs, devices, anon files)

@@ -329,3 +329,39 @@ fn count_references(
     }
     Ok(())
 }
+
+/// Describes one of crd's own fds the way the harvest describes a target's: a file
+/// received in flight from a socket's queue. `id` names the description; `object`,
+/// where given, names its object (the same inode the harvest already holds).
+pub fn own_file(fd: Fd, id: KernelPtr, object: Option<KernelPtr>) -> Result<Option<(String, FileInfo)>, ProcfsError> {
+    let me = Pid(std::process::id());
+    let Some(slot) = read_slot(me, fd)? else {
+        return Ok(None);
+    };
+    let kind = classify(&slot);
+    let live = Live::from_proc(
+        kind,
+        &ProcSlot { tgid: Tgid(me.0), fd, fdinfo: &slot.fdinfo, link: &slot.link, size: slot.size, socket: None },
+    );
+    let object_id = match (kind.identity(), object) {
+        (Identity::Inode, Some(object)) => object,
+        _ => KernelPtr(id.0 ^ INODE_TAG),
+    };
+    let file = FileInfo {
+        id,
+        flags: slot.flags & !(libc::O_CLOEXEC as u32),
+        access: Access::from_open_flags(slot.flags),
+        pos: slot.pos,
+        // Only the message holds it.
+        refs: 1,
+        object: ObjectInfo {
+            id: object_id,
+            ino: slot.ino,
+            mode: slot.mode,
+            dev: DeviceId::from_user(slot.dev),
+            rdev: DeviceId::from_user(slot.rdev),
+            live,
+        },
+    };
+    Ok(Some((slot.link, file)))
+}

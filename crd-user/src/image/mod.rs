@@ -37,14 +37,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     graph::Graph,
-    kinds::decoding::{UNKNOWN_KIND, UNKNOWN_KIND_END},
+    kinds::decoding::{self, UNKNOWN_KIND, UNKNOWN_KIND_END},
 };
 
 mod v1;
 
 pub const MAGIC: [u8; 8] = *b"CRDIMAGE";
 /// Bumped on any incompatible change to [`ImageBody`].
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format this crd still reads.
 pub const OLDEST_VERSION: u32 = 1;
 const PREFIX_LEN: usize = 24;
@@ -295,6 +295,7 @@ pub fn decode(bytes: &[u8], path: &str) -> Result<ImageBody, ImageError> {
     if crc32fast::hash(payload) != u32_at(20) {
         return Err(ImageError::Checksum { path });
     }
+    decoding::set_format(version);
     let decoded = if version == 1 {
         decode_body::<v1::ImageBody>(payload).map(|(body, used)| (body.upgrade(), used))
     } else {
@@ -395,6 +396,8 @@ mod tests {
             path: None,
             held_outside: false,
             state: Saved::Pipe(PipeState { capacity: 65536, data: b"hello".to_vec() }),
+            tied: Vec::new(),
+            carried: Vec::new(),
         };
         let file = FileDesc {
             flags: 0,

@@ -196,6 +196,8 @@ impl Inode {
             path: self.path,
             held_outside,
             state,
+            tied: Vec::new(),
+            carried: Vec::new(),
         }
     }
 }

@@ -12,6 +12,23 @@ use crate::types::{Fd, Tgid};
 
 thread_local! {
     static AT: Cell<(u32, u32)> = const { Cell::new((0, 0)) };
+    /// The format version of the image being decoded.
+    static FORMAT: Cell<u32> = const { Cell::new(u32::MAX) };
+}
+
+/// Notes the format version of the image about to be decoded on this thread.
+pub fn set_format(version: u32) {
+    FORMAT.with(|f| f.set(version));
+}
+
+/// Decodes a field that format 3 added (an object's ties and the files it carries):
+/// an older image does not hold it, so nothing is read and the field is empty. The
+/// body's fields are positional, so this is all an older layout needs.
+pub fn since_v3<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> Result<T, D::Error> {
+    if FORMAT.with(Cell::get) < 3 {
+        return Ok(T::default());
+    }
+    T::deserialize(d)
 }
 
 /// Marks an error message as "unknown kind" for the image layer (the decoder's error

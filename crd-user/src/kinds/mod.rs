@@ -183,6 +183,54 @@ pub struct Reach<'a> {
     pub fd: Fd,
     /// The description's access (a pipe's contents can only be copied from a read end).
     pub access: Access,
+    /// Where save leaves the files it found inside the object, in the order its state
+    /// names them (the fds in flight in a unix socket's queue, received by peeking):
+    /// the harvest identifies each and the graph nests it in the object.
+    pub carried: &'a std::cell::RefCell<Vec<OwnedFd>>,
+}
+
+/// Another object an object is tied to, named as the saved state knows it; the graph
+/// finds it among the harvested objects and nests it in the object's record
+/// (linux-cr: a unix socket checkpoints its peer), so restore makes the two together.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Tie {
+    /// The object of the same kind with this inode number: a connected socket's peer.
+    Peer(u64),
+    /// The listening object others reach by this name: the listener a unix connection
+    /// was accepted from, or is waiting on.
+    Listener(socket::UnixName),
+}
+
+/// An object tied to the one restore is making (see [`Tie`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Tied<'a> {
+    pub tie: &'a Tie,
+    pub object: ObjRef,
+    pub state: &'a Saved,
+    /// Its first description, if made already (a listener restore connects to).
+    pub fd: Option<RawFd>,
+}
+
+/// What [`FileKind::complete`] gets once every description of the image exists.
+#[derive(Clone, Copy, Debug)]
+pub struct Completion<'a> {
+    /// The object's first description.
+    pub fd: BorrowedFd<'a>,
+    /// Each tied object's first description, with its state (None: not in the image).
+    pub tied: &'a [(&'a Tie, Option<(BorrowedFd<'a>, &'a Saved)>)],
+    /// The files the object carries, in the order its state names them.
+    pub carried: &'a [BorrowedFd<'a>],
+}
+
+/// The two steps of [`FileKind::complete`]: every object's contents go in before any
+/// object is closed for writing (a socket's queue is refilled by its peer before either
+/// end is shut down).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Connect what waits on a listener, refill queues (with the files in flight).
+    Fill,
+    /// Options and shutdowns.
+    Seal,
 }
 
 /// Why a kind could not save or make an object. The caller adds where (PID, fd, objref).
@@ -219,6 +267,8 @@ pub struct OpenArgs<'a> {
     pub pos: i64,
     /// The path of a named object.
     pub path: Option<&'a str>,
+    /// The objects this one is tied to (see [`Tie`]), in the order its state names them.
+    pub tied: &'a [Tied<'a>],
     /// `i_mode` at checkpoint time.
     pub mode: u32,
     pub ino: u64,
@@ -333,6 +383,23 @@ pub trait FileKind {
     }
     /// What `ls` and `inspect` show beside the name (`count=7 semaphore`).
     fn detail(saved: &Self::Saved) -> Option<String>;
+    /// The other objects this one is tied to (a socket's peer, its listener).
+    fn ties(_saved: &Self::Saved) -> Vec<Tie> {
+        Vec::new()
+    }
+    /// The name others reach this object by, when it is a listener ([`Tie::Listener`]).
+    fn listens_at(_saved: &Self::Saved) -> Option<&socket::UnixName> {
+        None
+    }
+    /// Whether the object is held outside given which ties the graph found in the
+    /// checkpointed set (a connected socket whose peer is elsewhere).
+    fn outside_unless_tied(_saved: &Self::Saved, _found: &[bool]) -> bool {
+        false
+    }
+    /// The last steps of restore, once every description exists (see [`Stage`]).
+    fn complete(_saved: &Self::Saved, _stage: Stage, _done: &Completion<'_>) -> Result<(), KindError> {
+        Ok(())
+    }
     /// Why an image restore cannot make this object (None: it can).
     fn refusal(_saved: &Self::Saved) -> Option<String> {
         None
@@ -452,6 +519,22 @@ macro_rules! registry {
 
             pub fn name(&self) -> Option<String> {
                 match self { $(Saved::$variant(s) => <$kind>::name(s),)* }
+            }
+
+            pub fn ties(&self) -> Vec<Tie> {
+                match self { $(Saved::$variant(s) => <$kind>::ties(s),)* }
+            }
+
+            pub fn listens_at(&self) -> Option<&socket::UnixName> {
+                match self { $(Saved::$variant(s) => <$kind>::listens_at(s),)* }
+            }
+
+            pub fn outside_unless_tied(&self, found: &[bool]) -> bool {
+                match self { $(Saved::$variant(s) => <$kind>::outside_unless_tied(s, found),)* }
+            }
+
+            pub fn complete(&self, stage: Stage, done: &Completion<'_>) -> Result<(), KindError> {
+                match self { $(Saved::$variant(s) => <$kind>::complete(s, stage, done),)* }
             }
 
             pub fn streams(&self) -> bool {

@@ -185,7 +185,7 @@ mod tests {
     use super::*;
     use crate::{
         graph::{FdSlot, FdTable, FileDesc, Object, Task},
-        kinds::{Kind, Saved, pipe::PipeState, regular::ByPath},
+        kinds::{Kind, Saved, pipe::PipeState},
         types::{Access, DeviceId},
     };
 
@@ -206,6 +206,8 @@ mod tests {
                 }),
                 other => panic!("no sample of {other}"),
             },
+            tied: Vec::new(),
+            carried: Vec::new(),
         }
     }
 
