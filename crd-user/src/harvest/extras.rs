@@ -129,7 +129,7 @@ fn identify_in_flight(
                 let (link, file) = procfs::own_file(own, KernelPtr(IN_FLIGHT_TAG | next), object)
                     .map_err(|e| err(e.to_string()))?
                     .ok_or_else(|| err("it vanished from crd's own fd table".into()))?;
-                if !saves.states.contains_key(&file.object.id) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = saves.states.entry(file.object.id) {
                     let carried = RefCell::new(Vec::new());
                     let reach = Reach {
                         pidfd: own_pidfd.as_fd(),
@@ -139,7 +139,7 @@ fn identify_in_flight(
                         carried: &carried,
                     };
                     let state = file.object.live.save(&reach).map_err(|e| err(e.to_string()))?;
-                    saves.states.insert(file.object.id, state);
+                    slot.insert(state);
                     let carried = carried.into_inner();
                     if !carried.is_empty() {
                         deeper.push((file.object.id, tgid, fd, carried));

@@ -4,14 +4,30 @@
 //! - Live: [`SocketFacts`] (BPF: `sock_common` addresses and ports; /proc: sock_diag).
 //! - `ls` names them as lsof does: `TCP 127.0.0.1:8080 (LISTEN)`, `UDP *:5353`,
 //!   `TCP 10.0.0.1:22->10.0.0.2:51234 (ESTABLISHED)`.
-use std::net::SocketAddr;
+//! - Saved while frozen through a `pidfd_getfd` copy: the options restore sets
+//!   (SO_REUSEADDR, SO_REUSEPORT, SO_KEEPALIVE, SO_BROADCAST, buffer sizes, TCP_NODELAY,
+//!   IPV6_V6ONLY) and a UDP socket's queued datagrams with their senders, peeked
+//!   without consuming them.
+//! - Restore: a listener is made with its options, bound to the same address and port
+//!   and listens with the same backlog; a UDP socket is bound (and connected) again and
+//!   its datagrams re-sent to it, each from its original sender's address where crd
+//!   can bind it (a local one), else from a port of crd's own. An established TCP
+//!   connection (which needs TCP_REPAIR) and a listener with connections waiting to be
+//!   accepted (they would be lost) are refused by name.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+};
 
+use nix::sys::socket::SockaddrStorage;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    FileKind, KindError, ObjectStore, OpenArgs, Opened, ProcSlot, Recognise,
+    Completion, FileKind, KindError, ObjectStore, OpenArgs, Opened, ProcSlot, Reach, Recognise, Stage,
+    sockio::{self, Buffers, Message, Walk},
     socket::{Family, SockType, SocketFacts, state},
 };
+use crate::sys::{self, SyscallError};
 
 pub struct Inet;
 
@@ -35,6 +51,59 @@ pub struct InetState {
     pub backlog: u32,
     /// Connections waiting to be accepted on a listener.
     pub pending: u32,
+    /// Options (None: only sketched, never saved).
+    pub options: Option<InetOptions>,
+    /// A UDP socket's queued datagrams, oldest first.
+    pub queue: Vec<Message>,
+}
+
+/// Options restore sets again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InetOptions {
+    pub buffers: Buffers,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    pub keepalive: bool,
+    pub broadcast: bool,
+    /// TCP_NODELAY (TCP only).
+    pub nodelay: bool,
+    /// IPV6_V6ONLY (IPv6 only).
+    pub v6only: bool,
+}
+
+impl InetOptions {
+    fn read(fd: BorrowedFd<'_>, transport: Transport, ipv6: bool) -> Result<Self, KindError> {
+        let flag = |level, name, call| sockio::get_int(fd, level, name, call).map(|v| v != 0);
+        Ok(InetOptions {
+            buffers: Buffers::read(fd)?,
+            reuseaddr: flag(libc::SOL_SOCKET, libc::SO_REUSEADDR, "getsockopt(SO_REUSEADDR)")?,
+            reuseport: flag(libc::SOL_SOCKET, libc::SO_REUSEPORT, "getsockopt(SO_REUSEPORT)")?,
+            keepalive: flag(libc::SOL_SOCKET, libc::SO_KEEPALIVE, "getsockopt(SO_KEEPALIVE)")?,
+            broadcast: flag(libc::SOL_SOCKET, libc::SO_BROADCAST, "getsockopt(SO_BROADCAST)")?,
+            nodelay: transport == Transport::Tcp && flag(libc::IPPROTO_TCP, libc::TCP_NODELAY, "getsockopt(TCP_NODELAY)")?,
+            v6only: ipv6 && flag(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, "getsockopt(IPV6_V6ONLY)")?,
+        })
+    }
+
+    /// What must be set before bind (it decides whether the bind succeeds).
+    fn apply_before_bind(&self, fd: BorrowedFd<'_>, ipv6: bool) -> Result<(), KindError> {
+        sockio::set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, self.reuseaddr as i32, "setsockopt(SO_REUSEADDR)")?;
+        sockio::set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, self.reuseport as i32, "setsockopt(SO_REUSEPORT)")?;
+        if ipv6 {
+            sockio::set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, self.v6only as i32, "setsockopt(IPV6_V6ONLY)")?;
+        }
+        Ok(())
+    }
+
+    fn apply_after(&self, fd: BorrowedFd<'_>, transport: Transport) -> Result<(), KindError> {
+        self.buffers.apply(fd)?;
+        sockio::set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, self.keepalive as i32, "setsockopt(SO_KEEPALIVE)")?;
+        sockio::set_int(fd, libc::SOL_SOCKET, libc::SO_BROADCAST, self.broadcast as i32, "setsockopt(SO_BROADCAST)")?;
+        if transport == Transport::Tcp {
+            sockio::set_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, self.nodelay as i32, "setsockopt(TCP_NODELAY)")?;
+        }
+        Ok(())
+    }
 }
 
 impl Transport {
@@ -75,7 +144,23 @@ impl FileKind for Inet {
             remote: live.remote,
             backlog: live.backlog,
             pending: live.pending,
+            options: None,
+            queue: Vec::new(),
         }
+    }
+
+    fn save(live: &SocketFacts, reach: &Reach<'_>) -> Result<InetState, KindError> {
+        let mut saved = Self::sketch(live);
+        let copy = sys::pidfd_getfd(reach.pidfd, reach.fd)?;
+        let fd = copy.as_fd();
+        saved.local = address(fd, false)?;
+        saved.remote = address(fd, true)?;
+        saved.options = Some(InetOptions::read(fd, saved.transport, saved.ipv6)?);
+        if saved.transport == Transport::Udp {
+            let mut carried = Vec::new();
+            saved.queue = sockio::peek_queue(fd, Walk::Datagrams, &mut carried)?;
+        }
+        Ok(saved)
     }
 
     fn name(saved: &InetState) -> Option<String> {
@@ -101,23 +186,166 @@ impl FileKind for Inet {
         })
     }
 
-    fn refusal(_saved: &InetState) -> Option<String> {
-        super::not_supported("TCP and UDP sockets")
+    fn refusal(saved: &InetState) -> Option<String> {
+        if saved.transport == Transport::Udp {
+            return None;
+        }
+        match saved.state {
+            state::LISTEN if saved.pending != 0 => Some(format!(
+                "{} connections wait to be accepted on {}: a restored listener would lose them; let the program accept them, or use `crd graft`",
+                saved.pending,
+                Self::name(saved).unwrap_or_default()
+            )),
+            state::LISTEN | state::CLOSE => None,
+            _ => Some(format!(
+                "{} is a TCP connection, which crd cannot restore from an image yet (it needs TCP_REPAIR); `crd graft` hands the live one over",
+                Self::name(saved).unwrap_or_default()
+            )),
+        }
     }
 
     fn open(saved: &InetState, _args: &OpenArgs<'_>, _store: &mut ObjectStore) -> Result<Opened, KindError> {
-        Err(KindError::Other(Self::refusal(saved).unwrap_or_default()))
+        if let Some(why) = Self::refusal(saved) {
+            return Err(KindError::Other(why));
+        }
+        let family = if saved.ipv6 { libc::AF_INET6 } else { libc::AF_INET };
+        let sock_type = match saved.transport {
+            Transport::Tcp => libc::SOCK_STREAM,
+            Transport::Udp => libc::SOCK_DGRAM,
+        };
+        let fd = sockio::socket(family, sock_type)?;
+        if let Some(options) = &saved.options {
+            options.apply_before_bind(fd.as_fd(), saved.ipv6)?;
+        }
+        if let Some(local) = saved.local.filter(|a| a.port() != 0) {
+            bind(fd.as_fd(), local)?;
+        }
+        if saved.transport == Transport::Tcp && saved.state == state::LISTEN {
+            // SAFETY: plain syscall on a socket we hold.
+            if unsafe { libc::listen(fd.as_raw_fd(), saved.backlog.min(i32::MAX as u32) as i32) } < 0 {
+                return Err(SyscallError::last("listen").into());
+            }
+        }
+        if saved.transport == Transport::Udp
+            && let Some(remote) = saved.remote
+        {
+            let addr = SockaddrStorage::from(remote);
+            nix::sys::socket::connect(fd.as_raw_fd(), &addr).map_err(|e| KindError::errno("connect", e))?;
+        }
+        Ok(Opened { fd, fresh: true })
+    }
+
+    fn complete(saved: &InetState, stage: Stage, done: &Completion<'_>) -> Result<(), KindError> {
+        match stage {
+            Stage::Fill => refill(saved, done.fd),
+            Stage::Seal => match &saved.options {
+                Some(options) => options.apply_after(done.fd, saved.transport),
+                None => Ok(()),
+            },
+        }
     }
 
     fn same(a: &InetState, b: &InetState) -> Result<(), String> {
-        if a != b {
-            return Err(format!("inet socket {a:?} vs {b:?}"));
+        let key = |s: &InetState| (s.transport, s.ipv6, s.state, s.local, s.remote, s.backlog, s.queue.clone());
+        if key(a) != key(b) {
+            return Err(format!("inet socket {:?} vs {:?}", Inet::name(a), Inet::name(b)));
+        }
+        if let (Some(x), Some(y)) = (&a.options, &b.options)
+            && x != y
+        {
+            return Err(format!("inet socket options {x:?} vs {y:?}"));
         }
         Ok(())
     }
 }
 
 /// An address as lsof prints it: `*` for the wildcard address, IPv6 in brackets.
+/// The local (or remote) address of a socket; None: none (not bound, not connected).
+fn address(fd: BorrowedFd<'_>, remote: bool) -> Result<Option<SocketAddr>, KindError> {
+    let got = if remote {
+        nix::sys::socket::getpeername::<SockaddrStorage>(fd.as_raw_fd())
+    } else {
+        nix::sys::socket::getsockname::<SockaddrStorage>(fd.as_raw_fd())
+    };
+    let addr = match got {
+        Ok(addr) => addr,
+        Err(nix::errno::Errno::ENOTCONN) => return Ok(None),
+        Err(e) => return Err(KindError::errno(if remote { "getpeername" } else { "getsockname" }, e)),
+    };
+    Ok(socket_addr(&addr))
+}
+
+fn socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    addr.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+}
+
+fn bind(fd: BorrowedFd<'_>, local: SocketAddr) -> Result<(), KindError> {
+    let addr = SockaddrStorage::from(local);
+    nix::sys::socket::bind(fd.as_raw_fd(), &addr).map_err(|e| match e {
+        nix::errno::Errno::EADDRINUSE => KindError::Other(format!(
+            "{local} is in use: the original (or another program) still holds it; restore after it is gone"
+        )),
+        e => KindError::errno("bind", e),
+    })
+}
+
+/// Re-sends a UDP socket's queued datagrams to it, each from its sender's address
+/// where crd can bind it, else from a port of crd's own (the sender then differs: said
+/// in a warning).
+fn refill(saved: &InetState, fd: BorrowedFd<'_>) -> Result<(), KindError> {
+    if saved.queue.is_empty() {
+        return Ok(());
+    }
+    let Some(local) = address(fd, false)? else {
+        return Err(KindError::Other("queued datagrams cannot be put back: the socket has no address".into()));
+    };
+    // A wildcard address is reached on loopback.
+    let target = match local.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), local.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), local.port()),
+        _ => local,
+    };
+    let family = if saved.ipv6 { libc::AF_INET6 } else { libc::AF_INET };
+    let to = SockaddrStorage::from(target);
+    let mut own: Option<OwnedFd> = None;
+    for message in &saved.queue {
+        let from_original = message.from.and_then(|from| {
+            let sender = sockio::socket(family, libc::SOCK_DGRAM).ok()?;
+            sockio::set_int(sender.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "setsockopt(SO_REUSEADDR)").ok()?;
+            sockio::set_int(sender.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, 1, "setsockopt(SO_REUSEPORT)").ok()?;
+            bind(sender.as_fd(), from).ok()?;
+            Some(sender)
+        });
+        let sender = match &from_original {
+            Some(sender) => sender.as_fd(),
+            None => {
+                if own.is_none() {
+                    log::warn!(
+                        "a datagram queued on {} is re-sent from a port of crd's own: its sender's address could not be bound",
+                        Inet::name(saved).unwrap_or_default()
+                    );
+                    own = Some(sockio::socket(family, libc::SOCK_DGRAM)?);
+                }
+                own.as_ref().map(AsFd::as_fd).ok_or_else(|| KindError::Other("no sender".into()))?
+            }
+        };
+        let sent = nix::sys::socket::sendto(
+            sender.as_raw_fd(),
+            &message.data,
+            &to,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(|e| KindError::errno("sendto", e))?;
+        if sent != message.data.len() {
+            return Err(KindError::Other(format!("only {sent} of a datagram's {} bytes were re-sent", message.data.len())));
+        }
+    }
+    Ok(())
+}
+
 fn endpoint(addr: Option<SocketAddr>) -> String {
     let Some(addr) = addr else { return "*:*".into() };
     let ip = if addr.ip().is_unspecified() {

@@ -105,6 +105,7 @@ pub mod opaque;
 pub mod pipe;
 pub mod regular;
 pub mod socket;
+pub mod sockio;
 pub mod terminal;
 pub mod unix;
 pub mod inet;
