@@ -1,0 +1,343 @@
+//! Sockets round-trip through an image, compared with the originals through the kernel
+//! (socket options, getsockname/getpeername, the queues read with MSG_PEEK, the files in
+//! flight received for real), never through crd's own output.
+//!
+//! The processes are Python programs (real sockets, as a server opens them); TCP and UDP
+//! run in a network namespace the test makes for itself.
+use std::{
+    io::{BufRead, BufReader, IoSliceMut},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    process::{Child, Command, Stdio},
+};
+
+use crd_tests::{crd, require_root, restore_with};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+
+/// A process tree, killed when dropped.
+struct Program(Child);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `python3 -c SCRIPT ARGS` and returns it with the first line it prints.
+fn python(script: &str, args: &[&str]) -> (Program, serde_json::Value) {
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    (Program(child), value)
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A copy of `fd` of process `pid` (the very same socket).
+fn grab(pid: u32, fd: u32) -> OwnedFd {
+    // SAFETY: plain syscalls with integer arguments; the results are checked.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
+        assert!(pidfd >= 0, "pidfd_open {pid}: {}", std::io::Error::last_os_error());
+        let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
+        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd as i32, 0);
+        assert!(copy >= 0, "pidfd_getfd {pid} {fd}: {}", std::io::Error::last_os_error());
+        OwnedFd::from_raw_fd(copy as RawFd)
+    }
+}
+
+fn int_opt(fd: BorrowedFd<'_>, level: i32, name: i32) -> i32 {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int into our local.
+    let ret = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut value).cast(), &mut len) };
+    assert_eq!(ret, 0, "getsockopt {level}/{name}: {}", std::io::Error::last_os_error());
+    value
+}
+
+fn set_int_opt(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) {
+    // SAFETY: setsockopt reads one int from our local.
+    let ret = unsafe {
+        libc::setsockopt(fd.as_raw_fd(), level, name, (&raw const value).cast(), size_of::<libc::c_int>() as u32)
+    };
+    assert_eq!(ret, 0, "setsockopt {level}/{name}: {}", std::io::Error::last_os_error());
+}
+
+/// The raw bytes getsockname or getpeername give (`ENOTCONN` for no peer).
+fn name(fd: BorrowedFd<'_>, peer: bool) -> String {
+    let mut addr = [0u8; 128];
+    let mut len = addr.len() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into our buffer.
+    let ret = unsafe {
+        if peer {
+            libc::getpeername(fd.as_raw_fd(), addr.as_mut_ptr().cast(), &mut len)
+        } else {
+            libc::getsockname(fd.as_raw_fd(), addr.as_mut_ptr().cast(), &mut len)
+        }
+    };
+    if ret < 0 {
+        return format!("error {}", std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    format!("{:?}", &addr[..len as usize])
+}
+
+/// What the kernel says of one socket: type, listening, both names, and its receive
+/// queue read with MSG_PEEK (stepping SO_PEEK_OFF, put back after): each message's
+/// bytes and what each file in flight is (its /proc link's kind).
+fn describe(pid: u32, fd: u32) -> String {
+    let sock = grab(pid, fd);
+    let s = sock.as_fd();
+    let sock_type = int_opt(s, libc::SOL_SOCKET, libc::SO_TYPE);
+    let listening = int_opt(s, libc::SOL_SOCKET, libc::SO_ACCEPTCONN);
+    let mut out = format!("type {sock_type} listening {listening} name {} peer {}", name(s, false), name(s, true));
+    if listening == 0 {
+        out.push_str(&format!(" queue {:?}", peek_all(s, sock_type)));
+    }
+    out
+}
+
+fn peek_all(s: BorrowedFd<'_>, sock_type: i32) -> Vec<(Vec<u8>, Vec<String>)> {
+    let old = int_opt(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF);
+    set_int_opt(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0);
+    let mut total = 0;
+    if sock_type == libc::SOCK_STREAM {
+        // SAFETY: FIONREAD writes one int into our local.
+        assert_eq!(unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut total) }, 0);
+    }
+    let mut messages = Vec::new();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        if sock_type == libc::SOCK_STREAM && got >= total as usize {
+            break;
+        }
+        let len = if sock_type == libc::SOCK_STREAM { total as usize - got } else { buf.len() };
+        let mut space = nix::cmsg_space!([RawFd; 16]);
+        let mut iov = [IoSliceMut::new(&mut buf[..len])];
+        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+        let Ok(msg) = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), flags) else { break };
+        let mut files = Vec::new();
+        for cmsg in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                for fd in fds {
+                    // SAFETY: the kernel installed this fd in the test for this peek.
+                    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+                    files.push(link.to_string_lossy().split(':').next().unwrap_or("").to_string());
+                }
+            }
+        }
+        let n = msg.bytes;
+        got += n;
+        messages.push((buf[..n].to_vec(), files));
+        if sock_type == libc::SOCK_STREAM && n == 0 {
+            break;
+        }
+    }
+    set_int_opt(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, old);
+    // A stream's chunks split wherever a peek stopped: join those that carry no file.
+    if sock_type == libc::SOCK_STREAM {
+        let mut joined: Vec<(Vec<u8>, Vec<String>)> = Vec::new();
+        for (data, files) in messages {
+            match joined.last_mut() {
+                Some(last) if last.1.is_empty() && files.is_empty() => last.0.extend(data),
+                _ => joined.push((data, files)),
+            }
+        }
+        return joined;
+    }
+    messages
+}
+
+/// Receives one message for real: its bytes and the files it carries.
+fn receive(s: BorrowedFd<'_>) -> (Vec<u8>, Vec<OwnedFd>) {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut space = nix::cmsg_space!([RawFd; 16]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC)
+        .expect("a message is queued");
+    let n = msg.bytes;
+    let mut files = Vec::new();
+    for cmsg in msg.cmsgs().unwrap() {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            // SAFETY: the kernel installed these fds in the test for this message.
+            files.extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    (buf[..n].to_vec(), files)
+}
+
+/// Two unix processes: pairs of every type split between them with data queued both
+/// ways, a pipe's read end in flight (its only holder is the message), a path listener
+/// and an abstract one each with an accepted and a waiting connection, and a named
+/// datagram socket with datagrams from a client connected to it.
+const UNIX_SCENARIO: &str = r#"
+import array, json, os, socket, sys, time
+d, tag = sys.argv[1], sys.argv[2]
+U = socket.AF_UNIX
+sa, sb = socket.socketpair(U, socket.SOCK_STREAM)
+sa.sendall(b"to-b " * 1000); sb.sendall(b"to-a")
+da, db = socket.socketpair(U, socket.SOCK_DGRAM)
+for m in [b"one", b"", b"three" * 100]: da.send(m)
+qa, qb = socket.socketpair(U, socket.SOCK_SEQPACKET)
+qb.send(b"first"); qb.send(b"second")
+r, w = os.pipe()
+os.write(w, b"pipe bytes")
+sa.sendmsg([b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+os.close(r)
+sa.sendall(b"after")
+lp = socket.socket(U, socket.SOCK_STREAM); lp.bind(d + "/listen.sock"); lp.listen(7)
+cp = socket.socket(U, socket.SOCK_STREAM); cp.connect(d + "/listen.sock"); ap, _ = lp.accept()
+ap.sendall(b"hello client")
+wp = socket.socket(U, socket.SOCK_STREAM); wp.connect(d + "/listen.sock")
+abstract = "\0crd-test-" + tag
+la = socket.socket(U, socket.SOCK_SEQPACKET); la.bind(abstract); la.listen(3)
+ca = socket.socket(U, socket.SOCK_SEQPACKET); ca.connect(abstract); aa, _ = la.accept()
+ca.send(b"to server")
+wa = socket.socket(U, socket.SOCK_SEQPACKET); wa.connect(abstract)
+ds = socket.socket(U, socket.SOCK_DGRAM); ds.bind(d + "/dgram.sock")
+dc = socket.socket(U, socket.SOCK_DGRAM); dc.connect(d + "/dgram.sock"); dc.send(b"dg1"); dc.send(b"dg2")
+mine = dict(sa=sa, da=da, qa=qa, lp=lp, ap=ap, la=la, aa=aa, ds=ds)
+theirs = dict(sb=sb, db=db, qb=qb, cp=cp, wp=wp, ca=ca, wa=wa, dc=dc)
+fds = {k: s.fileno() for k, s in {**mine, **theirs}.items()}
+fds["w"] = w
+child = os.fork()
+if child == 0:
+    for s in mine.values(): s.close()
+    os.close(w)
+    while True: time.sleep(3600)
+for s in theirs.values(): s.close()
+print(json.dumps(dict(parent=os.getpid(), child=child, fds=fds)), flush=True)
+while True: time.sleep(3600)
+"#;
+
+#[test]
+fn unix_sockets_round_trip_with_queues_listeners_and_fds_in_flight() {
+    require_root!();
+    crd_tests::require_tool!("python3");
+    let dir = tempfile::tempdir().unwrap();
+    let tag = format!("{}", std::process::id());
+    let (program, info) = python(UNIX_SCENARIO, &[dir.path().to_str().unwrap(), &tag]);
+    let parent = info["parent"].as_u64().unwrap() as u32;
+    let child = info["child"].as_u64().unwrap() as u32;
+    let fd = |name: &str| info["fds"][name].as_u64().unwrap() as u32;
+    let parent_fds = ["sa", "da", "qa", "lp", "ap", "la", "aa", "ds"];
+    let child_fds = ["sb", "db", "qb", "cp", "wp", "ca", "wa", "dc"];
+    let before: Vec<String> = parent_fds
+        .iter()
+        .map(|n| describe(parent, fd(n)))
+        .chain(child_fds.iter().map(|n| describe(child, fd(n))))
+        .collect();
+    assert!(before[0].contains("\"pipe\""), "the pipe in flight is seen: {}", before[0]);
+
+    let image = dir.path().join("unix.crd");
+    let out = crd(&["checkpoint", &parent.to_string(), "--tree", "-o", image.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The checkpoint consumed nothing: the originals' queues are as they were.
+    assert_eq!(describe(parent, fd("sa")), before[0]);
+    assert_eq!(describe(child, fd("sb")), before[parent_fds.len()]);
+    drop(program);
+    // The names are free again once the original is gone: its socket files are the
+    // user's to remove (crd says so when one is left).
+    let refused = crd(&["restore", image.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("listen.sock is in use"), "{}", stderr(&refused));
+    std::fs::remove_file(dir.path().join("listen.sock")).unwrap();
+    std::fs::remove_file(dir.path().join("dgram.sock")).unwrap();
+
+    let restored = restore_with(&["restore", image.to_str().unwrap()]).unwrap_or_else(|e| panic!("restore: {e}"));
+    let new_parent = restored.root;
+    let new_child = restored.tasks.iter().find(|(old, _)| *old == child).map(|t| t.1).expect("the child");
+    let after: Vec<String> = parent_fds
+        .iter()
+        .map(|n| describe(new_parent, fd(n)))
+        .chain(child_fds.iter().map(|n| describe(new_child, fd(n))))
+        .collect();
+    for (i, (a, b)) in before.iter().zip(&after).enumerate() {
+        let which = parent_fds.iter().chain(&child_fds).nth(i).unwrap();
+        assert_eq!(a, b, "{which}: the restored socket differs");
+    }
+
+    // The pipe end in flight arrives, and its pipe holds its bytes.
+    let sb = grab(new_child, fd("sb"));
+    let (data, files) = receive(sb.as_fd());
+    assert!(data.starts_with(b"to-b ") && data.len() == 5000, "{} bytes", data.len());
+    let (data, files2) = receive(sb.as_fd());
+    assert!(files.is_empty());
+    assert_eq!(data, b"F");
+    assert_eq!(files2.len(), 1, "one file in flight");
+    let mut bytes = [0u8; 64];
+    let n = nix::unistd::read(&files2[0], &mut bytes).unwrap();
+    assert_eq!(&bytes[..n], b"pipe bytes");
+    // ...and the restored parent's write end is the same pipe.
+    let w = grab(new_parent, fd("w"));
+    nix::unistd::write(&w, b"more").unwrap();
+    let n = nix::unistd::read(&files2[0], &mut bytes).unwrap();
+    assert_eq!(&bytes[..n], b"more");
+
+    // Each pair is a pair: bytes written at one end arrive at the other.
+    for (a, b) in [("qa", "qb"), ("da", "db")] {
+        let (x, y) = (grab(new_parent, fd(a)), grab(new_child, fd(b)));
+        while recvmsg::<()>(y.as_raw_fd(), &mut [IoSliceMut::new(&mut [0u8; 4096])], None, MsgFlags::MSG_DONTWAIT).is_ok() {}
+        nix::unistd::write(&x, b"ping").unwrap();
+        assert_eq!(receive(y.as_fd()).0, b"ping", "{a} -> {b}");
+    }
+    // The waiting connections were waiting on their restored listeners: accepting one
+    // there connects it.
+    for (listener, waiting) in [("lp", "wp"), ("la", "wa")] {
+        let l = grab(new_parent, fd(listener));
+        // SAFETY: accept4 on a listening socket copy.
+        let accepted = unsafe { libc::accept4(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+        assert!(accepted >= 0, "{listener}: {}", std::io::Error::last_os_error());
+        // SAFETY: the kernel just returned this fd.
+        let accepted = unsafe { OwnedFd::from_raw_fd(accepted) };
+        let w = grab(new_child, fd(waiting));
+        nix::unistd::write(&w, b"late").unwrap();
+        assert_eq!(receive(accepted.as_fd()).0, b"late", "{waiting} waited on {listener}");
+    }
+}
+
+#[test]
+fn a_socket_whose_peer_is_outside_is_refused_unless_allowed() {
+    require_root!();
+    crd_tests::require_tool!("python3");
+    // The peer stays in the parent, which is not checkpointed: only the child is.
+    let script = r#"
+import json, os, socket, time
+a, b = socket.socketpair()
+child = os.fork()
+if child == 0:
+    a.close()
+    while True: time.sleep(3600)
+b.close()
+print(json.dumps(dict(child=child, fd=b.fileno())), flush=True)
+while True: time.sleep(3600)
+"#;
+    let (_program, info) = python(script, &[]);
+    let child = info["child"].as_u64().unwrap() as u32;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("ext.crd");
+    let out = crd(&["checkpoint", &child.to_string(), "-o", image.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let refused = crd(&["restore", image.to_str().unwrap()]);
+    let err = stderr(&refused);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("unix") && err.contains("--allow-external"), "{err}");
+    let restored = restore_with(&["restore", "--allow-external", image.to_str().unwrap()])
+        .unwrap_or_else(|e| panic!("restore --allow-external: {e}"));
+    // Made unconnected.
+    let fd = info["fd"].as_u64().unwrap() as u32;
+    let s = grab(restored.root, fd);
+    assert_eq!(name(s.as_fd(), true), format!("error {}", libc::ENOTCONN));
+}
