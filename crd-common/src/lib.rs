@@ -56,8 +56,12 @@ pub const KIND_EVENTFD: u32 = 1 << 1;
 /// [`Config::kinds`]: `shmem_inode_info::seals` resolved (memfd seals).
 pub const KIND_SHMEM: u32 = 1 << 2;
 
-/// [`Config::kinds`]: `socket`, `sock`, `unix_sock` and `inet_sock` fields resolved.
+/// [`Config::kinds`]: `socket`, `sock`, `unix_sock` and `unix_address` fields resolved:
+/// sockets carry a [`SocketTail`].
 pub const KIND_SOCKET: u32 = 1 << 3;
+/// [`Config::kinds`]: `sock::sk_ino` exists (6.18): a unix peer's inode number is read
+/// from it, as `sock_i_ino` does; without it, from the peer's socket inode.
+pub const KIND_SOCKET_SK_INO: u32 = 1 << 4;
 
 /// Bytes of a unix socket's bound name the BPF program copies (`sun_path`, 108 bytes).
 pub const UNIX_PATH_LEN: usize = 108;
@@ -67,6 +71,12 @@ pub const PIPEFS_MAGIC: u64 = 0x5049_5045;
 pub const ANON_INODE_FS_MAGIC: u64 = 0x0904_1934;
 pub const TMPFS_MAGIC: u64 = 0x0102_1994;
 pub const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
+pub const SOCKFS_MAGIC: u64 = 0x534F_434B;
+
+/// `AF_*` numbers the BPF program reads family fields for.
+pub const AF_UNIX: u16 = 1;
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
 
 /// One task (thread) of a checkpointed process, from the `iter/task` program.
 #[repr(C)]

@@ -19,6 +19,11 @@ pub enum FieldGroup {
     Eventfd,
     /// `shmem_inode_info` ([`crate::KIND_SHMEM`]).
     Shmem,
+    /// `socket`, `sock`, `unix_sock`, `unix_address` ([`crate::KIND_SOCKET`]).
+    Socket,
+    /// `sock::sk_ino` ([`crate::KIND_SOCKET_SK_INO`]): without it a unix peer's inode
+    /// is found through its `struct socket`, as `sock_i_ino` did before the field.
+    SocketIno,
 }
 
 /// One declared field.
@@ -119,5 +124,41 @@ offsets! {
     Shmem {
         shmem_seals: "shmem_inode_info" ["seals"] 4,
         shmem_vfs_inode: "shmem_inode_info" ["vfs_inode"] 0,
+    }
+    Socket {
+        // A sockfs file's `private_data` is its `struct socket` (sock_alloc_file). The
+        // same member as `file_private_data`, declared again so that sockets do not
+        // depend on the Named group.
+        file_socket: "file" ["private_data"] 8,
+        socket_sk: "socket" ["sk"] 8,
+        sock_family: "sock" ["__sk_common.skc_family"] 2,
+        sock_state: "sock" ["__sk_common.skc_state"] 1,
+        // u16 since 5.6 (bitfields before); a bitfield never resolves (see harvest).
+        sock_type: "sock" ["sk_type"] 2,
+        sock_protocol: "sock" ["sk_protocol"] 2,
+        sock_shutdown: "sock" ["sk_shutdown"] 1,
+        sock_max_ack_backlog: "sock" ["sk_max_ack_backlog"] 4,
+        sock_ack_backlog: "sock" ["sk_ack_backlog"] 4,
+        sock_rqueue_len: "sock" ["sk_receive_queue.qlen"] 4,
+        sock_socket: "sock" ["sk_socket"] 8,
+        // inet: `sock_common` keeps them in anonymous unions and structs.
+        sock_rcv_saddr: "sock" ["__sk_common.skc_rcv_saddr"] 4,
+        sock_daddr: "sock" ["__sk_common.skc_daddr"] 4,
+        sock_v6_rcv_saddr: "sock" ["__sk_common.skc_v6_rcv_saddr"] 16,
+        sock_v6_daddr: "sock" ["__sk_common.skc_v6_daddr"] 16,
+        sock_num: "sock" ["__sk_common.skc_num"] 2,
+        sock_dport: "sock" ["__sk_common.skc_dport"] 2,
+        // unix: `struct unix_sock` starts with its `struct sock`.
+        unix_peer: "unix_sock" ["peer"] 8,
+        unix_addr: "unix_sock" ["addr"] 8,
+        unix_address_len: "unix_address" ["len"] 4,
+        // `struct sockaddr_un name[]`: a flexible array, only its address is used.
+        unix_address_name: "unix_address" ["name"] 0,
+        // SOCK_INODE(): the inode follows the socket in its `socket_alloc`.
+        socket_alloc_inode: "socket_alloc" ["vfs_inode"] 0,
+    }
+    SocketIno {
+        // What `sock_i_ino` returns on kernels that have it (6.18).
+        sock_ino: "sock" ["sk_ino"] 8,
     }
 }

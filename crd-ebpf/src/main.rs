@@ -15,12 +15,14 @@
 //! the BTF-typed pointers the iterator passes: the verifier checks each load against
 //! the kernel's BTF at load time and turns it into a fault-safe load. Only what BTF
 //! cannot type is copied with `bpf_probe_read_kernel`: the close-on-exec bitmap (one
-//! copy per 64 fds, cached per CPU), for a pipe holding data its buffer lengths, and the
-//! name, eventfd counter or memfd seals of the kinds that have them.
+//! copy per 64 fds, cached per CPU), for a pipe holding data its buffer lengths, the
+//! name, eventfd counter or memfd seals of the kinds that have them, and everything of a
+//! socket past its `file` (`private_data` is untyped).
 //!
 //! **Kinds**: each fd record is a common part plus a tail for its kind (crd-common):
 //! pipes and FIFOs carry their `pipe_inode_info`, anon-inode and shmem files their
-//! dentry name and private object, eventfds their counter. A kind's fields are read only
+//! dentry name and private object, eventfds their counter, sockets their `struct sock`
+//! (unix: peer and bound name; inet: addresses and ports). A kind's fields are read only
 //! for that kind, and only if userspace found them in this kernel's BTF (`Config::kinds`).
 //!
 //! **No silent loss**: when the ring buffer is full the program returns 1. The kernel then
@@ -37,11 +39,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use crd_common::{
-    ANON_INODE_FS_MAGIC, COMM_LEN, Config, EventfdTail, FD_CLOEXEC, FdRecord, FdWith, HUGETLBFS_MAGIC,
-    KIND_EVENTFD, KIND_NAMED, KIND_SHMEM, MAX_PIPE_BUFS_WALKED, NAME_LEN, NamedTail, Offsets,
-    PIPE_QUEUE_TRUNCATED, PipeTail, RECORD_FD, RECORD_TASK, STAT_COUNT, STAT_READ_FAILED,
-    STAT_RING_FULL, STAT_SUBMITTED, TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TMPFS_MAGIC,
-    TaskRecord,
+    AF_INET, AF_INET6, AF_UNIX, ANON_INODE_FS_MAGIC, COMM_LEN, Config, EventfdTail, FD_CLOEXEC, FdRecord,
+    FdWith, HUGETLBFS_MAGIC, KIND_EVENTFD, KIND_NAMED, KIND_SHMEM, KIND_SOCKET, KIND_SOCKET_SK_INO,
+    MAX_PIPE_BUFS_WALKED, NAME_LEN, NamedTail, Offsets, PIPE_QUEUE_TRUNCATED, PipeTail, RECORD_FD,
+    RECORD_TASK, SOCKFS_MAGIC, STAT_COUNT, STAT_READ_FAILED, STAT_RING_FULL, STAT_SUBMITTED, SocketTail,
+    TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TAIL_SOCKET, TMPFS_MAGIC, TaskRecord,
 };
 
 /// Set by userspace before load (`EbpfLoader::set_global`); zero here only as a
@@ -113,6 +115,7 @@ pub struct TaskFileCtx {
 const S_IFMT: u32 = 0o170000;
 const S_IFIFO: u32 = 0o010000;
 const S_IFREG: u32 = 0o100000;
+const S_IFSOCK: u32 = 0o140000;
 
 #[inline(always)]
 fn config() -> &'static Offsets {
@@ -193,6 +196,24 @@ impl Reader {
         };
         self.failed |= (ret as u64) >> 63;
         value
+    }
+
+    /// Copies `len` bytes (at most `N`) from `at` into `dst`.
+    #[inline(always)]
+    fn copy<const N: usize>(&mut self, dst: &mut [u8; N], at: u64, len: u32) {
+        // Clamped where the verifier sees it: the helper's size must be provably within
+        // the destination.
+        let len = if len > N as u32 { N as u32 } else { len };
+        // SAFETY: bpf_probe_read_kernel checks the source address itself and writes at
+        // most `len` <= N bytes into `dst`, which holds N.
+        let ret = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                dst.as_mut_ptr().cast(),
+                len,
+                at as *const core::ffi::c_void,
+            )
+        };
+        self.failed |= (ret as u64) >> 63;
     }
 
     /// Counts this program run in `crd_stats` if any read failed.
@@ -297,7 +318,12 @@ pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
         common.flags |= FD_CLOEXEC;
     }
     // Each kind's tail: only the fields of that kind, read only for that kind.
-    let pushed = if i_mode & S_IFMT == S_IFIFO {
+    let pushed = if i_mode & S_IFMT == S_IFSOCK && sb_magic == SOCKFS_MAGIC && kind_enabled(KIND_SOCKET) {
+        // Only sockfs: a socket file bound in another filesystem, opened with O_PATH,
+        // has no `struct socket` behind it.
+        common.tail = TAIL_SOCKET;
+        emit_socket(&mut r, common, file, off, ctx)
+    } else if i_mode & S_IFMT == S_IFIFO {
         // `i_pipe` shares a union with `i_cdev`, `i_link` and `i_dir_seq`: it means a
         // pipe only when the inode is a FIFO.
         common.tail = TAIL_PIPE;
@@ -373,6 +399,96 @@ fn eventfd_tail(r: &mut Reader, named: NamedTail, off: &Offsets) -> EventfdTail 
         count: r.get(named.private_data, off.eventfd_count),
         flags: r.get(named.private_data, off.eventfd_flags),
         _pad: 0,
+    }
+}
+
+/// Pushes a socket's record, its tail filled in place in the ring buffer: at 184 bytes,
+/// a tail built on the stack and copied would take a good part of the program's 512.
+/// The one place sockets are emitted, so the verifier walks these reads once.
+#[inline(always)]
+fn emit_socket(
+    r: &mut Reader,
+    common: FdRecord,
+    file: *const u8,
+    off: &Offsets,
+    ctx: *const TaskFileCtx,
+) -> i32 {
+    let Some(mut entry) = crd_events.reserve::<FdWith<SocketTail>>(0) else {
+        bump(STAT_RING_FULL);
+        return 1;
+    };
+    let record = entry.write(FdWith { common, tail: SocketTail::default() });
+    socket_tail(r, &mut record.tail, file, off);
+    report(r, ctx, common.tgid, common.fd);
+    entry.submit(0);
+    bump(STAT_SUBMITTED);
+    0
+}
+
+/// A socket's `struct sock` and its family's fields.
+///
+/// `file->private_data` is `void *` to BTF, so from the `struct socket` on every field
+/// is copied with `bpf_probe_read_kernel` (`bpf_rdonly_cast` would type it, from 6.2
+/// on). The family's fields are read only for that family: a `unix_sock` member read
+/// from another family's sock would be a pointer into nowhere.
+#[inline(always)]
+fn socket_tail(r: &mut Reader, tail: &mut SocketTail, file: *const u8, off: &Offsets) {
+    let socket = load::<*const u8>(file, off.file_socket) as u64;
+    if socket == 0 {
+        return;
+    }
+    let sk: u64 = r.get(socket, off.socket_sk);
+    // NULL only for a socket being released: its record says no more than TAIL_NONE.
+    if sk == 0 {
+        return;
+    }
+    let family: u16 = r.get(sk, off.sock_family);
+    tail.sock = sk;
+    tail.family = family;
+    tail.state = r.get(sk, off.sock_state);
+    tail.sock_type = r.get(sk, off.sock_type);
+    tail.protocol = r.get(sk, off.sock_protocol);
+    tail.shutdown = r.get(sk, off.sock_shutdown);
+    tail.backlog = r.get(sk, off.sock_max_ack_backlog);
+    tail.pending = r.get(sk, off.sock_ack_backlog);
+    tail.rqueue = r.get(sk, off.sock_rqueue_len);
+    if family == AF_UNIX {
+        // `struct unix_sock` starts with its `struct sock`: the same pointer.
+        let peer: u64 = r.get(sk, off.unix_peer);
+        if peer != 0 {
+            tail.peer_ino = if kind_enabled(KIND_SOCKET_SK_INO) {
+                r.get(peer, off.sock_ino)
+            } else {
+                // sock_i_ino before 6.18: SOCK_INODE(sk->sk_socket)->i_ino, 0 for a
+                // connection not yet accepted (no socket yet).
+                let peer_socket: u64 = r.get(peer, off.sock_socket);
+                if peer_socket == 0 {
+                    0
+                } else {
+                    r.get(peer_socket + off.socket_alloc_inode as u64, off.inode_i_ino)
+                }
+            };
+        }
+        let addr: u64 = r.get(sk, off.unix_addr);
+        if addr != 0 {
+            let len: u32 = r.get(addr, off.unix_address_len);
+            tail.name_len = len;
+            // `sun_path` follows the 2-byte `sun_family` (uapi, fixed); `len` counts both.
+            let path = addr + off.unix_address_name as u64 + 2;
+            r.copy(&mut tail.name, path, len.saturating_sub(2));
+        }
+    } else if family == AF_INET || family == AF_INET6 {
+        tail.local_port = r.get(sk, off.sock_num);
+        tail.remote_port = u16::from_be(r.get(sk, off.sock_dport));
+        if family == AF_INET6 {
+            tail.local_addr = r.get(sk, off.sock_v6_rcv_saddr);
+            tail.remote_addr = r.get(sk, off.sock_v6_daddr);
+        } else {
+            let local: [u8; 4] = r.get(sk, off.sock_rcv_saddr);
+            let remote: [u8; 4] = r.get(sk, off.sock_daddr);
+            tail.local_addr[..4].copy_from_slice(&local);
+            tail.remote_addr[..4].copy_from_slice(&remote);
+        }
     }
 }
 

@@ -16,7 +16,8 @@ use aya::{
 };
 use crd_common::{
     COMM_LEN, EventfdTail, FD_CLOEXEC, FdRecord, NamedTail, RECORD_FD, RECORD_TASK, STAT_READ_FAILED,
-    STAT_RING_FULL, STAT_SUBMITTED, TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TAIL_SOCKET, SocketTail, TaskRecord,
+    STAT_RING_FULL, STAT_SUBMITTED, SocketTail, TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TAIL_SOCKET,
+    TaskRecord,
 };
 
 use super::{
@@ -47,6 +48,12 @@ pub const RING_BYTES_ENV: &str = "CRD_RING_BYTES";
 /// frozen), so tests can interrupt crd there. Ctrl-C still ends the wait.
 #[cfg(feature = "testing")]
 pub const HOLD_HARVEST_ENV: &str = "CRD_TEST_HOLD_HARVEST_MS";
+
+/// Test hook (testing builds only): `CRD_TEST_CLEAR_KINDS=MASK` clears these `KIND_*`
+/// bits of the configuration, as on a kernel whose BTF lacks those fields, so tests run
+/// the degraded paths (opaque sockets; a unix peer found without `sk_ino`) here.
+#[cfg(feature = "testing")]
+pub const CLEAR_KINDS_ENV: &str = "CRD_TEST_CLEAR_KINDS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
@@ -167,6 +174,10 @@ impl BpfHarvester {
         });
         let (btf, mut config) = (btf?, config?);
         config.match_all = match_all as u32;
+        #[cfg(feature = "testing")]
+        if let Some(clear) = std::env::var(CLEAR_KINDS_ENV).ok().and_then(|v| v.parse::<u32>().ok()) {
+            config.kinds &= !clear;
+        }
         let mut loader = loader.map_err(|_| BpfError::Load("aya's loader panicked".into()))?;
         log::debug!("load: kernel BTF parsed in {:?}", started.elapsed());
         let mut ebpf = loader
@@ -375,12 +386,26 @@ fn fd_info(r: &FdRecord, tail: &[u8], file_ref_bias: i64) -> Option<FdInfo> {
         TAIL_SOCKET => Some(kinds::tail::<SocketTail>(tail)?.family),
         _ => None,
     };
-    let recognise =
-        Recognise { mode: r.i_mode, fs_magic: Some(r.sb_magic), name: name.as_deref(), rdev, link: None, family };
+    let recognise = Recognise {
+        mode: r.i_mode,
+        fs_magic: Some(r.sb_magic),
+        name: name.as_deref(),
+        rdev,
+        link: None,
+        family,
+    };
     let kind = Kind::recognise(&recognise);
-    // A kind whose tail is missing (its fields are not in this kernel's BTF) is opaque.
+    // A kind whose tail is missing (its fields are not in this kernel's BTF) is opaque;
+    // a socket the unix or inet kind does not take (a raw or SCTP inet socket) is still
+    // a socket, listed by family and type.
     let live = Live::from_bpf(kind, r, tail).or_else(|| {
-        let fallback = if r.sb_magic == crd_common::ANON_INODE_FS_MAGIC { Kind::Anon } else { Kind::Other };
+        let fallback = if r.sb_magic == crd_common::ANON_INODE_FS_MAGIC {
+            Kind::Anon
+        } else if r.i_mode & libc::S_IFMT == libc::S_IFSOCK {
+            Kind::Socket
+        } else {
+            Kind::Other
+        };
         Live::from_bpf(fallback, r, tail)
     })?;
     let id = match live.kind().identity() {
@@ -417,6 +442,7 @@ mod tests {
     use crd_common::{EventfdTail, FdWith, NAME_LEN};
 
     use super::*;
+    use crate::kinds::socket::UnixName;
 
     fn bytes<T: Copy>(record: &T) -> Vec<u8> {
         // SAFETY: the records are plain old data; reading their bytes is always valid.
@@ -466,6 +492,107 @@ mod tests {
             .unwrap();
         assert_eq!(f.file.object.kind(), Kind::Anon);
         assert_eq!(f.file.object.id, KernelPtr(0xc7c));
+    }
+
+    fn socket_record(tail: u32) -> FdRecord {
+        FdRecord {
+            kind: RECORD_FD,
+            fd: 4,
+            tgid: 10,
+            file: 0xf00,
+            inode: 0x50c,
+            ino: 4242,
+            i_mode: libc::S_IFSOCK | 0o777,
+            sb_magic: crd_common::SOCKFS_MAGIC,
+            tail,
+            ..Default::default()
+        }
+    }
+
+    fn socket_tail(family: i32, sock_type: i32, protocol: i32, state: u8) -> SocketTail {
+        SocketTail {
+            sock: 0x5000,
+            family: family as u16,
+            sock_type: sock_type as u16,
+            protocol: protocol as u16,
+            state,
+            ..Default::default()
+        }
+    }
+
+    /// The name and detail `ls` shows for a decoded fd.
+    fn shown(f: &FdInfo) -> (Option<String>, Option<String>) {
+        let saved = f.file.object.live.sketch();
+        (saved.name(), saved.detail())
+    }
+
+    #[test]
+    fn a_unix_socket_tail_decodes_to_a_unix_socket_with_its_peer_and_name() {
+        let mut tail = socket_tail(libc::AF_UNIX, libc::SOCK_STREAM, 0, 1);
+        tail.peer_ino = 4243;
+        tail.rqueue = 2;
+        let path = b"/run/app.sock\0";
+        tail.name[..path.len()].copy_from_slice(path);
+        tail.name_len = (2 + path.len()) as u32;
+        let f = decoded(&bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail })).unwrap();
+        assert_eq!(f.file.object.kind(), Kind::Unix);
+        assert_eq!(f.file.object.id, KernelPtr(0x50c), "a socket is its inode");
+        let Live::Unix(facts) = &f.file.object.live else { panic!() };
+        assert_eq!(facts.peer, Some(4243));
+        assert_eq!(facts.name, UnixName::Path(b"/run/app.sock".to_vec()));
+        assert_eq!(
+            shown(&f),
+            (Some("/run/app.sock".into()), Some("type=STREAM (CONNECTED) ->INO=4243 queued 2".into()))
+        );
+
+        // An abstract name: a leading NUL, exactly `name_len - 2` bytes, NULs included.
+        let mut tail = socket_tail(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, 10);
+        tail.name[..5].copy_from_slice(b"\0ab\0c");
+        tail.name_len = 2 + 5;
+        tail.backlog = 16;
+        let f = decoded(&bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail })).unwrap();
+        assert_eq!(shown(&f), (Some("@ab@c".into()), Some("type=SEQPACKET (LISTEN) backlog 16".into())));
+    }
+
+    #[test]
+    fn a_tcp_socket_tail_decodes_to_an_inet_socket_named_as_lsof_names_it() {
+        let mut tail = socket_tail(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_TCP, 1);
+        tail.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        tail.remote_addr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        (tail.local_port, tail.remote_port) = (8080, 51234);
+        let f = decoded(&bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail })).unwrap();
+        assert_eq!(f.file.object.kind(), Kind::Inet);
+        assert_eq!(shown(&f).0.as_deref(), Some("TCP 127.0.0.1:8080->10.0.0.2:51234 (ESTABLISHED)"));
+
+        let mut tail = socket_tail(libc::AF_INET6, libc::SOCK_STREAM, libc::IPPROTO_TCP, 10);
+        tail.local_port = 443;
+        (tail.backlog, tail.pending) = (128, 3);
+        let f = decoded(&bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail })).unwrap();
+        assert_eq!(shown(&f), (Some("TCP *:443 (LISTEN)".into()), Some("IPv6 backlog 128 pending 3".into())));
+    }
+
+    #[test]
+    fn sockets_of_other_families_or_without_a_tail_stay_sockets() {
+        let netlink = socket_tail(libc::AF_NETLINK, libc::SOCK_RAW, 0, 7);
+        let f = decoded(&bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail: netlink })).unwrap();
+        assert_eq!(
+            (f.file.object.kind(), shown(&f).1.as_deref()),
+            (Kind::Socket, Some("netlink raw protocol 0"))
+        );
+        // An inet socket neither TCP nor UDP (ping, raw, SCTP) is listed by family.
+        let ping = socket_tail(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP, 7);
+        let f = decoded(&bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail: ping })).unwrap();
+        assert_eq!(
+            (f.file.object.kind(), shown(&f).1.as_deref()),
+            (Kind::Socket, Some("IPv4 dgram protocol 1"))
+        );
+        // This kernel's BTF lacked a socket field: the program sent no tail.
+        let f = decoded(&bytes(&socket_record(TAIL_NONE))).unwrap();
+        assert_eq!((f.file.object.kind(), shown(&f).1), (Kind::Socket, None));
+        // A socket tail cut short is a bad record, not a guess.
+        let mut short = bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail: netlink });
+        short.truncate(size_of::<FdRecord>() + 16);
+        assert!(matches!(decoded(&short), Err(BpfError::BadRecord(RECORD_FD, _))));
     }
 
     #[test]

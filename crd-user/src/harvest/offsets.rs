@@ -7,7 +7,9 @@
 use std::path::Path;
 
 use btf_rs::{Backend, Btf, Type};
-use crd_common::{Config, FieldGroup, KIND_EVENTFD, KIND_NAMED, KIND_SHMEM, Offsets};
+use crd_common::{
+    Config, FieldGroup, KIND_EVENTFD, KIND_NAMED, KIND_SHMEM, KIND_SOCKET, KIND_SOCKET_SK_INO, Offsets,
+};
 
 /// Where the kernel publishes its own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -145,7 +147,12 @@ impl KernelBtf {
         let mut offset = 0;
         let mut parts = path.split('.').peekable();
         while let Some(part) = parts.next() {
-            let (here, ty) = self.find_member(&s, part).ok_or(OffsetsError::NoField(name, path))?;
+            let (here, ty, bitfield) = self.find_member(&s, part).ok_or(OffsetsError::NoField(name, path))?;
+            if bitfield {
+                // A load reads whole bytes: a bitfield (`sk_shutdown : 2` on old
+                // kernels) would come with its neighbours' bits.
+                return Err(OffsetsError::Layout(name, format!("{path} is a bitfield")));
+            }
             offset += here;
             if parts.peek().is_none() {
                 return Ok((offset, self.size_of_type(ty).unwrap_or(0)));
@@ -160,22 +167,25 @@ impl KernelBtf {
         Ok(self.structure(name)?.size() as u32)
     }
 
-    /// The member named `field` (searching anonymous members): its offset and type.
-    fn find_member(&self, s: &btf_rs::Struct, field: &str) -> Option<(u32, Type)> {
+    /// The member named `field` (searching anonymous members): its offset, its type,
+    /// and whether it is a bitfield.
+    fn find_member(&self, s: &btf_rs::Struct, field: &str) -> Option<(u32, Type, bool)> {
         for member in &s.members {
             let name = self.btf.resolve_name(member).unwrap_or_default();
             let here = member.bit_offset() / 8;
             if name == field {
-                return Some((here, self.btf.resolve_chained_type(member).ok()?));
+                let bitfield =
+                    member.bitfield_size().is_some_and(|bits| bits != 0) || member.bit_offset() % 8 != 0;
+                return Some((here, self.btf.resolve_chained_type(member).ok()?, bitfield));
             }
             if name.is_empty() {
                 // An anonymous struct or union: its members live at our offset plus
                 // theirs.
                 if let Some(inner) =
                     self.btf.resolve_chained_type(member).ok().and_then(|t| self.aggregate(t))
-                    && let Some((off, ty)) = self.find_member(&inner, field)
+                    && let Some((off, ty, bitfield)) = self.find_member(&inner, field)
                 {
-                    return Some((here + off, ty));
+                    return Some((here + off, ty, bitfield));
                 }
             }
         }
@@ -245,7 +255,13 @@ fn config_from(
             if field.group == FieldGroup::Core {
                 return Err(error);
             }
-            missing.push((field.group, format!("{}.{}", field.structure, field.paths[0])));
+            let what = match member(field.structure, field.paths[0]) {
+                Err(OffsetsError::Layout(_, why)) => {
+                    format!("{}.{} as a whole field ({why})", field.structure, field.paths[0])
+                }
+                _ => format!("{}.{}", field.structure, field.paths[0]),
+            };
+            missing.push((field.group, what));
             continue;
         };
         if field.width != 0 && size != field.width {
@@ -269,12 +285,20 @@ fn config_from(
             *slot = offset;
         }
     }
-    let mut kinds = KIND_NAMED | KIND_EVENTFD | KIND_SHMEM;
+    let mut kinds = KIND_NAMED | KIND_EVENTFD | KIND_SHMEM | KIND_SOCKET | KIND_SOCKET_SK_INO;
     for (group, what) in &missing {
         let (bit, consequence) = match group {
             FieldGroup::Named => (KIND_NAMED, "anon-inode files and memfds are listed as opaque"),
             FieldGroup::Eventfd => (KIND_EVENTFD, "eventfds are listed as opaque anon files"),
             FieldGroup::Shmem => (KIND_SHMEM, "memfd seals are not read by BPF"),
+            FieldGroup::Socket => (KIND_SOCKET, "sockets are listed as opaque sockets"),
+            // Not a loss: the peer's inode is then found through its socket (debug only,
+            // as every kernel before 6.18 lacks it).
+            FieldGroup::SocketIno => {
+                log::debug!("this kernel's BTF lacks {what}: unix peers are found through their socket");
+                kinds &= !KIND_SOCKET_SK_INO;
+                continue;
+            }
             FieldGroup::Core => continue,
         };
         if kinds & bit != 0 {
@@ -284,7 +308,10 @@ fn config_from(
     }
     if kinds & KIND_NAMED == 0 {
         // The eventfd and shmem reads start from the name's tail.
-        kinds = 0;
+        kinds &= !(KIND_EVENTFD | KIND_SHMEM);
+    }
+    if kinds & KIND_SOCKET == 0 {
+        kinds &= !KIND_SOCKET_SK_INO;
     }
     Ok(Config { offsets, pipe_buffer_size, file_ref_bias, kinds, match_all: 0 })
 }
@@ -317,27 +344,49 @@ mod tests {
         };
         let config = btf.config().expect("all fields resolve");
         let off = config.offsets;
-        assert_eq!(
-            config.kinds,
-            KIND_NAMED | KIND_EVENTFD | KIND_SHMEM,
-            "every kind's fields on this kernel"
-        );
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let every = KIND_NAMED | KIND_EVENTFD | KIND_SHMEM | KIND_SOCKET;
+        assert_eq!(config.kinds & every, every, "every kind's fields on this kernel");
+        // `struct unix_sock` begins with its `struct sock`; `socket_alloc` with its socket.
+        assert_eq!(off.sock_family, 16, "sock_common: two addresses, the hash, two ports");
+        assert_eq!(off.sock_dport + 2, off.sock_num, "skc_num follows skc_dport in skc_portpair");
+        assert_eq!(off.sock_daddr + 4, off.sock_rcv_saddr, "skc_rcv_saddr follows skc_daddr");
+        assert!(off.unix_peer > off.sock_rqueue_len, "unix_sock's own members follow its sock");
         // Fields every supported kernel has at a fixed place.
         assert_eq!(off.inode_i_mode, 0);
         assert!(off.task_tgid == off.task_pid + 4, "tgid follows pid in task_struct");
         assert!(config.pipe_buffer_size >= 40);
         assert!(off.inode_i_pipe > off.inode_i_sb);
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         if release.starts_with("6.18.") {
+            assert_eq!(config.kinds & KIND_SOCKET_SK_INO, KIND_SOCKET_SK_INO, "6.18 has sock::sk_ino");
             assert_eq!((off.task_pid, off.task_tgid), (1264, 1268));
             assert_eq!((off.file_f_inode, off.file_f_flags, off.file_f_pos), (32, 40, 112));
             assert_eq!(off.inode_i_pipe, 584);
+            // As `bpftool btf dump` (raw, not `format c`) gives them on 6.18.
+            assert_eq!((off.socket_sk, off.socket_alloc_inode), (24, 128));
+            assert_eq!((off.sock_daddr, off.sock_rcv_saddr, off.sock_dport, off.sock_num), (0, 4, 12, 14));
+            assert_eq!(
+                (off.sock_family, off.sock_state, off.sock_v6_daddr, off.sock_v6_rcv_saddr),
+                (16, 18, 56, 72)
+            );
+            assert_eq!(
+                (off.sock_rqueue_len, off.sock_socket, off.sock_protocol, off.sock_type),
+                (184, 288, 532, 534)
+            );
+            assert_eq!(
+                (off.sock_shutdown, off.sock_ack_backlog, off.sock_max_ack_backlog, off.sock_ino),
+                (575, 600, 604, 608)
+            );
+            assert_eq!(
+                (off.unix_addr, off.unix_peer, off.unix_address_len, off.unix_address_name),
+                (784, 872, 4, 8)
+            );
             assert_eq!(config.file_ref_bias, 1);
         }
     }
 
-    /// The running kernel's BTF, with `hide` answering "no such field" and `resize`
-    /// giving other sizes.
+    /// The running kernel's BTF, with `hide` answering "no such field" (for a struct, or
+    /// `struct.path` for one member) and `resize` giving other sizes.
     fn config_with(
         btf: &KernelBtf,
         hide: &dyn Fn(&str) -> bool,
@@ -345,7 +394,7 @@ mod tests {
     ) -> Result<Config, OffsetsError> {
         config_from(
             |structure, path| {
-                if hide(structure) {
+                if hide(structure) || hide(&format!("{structure}.{path}")) {
                     return Err(OffsetsError::NoField(structure, path));
                 }
                 let (offset, size) = btf.member(structure, path)?;
@@ -363,7 +412,11 @@ mod tests {
         assert_eq!(without_eventfd.kinds, full.kinds & !KIND_EVENTFD, "only eventfds degrade");
         assert_eq!(without_eventfd.offsets.task_tgid, full.offsets.task_tgid);
         let without_names = config_with(&btf, &|s| s == "dentry", &|_| None).expect("still loads");
-        assert_eq!(without_names.kinds, 0, "eventfd and shmem reads start from the name");
+        assert_eq!(
+            without_names.kinds,
+            full.kinds & !(KIND_NAMED | KIND_EVENTFD | KIND_SHMEM),
+            "eventfd and shmem reads start from the name; sockets do not"
+        );
         // A core field missing, or loaded at the wrong width, is no BPF harvester at all.
         assert!(matches!(
             config_with(&btf, &|s| s == "pipe_inode_info", &|_| None),
@@ -374,6 +427,77 @@ mod tests {
         // A kind's field at the wrong width degrades that kind.
         let wide_count = config_with(&btf, &|_| false, &|path| (path == "count").then_some(4)).unwrap();
         assert_eq!(wide_count.kinds, full.kinds & !KIND_EVENTFD);
+    }
+
+    #[test]
+    fn sockets_degrade_to_opaque_when_any_of_their_fields_is_missing() {
+        let Ok(btf) = KernelBtf::from_sys_fs() else { return };
+        let full = btf.config().unwrap();
+        assert_ne!(full.kinds & KIND_SOCKET, 0);
+        let socket_fields: Vec<String> = Offsets::FIELDS
+            .iter()
+            .filter(|f| f.group == FieldGroup::Socket)
+            .map(|f| format!("{}.{}", f.structure, f.paths[0]))
+            .collect();
+        assert!(socket_fields.len() >= 20, "{socket_fields:?}");
+        // Each field alone: only sockets degrade (and the peer-inode choice with them).
+        // `file.private_data` is also the Named group's, which it takes along.
+        for hidden in socket_fields.iter().filter(|f| *f != "file.private_data") {
+            let config = config_with(&btf, &|what| what == hidden, &|_| None).expect("still loads");
+            assert_eq!(config.kinds, full.kinds & !(KIND_SOCKET | KIND_SOCKET_SK_INO), "without {hidden}");
+            assert_eq!(config.offsets.task_tgid, full.offsets.task_tgid);
+        }
+        // Whole structs (a kernel without unix sockets built in has no `unix_sock`).
+        for hidden in ["socket", "unix_sock", "unix_address", "socket_alloc"] {
+            let config = config_with(&btf, &|what| what == hidden, &|_| None).unwrap();
+            assert_eq!(config.kinds & KIND_SOCKET, 0, "without struct {hidden}");
+        }
+        // `sk_shutdown` as a bitfield's whole word (older kernels), or a u32 backlog at 2
+        // bytes: loaded at the wrong width, sockets degrade.
+        for (path, size) in [("sk_shutdown", 4), ("sk_ack_backlog", 2)] {
+            let config = config_with(&btf, &|_| false, &|p| (p == path).then_some(size)).unwrap();
+            assert_eq!(config.kinds & KIND_SOCKET, 0, "{path} at {size} bytes");
+            assert_eq!(config.kinds & KIND_EVENTFD, full.kinds & KIND_EVENTFD);
+        }
+        // Before 6.18 there is no `sk_ino`: sockets stay, and BPF finds a peer's inode
+        // through its socket.
+        let old = config_with(&btf, &|what| what == "sock.sk_ino", &|_| None).unwrap();
+        assert_eq!(old.kinds, full.kinds & !KIND_SOCKET_SK_INO);
+        assert_ne!(old.kinds & KIND_SOCKET, 0);
+    }
+
+    #[test]
+    fn socket_fields_resolve_through_anonymous_unions_and_structs() {
+        let Ok(btf) = KernelBtf::from_sys_fs() else { return };
+        // `skc_daddr` sits in an anonymous struct in an anonymous union of `sock_common`,
+        // itself the named member `__sk_common` of `sock`.
+        let (common, _) = btf.member("sock", "__sk_common").unwrap();
+        assert_eq!(common, 0);
+        for (field, size) in
+            [("skc_daddr", 4), ("skc_rcv_saddr", 4), ("skc_dport", 2), ("skc_num", 2), ("skc_v6_daddr", 16)]
+        {
+            let (inner, inner_size) = btf.member("sock_common", field).unwrap();
+            let path: &'static str = Box::leak(format!("__sk_common.{field}").into_boxed_str());
+            assert_eq!(btf.member("sock", path).unwrap(), (common + inner, inner_size), "{field}");
+            assert_eq!(inner_size, size, "{field}");
+        }
+        assert_eq!(btf.member("sock", "sk_receive_queue.qlen").unwrap().1, 4);
+        // A flexible array: an address, no size.
+        assert_eq!(btf.member("unix_address", "name").unwrap().1, 0);
+    }
+
+    #[test]
+    fn bitfields_are_refused_as_fields() {
+        let Ok(btf) = KernelBtf::from_sys_fs() else { return };
+        // `unsigned char skc_reuse: 4` (every kernel): a byte load would bring its
+        // neighbours' bits along.
+        let err = btf.member("sock_common", "skc_reuse").unwrap_err();
+        assert!(
+            matches!(err, OffsetsError::Layout("sock_common", ref why) if why.contains("bitfield")),
+            "{err}"
+        );
+        // A plain member of a struct that has bitfields still resolves.
+        assert_eq!(btf.member("sock_common", "skc_state").unwrap().1, 1);
     }
 
     #[test]
