@@ -214,7 +214,11 @@ fn refused_images_are_one_line_errors_and_leave_nothing_running() {
         assert!(out.stdout.is_empty());
     }
     let out = crd(&["restore", socket_image.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("fd 3 (socket #"), "names the fd and the object");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("fd 3 (unix #"),
+        "names the fd and the object (a unix socket, as BPF reads it): {err}"
+    );
     assert!(!comm_exists("crdtest-gone") && !comm_exists("crdtest-sock"), "no stub left");
 }
 

@@ -121,8 +121,14 @@ fn run_task(task: Task) -> Result<()> {
             // The product too: a test checks that it holds no test scaffolding.
             let product = build(false, Flavor::Product)?;
             let crd = build(false, Flavor::Testing)?;
-            // python3: a test runs a real asyncio server (tests/tests/kinds.rs).
-            ensure_apt_packages(&[("bpftool", "bpftool"), ("python3", "python3")])?;
+            // python3: a test runs a real asyncio server (tests/tests/kinds.rs); lsof and
+            // ss check sockets against the kernel's own views (tests/tests/sockets_bpf.rs).
+            ensure_apt_packages(&[
+                ("bpftool", "bpftool"),
+                ("python3", "python3"),
+                ("lsof", "lsof"),
+                ("ss", "iproute2"),
+            ])?;
             // The tests crate turns on crd-user's `testing` feature for the whole
             // workspace build: it goes to the testing target directory, with the same
             // environment as the build above (so build.rs does not rerun).
