@@ -8,7 +8,7 @@
 //! crd's commit (SIGUSR1). Until
 //! then it dies with its parent (PR_SET_PDEATHSIG), so a failed or killed restore leaves
 //! nothing running. After the commit it holds its fds until SIGTERM or SIGINT, or execs
-//! the program given with `--exec`.
+//! the program given with `--exec`, handing it its fds as [`super::exec`] says.
 use std::{
     ffi::CString,
     fmt::Write as _,
@@ -22,6 +22,7 @@ use nix::{
 };
 
 use super::{
+    exec::{self, Exec},
     handover::Handover,
     plan::{Plan, TablePlan},
 };
@@ -44,7 +45,7 @@ pub(super) struct StubArgs<'a> {
     /// Where stubs report, one line each (its fd number in this process).
     pub status: RawFd,
     /// The root stub execs this after the commit.
-    pub exec: Option<&'a [CString]>,
+    pub exec: Option<&'a Exec>,
     /// The signal mask to restore before exec.
     pub old_mask: SigSet,
 }
@@ -272,11 +273,29 @@ fn commit(args: &StubArgs<'_>, index: usize) -> ! {
         // SAFETY: crd's pidfd is ours; after the commit nothing pulls from crd.
         unsafe { libc::close(crd_pidfd) };
     }
-    if let (0, Some(argv)) = (index, args.exec) {
+    if let (0, Some(exec)) = (index, args.exec) {
         let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&args.old_mask), None);
-        // `status` is close-on-exec: crd sees EOF once the exec succeeds.
-        let err = unistd::execvp(&argv[0], argv).unwrap_err();
-        report(status, &format!("execfail {}: {err}", argv[0].to_string_lossy()));
+        let argv = &exec.argv;
+        let fds = match &args.plan.processes[index].table {
+            TablePlan::Own(fds) => fds.as_slice(),
+            TablePlan::SharedWithParent => &[],
+        };
+        let failure = match exec::prepare(exec, fds, status) {
+            Ok(prepared) => {
+                for m in &prepared.moves {
+                    report(status, &m.line());
+                }
+                // `status` is close-on-exec: crd sees EOF once the exec succeeds.
+                let err = match &prepared.env {
+                    Some(env) => unistd::execvpe(&argv[0], argv, env),
+                    None => unistd::execvp(&argv[0], argv),
+                }
+                .unwrap_err();
+                err.to_string()
+            }
+            Err(message) => message,
+        };
+        report(status, &format!("execfail {}: {failure}", argv[0].to_string_lossy()));
         // SAFETY: as in `run`.
         unsafe { libc::_exit(127) }
     }
