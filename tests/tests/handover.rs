@@ -161,3 +161,27 @@ fn restore_exec_hands_close_on_exec_fds_of_an_image() {
         ["LISTEN_FDNAMES=".to_string(), "LISTEN_FDS=0".into(), format!("LISTEN_PID={}", restored.root)]
     );
 }
+
+#[test]
+fn the_exec_leaves_a_clone_files_sibling_its_table_as_it_was() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    // A close-on-exec pipe end in a table the root shares with a CLONE_FILES child.
+    let steps = ["pipe:3:4", "cloexec:3", "clonefiles"];
+    let (original, image, _log) = image_of_stopped(spawn(&steps, 1), dir.path());
+    assert_eq!(original.graph.tasks.len(), 2);
+    let restored =
+        restore_with(&["restore", image.to_str().unwrap(), "--exec", "--", "sleep", "60"]).unwrap();
+    assert!(fds_once_running(restored.root, "sleep").contains(&3));
+    // The root cleared close-on-exec in its own copy of the table, not in the one its
+    // sibling still holds.
+    let sibling = restored.tasks[1].1;
+    let fdinfo = fs::read_to_string(format!("/proc/{sibling}/fdinfo/3")).unwrap();
+    let flags = fdinfo.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
+    let flags = u32::from_str_radix(flags, 8).unwrap();
+    assert_ne!(flags & libc::O_CLOEXEC as u32, 0, "{fdinfo}");
+    // And the table holds the image's fds only: crd's handles (its pidfd, the report
+    // pipe, whose EOF tells crd the exec happened) were closed in it too.
+    let image_fds = crd_tests::Index::new(&original.graph).fds(original.graph.tasks[0].tgid.0);
+    assert_eq!(proc_fds(sibling), image_fds);
+}

@@ -42,8 +42,8 @@ impl<'a> ExecRequest<'a> {
     }
 }
 
-/// [`ExecRequest`] checked and ready for the stub (which must not allocate errors
-/// of its own for what crd can check first).
+/// [`ExecRequest`] checked by crd before any stub exists (an empty command or a NUL
+/// byte is refused up front, not found by the root stub after the commit).
 #[derive(Clone, Debug)]
 pub(crate) struct Exec {
     pub argv: Vec<CString>,
@@ -133,12 +133,8 @@ pub(super) struct Prepared {
 /// close-on-exec bits. `fds` are the fds it holds for the program, `status` its report
 /// pipe (which stays where it is and close-on-exec). Errors are one line for crd.
 pub(super) fn prepare(exec: &Exec, fds: &[FdPlan], status: RawFd) -> Result<Prepared, String> {
-    // The fd table may be shared with CLONE_FILES child stubs: theirs must stay as it
-    // is. exec would unshare it anyway; this only does it before the changes below.
-    // SAFETY: unshare(CLONE_FILES) only gives this process its own copy of its table.
-    if unsafe { libc::unshare(libc::CLONE_FILES) } < 0 {
-        return Err(format!("unshare(CLONE_FILES): {}", std::io::Error::last_os_error()));
-    }
+    // The table is the root stub's own by now (see `stub::setup`): the changes below
+    // never reach a CLONE_FILES child stub's.
     let mut sorted: Vec<&FdPlan> = fds.iter().collect();
     sorted.sort_by_key(|f| f.fd);
     let moves = if exec.listen_fds {
