@@ -35,13 +35,6 @@ pub struct ExecRequest<'a> {
     pub listen_fds: bool,
 }
 
-impl<'a> ExecRequest<'a> {
-    /// Runs `command` with the default hand-over: every fd inherited, no LISTEN_*.
-    pub fn new(command: &'a [String]) -> Self {
-        Self { command, keep_cloexec: false, listen_fds: false }
-    }
-}
-
 /// [`ExecRequest`] checked by crd before any stub exists (an empty command or a NUL
 /// byte is refused up front, not found by the root stub after the commit).
 #[derive(Clone, Debug)]
