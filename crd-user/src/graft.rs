@@ -12,7 +12,8 @@ use crate::{
     checkpoint::{CheckpointError, FrozenHarvest, Options, freeze_and_harvest},
     graph::{Encounter, Graph, SavedStates},
     restore::{
-        self, RestoreError, Restored,
+        self, ExecRequest, RestoreError, Restored,
+        exec::Exec,
         objects::{ObjectError, ObjectTable},
         plan::{self, Mode},
     },
@@ -33,10 +34,10 @@ pub enum GraftError {
 /// descendants) to new stubs.
 pub fn graft(
     options: Options,
-    exec: Option<&[String]>,
+    exec: Option<ExecRequest<'_>>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Restored, GraftError> {
-    let exec = restore::command(exec)?;
+    let exec = Exec::new(exec)?;
     let root = options.root;
     let FrozenHarvest { frozen, harvest, .. } = freeze_and_harvest(options, interrupted)?;
     let graph = Graph::build(root, &harvest, SavedStates::default());
@@ -46,7 +47,7 @@ pub fn graft(
         frozen.thaw();
         Ok(objects)
     };
-    let mut restored = restore::run(&plan, take, exec.as_deref(), interrupted)?;
+    let mut restored = restore::run(&plan, take, exec.as_ref(), interrupted)?;
     // Old TIDs of a graft are the live originals.
     restored.tasks =
         graph.tasks.iter().map(|t| t.pid).zip(restored.tasks.iter().map(|(_, new)| *new)).collect();

@@ -88,27 +88,25 @@ enum Command {
         /// disconnected pipes (by default such an image is refused).
         #[arg(long)]
         allow_external: bool,
-        /// The root stub execs this command with the restored fds: `--exec -- CMD ARGS`.
-        #[arg(long, requires = "command")]
-        exec: bool,
-        #[arg(last = true)]
-        command: Vec<String>,
+        #[command(flatten)]
+        exec: ExecArgs,
     },
     /// Hand the live open files of a process (tree) to new stubs: the very same pipes
     /// and files, so peers stay connected.
     Graft {
+        /// The process whose open files to hand over (it keeps running).
         pid: u32,
+        /// Also graft all its descendants, as a tree of stubs.
         #[arg(long)]
         tree: bool,
+        /// Write the root stub's PID (or the exec'd program's: the same) here.
         #[arg(long)]
         pid_file: Option<PathBuf>,
+        /// Where to read fd state from.
         #[arg(long, value_enum, default_value_t = Source::Auto)]
         source: Source,
-        /// The root stub execs this command with the grafted fds: `--exec -- CMD ARGS`.
-        #[arg(long, requires = "command")]
-        exec: bool,
-        #[arg(last = true)]
-        command: Vec<String>,
+        #[command(flatten)]
+        exec: ExecArgs,
     },
     /// Show what an image holds.
     Inspect {
@@ -170,6 +168,42 @@ enum Command {
     },
 }
 
+/// `--exec` and how the program gets its fds (restore and graft alike).
+#[derive(clap::Args)]
+struct ExecArgs {
+    /// The root stub execs CMD instead of waiting: `--exec -- CMD ARGS`. The program
+    /// inherits every fd the root stub holds: close-on-exec is cleared on each, since
+    /// programs open nearly everything close-on-exec and would otherwise pass nothing on.
+    #[arg(long, requires = "command")]
+    exec: bool,
+    /// With --exec: keep each fd's close-on-exec bit as the original had it, so the
+    /// program receives only the fds the original would have passed to a program it
+    /// exec'd.
+    #[arg(long, requires = "exec")]
+    keep_cloexec: bool,
+    /// With --exec: hand the listening sockets over as systemd socket activation does:
+    /// moved to fds 3, 4, ... (in their original order), with LISTEN_FDS=N,
+    /// LISTEN_PID=<the program's PID> and LISTEN_FDNAMES=fdA:fdB (A, B: their original
+    /// numbers) in the program's environment. Another fd on one of those numbers moves
+    /// to the lowest number above them that is free; crd prints every move. Listening
+    /// sockets are handed over even with --keep-cloexec.
+    #[arg(long, requires = "exec")]
+    listen_fds: bool,
+    /// The program to exec and its arguments, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+impl ExecArgs {
+    fn request(&self) -> Option<crd::restore::ExecRequest<'_>> {
+        self.exec.then_some(crd::restore::ExecRequest {
+            command: &self.command,
+            keep_cloexec: self.keep_cloexec,
+            listen_fds: self.listen_fds,
+        })
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Diagnostics, including those of the BPF programs: warnings by default,
@@ -219,21 +253,20 @@ fn run(command: Command, load: &LoadOptions, interrupted: &dyn Fn() -> bool) -> 
             let output = output.unwrap_or_else(|| PathBuf::from(format!("crd-{pid}.img")));
             checkpoint(options(pid, tree, source), &output, interrupted)?;
         }
-        Command::Restore { image, pid_file, allow_external, exec, command } => {
+        Command::Restore { image, pid_file, allow_external, exec } => {
             let mut phases = Phases::start();
             let body = image::read_private(&image)?;
             phases.lap("read");
-            let exec = exec.then_some(command.as_slice());
-            let restored = crd::restore::restore_image(&body.graph, allow_external, exec, interrupted)?;
+            let restored =
+                crd::restore::restore_image(&body.graph, allow_external, exec.request(), interrupted)?;
             phases.lap("restore");
-            report_restored(&restored, pid_file.as_deref())?;
+            report_restored(&restored, pid_file.as_deref(), exec.listen_fds)?;
             #[cfg(feature = "testing")]
             phases.write_if_requested();
         }
-        Command::Graft { pid, tree, pid_file, source, exec, command } => {
-            let exec = exec.then_some(command.as_slice());
-            let restored = crd::graft::graft(options(pid, tree, source), exec, interrupted)?;
-            report_restored(&restored, pid_file.as_deref())?;
+        Command::Graft { pid, tree, pid_file, source, exec } => {
+            let restored = crd::graft::graft(options(pid, tree, source), exec.request(), interrupted)?;
+            report_restored(&restored, pid_file.as_deref(), exec.listen_fds)?;
         }
         Command::Inspect { image, format } => {
             let body = image::read(&image)?;
@@ -276,9 +309,12 @@ fn run(command: Command, load: &LoadOptions, interrupted: &dyn Fn() -> bool) -> 
     Ok(())
 }
 
+/// Prints the PID map (and writes the PID file); with `listen_fds`, where the program's
+/// fds went.
 fn report_restored(
     restored: &crd::restore::Restored,
     pid_file: Option<&std::path::Path>,
+    listen_fds: bool,
 ) -> anyhow::Result<()> {
     if let Some(path) = pid_file {
         std::fs::write(path, format!("{}\n", restored.root))
@@ -286,6 +322,21 @@ fn report_restored(
     }
     for (old, new) in &restored.tasks {
         println!("{old} -> {new}");
+    }
+    // Where --listen-fds put the program's fds (on stderr: stdout is the PID map).
+    let listeners: Vec<String> = restored
+        .moved
+        .iter()
+        .filter(|m| m.listener)
+        .map(|m| format!("fd {} (was {})", m.to, m.from))
+        .collect();
+    if listen_fds {
+        let listed =
+            if listeners.is_empty() { "no listening socket".to_string() } else { listeners.join(", ") };
+        eprintln!("crd: LISTEN_FDS={}: {listed}", listeners.len());
+    }
+    for m in restored.moved.iter().filter(|m| !m.listener) {
+        eprintln!("crd: fd {} is now fd {}: its number went to a listening socket", m.from, m.to);
     }
     Ok(())
 }

@@ -127,6 +127,8 @@ fn exec_runs_a_program_on_the_restored_fds() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("cat.out");
     // fd 0: a pipe with data whose write end (fd 4) is close-on-exec; fd 1: a file.
+    // --keep-cloexec: cat sees EOF only because the exec closes that write end (by
+    // default the program would inherit it, and wait for more).
     let steps = [
         "pipe:3:4".to_string(),
         "write:4:restored stdin\n".into(),
@@ -138,7 +140,8 @@ fn exec_runs_a_program_on_the_restored_fds() {
     let fixture = spawn(&owned(&steps), 1);
     let (_original, image, _log) = image_of_stopped(fixture, dir.path());
     fs::write(&out, b"").unwrap();
-    let restored = restore_with(&["restore", image.to_str().unwrap(), "--exec", "--", "cat"]).unwrap();
+    let restored =
+        restore_with(&["restore", image.to_str().unwrap(), "--exec", "--keep-cloexec", "--", "cat"]).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while fs::read(&out).unwrap() != b"restored stdin\n" {
         assert!(

@@ -12,11 +12,14 @@
 //!    their numbers, starts its threads and reports.
 //! 4. All or nothing: if any stub fails, every stub is killed (they die with their
 //!    parent until the commit). Otherwise crd closes its own copies and commits (SIGUSR1):
-//!    the stubs then outlive crd and wait for SIGTERM/SIGINT, or the root execs `--exec`.
+//!    the stubs then outlive crd and wait for SIGTERM/SIGINT, or the root execs `--exec`
+//!    ([`exec`]: with its fds inherited, and with `--listen-fds` as systemd socket
+//!    activation).
 //!
 //! Threads: a process's threads all shared one fd table, so each stub is one process
 //! with as many threads as the original (they only wait). A process that shared its
 //! parent's table (CLONE_FILES) is recreated with CLONE_FILES.
+pub mod exec;
 mod handover;
 pub mod objects;
 pub mod plan;
@@ -26,7 +29,6 @@ mod stub;
 pub use stub::FAIL_STUB_ENV;
 
 use std::{
-    ffi::CString,
     io::{BufRead, BufReader},
     os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
     time::{Duration, Instant},
@@ -42,7 +44,9 @@ use nix::{
     unistd::{self, ForkResult},
 };
 
+pub use self::exec::{ExecRequest, FdMove};
 use self::{
+    exec::Exec,
     handover::Handover,
     objects::{ObjectError, ObjectTable},
     plan::{Mode, Plan, PlanError},
@@ -85,29 +89,21 @@ pub struct Restored {
     pub root: Pid,
     /// Every task, old TID → new TID, in the graph's order.
     pub tasks: Vec<(Pid, Pid)>,
+    /// With `--exec --listen-fds`: the listening sockets the root stub handed over at
+    /// 3, 4, ..., then the fds it moved out of their way; otherwise empty.
+    pub moved: Vec<FdMove>,
 }
 
 /// Restores an image's graph into stubs.
 pub fn restore_image(
     graph: &Graph,
     allow_external: bool,
-    exec: Option<&[String]>,
+    exec: Option<ExecRequest<'_>>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Restored, RestoreError> {
     let plan = plan::plan(graph, Mode::Image { allow_external })?;
-    let exec = command(exec)?;
-    run(&plan, |publish| Ok(ObjectTable::recreate(graph, publish)?), exec.as_deref(), interrupted)
-}
-
-pub(crate) fn command(exec: Option<&[String]>) -> Result<Option<Vec<CString>>, RestoreError> {
-    let Some(argv) = exec else { return Ok(None) };
-    if argv.is_empty() {
-        return Err(RestoreError::NoCommand);
-    }
-    argv.iter()
-        .map(|a| CString::new(a.as_str()).map_err(|_| RestoreError::BadCommand))
-        .collect::<Result<_, _>>()
-        .map(Some)
+    let exec = Exec::new(exec)?;
+    run(&plan, |publish| Ok(ObjectTable::recreate(graph, publish)?), exec.as_ref(), interrupted)
 }
 
 /// One stub's report.
@@ -121,7 +117,7 @@ struct Report {
 pub(crate) fn run(
     plan: &Plan,
     objects: impl FnOnce(&mut dyn FnMut(ObjRef, RawFd)) -> Result<ObjectTable, RestoreError>,
-    exec: Option<&[CString]>,
+    exec: Option<&Exec>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Restored, RestoreError> {
     let me = unistd::getpid();
@@ -190,17 +186,24 @@ pub(crate) fn run(
         }
     }
     // Every stub closes its report fd after the commit (the root's closes on exec):
-    // EOF means the tree is committed; a line here is a failed exec.
-    if let Some(line) = lines.rest(Duration::from_secs(10)) {
-        kill_all(root, &stub_pids);
-        return Err(RestoreError::Exec(line.trim_start_matches("execfail ").to_string()));
+    // EOF means the tree is committed. Before it, the root stub reports the fds it
+    // moved for the exec; any other line is a failed exec.
+    let mut moved = Vec::new();
+    while let Some(line) = lines.rest(Duration::from_secs(10)) {
+        match FdMove::parse(&line) {
+            Some(m) => moved.push(m),
+            None => {
+                kill_all(root, &stub_pids);
+                return Err(RestoreError::Exec(line.trim_start_matches("execfail ").to_string()));
+            }
+        }
     }
     let mut tasks = Vec::new();
     for (p, report) in plan.processes.iter().zip(&reports) {
         let new = std::iter::once(report.pid).chain(report.threads.iter().copied());
         tasks.extend(p.threads.iter().map(|(old, _)| *old).zip(new));
     }
-    Ok(Restored { root: Pid(root.as_raw() as u32), tasks })
+    Ok(Restored { root: Pid(root.as_raw() as u32), tasks, moved })
 }
 
 fn collect_reports(
@@ -295,7 +298,7 @@ impl Lines {
         }
     }
 
-    /// Waits for EOF; returns a line if one comes first.
+    /// Waits (up to `timeout`) for the next line; None at EOF.
     fn rest(&mut self, timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {

@@ -8,7 +8,7 @@
 //! crd's commit (SIGUSR1). Until
 //! then it dies with its parent (PR_SET_PDEATHSIG), so a failed or killed restore leaves
 //! nothing running. After the commit it holds its fds until SIGTERM or SIGINT, or execs
-//! the program given with `--exec`.
+//! the program given with `--exec`, handing it its fds as [`super::exec`] says.
 use std::{
     ffi::CString,
     fmt::Write as _,
@@ -22,6 +22,7 @@ use nix::{
 };
 
 use super::{
+    exec::{self, Exec},
     handover::Handover,
     plan::{Plan, TablePlan},
 };
@@ -44,7 +45,7 @@ pub(super) struct StubArgs<'a> {
     /// Where stubs report, one line each (its fd number in this process).
     pub status: RawFd,
     /// The root stub execs this after the commit.
-    pub exec: Option<&'a [CString]>,
+    pub exec: Option<&'a Exec>,
     /// The signal mask to restore before exec.
     pub old_mask: SigSet,
 }
@@ -118,6 +119,16 @@ fn setup(args: &mut StubArgs<'_>, index: usize, parent: unistd::Pid) -> Result<S
     #[cfg(feature = "testing")]
     if std::env::var(FAIL_STUB_ENV).ok().and_then(|v| v.parse::<usize>().ok()) == Some(index) {
         return Err(format!("failing on purpose (${FAIL_STUB_ENV})"));
+    }
+    if index == 0 && args.exec.is_some() {
+        // The root will lay its fds out for the program and exec, which gives it a table
+        // of its own anyway: it takes its own copy now, filled, before its threads start
+        // (they share it) and before the commit, so the CLONE_FILES child stubs keep
+        // theirs as it is, and close crd's handles in it after the commit themselves.
+        // SAFETY: unshare(CLONE_FILES) only gives this process its own copy of its table.
+        if unsafe { libc::unshare(libc::CLONE_FILES) } < 0 {
+            return Err(format!("unshare(CLONE_FILES): {}", std::io::Error::last_os_error()));
+        }
     }
     let tids = start_threads(&me.threads[1..]);
     let mut line = format!("ok {index} {}", unistd::getpid());
@@ -214,6 +225,18 @@ fn place(pulled: std::os::fd::OwnedFd, target: RawFd, close_on_exec: bool) -> Re
     Ok(())
 }
 
+/// Whether stub `index` has no table of its own but the root's: CLONE_FILES children of
+/// the root, and theirs.
+fn fills_root_table(plan: &Plan, index: usize) -> bool {
+    let mut i = index;
+    while let (TablePlan::SharedWithParent, Some(parent)) =
+        (&plan.processes[i].table, plan.processes[i].parent)
+    {
+        i = parent;
+    }
+    i == 0
+}
+
 fn set_comm(comm: &str) {
     let name: Vec<u8> = comm.bytes().filter(|&b| b != 0).take(15).collect();
     if let Ok(name) = CString::new(name) {
@@ -267,16 +290,39 @@ fn commit(args: &StubArgs<'_>, index: usize) -> ! {
     let (status, crd_pidfd) = (args.status, args.crd_pidfd);
     // SAFETY: prctl(PR_SET_PDEATHSIG, 0) only clears a flag on this process.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
-    let owns_table = matches!(args.plan.processes[index].table, TablePlan::Own(_));
+    // Each table drops crd's handles once: its owner's stub does it, and with --exec the
+    // first of the root's CLONE_FILES children does it for the table the root left them
+    // (see `setup`).
+    let owns_table = matches!(args.plan.processes[index].table, TablePlan::Own(_))
+        || (args.exec.is_some()
+            && (1..args.plan.processes.len()).find(|&i| fills_root_table(args.plan, i)) == Some(index));
     if owns_table {
         // SAFETY: crd's pidfd is ours; after the commit nothing pulls from crd.
         unsafe { libc::close(crd_pidfd) };
     }
-    if let (0, Some(argv)) = (index, args.exec) {
+    if let (0, Some(exec)) = (index, args.exec) {
         let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&args.old_mask), None);
-        // `status` is close-on-exec: crd sees EOF once the exec succeeds.
-        let err = unistd::execvp(&argv[0], argv).unwrap_err();
-        report(status, &format!("execfail {}: {err}", argv[0].to_string_lossy()));
+        let argv = &exec.argv;
+        let fds = match &args.plan.processes[index].table {
+            TablePlan::Own(fds) => fds.as_slice(),
+            TablePlan::SharedWithParent => &[],
+        };
+        let failure = match exec::prepare(exec, fds, status) {
+            Ok(prepared) => {
+                for m in &prepared.moves {
+                    report(status, &m.line());
+                }
+                // `status` is close-on-exec: crd sees EOF once the exec succeeds.
+                let err = match &prepared.env {
+                    Some(env) => unistd::execvpe(&argv[0], argv, env),
+                    None => unistd::execvp(&argv[0], argv),
+                }
+                .unwrap_err();
+                err.to_string()
+            }
+            Err(message) => message,
+        };
+        report(status, &format!("execfail {}: {failure}", argv[0].to_string_lossy()));
         // SAFETY: as in `run`.
         unsafe { libc::_exit(127) }
     }
