@@ -185,7 +185,7 @@ mod tests {
     use super::*;
     use crate::{
         graph::{FdSlot, FdTable, FileDesc, Object, Task},
-        kinds::{Kind, Saved, pipe::PipeState, regular::ByPath},
+        kinds::{Kind, Saved, pipe::PipeState},
         types::{Access, DeviceId},
     };
 
