@@ -2,14 +2,16 @@
 //!
 //! Two harvesters produce the same [`Harvest`], behind one [`Harvester`] trait chosen in
 //! one place ([`harvester`]): [`bpf`] reads each fd table straight from the kernel with
-//! BPF iterators; [`procfs`] walks `/proc` and is both the fallback where BPF iterators
-//! are unavailable and the oracle the tests compare BPF against. [`extras`] adds, while
+//! BPF iterators; [`procfs`] walks `/proc` (and asks sock_diag about sockets: [`sockets`])
+//! and is both the fallback where BPF iterators are unavailable and the oracle the tests
+//! compare BPF against. [`extras`] adds, while
 //! the targets are still frozen, what neither reads cheaply: paths, and each object's
 //! contents (through its kind's `save`).
 pub mod bpf;
 pub mod extras;
 pub mod offsets;
 pub mod procfs;
+pub mod sockets;
 
 use std::path::PathBuf;
 

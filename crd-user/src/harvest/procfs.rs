@@ -5,7 +5,8 @@
 //! meaning: kcmp(KCMP_FILES) groups threads by fd table, (st_dev, st_ino) names an inode,
 //! kcmp(KCMP_FILE) groups fds by open file description. /proc shows no reference counts
 //! either: they are counted by scanning every other process's fds for the same objects,
-//! so that both harvesters mark the same objects as held from outside.
+//! so that both harvesters mark the same objects as held from outside. Sockets are read
+//! with sock_diag, one dump per network namespace ([`super::sockets`]).
 use std::{
     collections::{BTreeSet, HashMap},
     fs,
@@ -14,10 +15,14 @@ use std::{
 
 use super::{
     FdInfo, FileInfo, Harvest, HarvestError, HarvestStats, Harvester, ObjectInfo, Scope, Source, TaskInfo,
+    sockets::{self, Sockets},
 };
 use crate::{
     freeze::list_threads,
-    kinds::{Identity, Kind, Live, ProcSlot, Recognise},
+    kinds::{
+        Identity, Kind, Live, ProcSlot, Recognise,
+        socket::{Family, SocketFacts},
+    },
     sys::{Kcmp, SyscallError, kcmp_same},
     types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid},
 };
@@ -92,8 +97,9 @@ fn list_fds(tid: Pid) -> Vec<Fd> {
 }
 
 /// What the link says of the kind: the filesystem of pipes and anon files (whose
-/// names say what they are), and the link itself for the kinds that recognise theirs.
-fn classify(slot: &Slot) -> Kind {
+/// names say what they are), and the link itself for the kinds that recognise theirs;
+/// a socket's family from its facts.
+fn classify(slot: &Slot, socket: Option<&SocketFacts>) -> Kind {
     let (fs_magic, name) = if slot.link.starts_with("pipe:[") {
         (Some(crd_common::PIPEFS_MAGIC), None)
     } else if let Some(name) = slot.link.strip_prefix("anon_inode:") {
@@ -107,8 +113,40 @@ fn classify(slot: &Slot) -> Kind {
         name,
         rdev: DeviceId::from_user(slot.rdev),
         link: Some(&slot.link),
-        family: None,
+        family: socket.map(|f| f.family.raw()),
     })
+}
+
+/// What is known of the socket at `fd`: sock_diag's facts (unix, TCP, UDP), else its
+/// family (`system.sockprotoname`) with the type and protocol `getsockopt` gives on a
+/// copy of the fd; None when not even the family can be read. A socket is never dropped.
+fn socket_facts(sockets: &mut Sockets, tgid: Tgid, tid: Pid, fd: Fd, slot: &Slot) -> Option<SocketFacts> {
+    if slot.mode & libc::S_IFMT != libc::S_IFSOCK {
+        return None;
+    }
+    let known = sockets.facts(tid, slot.ino).cloned();
+    let family = || {
+        let name = sockets::protoname(&format!("/proc/{}/fd/{}", tid.0, fd.0))?;
+        sockets::family_of_protoname(&name).map(Family::from_raw)
+    };
+    let mut facts = known.or_else(|| family().map(SocketFacts::unknown))?;
+    if facts.sock_type == crate::kinds::socket::SockType::Other(0)
+        && let Some((sock_type, protocol)) = sockets::type_and_protocol(Pid(tgid.0), fd)
+    {
+        facts.sock_type = sock_type;
+        facts.protocol = protocol;
+    }
+    Some(facts)
+}
+
+/// Whether `facts` are what the inet kind takes: TCP or UDP (sock_diag's answers). An
+/// inet socket of another protocol (raw, UDP-Lite, SCTP...) is an opaque `socket`.
+fn is_tcp_or_udp(facts: &SocketFacts) -> bool {
+    use crate::kinds::socket::SockType;
+    matches!(
+        (facts.sock_type, i32::from(facts.protocol)),
+        (SockType::Stream, libc::IPPROTO_TCP) | (SockType::Dgram, libc::IPPROTO_UDP)
+    )
 }
 
 /// One open file description found so far: where to kcmp it from, and its identity.
@@ -146,11 +184,12 @@ impl Harvester for ProcfsHarvester {
 pub fn harvest(tgids: &[Tgid]) -> Result<Harvest, ProcfsError> {
     let mut harvest = Harvest::default();
     let mut tables: Vec<(Pid, KernelPtr)> = Vec::new();
-    let mut inodes: HashMap<(u64, u64), KernelPtr> = HashMap::new();
-    let mut descriptions: HashMap<KernelPtr, Vec<Description>> = HashMap::new();
-    // Each link seen in the set, with its inode's identity: where to look for the same
-    // objects in other processes.
-    let mut links: HashMap<String, KernelPtr> = HashMap::new();
+    let mut seen = Seen {
+        inodes: HashMap::new(),
+        descriptions: HashMap::new(),
+        links: HashMap::new(),
+        sockets: Sockets::new(),
+    };
 
     for &tgid in tgids {
         for tid in list_threads(tgid) {
@@ -174,26 +213,38 @@ pub fn harvest(tgids: &[Tgid]) -> Result<Harvest, ProcfsError> {
                 None => {
                     let id = KernelPtr(TABLE_TAG | (tables.len() as u64 + 1));
                     tables.push((tid, id));
-                    read_table(tgid, tid, id, &mut inodes, &mut descriptions, &mut links, &mut harvest)?;
+                    read_table(tgid, tid, id, &mut seen, &mut harvest)?;
                     id
                 }
             };
             harvest.tasks.push(TaskInfo { pid: tid, tgid, parent, comm, fd_table });
         }
     }
-    count_references(tgids, &mut harvest, &descriptions, &links)?;
+    count_references(tgids, &mut harvest, &seen.descriptions, &seen.links)?;
     Ok(harvest.dedup())
+}
+
+/// What one harvest has met so far, across fd tables.
+struct Seen {
+    /// (st_dev, st_ino) → the inode's identity.
+    inodes: HashMap<(u64, u64), KernelPtr>,
+    /// The descriptions of each inode.
+    descriptions: HashMap<KernelPtr, Vec<Description>>,
+    /// Each link seen in the set, with its inode's identity: where to look for the same
+    /// objects in other processes.
+    links: HashMap<String, KernelPtr>,
+    /// sock_diag's answers, per network namespace.
+    sockets: Sockets,
 }
 
 fn read_table(
     tgid: Tgid,
     tid: Pid,
     table: KernelPtr,
-    inodes: &mut HashMap<(u64, u64), KernelPtr>,
-    descriptions: &mut HashMap<KernelPtr, Vec<Description>>,
-    links: &mut HashMap<String, KernelPtr>,
+    seen: &mut Seen,
     harvest: &mut Harvest,
 ) -> Result<(), ProcfsError> {
+    let Seen { inodes, descriptions, links, sockets } = seen;
     for fd in list_fds(tid) {
         let Some(slot) = read_slot(tid, fd)? else {
             continue;
@@ -214,10 +265,21 @@ fn read_table(
             same_inode.push(Description { tid, fd, id });
             id
         });
-        let kind = classify(&slot);
+        let socket = socket_facts(sockets, tgid, tid, fd, &slot);
+        let kind = match classify(&slot, socket.as_ref()) {
+            Kind::Inet if !socket.as_ref().is_some_and(is_tcp_or_udp) => Kind::Socket,
+            kind => kind,
+        };
         let live = Live::from_proc(
             kind,
-            &ProcSlot { tgid, fd, fdinfo: &slot.fdinfo, link: &slot.link, size: slot.size, socket: None },
+            &ProcSlot {
+                tgid,
+                fd,
+                fdinfo: &slot.fdinfo,
+                link: &slot.link,
+                size: slot.size,
+                socket: socket.as_ref(),
+            },
         );
         // /proc shows no private objects: an anon file's object is its description.
         let object_id = match kind.identity() {

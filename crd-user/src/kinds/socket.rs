@@ -189,11 +189,17 @@ pub struct SocketFacts {
     pub state: u8,
     /// `sk_shutdown` bits.
     pub shutdown: u8,
-    /// A listener's backlog (`sk_max_ack_backlog`).
+    /// A listener's backlog (`sk_max_ack_backlog`); 0 for a socket that is not listening
+    /// (the kernel keeps other values there: `net.unix.max_dgram_qlen` for every unix
+    /// socket, the listener's backlog for an accepted TCP connection).
     pub backlog: u32,
-    /// Connections waiting to be accepted (`sk_ack_backlog`).
+    /// A listener's connections waiting to be accepted (TCP: `sk_ack_backlog`; unix:
+    /// `sk_receive_queue.qlen`, one skb per connection); 0 for any other socket.
     pub pending: u32,
-    /// Buffers queued for reading (unix: messages).
+    /// Messages (skbs) queued for reading, `sk_receive_queue.qlen`. The /proc harvester
+    /// (sock_diag) can count them only for a unix listener (where they are its pending
+    /// connections); for every other socket sock_diag counts bytes, so /proc says 0:
+    /// the harvesters agree on it for listeners and empty queues only.
     pub rqueue: u32,
     /// unix: the peer socket's inode number, when the peer has one.
     pub peer: Option<u64>,
@@ -220,14 +226,21 @@ impl SocketFacts {
         };
         let connected = t.remote_port != 0 || t.remote_addr != [0; 16];
         let name_len = (t.name_len as usize).saturating_sub(std::mem::size_of::<libc::sa_family_t>());
+        // Backlog and pending mean something for listeners only (see the fields).
+        let listening = t.state == state::LISTEN;
+        let pending = match (listening, family) {
+            (false, _) => 0,
+            (true, Family::Unix) => t.rqueue,
+            (true, _) => t.pending,
+        };
         Some(SocketFacts {
             family,
             sock_type: SockType::from_raw(t.sock_type),
             protocol: t.protocol,
             state: t.state,
             shutdown: t.shutdown,
-            backlog: t.backlog,
-            pending: t.pending,
+            backlog: if listening { t.backlog } else { 0 },
+            pending,
             rqueue: t.rqueue,
             peer: (t.peer_ino != 0).then_some(t.peer_ino),
             name: if family == Family::Unix {
@@ -321,10 +334,17 @@ impl FileKind for OtherSocket {
     }
 
     fn refusal(saved: &OtherSocketState) -> Option<String> {
-        Some(format!("crd does not recreate {} (only unix, TCP and UDP); `crd graft` hands the live one over", saved.what()))
+        Some(format!(
+            "crd does not recreate {} (only unix, TCP and UDP); `crd graft` hands the live one over",
+            saved.what()
+        ))
     }
 
-    fn open(saved: &OtherSocketState, _args: &OpenArgs<'_>, _store: &mut ObjectStore) -> Result<Opened, KindError> {
+    fn open(
+        saved: &OtherSocketState,
+        _args: &OpenArgs<'_>,
+        _store: &mut ObjectStore,
+    ) -> Result<Opened, KindError> {
         Err(KindError::Other(Self::refusal(saved).unwrap_or_default()))
     }
 
