@@ -7,6 +7,7 @@
 use std::{
     io::{BufRead, BufReader, IoSliceMut},
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::unix::process::CommandExt,
     process::{Child, Command, Stdio},
 };
 
@@ -18,7 +19,9 @@ struct Program(Child);
 
 impl Drop for Program {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        // The program and every process it forked: its own process group.
+        // SAFETY: plain kill(2) of a process group the test made.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
         let _ = self.0.wait();
     }
 }
@@ -31,6 +34,7 @@ fn python(script: &str, args: &[&str]) -> (Program, serde_json::Value) {
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        .process_group(0)
         .spawn()
         .expect("python3 runs");
     let mut line = String::new();

@@ -400,10 +400,20 @@ pub fn own_file(fd: Fd, id: KernelPtr, object: Option<KernelPtr>) -> Result<Opti
     let Some(slot) = read_slot(me, fd)? else {
         return Ok(None);
     };
-    let kind = classify(&slot);
+    // A socket in flight: sock_diag of crd's own namespace knows it (files in flight are
+    // rare; one dump each is fine).
+    let socket = socket_facts(&mut Sockets::new(), Tgid(me.0), me, fd, &slot);
+    let kind = classify(&slot, socket.as_ref());
     let live = Live::from_proc(
         kind,
-        &ProcSlot { tgid: Tgid(me.0), fd, fdinfo: &slot.fdinfo, link: &slot.link, size: slot.size, socket: None },
+        &ProcSlot {
+            tgid: Tgid(me.0),
+            fd,
+            fdinfo: &slot.fdinfo,
+            link: &slot.link,
+            size: slot.size,
+            socket: socket.as_ref(),
+        },
     );
     let object_id = match (kind.identity(), object) {
         (Identity::Inode, Some(object)) => object,
