@@ -175,6 +175,16 @@ impl FileKind for Unix {
             let walk = if sock_type == SockType::Stream { Walk::Stream } else { Walk::Datagrams };
             sockio::peek_queue(fd, walk, &mut reach.carried.borrow_mut())?
         };
+        // Each datagram is one buffer: the kernel's count must match what the walk read.
+        // (A zero-length datagram someone peeked before is skipped by every peek at an
+        // offset: the kernel offers no way to read it in place.)
+        if sock_type != SockType::Stream && !listening && live.rqueue as usize > queue.len() {
+            return Err(KindError::Other(format!(
+                "its queue holds {} datagrams but only {} could be read in place (an empty datagram that was peeked before cannot be); nothing was written",
+                live.rqueue,
+                queue.len()
+            )));
+        }
         Ok(UnixState {
             sock_type,
             status,

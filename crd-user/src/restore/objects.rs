@@ -24,7 +24,7 @@ use std::{
 use nix::fcntl::{self, FcntlArg, OFlag};
 
 use crate::{
-    graph::{Encounter, FileDesc, Graph, GraphIndex},
+    graph::{Encounter, FileDesc, Graph, GraphIndex, Object},
     kinds::{Completion, Kind, KindError, ObjectStore, OpenArgs, Stage, Tie, Tied},
     sys::SyscallError,
     types::{Fd, ObjRef, Tgid},
@@ -129,10 +129,22 @@ impl Maker<'_, '_> {
         self.table.files.insert(objref, opened.fd);
         self.first_file.entry(object_ref).or_insert(objref);
         if let Encounter::First { object: record, .. } = &desc.object {
-            for carried in &record.carried {
-                if let Encounter::First { objref, object: desc } = carried {
-                    self.file(tgid, fd, *objref, desc)?;
-                }
+            self.nested(tgid, fd, record)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the files an object record carries, and those of the objects nested in it
+    /// (a socket's peer, recorded inside the socket, carries its own queue's files).
+    fn nested(&mut self, tgid: Tgid, fd: Fd, record: &Object) -> Result<(), ObjectError> {
+        for carried in &record.carried {
+            if let Encounter::First { objref, object: desc } = carried {
+                self.file(tgid, fd, *objref, desc)?;
+            }
+        }
+        for tied in record.tied.iter().flatten() {
+            if let Encounter::First { object, .. } = tied {
+                self.nested(tgid, fd, object)?;
             }
         }
         Ok(())
