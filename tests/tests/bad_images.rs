@@ -95,6 +95,8 @@ fn body(tasks: usize, pipe_data: &[u8]) -> ImageBody {
             path: None,
             held_outside: false,
             state: Saved::Pipe(PipeState { capacity: 65536, data: pipe_data.to_vec() }),
+            tied: Vec::new(),
+            carried: Vec::new(),
         };
         let base = 1 + 3 * i as u32;
         let file = FileDesc {
