@@ -33,6 +33,8 @@ pub enum CheckpointError {
     Image(#[from] ImageError),
     #[error("interrupted; the target was resumed and no image was written")]
     Interrupted(#[source] Interrupted),
+    #[error("{0} (--strict: no image was written; without --strict the image lists them and restore refuses them)")]
+    Strict(String),
 }
 
 impl From<HarvestError> for CheckpointError {
@@ -53,11 +55,14 @@ pub struct Options {
     pub source: Source,
     /// How to load the BPF harvester.
     pub load: LoadOptions,
+    /// Refuse to write an image that restore could not recreate in full (an fd of a
+    /// kind crd does not make: a netlink socket, an epoll...), naming every such fd.
+    pub strict: bool,
 }
 
 impl Options {
     pub fn new(root: Tgid, tree: bool, source: Source) -> Self {
-        Self { root, tree, source, load: LoadOptions::default() }
+        Self { root, tree, source, load: LoadOptions::default(), strict: false }
     }
 }
 
@@ -135,7 +140,7 @@ pub fn checkpoint_with(
     let check = || {
         if interrupted() { Err(CheckpointError::Interrupted(Interrupted)) } else { Ok(()) }
     };
-    let tree = options.tree;
+    let (tree, strict) = (options.tree, options.strict);
     let FrozenHarvest { frozen, mut harvest, stats, source, mut phases } =
         freeze_and_harvest_with(options, loaded, interrupted)?;
     check()?;
@@ -146,6 +151,9 @@ pub fn checkpoint_with(
     let root = frozen.root();
     let graph = Graph::build(root, &harvest, extras.saved);
     phases.lap("graph");
+    if strict && let Some(line) = unrestorable(&graph) {
+        return Err(CheckpointError::Strict(line));
+    }
     let body = ImageBody { header: Header::now(source.into(), tree), graph };
     let streams = body.graph.streams_contents();
     if let Some(output) = output
@@ -164,6 +172,27 @@ pub fn checkpoint_with(
         phases.lap("write");
     }
     Ok(Checkpoint { body, stats, phases })
+}
+
+/// Every fd whose object restore could not make, grouped by why, on one line (None:
+/// the image would restore in full).
+fn unrestorable(graph: &Graph) -> Option<String> {
+    let index = graph.index();
+    let mut refused: Vec<(String, Vec<String>)> = Vec::new();
+    for (task, slot) in graph.slots() {
+        let Some((_, objref, object)) = index.open(slot.file.objref()) else { continue };
+        let Some(why) = object.state.refusal() else { continue };
+        let at = format!("PID {} fd {} ({} {objref} {})", task.tgid, slot.fd, object.kind(), object.name());
+        match refused.iter_mut().find(|(reason, _)| *reason == why) {
+            Some((_, fds)) => fds.push(at),
+            None => refused.push((why, vec![at])),
+        }
+    }
+    if refused.is_empty() {
+        return None;
+    }
+    let clauses: Vec<String> = refused.into_iter().map(|(why, fds)| format!("{}: {why}", fds.join(", "))).collect();
+    Some(clauses.join("; "))
 }
 
 /// Checkpoints and writes the image atomically to `output`.

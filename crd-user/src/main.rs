@@ -77,6 +77,10 @@ enum Command {
         /// Where to read fd state from.
         #[arg(long, value_enum, default_value_t = Source::Auto)]
         source: Source,
+        /// Write no image if restore could not recreate every fd (a kind crd does not
+        /// make, such as a netlink socket or an epoll): name each such fd instead.
+        #[arg(long)]
+        strict: bool,
     },
     /// Rebuild an image's processes as stubs holding the same fds, sharing and pipe data.
     Restore {
@@ -247,11 +251,14 @@ fn run(command: Command, load: &LoadOptions, interrupted: &dyn Fn() -> bool) -> 
         tree,
         source: source.into(),
         load: load.clone(),
+        strict: false,
     };
     match command {
-        Command::Checkpoint { pid, tree, output, source } => {
+        Command::Checkpoint { pid, tree, output, source, strict } => {
             let output = output.unwrap_or_else(|| PathBuf::from(format!("crd-{pid}.img")));
-            checkpoint(options(pid, tree, source), &output, interrupted)?;
+            let mut options = options(pid, tree, source);
+            options.strict = strict;
+            checkpoint(options, &output, interrupted)?;
         }
         Command::Restore { image, pid_file, allow_external, exec } => {
             let mut phases = Phases::start();

@@ -246,6 +246,12 @@ fn unix_sockets_round_trip_with_queues_listeners_and_fds_in_flight() {
     let sb_before = &before[parent_fds.len()];
     assert!(sb_before.contains("\"pipe\""), "the pipe in flight is seen: {sb_before}");
 
+    // Both harvesters give the same graph (sock_diag and BPF agree on every socket).
+    let by_bpf = crd_tests::checkpoint(parent, true, crd::Source::Bpf);
+    let by_procfs = crd_tests::checkpoint(parent, true, crd::Source::Procfs);
+    if let Err(difference) = by_bpf.graph.same_shape(&by_procfs.graph) {
+        panic!("BPF and /proc graphs differ: {difference}");
+    }
     let image = dir.path().join("unix.crd");
     let out = crd(&["checkpoint", &parent.to_string(), "--tree", "-o", image.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -350,4 +356,125 @@ while True: time.sleep(3600)
     let fd = info["fd"].as_u64().unwrap() as u32;
     let s = grab(restored.root, fd);
     assert_eq!(name(s.as_fd(), true), format!("error {}", libc::ENOTCONN));
+}
+
+/// TCP and UDP in a network namespace of the test's own: a TCP listener (IPv4) and an
+/// IPv6 one, a UDP socket with datagrams queued from another, and a connected UDP
+/// client.
+const INET_SCENARIO: &str = r#"
+import json, os, socket, time
+os.closerange(3, 4096)
+t4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+t4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t4.bind(("127.0.0.1", 0)); t4.listen(9)
+t6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+t6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+t6.bind(("::1", 0)); t6.listen(4)
+us = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); us.bind(("127.0.0.1", 0))
+uc = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); uc.bind(("127.0.0.1", 0))
+uc.sendto(b"dg1", us.getsockname()); uc.sendto(b"dg2" * 100, us.getsockname())
+ucc = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); ucc.connect(us.getsockname())
+socks = dict(t4=t4, t6=t6, us=us, uc=uc, ucc=ucc)
+time.sleep(0.1)
+print(json.dumps(dict(pid=os.getpid(), fds={k: s.fileno() for k, s in socks.items()},
+    ports={k: s.getsockname()[1] for k, s in socks.items()})), flush=True)
+while True: time.sleep(3600)
+"#;
+
+/// The test thread's own network namespace, with loopback up; processes it spawns
+/// inherit it.
+fn own_network_namespace() {
+    // SAFETY: unshare(2) of the calling thread's network namespace only.
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "{}", std::io::Error::last_os_error());
+    let up = Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("ip runs");
+    assert!(up.success());
+}
+
+#[test]
+fn tcp_listeners_and_udp_sockets_come_back_on_their_ports_with_their_datagrams() {
+    require_root!();
+    crd_tests::require_tool!("python3");
+    crd_tests::require_tool!("ip");
+    own_network_namespace();
+    let (program, info) = python(INET_SCENARIO, &[]);
+    let pid = info["pid"].as_u64().unwrap() as u32;
+    let fd = |name: &str| info["fds"][name].as_u64().unwrap() as u32;
+    let port = |name: &str| info["ports"][name].as_u64().unwrap() as u16;
+    let names = ["t4", "t6", "us", "uc", "ucc"];
+    let opts = |p: u32, n: &str| {
+        let s = grab(p, fd(n));
+        let f = s.as_fd();
+        let v6only = if n == "t6" { int_opt(f, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) } else { -1 };
+        (int_opt(f, libc::SOL_SOCKET, libc::SO_REUSEADDR), v6only)
+    };
+    let before: Vec<(String, (i32, i32))> = names.iter().map(|n| (describe(pid, fd(n)), opts(pid, n))).collect();
+    let by_bpf = crd_tests::checkpoint(pid, false, crd::Source::Bpf);
+    let by_procfs = crd_tests::checkpoint(pid, false, crd::Source::Procfs);
+    if let Err(difference) = by_bpf.graph.same_shape(&by_procfs.graph) {
+        panic!("BPF and /proc graphs differ: {difference}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("inet.crd");
+    let out = crd(&["checkpoint", &pid.to_string(), "-o", image.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // While the original holds its ports, a restore cannot have them: one line says so.
+    let refused = crd(&["restore", image.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stderr(&refused).contains("is in use"), "{}", stderr(&refused));
+    drop(program);
+    let restored = restore_with(&["restore", image.to_str().unwrap()]).unwrap_or_else(|e| panic!("restore: {e}"));
+    for (n, (b, o)) in names.iter().zip(&before) {
+        assert_eq!(&describe(restored.root, fd(n)), b, "{n}: the restored socket differs");
+        assert_eq!(&opts(restored.root, n), o, "{n}: options differ");
+    }
+    // The restored listener takes connections on the same port.
+    let client = std::net::TcpStream::connect(("127.0.0.1", port("t4"))).expect("connects");
+    let listener = grab(restored.root, fd("t4"));
+    // SAFETY: accept4 on a listening socket copy.
+    let accepted = unsafe { libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+    assert!(accepted >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: the kernel just returned this fd.
+    drop(unsafe { OwnedFd::from_raw_fd(accepted) });
+    drop(client);
+    // The datagrams come from where they came from: the restored client's port.
+    let server = grab(restored.root, fd("us"));
+    let mut buf = [0u8; 512];
+    let (n, from) = nix::sys::socket::recvfrom::<nix::sys::socket::SockaddrIn>(server.as_raw_fd(), &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"dg1");
+    assert_eq!(from.map(|a| a.port()), Some(port("uc")), "the sender's port is kept");
+}
+
+/// A socket of a family crd does not make (netlink): listed, never dropped; refused by
+/// name at restore, or at checkpoint with `--strict`, leaving nothing behind.
+#[test]
+fn a_netlink_socket_is_refused_by_name_at_restore_or_with_strict_at_checkpoint() {
+    require_root!();
+    crd_tests::require_tool!("python3");
+    let script = r#"
+import json, os, socket, time
+os.closerange(3, 4096)
+n = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+a, b = socket.socketpair()
+print(json.dumps(dict(pid=os.getpid(), fd=n.fileno())), flush=True)
+while True: time.sleep(3600)
+"#;
+    let (_program, info) = python(script, &[]);
+    let pid = info["pid"].as_u64().unwrap().to_string();
+    let netlink = info["fd"].as_u64().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("nl.crd");
+    let strict = crd(&["checkpoint", &pid, "--strict", "-o", image.to_str().unwrap()]);
+    let err = stderr(&strict);
+    assert_eq!(strict.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("fd {netlink} (socket")) && err.contains("netlink sockets"), "{err}");
+    assert!(!image.exists(), "--strict wrote no image");
+    crd_tests::assert_running_untraced(pid.parse().unwrap());
+    let out = crd(&["checkpoint", &pid, "-o", image.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let refused = crd(&["restore", image.to_str().unwrap()]);
+    let err = stderr(&refused);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("fd {netlink} (socket")) && err.contains("netlink sockets"), "{err}");
 }

@@ -176,8 +176,8 @@ fn bpf_lists_unix_inet_and_netlink_sockets_as_the_kernel_sees_them() {
     }
     // A unix connection not yet accepted waits as one buffer in its listener's receive
     // queue (what sock_diag reports as the listener's rqueue too).
-    assert_eq!(detail("path_listener"), "type=STREAM (LISTEN) backlog 8 queued 1");
-    assert_eq!(detail("abstract_listener"), "type=STREAM (LISTEN) backlog 8 queued 1");
+    assert_eq!(detail("path_listener"), "type=STREAM (LISTEN) backlog 8 pending 1");
+    assert_eq!(detail("abstract_listener"), "type=STREAM (LISTEN) backlog 8 pending 1");
 
     // The kernel's own view of every unix peer (sock_diag, through ss).
     let ss = ss_unix_peers();

@@ -147,7 +147,7 @@ fn procfs_reads_sockets_with_sock_diag_in_each_network_namespace() {
         let [listener, client, accepted, pending] = [0, 1, 2, 3].map(|i| &held[group][i]);
         assert_eq!(text(&fd(listener)["name"]), name);
         // backlog 8; one connection waits to be accepted (one skb in its queue).
-        assert_eq!(text(&fd(listener)["detail"]), "type=STREAM (LISTEN) backlog 8 queued 1", "{group}");
+        assert_eq!(text(&fd(listener)["detail"]), "type=STREAM (LISTEN) backlog 8 pending 1", "{group}");
         // An accepted connection carries its listener's name; its peer is the client.
         assert_eq!(text(&fd(accepted)["name"]), name);
         assert_eq!(

@@ -542,7 +542,7 @@ mod tests {
         assert_eq!(facts.name, UnixName::Path(b"/run/app.sock".to_vec()));
         assert_eq!(
             shown(&f),
-            (Some("/run/app.sock".into()), Some("type=STREAM (CONNECTED) ->INO=4243 queued 2".into()))
+            (Some("/run/app.sock".into()), Some("type=STREAM (CONNECTED) ->INO=4243".into()))
         );
 
         // An abstract name: a leading NUL, exactly `name_len - 2` bytes, NULs included.

@@ -207,7 +207,12 @@ impl FileKind for Unix {
     fn detail(saved: &UnixState) -> Option<String> {
         let mut detail = format!("type={}", upper(saved.sock_type));
         match saved.status {
-            UnixStatus::Listening => detail.push_str(&format!(" (LISTEN) backlog {}", saved.backlog)),
+            UnixStatus::Listening => {
+                detail.push_str(&format!(" (LISTEN) backlog {}", saved.backlog));
+                if saved.pending != 0 {
+                    detail.push_str(&format!(" pending {}", saved.pending));
+                }
+            }
             UnixStatus::Connected => detail.push_str(" (CONNECTED)"),
             UnixStatus::Unconnected => {}
         }
