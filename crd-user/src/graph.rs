@@ -472,6 +472,8 @@ struct Walk<'h> {
     by_inode: HashMap<(Kind, u64), KernelPtr>,
     /// Listeners by name, for [`Tie::Listener`].
     listeners: HashMap<UnixName, KernelPtr>,
+    /// Sockets by the address they are bound at, for [`Tie::Address`].
+    bound: HashMap<std::net::SocketAddr, KernelPtr>,
     carried: std::collections::HashMap<KernelPtr, Vec<Carried>>,
 }
 
@@ -486,11 +488,16 @@ impl<'h> Walk<'h> {
         let mut states: HashMap<KernelPtr, Saved> = HashMap::with_capacity(objects.len());
         let mut by_inode = HashMap::new();
         let mut listeners = HashMap::new();
+        let mut bound = HashMap::new();
         for (id, (object, _)) in &objects {
             let state = saved.remove(id).unwrap_or_else(|| object.live.sketch());
             by_inode.insert((object.kind(), object.ino), *id);
             if let Some(name) = state.listens_at() {
                 listeners.insert(name.clone(), *id);
+            }
+            if let Some(addr) = state.bound_at() {
+                // Several sockets may share an address (SO_REUSEPORT): any one sends.
+                bound.entry(addr).or_insert(*id);
             }
             states.insert(*id, state);
         }
@@ -503,7 +510,7 @@ impl<'h> Walk<'h> {
             by_inode.entry((c.file.object.kind(), c.file.object.ino)).or_insert(id);
             states.insert(id, state);
         }
-        Walk { inside, states, objects, by_inode, listeners, carried }
+        Walk { inside, states, objects, by_inode, listeners, bound, carried }
     }
 
     fn file_desc(&mut self, file: &FileInfo, objhash: &mut ObjHash) -> FileDesc {
@@ -535,6 +542,7 @@ impl<'h> Walk<'h> {
                 let target = match tie {
                     Tie::Peer(ino) => self.by_inode.get(&(kind, *ino)).copied(),
                     Tie::Listener(name) => self.listeners.get(name).copied().filter(|id| *id != o.id),
+                    Tie::Address(addr) => self.bound.get(addr).copied().filter(|id| *id != o.id),
                 };
                 found.push(target.is_some());
                 let id = target?;

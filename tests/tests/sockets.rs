@@ -34,6 +34,9 @@ fn python(script: &str, args: &[&str]) -> (Program, serde_json::Value) {
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        // Whatever the test runner's stderr is (a pipe to a terminal multiplexer...),
+        // it is not the program's: a restore would refuse it as external.
+        .stderr(Stdio::null())
         .process_group(0)
         .spawn()
         .expect("python3 runs");

@@ -23,7 +23,7 @@ use nix::sys::socket::SockaddrStorage;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Completion, FileKind, KindError, ObjectStore, OpenArgs, Opened, ProcSlot, Reach, Recognise, Stage,
+    Completion, FileKind, KindError, ObjectStore, OpenArgs, Opened, ProcSlot, Reach, Recognise, Stage, Tie,
     sockio::{self, Buffers, Message, Walk},
     socket::{Family, SockType, SocketFacts, state},
 };
@@ -235,9 +235,17 @@ impl FileKind for Inet {
         Ok(Opened { fd, fresh: true })
     }
 
+    fn ties(saved: &InetState) -> Vec<Tie> {
+        senders(saved).into_iter().map(Tie::Address).collect()
+    }
+
+    fn bound_at(saved: &InetState) -> Option<SocketAddr> {
+        saved.local.filter(|a| a.port() != 0 && saved.transport == Transport::Udp)
+    }
+
     fn complete(saved: &InetState, stage: Stage, done: &Completion<'_>) -> Result<(), KindError> {
         match stage {
-            Stage::Fill => refill(saved, done.fd),
+            Stage::Fill => refill(saved, done),
             Stage::Seal => match &saved.options {
                 Some(options) => options.apply_after(done.fd, saved.transport),
                 None => Ok(()),
@@ -292,10 +300,23 @@ fn bind(fd: BorrowedFd<'_>, local: SocketAddr) -> Result<(), KindError> {
     })
 }
 
-/// Re-sends a UDP socket's queued datagrams to it, each from its sender's address
-/// where crd can bind it, else from a port of crd's own (the sender then differs: said
-/// in a warning).
-fn refill(saved: &InetState, fd: BorrowedFd<'_>) -> Result<(), KindError> {
+/// The distinct senders of the queued datagrams, in queue order: the sockets restore
+/// sends them from again when the image holds them.
+fn senders(saved: &InetState) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for from in saved.queue.iter().filter_map(|m| m.from) {
+        if !out.contains(&from) {
+            out.push(from);
+        }
+    }
+    out
+}
+
+/// Re-sends a UDP socket's queued datagrams to it, each from its sender: the image's
+/// socket bound at the sender's address, or one crd binds there for the moment, else a
+/// port of crd's own (the sender then differs: said in a warning).
+fn refill(saved: &InetState, done: &Completion<'_>) -> Result<(), KindError> {
+    let fd = done.fd;
     if saved.queue.is_empty() {
         return Ok(());
     }
@@ -311,17 +332,23 @@ fn refill(saved: &InetState, fd: BorrowedFd<'_>) -> Result<(), KindError> {
     let family = if saved.ipv6 { libc::AF_INET6 } else { libc::AF_INET };
     let to = SockaddrStorage::from(target);
     let mut own: Option<OwnedFd> = None;
+    let senders = senders(saved);
     for message in &saved.queue {
-        let from_original = message.from.and_then(|from| {
+        let tied = message.from.and_then(|from| {
+            let i = senders.iter().position(|s| *s == from)?;
+            done.tied.get(i)?.1.map(|(fd, _)| fd)
+        });
+        let from_original = message.from.filter(|_| tied.is_none()).and_then(|from| {
             let sender = sockio::socket(family, libc::SOCK_DGRAM).ok()?;
             sockio::set_int(sender.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "setsockopt(SO_REUSEADDR)").ok()?;
             sockio::set_int(sender.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, 1, "setsockopt(SO_REUSEPORT)").ok()?;
             bind(sender.as_fd(), from).ok()?;
             Some(sender)
         });
-        let sender = match &from_original {
-            Some(sender) => sender.as_fd(),
-            None => {
+        let sender = match (tied, &from_original) {
+            (Some(sender), _) => sender,
+            (None, Some(sender)) => sender.as_fd(),
+            (None, None) => {
                 if own.is_none() {
                     log::warn!(
                         "a datagram queued on {} is re-sent from a port of crd's own: its sender's address could not be bound",

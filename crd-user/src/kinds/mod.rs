@@ -200,6 +200,9 @@ pub enum Tie {
     /// The listening object others reach by this name: the listener a unix connection
     /// was accepted from, or is waiting on.
     Listener(socket::UnixName),
+    /// The socket bound at this address: the sender of a queued datagram, which restore
+    /// sends it from again.
+    Address(std::net::SocketAddr),
 }
 
 /// An object tied to the one restore is making (see [`Tie`]).
@@ -392,6 +395,10 @@ pub trait FileKind {
     fn listens_at(_saved: &Self::Saved) -> Option<&socket::UnixName> {
         None
     }
+    /// The address the object is bound at, for [`Tie::Address`].
+    fn bound_at(_saved: &Self::Saved) -> Option<std::net::SocketAddr> {
+        None
+    }
     /// Whether the object is held outside given which ties the graph found in the
     /// checkpointed set (a connected socket whose peer is elsewhere).
     fn outside_unless_tied(_saved: &Self::Saved, _found: &[bool]) -> bool {
@@ -528,6 +535,10 @@ macro_rules! registry {
 
             pub fn listens_at(&self) -> Option<&socket::UnixName> {
                 match self { $(Saved::$variant(s) => <$kind>::listens_at(s),)* }
+            }
+
+            pub fn bound_at(&self) -> Option<std::net::SocketAddr> {
+                match self { $(Saved::$variant(s) => <$kind>::bound_at(s),)* }
             }
 
             pub fn outside_unless_tied(&self, found: &[bool]) -> bool {
