@@ -481,3 +481,71 @@ while True: time.sleep(3600)
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains(&format!("fd {netlink} (socket")) && err.contains("netlink sockets"), "{err}");
 }
+
+/// A real program: Python's http.server (a TCP listener on its port, served with poll)
+/// is checkpointed, stopped, and its image restored with `--exec --listen-fds` into a
+/// socket-activated program, which answers on the original's port.
+#[test]
+fn a_python_http_server_listener_is_restored_and_handed_to_a_new_program() {
+    require_root!();
+    crd_tests::require_tool!("python3");
+    crd_tests::require_tool!("ip");
+    own_network_namespace();
+    let mut command = Command::new("python3");
+    command
+        .args(["-u", "-m", "http.server", "0", "--bind", "127.0.0.1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0);
+    // What the test runner leaks (its jobserver pipe) is not the server's.
+    // SAFETY: close_range is async-signal-safe and touches only the child's fds.
+    unsafe {
+        command.pre_exec(|| {
+            libc::close_range(3, u32::MAX, 0);
+            Ok(())
+        })
+    };
+    let mut child = command
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port: u16 = line
+        .split_whitespace()
+        .skip_while(|w| *w != "port")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let pid = child.id();
+    let program = Program(child);
+    let get = |port: u16| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connects");
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        reply
+    };
+    assert!(get(port).starts_with("HTTP/1.0 200"), "the original serves");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("http.crd");
+    let out = crd(&["checkpoint", &pid.to_string(), "--strict", "-o", image.to_str().unwrap()]);
+    assert!(out.status.success(), "every fd of http.server restores: {}", stderr(&out));
+    assert!(get(port).starts_with("HTTP/1.0 200"), "the original still serves after the checkpoint");
+    drop(program);
+    let serve = r#"
+import os, socket
+assert os.environ["LISTEN_PID"] == str(os.getpid()) and os.environ["LISTEN_FDS"] == "1"
+s = socket.socket(fileno=3)
+c, _ = s.accept()
+c.recv(4096)
+c.sendall(b"HTTP/1.0 200 OK\r\n\r\nrestored listener")
+c.close()
+"#;
+    let restored = restore_with(&["restore", image.to_str().unwrap(), "--exec", "--listen-fds", "--", "python3", "-c", serve])
+        .unwrap_or_else(|e| panic!("restore: {e}"));
+    let reply = get(port);
+    assert!(reply.ends_with("restored listener"), "{reply}");
+    drop(restored);
+}
