@@ -17,6 +17,7 @@ use crate::{
     },
     image::{self, Header, ImageBody, ImageError},
     interrupt::Interrupted,
+    kinds::SaveOptions,
     timings::Phases,
     types::Tgid,
 };
@@ -53,11 +54,13 @@ pub struct Options {
     pub source: Source,
     /// How to load the BPF harvester.
     pub load: LoadOptions,
+    /// What to save beyond what every checkpoint saves (`--tcp-established`).
+    pub save: SaveOptions,
 }
 
 impl Options {
     pub fn new(root: Tgid, tree: bool, source: Source) -> Self {
-        Self { root, tree, source, load: LoadOptions::default() }
+        Self { root, tree, source, load: LoadOptions::default(), save: SaveOptions::default() }
     }
 }
 
@@ -135,11 +138,11 @@ pub fn checkpoint_with(
     let check = || {
         if interrupted() { Err(CheckpointError::Interrupted(Interrupted)) } else { Ok(()) }
     };
-    let tree = options.tree;
+    let (tree, save) = (options.tree, options.save);
     let FrozenHarvest { frozen, mut harvest, stats, source, mut phases } =
         freeze_and_harvest_with(options, loaded, interrupted)?;
     check()?;
-    let extras = extras::collect(&mut harvest, &frozen)?;
+    let extras = extras::collect(&mut harvest, &frozen, save)?;
     phases.lap("extras");
     hold_for_tests(interrupted)?;
     check()?;

@@ -77,6 +77,12 @@ enum Command {
         /// Where to read fd state from.
         #[arg(long, value_enum, default_value_t = Source::Auto)]
         source: Source,
+        /// Also save established TCP connections (sequence numbers, unread and
+        /// unacknowledged bytes, options), each read by putting it briefly into repair
+        /// mode (TCP_REPAIR; needs CAP_NET_ADMIN), so `crd restore` can rebuild them once
+        /// the originals are gone. Without it restore refuses them.
+        #[arg(long)]
+        tcp_established: bool,
     },
     /// Rebuild an image's processes as stubs holding the same fds, sharing and pipe data.
     Restore {
@@ -243,15 +249,15 @@ fn main() -> ExitCode {
 
 fn run(command: Command, load: &LoadOptions, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
     let options = |root: u32, tree: bool, source: Source| Options {
-        root: Tgid(root),
-        tree,
-        source: source.into(),
         load: load.clone(),
+        ..Options::new(Tgid(root), tree, source.into())
     };
     match command {
-        Command::Checkpoint { pid, tree, output, source } => {
+        Command::Checkpoint { pid, tree, output, source, tcp_established } => {
             let output = output.unwrap_or_else(|| PathBuf::from(format!("crd-{pid}.img")));
-            checkpoint(options(pid, tree, source), &output, interrupted)?;
+            let mut options = options(pid, tree, source);
+            options.save.tcp_established = tcp_established;
+            checkpoint(options, &output, interrupted)?;
         }
         Command::Restore { image, pid_file, allow_external, exec } => {
             let mut phases = Phases::start();
