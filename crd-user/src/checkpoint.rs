@@ -17,6 +17,7 @@ use crate::{
     },
     image::{self, Header, ImageBody, ImageError},
     interrupt::Interrupted,
+    kinds::SaveOptions,
     timings::Phases,
     types::Tgid,
 };
@@ -58,11 +59,13 @@ pub struct Options {
     /// Refuse to write an image that restore could not recreate in full (an fd of a
     /// kind crd does not make: a netlink socket, an epoll...), naming every such fd.
     pub strict: bool,
+    /// What to save beyond what every checkpoint saves (`--tcp-established`).
+    pub save: SaveOptions,
 }
 
 impl Options {
     pub fn new(root: Tgid, tree: bool, source: Source) -> Self {
-        Self { root, tree, source, load: LoadOptions::default(), strict: false }
+        Self { root, tree, source, load: LoadOptions::default(), save: SaveOptions::default(), strict: false }
     }
 }
 
@@ -140,11 +143,11 @@ pub fn checkpoint_with(
     let check = || {
         if interrupted() { Err(CheckpointError::Interrupted(Interrupted)) } else { Ok(()) }
     };
-    let (tree, strict) = (options.tree, options.strict);
+    let (tree, save, strict) = (options.tree, options.save, options.strict);
     let FrozenHarvest { frozen, mut harvest, stats, source, mut phases } =
         freeze_and_harvest_with(options, loaded, interrupted)?;
     check()?;
-    let extras = extras::collect(&mut harvest, &frozen)?;
+    let extras = extras::collect(&mut harvest, &frozen, save)?;
     phases.lap("extras");
     hold_for_tests(interrupted)?;
     check()?;

@@ -81,6 +81,12 @@ enum Command {
         /// make, such as a netlink socket or an epoll): name each such fd instead.
         #[arg(long)]
         strict: bool,
+        /// Also save established TCP connections (sequence numbers, unread and
+        /// unacknowledged bytes, options), each read by putting it briefly into repair
+        /// mode (TCP_REPAIR; needs CAP_NET_ADMIN), so `crd restore` can rebuild them once
+        /// the originals are gone. Without it restore refuses them.
+        #[arg(long)]
+        tcp_established: bool,
     },
     /// Rebuild an image's processes as stubs holding the same fds, sharing and pipe data.
     Restore {
@@ -247,16 +253,14 @@ fn main() -> ExitCode {
 
 fn run(command: Command, load: &LoadOptions, interrupted: &dyn Fn() -> bool) -> anyhow::Result<()> {
     let options = |root: u32, tree: bool, source: Source| Options {
-        root: Tgid(root),
-        tree,
-        source: source.into(),
         load: load.clone(),
-        strict: false,
+        ..Options::new(Tgid(root), tree, source.into())
     };
     match command {
-        Command::Checkpoint { pid, tree, output, source, strict } => {
+        Command::Checkpoint { pid, tree, output, source, strict, tcp_established } => {
             let output = output.unwrap_or_else(|| PathBuf::from(format!("crd-{pid}.img")));
             let mut options = options(pid, tree, source);
+            options.save.tcp_established = tcp_established;
             options.strict = strict;
             checkpoint(options, &output, interrupted)?;
         }

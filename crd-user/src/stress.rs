@@ -106,7 +106,7 @@ pub fn run(
     let started = Instant::now();
     let load = LoadOptions { btf: btf.map(Path::to_path_buf) };
     let mut harvester = harvest::harvester(Source::Bpf, false, &load).map_err(CheckpointError::from)?;
-    let options = Options { root, tree, source: Source::Bpf, load: load.clone(), strict: false };
+    let options = Options { load: load.clone(), ..Options::new(root, tree, Source::Bpf) };
     let mut report = Report {
         cycles,
         tasks: 0,
@@ -126,7 +126,7 @@ pub fn run(
         let restored = restore::restore_image(&body.graph, false, None, interrupted)?;
         let verdict = if cycle % VERIFY_EVERY == 0 || cycle + 1 == cycles {
             let stubs =
-                Options { root: Tgid(restored.root.0), tree: true, source: Source::Bpf, load: load.clone(), strict: false };
+                Options { load: load.clone(), ..Options::new(Tgid(restored.root.0), true, Source::Bpf) };
             checkpoint_with(stubs, Some(harvester.as_mut()), None, interrupted)
                 .map_err(StressError::from)
                 .and_then(|again| {

@@ -12,7 +12,7 @@ use std::{
 use super::{FdInfo, Harvest, procfs};
 use crate::{
     freeze::Frozen,
-    kinds::{KindError, Live, Reach},
+    kinds::{KindError, Live, Reach, SaveOptions},
     model::{Carried, Saves},
     sys::{self, Kcmp, SyscallError},
     types::{DeviceId, Fd, KernelPtr, Pid, Tgid},
@@ -40,8 +40,9 @@ pub struct Extras {
     pub saved: Saves,
 }
 
-/// Fills in `link` for named objects and saves every object's state with its contents.
-pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasError> {
+/// Fills in `link` for named objects and saves every object's state with its contents
+/// (and what `options` asks for beyond that).
+pub fn collect(harvest: &mut Harvest, frozen: &Frozen, options: SaveOptions) -> Result<Extras, ExtrasError> {
     fill_links(harvest);
     // One fd per object to read it through: a readable one if the set has one (a pipe's
     // queue can only be copied from a read end).
@@ -69,7 +70,7 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasE
             },
         })?;
         let carried = RefCell::new(Vec::new());
-        let reach = Reach { pidfd, tgid: f.tgid, fd: f.fd, access: f.file.access, carried: &carried };
+        let reach = Reach { pidfd, tgid: f.tgid, fd: f.fd, access: f.file.access, carried: &carried, options };
         let state = live.save(&reach).map_err(|source| ExtrasError::Save {
             tgid: f.tgid,
             fd: f.fd,
@@ -82,7 +83,7 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen) -> Result<Extras, ExtrasE
             in_flight.push((object, f.tgid, f.fd, carried));
         }
     }
-    identify_in_flight(harvest, in_flight, &mut extras.saved)?;
+    identify_in_flight(harvest, in_flight, &mut extras.saved, options)?;
     Ok(extras)
 }
 
@@ -94,6 +95,7 @@ fn identify_in_flight(
     harvest: &Harvest,
     mut pending: Vec<(KernelPtr, Tgid, Fd, Vec<OwnedFd>)>,
     saves: &mut Saves,
+    options: SaveOptions,
 ) -> Result<(), ExtrasError> {
     let me = Pid(std::process::id());
     let mut by_inode: HashMap<(DeviceId, u64), Vec<&FdInfo>> = HashMap::new();
@@ -137,6 +139,7 @@ fn identify_in_flight(
                         fd: own,
                         access: file.access,
                         carried: &carried,
+                        options,
                     };
                     let state = file.object.live.save(&reach).map_err(|e| err(e.to_string()))?;
                     slot.insert(state);

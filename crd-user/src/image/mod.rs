@@ -44,7 +44,7 @@ mod v1;
 
 pub const MAGIC: [u8; 8] = *b"CRDIMAGE";
 /// Bumped on any incompatible change to [`ImageBody`].
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format this crd still reads.
 pub const OLDEST_VERSION: u32 = 1;
 const PREFIX_LEN: usize = 24;

@@ -7,13 +7,20 @@
 //! - Saved while frozen through a `pidfd_getfd` copy: the options restore sets
 //!   (SO_REUSEADDR, SO_REUSEPORT, SO_KEEPALIVE, SO_BROADCAST, buffer sizes, TCP_NODELAY,
 //!   IPV6_V6ONLY) and a UDP socket's queued datagrams with their senders, peeked
-//!   without consuming them.
+//!   without consuming them. When the checkpoint is asked to
+//!   ([`SaveOptions::tcp_established`], `--tcp-established`), an established TCP
+//!   connection's state too, read in repair mode ([`tcprepair`]); the image says whether
+//!   it holds it.
 //! - Restore: a listener is made with its options, bound to the same address and port
 //!   and listens with the same backlog; a UDP socket is bound (and connected) again and
 //!   its datagrams re-sent to it, each from its original sender's address where crd
-//!   can bind it (a local one), else from a port of crd's own. An established TCP
-//!   connection (which needs TCP_REPAIR) and a listener with connections waiting to be
-//!   accepted (they would be lost) are refused by name.
+//!   can bind it (a local one), else from a port of crd's own; an established TCP
+//!   connection saved with its state is rebuilt in repair mode, and leaves repair mode
+//!   once every object exists (Seal), so both ends of a connection inside the image are
+//!   there when either first sends. Refused by name: an established connection saved
+//!   without its state (the refusal names `--tcp-established`), a connection in any
+//!   other state, and a listener with connections waiting to be accepted (they would be
+//!   lost).
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
@@ -23,9 +30,11 @@ use nix::sys::socket::SockaddrStorage;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Completion, FileKind, KindError, ObjectStore, OpenArgs, Opened, ProcSlot, Reach, Recognise, Stage, Tie,
+    Completion, FileKind, KindError, ObjectStore, OpenArgs, Opened, ProcSlot, Reach, Recognise, SaveOptions,
+    Stage, Tie,
     sockio::{self, Buffers, Message, Walk},
     socket::{Family, SockType, SocketFacts, state},
+    tcprepair::{self, TcpRepair},
 };
 use crate::sys::{self, SyscallError};
 
@@ -55,6 +64,10 @@ pub struct InetState {
     pub options: Option<InetOptions>,
     /// A UDP socket's queued datagrams, oldest first.
     pub queue: Vec<Message>,
+    /// An established TCP connection's state, read in repair mode; None: not asked for
+    /// (`--tcp-established`), or not an established connection. (Format 4.)
+    #[serde(deserialize_with = "super::decoding::since_v4")]
+    pub repair: Option<TcpRepair>,
 }
 
 /// Options restore sets again.
@@ -146,6 +159,7 @@ impl FileKind for Inet {
             pending: live.pending,
             options: None,
             queue: Vec::new(),
+            repair: None,
         }
     }
 
@@ -159,6 +173,10 @@ impl FileKind for Inet {
         if saved.transport == Transport::Udp {
             let mut carried = Vec::new();
             saved.queue = sockio::peek_queue(fd, Walk::Datagrams, &mut carried)?;
+        }
+        if wants_repair(&saved, reach.options) {
+            let reuseaddr = saved.options.is_some_and(|o| o.reuseaddr);
+            saved.repair = Some(tcprepair::save(fd, reuseaddr)?);
         }
         Ok(saved)
     }
@@ -180,8 +198,9 @@ impl FileKind for Inet {
 
     fn detail(saved: &InetState) -> Option<String> {
         let family = if saved.ipv6 { "IPv6" } else { "IPv4" };
-        Some(match saved.state {
-            state::LISTEN => format!("{family} backlog {} pending {}", saved.backlog, saved.pending),
+        Some(match (saved.state, &saved.repair) {
+            (state::LISTEN, _) => format!("{family} backlog {} pending {}", saved.backlog, saved.pending),
+            (_, Some(repair)) => format!("{family} {}", repair.detail()),
             _ => family.to_string(),
         })
     }
@@ -197,8 +216,13 @@ impl FileKind for Inet {
                 Self::name(saved).unwrap_or_default()
             )),
             state::LISTEN | state::CLOSE => None,
+            state::ESTABLISHED if saved.repair.is_some() && saved.local.is_some() && saved.remote.is_some() => None,
+            state::ESTABLISHED => Some(format!(
+                "{} was checkpointed without its connection state: checkpoint with `crd checkpoint --tcp-established` to restore it (restore then needs the original connection gone: its 4-tuple must be free)",
+                Self::name(saved).unwrap_or_default()
+            )),
             _ => Some(format!(
-                "{} is a TCP connection, which crd cannot restore from an image yet (it needs TCP_REPAIR); `crd graft` hands the live one over",
+                "{} is a TCP connection in a state crd cannot restore (only ESTABLISHED ones, checkpointed with --tcp-established); `crd graft` hands the live one over",
                 Self::name(saved).unwrap_or_default()
             )),
         }
@@ -216,6 +240,11 @@ impl FileKind for Inet {
         let fd = sockio::socket(family, sock_type)?;
         if let Some(options) = &saved.options {
             options.apply_before_bind(fd.as_fd(), saved.ipv6)?;
+        }
+        if let (Some(repair), Some(local), Some(remote)) = (&saved.repair, saved.local, saved.remote) {
+            let what = Self::name(saved).unwrap_or_default();
+            tcprepair::open(fd.as_fd(), repair, local, remote, &what)?;
+            return Ok(Opened { fd, fresh: true });
         }
         if let Some(local) = saved.local.filter(|a| a.port() != 0) {
             bind(fd.as_fd(), local)?;
@@ -246,10 +275,18 @@ impl FileKind for Inet {
     fn complete(saved: &InetState, stage: Stage, done: &Completion<'_>) -> Result<(), KindError> {
         match stage {
             Stage::Fill => refill(saved, done),
-            Stage::Seal => match &saved.options {
-                Some(options) => options.apply_after(done.fd, saved.transport),
-                None => Ok(()),
-            },
+            Stage::Seal => {
+                if let Some(repair) = &saved.repair {
+                    tcprepair::seal(done.fd, repair)?;
+                    // Leaving repair mode cleared SO_REUSEADDR.
+                    let reuseaddr = saved.options.is_some_and(|o| o.reuseaddr);
+                    sockio::set_int(done.fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, reuseaddr as i32, "setsockopt(SO_REUSEADDR)")?;
+                }
+                match &saved.options {
+                    Some(options) => options.apply_after(done.fd, saved.transport),
+                    None => Ok(()),
+                }
+            }
         }
     }
 
@@ -263,8 +300,21 @@ impl FileKind for Inet {
         {
             return Err(format!("inet socket options {x:?} vs {y:?}"));
         }
+        // Sequence numbers and queues; the timestamp clock and window move on their own.
+        let connection = |r: &TcpRepair| (r.recv_seq, r.send_seq, r.recv_queue.clone(), r.send_queue.clone(), r.mss, r.options);
+        if let (Some(x), Some(y)) = (&a.repair, &b.repair)
+            && connection(x) != connection(y)
+        {
+            return Err(format!("TCP connection {:?}: {} vs {}", Inet::name(a), x.detail(), y.detail()));
+        }
         Ok(())
     }
+}
+
+/// Whether save reads the connection's state in repair mode: asked for, and an
+/// established TCP connection (repair mode takes only those and closed sockets).
+fn wants_repair(saved: &InetState, options: SaveOptions) -> bool {
+    options.tcp_established && saved.transport == Transport::Tcp && saved.state == state::ESTABLISHED
 }
 
 /// An address as lsof prints it: `*` for the wildcard address, IPv6 in brackets.

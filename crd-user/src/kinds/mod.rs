@@ -107,6 +107,7 @@ pub mod regular;
 pub mod socket;
 pub mod sockio;
 pub mod terminal;
+pub mod tcprepair;
 pub mod unix;
 pub mod inet;
 
@@ -188,6 +189,19 @@ pub struct Reach<'a> {
     /// names them (the fds in flight in a unix socket's queue, received by peeking):
     /// the harvest identifies each and the graph nests it in the object.
     pub carried: &'a std::cell::RefCell<Vec<OwnedFd>>,
+    /// What this checkpoint was asked to save beyond what every checkpoint saves.
+    pub options: SaveOptions,
+}
+
+/// What a checkpoint saves only when asked, because saving it touches the live object in
+/// a way a plain read does not (the kinds read it; the command line sets it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SaveOptions {
+    /// Established TCP connections: their sequence numbers, queues and options, read by
+    /// putting each socket briefly into repair mode (`TCP_REPAIR`, which needs
+    /// CAP_NET_ADMIN), as CRIU's `--tcp-established` does. Without it an image holds
+    /// only a connection's addresses, and restore refuses it.
+    pub tcp_established: bool,
 }
 
 /// Another object an object is tied to, named as the saved state knows it; the graph
