@@ -155,8 +155,22 @@ impl Object {
     pub fn name(&self) -> String {
         match &self.path {
             Some(path) => path.clone(),
+            // An unnamed unix socket is named as /proc/PID/fd/N and `ss` name it, by its
+            // inode: its peer's detail (`->INO=N`) then points at a name in the listing.
+            None if self.kind() == Kind::Unix => {
+                self.state.name().unwrap_or_else(|| format!("socket:[{}]", self.ino))
+            }
             None => self.state.name().unwrap_or_else(|| format!("{}:[{}]", self.kind(), self.ino)),
         }
+    }
+
+    /// Each tie with the objref of the object it found, in [`Saved::ties`] order (None:
+    /// not in the graph). `ls` and `inspect` read peers and listeners through it, so
+    /// they show the same pairing restore makes.
+    pub fn ties(&self) -> Vec<(Tie, Option<ObjRef>)> {
+        let ties = self.state.ties();
+        let found = self.tied.iter().map(|t| t.as_ref().map(Encounter::objref));
+        ties.into_iter().zip(found.chain(std::iter::repeat(None))).collect()
     }
 }
 

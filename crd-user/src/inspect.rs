@@ -1,10 +1,17 @@
 //! Inspect: an image as text (a table for people), JSON (for scripts) or DOT (a
 //! Graphviz picture of the objref graph).
-use std::fmt::Write;
+//!
+//! Sockets are shown with what the graph nests in them (see [`Object::tied`] and
+//! [`Object::carried`]): the objects each is tied to — a unix socket's peer and its
+//! listener, the socket a queued datagram came from — and the files in flight in its
+//! queue, which no fd table holds and which restore sends again.
+use std::{collections::BTreeMap, fmt::Write};
 
 use crate::{
-    graph::{Encounter, Graph, Object},
+    graph::{Encounter, Graph, GraphIndex, Object},
     image::ImageBody,
+    kinds::Tie,
+    types::{Fd, ObjRef, Pid},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -137,6 +144,7 @@ fn text(body: &ImageBody) -> String {
             let _ = writeln!(out, "  {objref:>5} {what:<10} {}", list.join(", "));
         }
     }
+    ties_and_flight(&mut out, &index, &g.users());
     let outside = g.held_outside();
     if !outside.is_empty() {
         let _ = writeln!(out, "\nexternal (shared with processes outside the image):");
@@ -145,6 +153,74 @@ fn text(body: &ImageBody) -> String {
         }
     }
     out
+}
+
+/// How a tie is said: `peer`, `listener`, `sender`.
+fn tie_label(tie: &Tie) -> &'static str {
+    match tie {
+        Tie::Peer(_) => "peer",
+        Tie::Listener(_) => "listener",
+        Tie::Address(_) => "sender",
+    }
+}
+
+/// What a tie names when the graph did not find it (not in the image).
+fn tie_target(tie: &Tie) -> String {
+    match tie {
+        Tie::Peer(ino) => format!("socket:[{ino}]"),
+        Tie::Listener(name) => name.to_string(),
+        Tie::Address(addr) => addr.to_string(),
+    }
+}
+
+/// The section on objects that nest others: each with its ties (objref, what it is,
+/// the PID:FDs holding it) and the files in flight in it (objref, access, what they
+/// open). Files in flight are the only place an image names a file no fd holds.
+fn ties_and_flight(
+    out: &mut String,
+    index: &GraphIndex<'_>,
+    users: &BTreeMap<ObjRef, Vec<(Pid, Option<Fd>)>>,
+) {
+    let nesting: Vec<_> =
+        index.objects.iter().filter(|(_, o)| !o.state.ties().is_empty() || !o.carried.is_empty()).collect();
+    if nesting.is_empty() {
+        return;
+    }
+    let held_by = |objref: &ObjRef| {
+        let fds: Vec<String> = users
+            .get(objref)
+            .into_iter()
+            .flatten()
+            .filter_map(|(pid, fd)| fd.map(|fd| format!("{pid}:{fd}")))
+            .collect();
+        if fds.is_empty() { "no fd".to_string() } else { fds.join(", ") }
+    };
+    let _ = writeln!(out, "\nsockets: what each is tied to, and the files in flight in it:");
+    for (objref, object) in nesting {
+        let _ = writeln!(out, "  {objref} {} {} ({})", object.kind(), object_detail(object), held_by(objref));
+        for (tie, found) in object.ties() {
+            let what = match found.and_then(|r| index.objects.get(&r).map(|o| (r, o))) {
+                Some((r, o)) => format!("{r} {} {} ({})", o.kind(), o.name(), held_by(&r)),
+                None => format!("{}: not in the image", tie_target(&tie)),
+            };
+            let _ = writeln!(out, "    {:<9} {what}", tie_label(&tie));
+        }
+        for file in &object.carried {
+            let what = match index.open(file.objref()) {
+                Some((desc, inner, o)) => {
+                    format!(
+                        "file {} ({}) of {inner} {} {}",
+                        file.objref(),
+                        desc.access,
+                        o.kind(),
+                        object_detail(o)
+                    )
+                }
+                None => format!("file {}", file.objref()),
+            };
+            let _ = writeln!(out, "    in flight {what}");
+        }
+    }
 }
 
 fn dot(g: &Graph) -> String {
@@ -193,6 +269,26 @@ fn dot(g: &Graph) -> String {
             object_detail(object).replace('"', "'"),
             if object.held_outside { ",color=red" } else { "" }
         );
+        // Ties are not ownership: dashed, so the fd → file → object paths stand out.
+        for (tie, found) in object.ties() {
+            if let Some(target) = found {
+                let _ = writeln!(
+                    out,
+                    "  obj{} -> obj{} [style=dashed,label=\"{}\"];",
+                    objref.0,
+                    target.0,
+                    tie_label(&tie)
+                );
+            }
+        }
+        for file in &object.carried {
+            let _ = writeln!(
+                out,
+                "  obj{} -> obj{} [color=blue,label=\"in flight\"];",
+                objref.0,
+                file.objref().0
+            );
+        }
     }
     out.push_str("}\n");
     out

@@ -1,6 +1,8 @@
 //! `crd ls`: an lsof-like view of open files from one harvest, with the sharing the
 //! objref graph knows — which tasks share one fd table, which fds share one open file
-//! description, and which processes hold which ends of each pipe.
+//! description, which processes hold which ends of each pipe and of each unix socket
+//! pair, and, for a connected socket, the PID:FD holding its other end (what lsof shows
+//! only with `+E`).
 //!
 //! Nothing is frozen: `ls` looks, it does not checkpoint. The harvest goes through
 //! [`Graph::build`], so objects carry the same objrefs a checkpoint of the same state
@@ -14,9 +16,12 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    graph::{Graph, Object, SavedStates},
-    harvest::{self, Harvest, HarvestError, LoadOptions, Scope, Source, extras},
-    kinds::{Kind, Live},
+    graph::{Graph, GraphIndex, Object, SavedStates},
+    harvest::{
+        self, Harvest, HarvestError, LoadOptions, Scope, Source,
+        extras::{self, UnixQueue},
+    },
+    kinds::{Kind, Live, Saved, Tie, inet::InetState},
     types::{Access, DeviceId, Fd, ObjRef, Pid, Tgid},
 };
 
@@ -59,14 +64,18 @@ impl Targets {
     }
 }
 
-/// One harvest of `targets`, without freezing them. Returns the source actually used.
+/// What `ls` can say of each unix socket's queue, by (device, inode).
+pub type UnixQueues = std::collections::HashMap<(DeviceId, u64), UnixQueue>;
+
+/// One harvest of `targets`, without freezing them, with what the unix sockets' queues
+/// hold where it can be known without reading them. Returns the source actually used.
 /// `btf`: see [`bpf::BpfHarvester::load`].
 pub fn harvest(
     source: Source,
     load: &LoadOptions,
     targets: &Targets,
     interrupted: &dyn Fn() -> bool,
-) -> Result<(Source, Harvest), LsError> {
+) -> Result<(Source, Harvest, UnixQueues), LsError> {
     let mut harvester = harvest::harvester(source, *targets == Targets::All, load)?;
     let scope = match targets {
         Targets::Processes(tgids) => Scope::Processes(tgids),
@@ -75,11 +84,12 @@ pub fn harvest(
     let (mut harvest, _) = harvester.harvest(scope, interrupted)?;
     extras::fill_links(&mut harvest);
     extras::count_queued(&mut harvest);
+    let unix_queues = extras::unix_queues(&harvest);
     // Path and queue reads have no check of their own: Ctrl-C stops the listing here.
     if interrupted() {
         return Err(LsError::Interrupted(crate::interrupt::Interrupted));
     }
-    Ok((harvester.source(), harvest))
+    Ok((harvester.source(), harvest, unix_queues))
 }
 
 /// What `crd ls` shows.
@@ -92,6 +102,9 @@ pub struct Listing {
     pub shared_descriptions: Vec<SharedDescription>,
     /// Every pipe and FIFO, with the fds holding each end.
     pub pipes: Vec<PipeEnds>,
+    /// Every connected pair of unix sockets with an end listed, with the fds holding
+    /// each end and what is queued for each to read.
+    pub socket_pairs: Vec<SocketPair>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -121,6 +134,33 @@ pub struct OpenFd {
     pub description: ObjRef,
     /// Objref of the object (an inode, or an anon file's private object).
     pub inode: ObjRef,
+    /// A connected socket's other end, where the listing holds it: the fds of the unix
+    /// peer the graph ties it to, or of the TCP/UDP socket whose addresses mirror its
+    /// own. Empty otherwise (not connected, or the other end is not listed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peer: Vec<Holder>,
+}
+
+/// A connected pair of unix sockets: a socketpair, or a connection and the end its
+/// listener accepted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SocketPair {
+    pub ends: [SocketEnd; 2],
+}
+
+/// One end of a [`SocketPair`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SocketEnd {
+    /// Objref of the socket; None: no listed process holds it.
+    pub inode: Option<ObjRef>,
+    pub name: String,
+    pub holders: Vec<Holder>,
+    /// Bytes queued for this end to read; None: unknown (a datagram socket, whose
+    /// FIONREAD counts one datagram; an end not listed or not reachable).
+    pub queued: Option<u64>,
+    /// Files in flight in its queue; None: unknown (not listed, or no `scm_fds:` in its
+    /// fdinfo).
+    pub fds_in_flight: Option<u32>,
 }
 
 /// One fd of one process.
@@ -166,8 +206,9 @@ pub struct PipeEnds {
 }
 
 impl Listing {
-    /// Builds the listing of `harvest` through the objref graph.
-    pub fn new(harvest: &Harvest) -> Self {
+    /// Builds the listing of `harvest` through the objref graph; `unix_queues` is what
+    /// [`harvest`] found in the unix sockets' queues.
+    pub fn new(harvest: &Harvest, unix_queues: &UnixQueues) -> Self {
         let root = harvest.tasks.iter().map(|t| t.tgid).min().unwrap_or(Tgid(0));
         let graph = Graph::build(root, harvest, SavedStates::default());
         // Pipes are keyed by inode: (dev, ino) names the same pipe in harvest and graph.
@@ -179,12 +220,18 @@ impl Listing {
                 _ => None,
             })
             .collect();
-        Self::from_graph(&graph, |object| {
-            queued.get(&(object.dev, object.ino)).copied().flatten().map(u64::from)
-        })
+        Self::from_graph(
+            &graph,
+            |object| queued.get(&(object.dev, object.ino)).copied().flatten().map(u64::from),
+            |object| unix_queues.get(&(object.dev, object.ino)).copied().unwrap_or_default(),
+        )
     }
 
-    fn from_graph(graph: &Graph, queued: impl Fn(&Object) -> Option<u64>) -> Self {
+    fn from_graph(
+        graph: &Graph,
+        queued: impl Fn(&Object) -> Option<u64>,
+        unix_queue: impl Fn(&Object) -> UnixQueue,
+    ) -> Self {
         let index = graph.index();
         let mut processes: BTreeMap<Tgid, Process> = BTreeMap::new();
         for task in &graph.tasks {
@@ -205,6 +252,8 @@ impl Listing {
         let mut by_table: BTreeMap<ObjRef, Vec<(Tgid, Vec<Pid>)>> = BTreeMap::new();
         let mut by_description: BTreeMap<ObjRef, Vec<Holder>> = BTreeMap::new();
         let mut pipe_ends: BTreeMap<ObjRef, (Vec<Holder>, Vec<Holder>)> = BTreeMap::new();
+        // Every listed fd of each object, to name a socket's other end by.
+        let mut by_object: BTreeMap<ObjRef, Vec<Holder>> = BTreeMap::new();
         for process in processes.values_mut() {
             by_table.entry(process.fd_table).or_default().push((process.pid, process.threads.clone()));
             let Some(table) = index.tables.get(&process.fd_table) else { continue };
@@ -213,6 +262,7 @@ impl Listing {
                 let Some((file, inode_ref, object)) = index.open(description) else { continue };
                 let holder = Holder { pid: process.pid, fd: slot.fd };
                 by_description.entry(description).or_default().push(holder);
+                by_object.entry(inode_ref).or_default().push(holder);
                 if object.kind().is_pipe_like() {
                     let (readers, writers) = pipe_ends.entry(inode_ref).or_default();
                     if file.access.read {
@@ -233,6 +283,19 @@ impl Listing {
                     detail: if object.kind().is_pipe_like() { None } else { object.state.detail() },
                     description,
                     inode: inode_ref,
+                    peer: Vec::new(),
+                });
+            }
+        }
+        let peers = peers(&index, &by_object);
+        for f in processes.values_mut().flat_map(|p| p.fds.iter_mut()) {
+            if let Some(holders) = peers.get(&f.inode).and_then(|peer| by_object.get(peer)) {
+                f.peer = holders.clone();
+                let arrow =
+                    format!("->{}", holders.iter().map(Holder::to_string).collect::<Vec<_>>().join(","));
+                f.detail = Some(match f.detail.take() {
+                    Some(detail) => format!("{detail} {arrow}"),
+                    None => arrow,
                 });
             }
         }
@@ -269,7 +332,14 @@ impl Listing {
                 })
             })
             .collect();
-        Self { processes: processes.into_values().collect(), shared_fd_tables, shared_descriptions, pipes }
+        let socket_pairs = socket_pairs(&index, &by_object, &unix_queue);
+        Self {
+            processes: processes.into_values().collect(),
+            shared_fd_tables,
+            shared_descriptions,
+            pipes,
+            socket_pairs,
+        }
     }
 
     /// Keeps only pipes and FIFOs (`--pipes`).
@@ -279,6 +349,7 @@ impl Listing {
         }
         let pipes: HashSet<ObjRef> = self.pipes.iter().map(|p| p.inode).collect();
         self.shared_descriptions.retain(|d| pipes.contains(&d.inode));
+        self.socket_pairs.clear();
         self
     }
 
@@ -292,7 +363,7 @@ impl Listing {
         );
         for p in &self.processes {
             for f in &p.fds {
-                let offset = if f.kind.is_pipe_like() || f.kind == Kind::Socket {
+                let offset = if f.kind.is_pipe_like() || f.kind.is_socket() {
                     String::new()
                 } else {
                     f.offset.to_string()
@@ -347,8 +418,132 @@ impl Listing {
                 );
             }
         }
+        if !self.socket_pairs.is_empty() {
+            let _ =
+                writeln!(out, "\nunix socket pairs (PID:FD of each end; what is queued for each to read):");
+            for pair in &self.socket_pairs {
+                let [a, b] = &pair.ends;
+                let _ = writeln!(out, "  {} <-> {}; {}; {}", end(a), end(b), queued_for(a), queued_for(b));
+            }
+        }
         out
     }
+}
+
+/// `NAME PID:FD...`, or `NAME (not listed)`.
+fn end(end: &SocketEnd) -> String {
+    match end.holders.is_empty() {
+        true => format!("{} (not listed)", end.name),
+        false => format!("{} {}", end.name, join(&end.holders)),
+    }
+}
+
+/// What waits for one end: `to 10:3: 4 bytes, 1 fd in flight`, unknowns said so.
+fn queued_for(end: &SocketEnd) -> String {
+    let who = match end.holders.first() {
+        Some(holder) => holder.to_string(),
+        None => end.name.clone(),
+    };
+    let bytes = match end.queued {
+        Some(1) => "1 byte".to_string(),
+        Some(n) => format!("{n} bytes"),
+        None => "bytes unknown".into(),
+    };
+    let fds = match end.fds_in_flight {
+        Some(1) => "1 fd in flight".to_string(),
+        Some(n) => format!("{n} fds in flight"),
+        None => "fds in flight unknown".into(),
+    };
+    format!("to {who}: {bytes}, {fds}")
+}
+
+/// Each listed socket's other end (socket objref → socket objref), where the listing
+/// holds it: a unix socket's peer as the graph ties it; a TCP or UDP socket connected
+/// over an address pair that exactly one other listed socket mirrors (both ends of a
+/// loopback connection). Mirrored addresses in two network namespaces would pair wrongly;
+/// crd does not know namespaces here, so two candidates pair neither.
+fn peers(index: &GraphIndex<'_>, listed: &BTreeMap<ObjRef, Vec<Holder>>) -> HashMap<ObjRef, ObjRef> {
+    let mut peers = HashMap::new();
+    let mut inet: HashMap<(bool, std::net::SocketAddr, std::net::SocketAddr), Vec<ObjRef>> = HashMap::new();
+    for objref in listed.keys() {
+        let Some(object) = index.objects.get(objref) else { continue };
+        match &object.state {
+            Saved::Unix(_) => {
+                let peer = object.ties().into_iter().find_map(|(tie, found)| match tie {
+                    Tie::Peer(_) => found,
+                    _ => None,
+                });
+                if let Some(peer) = peer.filter(|p| listed.contains_key(p)) {
+                    peers.insert(*objref, peer);
+                }
+            }
+            Saved::Inet(InetState { transport, local: Some(local), remote: Some(remote), .. }) => {
+                let tcp = *transport == crate::kinds::inet::Transport::Tcp;
+                inet.entry((tcp, *local, *remote)).or_default().push(*objref);
+            }
+            _ => {}
+        }
+    }
+    for ((tcp, local, remote), mine) in &inet {
+        if let ([me], Some([other])) =
+            (mine.as_slice(), inet.get(&(*tcp, *remote, *local)).map(Vec::as_slice))
+        {
+            peers.insert(*me, *other);
+        }
+    }
+    peers
+}
+
+/// Every connected pair of unix sockets with an end listed: both ends when each is the
+/// other's peer, or one end and its peer's inode when no listed process holds the peer.
+/// (A datagram socket connected to a named one that is not connected back is no pair:
+/// its fd's `peer` says where it sends.)
+fn socket_pairs(
+    index: &GraphIndex<'_>,
+    listed: &BTreeMap<ObjRef, Vec<Holder>>,
+    unix_queue: &impl Fn(&Object) -> UnixQueue,
+) -> Vec<SocketPair> {
+    let listed_end = |objref: ObjRef, object: &Object| {
+        let queue = unix_queue(object);
+        SocketEnd {
+            inode: Some(objref),
+            name: name(object),
+            holders: listed.get(&objref).cloned().unwrap_or_default(),
+            queued: queue.bytes,
+            fds_in_flight: queue.fds_in_flight,
+        }
+    };
+    let peer_of = |object: &Object| {
+        object.ties().into_iter().find_map(|(tie, found)| match tie {
+            Tie::Peer(ino) => Some((ino, found)),
+            _ => None,
+        })
+    };
+    let mut pairs = Vec::new();
+    for objref in listed.keys() {
+        let Some(object) = index.objects.get(objref).filter(|o| o.kind() == Kind::Unix) else { continue };
+        match peer_of(object) {
+            Some((_, Some(peer))) if peer > *objref => {
+                let Some(other) = index.objects.get(&peer) else { continue };
+                if peer_of(other).and_then(|(_, back)| back) != Some(*objref) {
+                    continue;
+                }
+                pairs.push(SocketPair { ends: [listed_end(*objref, object), listed_end(peer, other)] });
+            }
+            Some((ino, None)) => {
+                let outside = SocketEnd {
+                    inode: None,
+                    name: format!("socket:[{ino}]"),
+                    holders: Vec::new(),
+                    queued: None,
+                    fds_in_flight: None,
+                };
+                pairs.push(SocketPair { ends: [listed_end(*objref, object), outside] });
+            }
+            _ => {}
+        }
+    }
+    pairs
 }
 
 fn name(object: &Object) -> String {
@@ -394,7 +589,10 @@ fn or_none(holders: &[Holder]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{FdInfo, TaskInfo, testing};
+    use crate::{
+        kinds::socket::{Family, SockType, SocketFacts, state},
+        model::{FdInfo, TaskInfo, testing},
+    };
 
     fn task(pid: u32, tgid: u32, table: u64) -> TaskInfo {
         testing::task(pid, tgid, 1, table)
@@ -426,7 +624,7 @@ mod tests {
 
     #[test]
     fn lists_who_holds_which_end_and_what_shares() {
-        let listing = Listing::new(&harvest());
+        let listing = Listing::new(&harvest(), &UnixQueues::new());
         assert_eq!(listing.processes.len(), 2);
         assert_eq!(listing.processes[0].threads, vec![Pid(10), Pid(11)]);
         let fds: Vec<u32> = listing.processes[0].fds.iter().map(|f| f.fd.0).collect();
@@ -445,13 +643,104 @@ mod tests {
         assert!(text.contains("PID 10 (2 threads: 10 11)"), "{text}");
     }
 
+    /// A socket at `fd` of `tgid` (its own table and description), inode `ino`.
+    fn socket_fd(tgid: u32, fd: u32, ino: u64, facts: SocketFacts) -> FdInfo {
+        let mut f = testing::pipe_end(tgid, u64::from(tgid) << 8, fd, ino << 4, ino, true);
+        f.file.access.write = true;
+        f.file.flags = libc::O_RDWR as u32;
+        f.file.pos = 0;
+        f.file.object.mode = libc::S_IFSOCK | 0o777;
+        f.file.object.dev = DeviceId { major: 0, minor: 8 };
+        f.file.object.live = match facts.family {
+            Family::Unix => Live::Unix(facts),
+            _ => Live::Inet(facts),
+        };
+        f
+    }
+
+    fn unix(peer: Option<u64>) -> SocketFacts {
+        SocketFacts {
+            sock_type: SockType::Stream,
+            state: if peer.is_some() { state::ESTABLISHED } else { state::CLOSE },
+            peer,
+            ..SocketFacts::unknown(Family::Unix)
+        }
+    }
+
+    fn tcp(local: &str, remote: &str) -> SocketFacts {
+        SocketFacts {
+            sock_type: SockType::Stream,
+            protocol: libc::IPPROTO_TCP as u16,
+            state: state::ESTABLISHED,
+            local: Some(local.parse().unwrap()),
+            remote: Some(remote.parse().unwrap()),
+            ..SocketFacts::unknown(Family::Inet)
+        }
+    }
+
+    /// 10:3 and 20:4 a socketpair, 10:5 and 20:6 a TCP connection over loopback, 10:7 a
+    /// unix socket whose peer (inode 0x999) no listed process holds, 10:8 a TCP
+    /// connection to elsewhere.
+    fn sockets() -> Harvest {
+        Harvest {
+            tasks: vec![task(10, 10, 10 << 8), task(20, 20, 20 << 8)],
+            fds: vec![
+                socket_fd(10, 3, 0x701, unix(Some(0x702))),
+                socket_fd(20, 4, 0x702, unix(Some(0x701))),
+                socket_fd(10, 5, 0x801, tcp("127.0.0.1:1000", "127.0.0.1:2000")),
+                socket_fd(20, 6, 0x802, tcp("127.0.0.1:2000", "127.0.0.1:1000")),
+                socket_fd(10, 7, 0x703, unix(Some(0x999))),
+                socket_fd(10, 8, 0x803, tcp("127.0.0.1:1001", "10.0.0.1:80")),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_connected_socket_names_the_pid_fd_of_its_other_end() {
+        let h = |pid, fd| Holder { pid: Tgid(pid), fd: Fd(fd) };
+        let mut queues = UnixQueues::new();
+        queues.insert(
+            (DeviceId { major: 0, minor: 8 }, 0x702),
+            UnixQueue { bytes: Some(5006), fds_in_flight: Some(1) },
+        );
+        let listing = Listing::new(&sockets(), &queues);
+        let fd = |pid: usize, fd: u32| listing.processes[pid].fds.iter().find(|f| f.fd.0 == fd).unwrap();
+        assert_eq!(fd(0, 3).peer, vec![h(20, 4)]);
+        assert_eq!(fd(1, 4).peer, vec![h(10, 3)]);
+        assert_eq!(fd(0, 5).peer, vec![h(20, 6)]);
+        assert_eq!(fd(1, 6).peer, vec![h(10, 5)]);
+        assert!(fd(0, 7).peer.is_empty() && fd(0, 8).peer.is_empty(), "other ends not listed");
+        assert_eq!(fd(0, 3).name, format!("socket:[{}]", 0x701));
+        assert_eq!(fd(0, 3).detail.as_deref(), Some("type=STREAM (CONNECTED) ->INO=1794 ->20:4"));
+        assert_eq!(fd(0, 5).detail.as_deref(), Some("IPv4 ->20:6"));
+
+        assert_eq!(listing.socket_pairs.len(), 2, "{:#?}", listing.socket_pairs);
+        let [a, b] = &listing.socket_pairs[0].ends;
+        assert_eq!((a.holders.as_slice(), b.holders.as_slice()), (&[h(10, 3)][..], &[h(20, 4)][..]));
+        assert_eq!((b.queued, b.fds_in_flight), (Some(5006), Some(1)));
+        assert_eq!((a.queued, a.fds_in_flight), (None, None));
+        let [_, outside] = &listing.socket_pairs[1].ends;
+        assert_eq!((outside.inode, outside.name.as_str()), (None, "socket:[2457]"));
+
+        let text = listing.render_text();
+        for line in [
+            "socket:[1793] 10:3 <-> socket:[1794] 20:4; to 10:3: bytes unknown, fds in flight unknown; to 20:4: 5006 bytes, 1 fd in flight",
+            "socket:[1795] 10:7 <-> socket:[2457] (not listed)",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
+        // No offset for any socket kind.
+        let row = text.lines().find(|l| l.contains("TCP 127.0.0.1:1000")).unwrap();
+        assert!(!row.split_whitespace().any(|w| w == "0"), "{row}");
+    }
+
     #[test]
     fn an_end_counted_by_the_kernel_but_not_listed_is_held_outside() {
         let mut harvest = harvest();
         for f in &mut harvest.fds {
             testing::pipe_live(f).writers = 2;
         }
-        let listing = Listing::new(&harvest);
+        let listing = Listing::new(&harvest, &UnixQueues::new());
         assert!(listing.pipes[0].held_outside);
         assert!(listing.render_text().contains("also open elsewhere"));
     }

@@ -286,8 +286,8 @@ fn run(command: Command, load: &LoadOptions, interrupted: &dyn Fn() -> bool) -> 
         Command::Demo { output, source } => demo(output, &|root| options(root, true, source), interrupted)?,
         Command::Ls { pids, all, pipes, json, source } => {
             let targets = Targets::new(&pids, all)?;
-            let (_, harvest) = ls::harvest(source.into(), load, &targets, interrupted)?;
-            let mut listing = Listing::new(&harvest);
+            let (_, harvest, unix_queues) = ls::harvest(source.into(), load, &targets, interrupted)?;
+            let mut listing = Listing::new(&harvest, &unix_queues);
             if pipes {
                 listing = listing.only_pipes();
             }

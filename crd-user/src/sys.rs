@@ -84,7 +84,7 @@ pub fn kcmp_same(pid1: Pid, pid2: Pid, what: Kcmp) -> Result<bool, SyscallError>
     Ok(ret == 0)
 }
 
-/// Bytes queued in a pipe (`FIONREAD`); reads nothing.
+/// Bytes queued in a pipe or ready in a socket (`FIONREAD`); reads nothing.
 pub fn pipe_queued(fd: impl AsFd) -> Result<usize, SyscallError> {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int through the pointer we pass.

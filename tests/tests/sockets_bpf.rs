@@ -1,8 +1,10 @@
 //! Sockets as the BPF harvester reads them (`crd ls --source bpf`), on a real process:
 //! unix socketpairs, listeners (path and abstract names) with an accepted and a pending
 //! connection, TCP and UDP on loopback, a netlink socket. Checked against what the
-//! kernel says elsewhere: the `socket:[N]` links in /proc, `ss -x` for unix peers, and
-//! `lsof` for names.
+//! kernel says elsewhere: the `socket:[N]` links in /proc, `ss -x` for unix peers and
+//! queues, and `lsof +E` for names and for the PID:FD at each connection's other end.
+//! Last, `crd inspect` of an image of unix sockets: each socket's peer and listener, and
+//! the file in flight in a queue, against /proc.
 use std::{
     collections::BTreeMap,
     io::BufRead,
@@ -15,7 +17,7 @@ use serde_json::Value;
 
 /// Opens the sockets, prints `{name: fd}` as one JSON line, then waits for stdin to close.
 const SCRIPT: &str = r#"
-import json, os, socket, sys
+import array, json, os, socket, sys
 path = os.path.join(sys.argv[1], "listen.sock")
 abstract = "\0crd-test-%d" % os.getpid()
 fds, kept = {}, []
@@ -26,6 +28,18 @@ def keep(name, s):
     return s
 pair_a, pair_b = socket.socketpair()
 keep("pair_a", pair_a); keep("pair_b", pair_b)
+# Queued for pair_b: 5 bytes, then 1 byte carrying a pipe's read end (its only holder
+# is the message); for a seqpacket and a datagram pair, messages.
+r, w = os.pipe()
+pair_a.send(b"hello")
+pair_a.sendmsg([b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+os.close(r)
+seq_a, seq_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+keep("seq_a", seq_a); keep("seq_b", seq_b)
+seq_a.send(b"one"); seq_a.send(b"three")
+dgram_a, dgram_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+keep("dgram_a", dgram_a); keep("dgram_b", dgram_b)
+dgram_a.send(b"dg")
 for kind, name in (("path", path), ("abstract", abstract)):
     listener = keep(kind + "_listener", socket.socket(socket.AF_UNIX))
     listener.bind(name)
@@ -99,15 +113,27 @@ impl Sockets {
     }
 }
 
-fn ls(pid: u32, extra_env: &[(&str, &str)]) -> BTreeMap<u64, Value> {
+/// `crd ls PID --source bpf`, with `--json` or not.
+fn ls_out(pid: u32, json: bool, extra_env: &[(&str, &str)]) -> Vec<u8> {
     let mut command = Command::new(crd_tests::crd_bin());
-    command.args(["ls", &pid.to_string(), "--json", "--source", "bpf"]);
+    command.args(["ls", &pid.to_string(), "--source", "bpf"]);
+    if json {
+        command.arg("--json");
+    }
     for (k, v) in extra_env {
         command.env(k, v);
     }
     let out = command.output().expect("crd runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    out.stdout
+}
+
+fn ls_json(pid: u32) -> Value {
+    serde_json::from_slice(&ls_out(pid, true, &[])).unwrap()
+}
+
+fn ls(pid: u32, extra_env: &[(&str, &str)]) -> BTreeMap<u64, Value> {
+    let json: Value = serde_json::from_slice(&ls_out(pid, true, extra_env)).unwrap();
     json["processes"][0]["fds"]
         .as_array()
         .unwrap()
@@ -169,8 +195,9 @@ fn bpf_lists_unix_inet_and_netlink_sockets_as_the_kernel_sees_them() {
         ("path_accepted", s.path()),
         ("abstract_listener", abstract_name.clone()),
         ("abstract_accepted", abstract_name.clone()),
-        ("pair_a", "unix type=STREAM".into()),
-        ("path_client", "unix type=STREAM".into()),
+        // Unnamed: by inode, as /proc/PID/fd/N (the type is in the detail).
+        ("pair_a", format!("socket:[{}]", s.ino("pair_a"))),
+        ("path_client", format!("socket:[{}]", s.ino("path_client"))),
     ] {
         assert_eq!(shown(name), expected, "{name}");
     }
@@ -208,56 +235,228 @@ fn bpf_lists_unix_inet_and_netlink_sockets_as_the_kernel_sees_them() {
     assert!(detail("netlink").starts_with("netlink"), "{}", detail("netlink"));
 }
 
-/// lsof's names (`-F`: one field a line; `f` starts an fd, `P` its protocol, `n` its
-/// name, `TST=` its TCP state): fd → (protocol, name, state).
-fn lsof_names(pid: u32) -> BTreeMap<u64, (String, String, String)> {
-    let out =
-        Command::new("lsof").args(["-n", "-P", "-F", "-p", &pid.to_string()]).output().expect("lsof runs");
-    let mut names = BTreeMap::new();
-    let mut current: Option<(u64, (String, String, String))> = None;
+/// (protocol, name, state, endpoints): see [`lsof_plus_e`].
+type LsofFd = (String, String, String, Vec<(u64, u64)>);
+
+/// What `lsof +E -F pfnPT -p PID` says of each fd (`f` starts an fd; `P` its protocol,
+/// `n` its name, `TST=` its state): fd → (protocol, name, state, the PID:FD endpoints
+/// `+E` names at the other end, `PID,COMMAND,FDu` words at the end of the name).
+fn lsof_plus_e(pid: u32) -> BTreeMap<u64, LsofFd> {
+    let out = Command::new("lsof")
+        .args(["+E", "-n", "-P", "-F", "pfnPT", "-a", "-p", &pid.to_string()])
+        .output()
+        .expect("lsof runs");
+    let mut fds = BTreeMap::new();
+    let mut current: Option<(u64, LsofFd)> = None;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         if let Some(fd) = line.strip_prefix('f') {
-            names.extend(current.take());
+            fds.extend(current.take());
             current = fd.parse().ok().map(|fd| (fd, Default::default()));
-        } else if let Some((_, (protocol, name, state))) = current.as_mut() {
+        } else if let Some((_, (protocol, name, state, ends))) = current.as_mut() {
             if let Some(p) = line.strip_prefix('P') {
                 *protocol = p.to_string();
             } else if let Some(n) = line.strip_prefix('n') {
-                *name = n.to_string();
+                // `->INO=N PID,COMMAND,FDu` (unix) or `A->B PID,COMMAND,FDu` (inet).
+                let mut words: Vec<&str> = n.split(' ').collect();
+                while let Some(end) = words.last().and_then(|w| endpoint(w)) {
+                    ends.push(end);
+                    words.pop();
+                }
+                ends.sort_unstable();
+                *name = words.join(" ");
             } else if let Some(st) = line.strip_prefix("TST=") {
                 *state = st.to_string();
             }
         }
     }
-    names.extend(current);
-    names
+    fds.extend(current);
+    fds
+}
+
+/// `4567,python3,5u` → (4567, 5).
+fn endpoint(word: &str) -> Option<(u64, u64)> {
+    let mut parts = word.split(',');
+    let pid = parts.next()?.parse().ok()?;
+    let _command = parts.next()?;
+    let fd = parts.next()?.trim_end_matches(['r', 'w', 'u']).parse().ok()?;
+    parts.next().is_none().then_some((pid, fd))
+}
+
+/// crd's view of an fd as lsof's NAME column would read it: a unix socket's name (if
+/// bound) and detail, an inet socket's name; and its peers, (pid, fd) sorted.
+fn crd_view(entry: &Value) -> (String, Vec<(u64, u64)>) {
+    let name = entry["name"].as_str().unwrap();
+    let detail = entry["detail"].as_str().unwrap_or_default();
+    let shown = match entry["kind"].as_str() {
+        Some("Unix") if name.starts_with("socket:[") => detail.to_string(),
+        Some("Unix") => format!("{name} {detail}"),
+        _ => name.to_string(),
+    };
+    let mut peers: Vec<(u64, u64)> = entry["peer"]
+        .as_array()
+        .map(|p| p.iter().map(|h| (h["pid"].as_u64().unwrap(), h["fd"].as_u64().unwrap())).collect())
+        .unwrap_or_default();
+    peers.sort_unstable();
+    (shown, peers)
 }
 
 #[test]
-fn bpf_names_sockets_as_lsof_does() {
+fn ls_names_sockets_and_their_other_ends_as_lsof_plus_e_does() {
     require_root!();
     require_tool!("python3");
     require_tool!("lsof");
     let s = Sockets::start();
     let fds = ls(s.pid, &[]);
-    let lsof = lsof_names(s.pid);
+    let lsof = lsof_plus_e(s.pid);
     let mut compared = 0;
     for (name, fd) in &s.fds {
-        let (protocol, lsof_name, state) = &lsof[fd];
-        let crd_name = fds[fd]["name"].as_str().unwrap();
-        let expected = match protocol.as_str() {
-            "TCP" => format!("TCP {lsof_name} ({state})"),
-            "UDP" => format!("UDP {lsof_name}"),
-            // unix: lsof adds ` type=STREAM` to the bound name.
-            _ if lsof_name.starts_with('/') || lsof_name.starts_with('@') => {
-                lsof_name.split(" type=").next().unwrap().to_string()
+        let (protocol, lsof_name, state, lsof_ends) = &lsof[fd];
+        let (shown, peers) = crd_view(&fds[fd]);
+        match protocol.as_str() {
+            // lsof: `/path type=STREAM ->INO=N` with TST=CONNECTED; crd: `/path
+            // type=STREAM (CONNECTED) ->INO=N ->PID:FD`.
+            _ if lsof_name.contains("type=") => {
+                let (named, inode) = match lsof_name.split_once(" ->INO=") {
+                    Some((named, ino)) => (named, Some(ino)),
+                    None => (lsof_name.as_str(), None),
+                };
+                let expected =
+                    if state.is_empty() { named.to_string() } else { format!("{named} ({state})") };
+                assert!(
+                    shown.starts_with(&expected),
+                    "{name} (fd {fd}): crd {shown:?}, lsof {lsof_name:?} {state}"
+                );
+                // A listener's `->INO=` in lsof is a connection waiting on it (which no fd
+                // holds); crd says `pending N` instead.
+                if let Some(ino) = inode.filter(|_| state != "LISTEN") {
+                    assert!(
+                        shown.contains(&format!(" ->INO={ino}")),
+                        "{name}: crd {shown:?}, lsof {lsof_name:?}"
+                    );
+                }
             }
+            "TCP" => assert_eq!(shown, format!("TCP {lsof_name} ({state})"), "{name} (fd {fd})"),
+            "UDP" => assert_eq!(shown, format!("UDP {lsof_name}"), "{name} (fd {fd})"),
             _ => continue,
-        };
-        assert_eq!(crd_name, expected, "{name} (fd {fd})");
+        }
+        // The other end's PID:FD: what lsof shows only with +E. For a unix listener lsof
+        // names the connection waiting on it; crd names none (it says `pending N`).
+        if protocol != "TCP" && state == "LISTEN" {
+            let waiting = name.replace("listener", "pending");
+            assert_eq!(lsof_ends, &vec![(u64::from(s.pid), s.fd(&waiting))], "{name}: lsof +E");
+            assert!(peers.is_empty(), "{name}: {peers:?}");
+        } else {
+            assert_eq!(&peers, lsof_ends, "{name} (fd {fd}): crd's peer vs lsof +E");
+        }
         compared += 1;
     }
-    assert!(compared >= 8, "lsof named only {compared} of {:?}", s.fds);
+    assert!(compared >= 14, "lsof named only {compared} of {:?}", s.fds);
+    // Every connection inside the process has its other end named, both ways.
+    let pid = u64::from(s.pid);
+    for (a, b) in [
+        ("pair_a", "pair_b"),
+        ("seq_a", "seq_b"),
+        ("dgram_a", "dgram_b"),
+        ("path_client", "path_accepted"),
+        ("abstract_client", "abstract_accepted"),
+        ("tcp_client", "tcp_accepted"),
+    ] {
+        assert_eq!(crd_view(&fds[&s.fd(a)]).1, vec![(pid, s.fd(b))], "{a} -> {b}");
+        assert_eq!(crd_view(&fds[&s.fd(b)]).1, vec![(pid, s.fd(a))], "{b} -> {a}");
+    }
+    for name in ["path_pending", "tcp_listener", "udp", "path_listener"] {
+        assert!(crd_view(&fds[&s.fd(name)]).1.is_empty(), "{name}: no other end to name");
+    }
+}
+
+/// `ss -x`'s receive queue of each unix socket by inode: for a socket that is not
+/// listening, the bytes queued (every message's for stream and seqpacket sockets).
+fn ss_unix_recv_q() -> BTreeMap<u64, u64> {
+    let out = Command::new("ss").args(["-x", "-a", "-n", "-H"]).output().expect("ss runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let n = words.len();
+            Some((words.get(n.checked_sub(3)?)?.parse().ok()?, words.get(2)?.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn ls_shows_each_unix_pair_with_what_is_queued_for_each_end() {
+    require_root!();
+    require_tool!("python3");
+    let s = Sockets::start();
+    let pid = u64::from(s.pid);
+    let listing = ls_json(s.pid);
+    let pairs = listing["socket_pairs"].as_array().expect("socket_pairs");
+    let pair_of = |a: &str, b: &str| {
+        pairs
+            .iter()
+            .find(|p| {
+                p["ends"][0]["holders"][0]["fd"] == s.fd(a) || p["ends"][1]["holders"][0]["fd"] == s.fd(a)
+            })
+            .map(|p| {
+                let ends = p["ends"].as_array().unwrap();
+                let end = |name: &str| ends.iter().find(|e| e["holders"][0]["fd"] == s.fd(name)).cloned();
+                (
+                    end(a).unwrap_or_else(|| panic!("{a} in {p:#}")),
+                    end(b).unwrap_or_else(|| panic!("{b} in {p:#}")),
+                )
+            })
+            .unwrap_or_else(|| panic!("no pair of {a} and {b} in {pairs:#?}"))
+    };
+    let ss = ss_unix_recv_q();
+    // Bytes (checked against ss, the kernel's own count) and fds in flight, each way.
+    for (a, b, bytes_to_b, fds_to_b) in [
+        ("pair_a", "pair_b", Some(6), 1),
+        ("seq_a", "seq_b", Some(8), 0),
+        ("path_client", "path_accepted", Some(0), 0),
+        ("abstract_client", "abstract_accepted", Some(0), 0),
+        // FIONREAD counts a datagram socket's first datagram only: unknown.
+        ("dgram_a", "dgram_b", None, 0),
+    ] {
+        let (end_a, end_b) = pair_of(a, b);
+        assert_eq!(end_a["holders"], serde_json::json!([{"pid": pid, "fd": s.fd(a)}]));
+        assert_eq!(end_b["holders"], serde_json::json!([{"pid": pid, "fd": s.fd(b)}]));
+        assert_eq!(end_b["queued"], serde_json::json!(bytes_to_b), "queued for {b}");
+        assert_eq!(end_b["fds_in_flight"], fds_to_b, "fds in flight to {b}");
+        assert_eq!(end_a["fds_in_flight"], 0, "fds in flight to {a}");
+        if a != "dgram_a" {
+            assert_eq!(end_a["queued"], 0, "queued for {a}");
+            assert_eq!(end_b["queued"], ss[&s.ino(b)], "{b} against ss -x");
+        }
+    }
+    // A connection no listener accepted yet has no peer socket: no pair.
+    for name in ["path_pending", "abstract_pending", "path_listener"] {
+        assert!(
+            pairs.iter().all(|p| p["ends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e["holders"][0]["fd"] != s.fd(name))),
+            "{name} is in no pair"
+        );
+    }
+    let text = String::from_utf8(ls_out(s.pid, false, &[])).unwrap();
+    let line = format!(
+        "socket:[{}] {pid}:{} <-> socket:[{}] {pid}:{}; to {pid}:{}: 0 bytes, 0 fds in flight; to {pid}:{}: 6 bytes, 1 fd in flight",
+        s.ino("pair_a"),
+        s.fd("pair_a"),
+        s.ino("pair_b"),
+        s.fd("pair_b"),
+        s.fd("pair_a"),
+        s.fd("pair_b"),
+    );
+    assert!(text.contains("\nunix socket pairs"), "{text}");
+    assert!(text.contains(&line), "{line}\n{text}");
+    // No socket row shows an offset.
+    for row in text.lines().filter(|l| l.contains(" unix ") || l.contains(" inet ") || l.contains(" socket "))
+    {
+        let words: Vec<&str> = row.split_whitespace().collect();
+        assert!(!words[..words.len().min(7)].contains(&"0"), "an offset on {row}");
+    }
 }
 
 #[test]
@@ -278,5 +477,144 @@ fn without_sk_ino_the_peer_is_found_through_its_socket_and_without_socket_fields
     for (name, fd) in &s.fds {
         assert_eq!(opaque[fd]["kind"], "Socket", "{name}");
         assert_eq!(opaque[fd]["name"], format!("socket:[{}]", s.ino(name)), "{name}");
+    }
+}
+
+/// A socketpair whose queue carries a pipe's read end (closed in the process: the message
+/// is its only holder), and a path listener with a connection it accepted.
+const IN_FLIGHT: &str = r#"
+import array, json, os, socket, sys
+os.closerange(3, 4096)  # what the test runner leaked is not ours
+sa, sb = socket.socketpair()
+r, w = os.pipe()
+os.write(w, b"pipe bytes")
+sa.sendmsg([b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+os.close(r)
+l = socket.socket(socket.AF_UNIX); l.bind(sys.argv[1] + "/listen.sock"); l.listen(4)
+c = socket.socket(socket.AF_UNIX); c.connect(sys.argv[1] + "/listen.sock"); a, _ = l.accept()
+print(json.dumps(dict(pid=os.getpid(), sa=sa.fileno(), sb=sb.fileno(), w=w, l=l.fileno(), c=c.fileno(), a=a.fileno())), flush=True)
+sys.stdin.read()
+"#;
+
+/// The inode number behind /proc/PID/fd/FD (`socket:[N]`, `pipe:[N]`).
+fn link_ino(pid: u64, fd: u64) -> u64 {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+    let link = link.to_string_lossy();
+    link.split_once(":[").and_then(|(_, n)| n.strip_suffix(']')).unwrap().parse().unwrap()
+}
+
+#[test]
+fn inspect_shows_each_sockets_peer_listener_and_files_in_flight() {
+    require_root!();
+    require_tool!("python3");
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new("python3")
+        .args(["-c", IN_FLIGHT])
+        .arg(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let _child = Kill(child);
+    let info: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let n = |k: &str| info[k].as_u64().unwrap();
+    let pid = n("pid");
+    let image = dir.path().join("unix.crd");
+    let out = crd_tests::crd(&["checkpoint", &pid.to_string(), "--tree", "-o", image.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Objrefs, read from the image with crd's own reader; what they are, from /proc.
+    let body = crd::image::read(&image).unwrap();
+    let graph = crd_tests::Index::new(&body.graph);
+    let objref = |fd: &str| graph.inode_ref(pid as u32, n(fd) as u32);
+    let sb = graph.inode(pid as u32, n("sb") as u32);
+    assert_eq!(sb.carried.len(), 1, "one file in flight in sb's queue");
+    let in_flight = sb.carried[0].objref();
+    let (_, pipe, _) = graph.index.open(in_flight).expect("the file in flight is in the image");
+    assert_eq!(pipe, objref("w"), "the file in flight opens the pipe fd w writes to");
+    let pipe_ino = link_ino(pid, n("w"));
+    let path = dir.path().join("listen.sock").display().to_string();
+
+    let inspect = |format: &str| {
+        let out = crd_tests::crd(&["inspect", image.to_str().unwrap(), "--format", format]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = inspect("text");
+    let section = text
+        .split("\nsockets: what each is tied to, and the files in flight in it:\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{text}"));
+    // Each object's entry: its header line, then its ties and files, indented.
+    let section = format!("\n{section}");
+    let entry = |fd: &str| -> String {
+        // A header starts its line with two spaces; ties and files are indented more.
+        let head = format!("\n  {} unix ", objref(fd));
+        let start = section.find(&head).unwrap_or_else(|| panic!("no entry for {fd} ({head:?}) in{section}"));
+        let rest = &section[start + head.len()..];
+        let end = rest.find("\n  #").unwrap_or(rest.len());
+        format!("{head}{}", &rest[..end])
+    };
+    let socket =
+        |fd: &str| format!("{} unix socket:[{}] ({pid}:{})", objref(fd), link_ino(pid, n(fd)), n(fd));
+    let sb_entry = entry("sb");
+    assert!(sb_entry.contains(&format!("({pid}:{})", n("sb"))), "{sb_entry}");
+    assert!(sb_entry.contains(&format!("peer      {}", socket("sa"))), "{sb_entry}");
+    assert!(
+        sb_entry.contains(&format!("in flight file {in_flight} (r) of {pipe} pipe pipe:[{pipe_ino}]")),
+        "{sb_entry}"
+    );
+    assert!(entry("sa").contains(&format!("peer      {}", socket("sb"))), "{}", entry("sa"));
+    let listener = format!("listener  {} unix {path} ({pid}:{})", objref("l"), n("l"));
+    for (fd, peer) in [("a", "c"), ("c", "a")] {
+        let e = entry(fd);
+        assert!(
+            e.contains(&format!("peer      {}", socket(peer)))
+                || e.contains(&format!("peer      {} unix {path}", objref(peer))),
+            "{e}"
+        );
+        assert!(e.contains(&listener), "{fd}: {e}");
+    }
+
+    // JSON: the image as it is, the file in flight nested in sb's record.
+    let json: Value = serde_json::from_str(&inspect("json")).unwrap();
+    fn carried(v: &Value, found: &mut Vec<Value>) {
+        match v {
+            Value::Object(map) => {
+                if let Some(Value::Array(files)) = map.get("carried") {
+                    found.extend(files.iter().cloned());
+                }
+                map.values().for_each(|v| carried(v, found));
+            }
+            Value::Array(items) => items.iter().for_each(|v| carried(v, found)),
+            _ => {}
+        }
+    }
+    let mut files = Vec::new();
+    carried(&json, &mut files);
+    assert_eq!(files.len(), 1, "{files:#?}");
+    assert_eq!(files[0]["First"]["objref"], serde_json::to_value(in_flight).unwrap(), "{:#}", files[0]);
+
+    // DOT: dashed edges to each tie, an "in flight" edge to the file, which opens the pipe.
+    let dot = inspect("dot");
+    let o = |r: crd::types::ObjRef| r.0;
+    for edge in [
+        format!("obj{} -> obj{} [style=dashed,label=\"peer\"];", o(objref("sb")), o(objref("sa"))),
+        format!("obj{} -> obj{} [style=dashed,label=\"peer\"];", o(objref("sa")), o(objref("sb"))),
+        format!("obj{} -> obj{} [style=dashed,label=\"listener\"];", o(objref("a")), o(objref("l"))),
+        format!("obj{} -> obj{} [style=dashed,label=\"listener\"];", o(objref("c")), o(objref("l"))),
+        format!("obj{} -> obj{} [color=blue,label=\"in flight\"];", o(objref("sb")), o(in_flight)),
+        format!("obj{} -> obj{};", o(in_flight), o(pipe)),
+    ] {
+        assert!(dot.contains(&edge), "{edge}\n{dot}");
     }
 }

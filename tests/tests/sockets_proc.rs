@@ -129,15 +129,17 @@ fn procfs_reads_sockets_with_sock_diag_in_each_network_namespace() {
     assert_eq!(fds.keys().copied().collect::<Vec<_>>(), proc_fds(pid));
     assert_eq!(entries(&listing, ns_pid).keys().copied().collect::<Vec<_>>(), proc_fds(ns_pid));
 
-    // The socketpair: each end's peer is the other end's inode.
+    // The socketpair: each end's peer is the other end's inode, and the fd holding it.
+    let peer = |other: &Value| serde_json::json!([{"pid": pid, "fd": num(other)}]);
     let (a, b) = (&held["pair"][0], &held["pair"][1]);
     for (end, other) in [(a, b), (b, a)] {
         assert_eq!(fd(end)["kind"], "Unix");
         assert_eq!(
             text(&fd(end)["detail"]),
-            format!("type=STREAM (CONNECTED) ->INO={}", ino(pid, num(other))),
+            format!("type=STREAM (CONNECTED) ->INO={} ->{pid}:{other}", ino(pid, num(other))),
             "pair end {end}"
         );
+        assert_eq!(fd(end)["peer"], peer(other), "pair end {end}");
     }
 
     // Listeners by path and abstract name, each with one accepted and one pending client.
@@ -152,14 +154,15 @@ fn procfs_reads_sockets_with_sock_diag_in_each_network_namespace() {
         assert_eq!(text(&fd(accepted)["name"]), name);
         assert_eq!(
             text(&fd(accepted)["detail"]),
-            format!("type=STREAM (CONNECTED) ->INO={}", ino(pid, num(client)))
+            format!("type=STREAM (CONNECTED) ->INO={} ->{pid}:{client}", ino(pid, num(client)))
         );
         assert_eq!(
             text(&fd(client)["detail"]),
-            format!("type=STREAM (CONNECTED) ->INO={}", ino(pid, num(accepted)))
+            format!("type=STREAM (CONNECTED) ->INO={} ->{pid}:{accepted}", ino(pid, num(accepted)))
         );
         // Its peer not yet accepted has no inode: connected, no peer to show.
         assert_eq!(text(&fd(pending)["detail"]), "type=STREAM (CONNECTED)", "{group}");
+        assert!(fd(pending).get("peer").is_none(), "{group}: {}", fd(pending));
     }
 
     // TCP and UDP on loopback.
@@ -176,6 +179,10 @@ fn procfs_reads_sockets_with_sock_diag_in_each_network_namespace() {
         text(&fd(&held["server"])["name"]),
         format!("TCP 127.0.0.1:{port}->127.0.0.1:{client_port} (ESTABLISHED)")
     );
+    // Both ends of the loopback connection are listed: each names the other's fd.
+    assert_eq!(fd(&held["client"])["peer"], peer(&held["server"]));
+    assert_eq!(fd(&held["server"])["peer"], peer(&held["client"]));
+    assert_eq!(text(&fd(&held["client"])["detail"]), format!("IPv4 ->{pid}:{}", held["server"]));
 
     // A family sock_diag is not asked about: an opaque socket named by its family.
     assert_eq!(fd(&held["netlink"])["kind"], "Socket");

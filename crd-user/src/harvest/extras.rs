@@ -205,3 +205,49 @@ pub fn count_queued(harvest: &mut Harvest) {
         }
     }
 }
+
+/// What `crd ls` can tell of a unix socket's receive queue without freezing anything or
+/// reading the queue (a peek would move the target's own peek offset under it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnixQueue {
+    /// Bytes queued, from FIONREAD on a `pidfd_getfd` copy: the kernel sums every
+    /// message of a stream or seqpacket socket but counts only the first datagram of a
+    /// datagram socket, so those (and listeners, and fds crd could not reach) say None.
+    pub bytes: Option<u64>,
+    /// Files in flight in the queue, from the `scm_fds:` line of the fd's fdinfo (the
+    /// kernel's own count, `unix_sock::scm_stat`; Linux 5.8+). None: no such line.
+    pub fds_in_flight: Option<u32>,
+}
+
+/// [`UnixQueue`] of every unix socket of the harvest, by (device, inode). Best effort,
+/// as [`count_queued`]: a process that exits in between leaves the counts unknown.
+pub fn unix_queues(harvest: &Harvest) -> HashMap<(DeviceId, u64), UnixQueue> {
+    use crate::kinds::socket::SockType;
+    let mut pidfds: HashMap<Tgid, Option<OwnedFd>> = HashMap::new();
+    let mut queues: HashMap<(DeviceId, u64), UnixQueue> = HashMap::new();
+    for f in &harvest.fds {
+        let Live::Unix(facts) = &f.file.object.live else { continue };
+        let key = (f.file.object.dev, f.file.object.ino);
+        if queues.get(&key).is_some_and(|q| q.bytes.is_some() && q.fds_in_flight.is_some()) {
+            continue;
+        }
+        let fdinfo = fs::read_to_string(format!("/proc/{}/fdinfo/{}", f.tgid.0, f.fd.0)).unwrap_or_default();
+        let fds_in_flight =
+            fdinfo.lines().find_map(|l| l.strip_prefix("scm_fds:")).and_then(|n| n.trim().parse().ok());
+        let counts_every_byte = matches!(facts.sock_type, SockType::Stream | SockType::Seqpacket);
+        let bytes = if counts_every_byte && !facts.is_listening() {
+            let pidfd = pidfds.entry(f.tgid).or_insert_with(|| sys::pidfd_open(Pid(f.tgid.0)).ok());
+            pidfd
+                .as_ref()
+                .and_then(|pidfd| sys::pidfd_getfd(pidfd.as_fd(), f.fd).ok())
+                .and_then(|copy| sys::pipe_queued(copy.as_fd()).ok())
+                .map(|n| n as u64)
+        } else {
+            None
+        };
+        let known = queues.entry(key).or_default();
+        known.bytes = known.bytes.or(bytes);
+        known.fds_in_flight = known.fds_in_flight.or(fds_in_flight);
+    }
+    queues
+}

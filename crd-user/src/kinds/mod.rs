@@ -635,6 +635,11 @@ impl Kind {
     pub fn is_pipe_like(self) -> bool {
         matches!(self, Kind::Pipe | Kind::Fifo)
     }
+
+    /// Every socket kind: a socket has no file offset (`ls` leaves the column blank).
+    pub fn is_socket(self) -> bool {
+        matches!(self, Kind::Unix | Kind::Inet | Kind::Socket)
+    }
 }
 
 // The registry: one line per kind, in recognition order (the first kind that

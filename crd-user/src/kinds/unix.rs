@@ -199,9 +199,11 @@ impl FileKind for Unix {
         })
     }
 
+    /// Its bound name (an accepted connection's is its listener's), as lsof puts it
+    /// first; an unnamed socket is named by its inode (`socket:[N]`, see
+    /// [`crate::graph::Object::name`]), and its type is in the detail, not repeated here.
     fn name(saved: &UnixState) -> Option<String> {
-        let name = saved.name.to_string();
-        Some(if name.is_empty() { format!("unix type={}", upper(saved.sock_type)) } else { name })
+        saved.name.is_named().then(|| saved.name.to_string())
     }
 
     fn detail(saved: &UnixState) -> Option<String> {
