@@ -44,7 +44,7 @@ const SEND_QUEUE: i32 = 2;
 /// `TCP_REPAIR_WINDOW` (4.8+), defined here: libc declares it for some targets only.
 const TCP_REPAIR_WINDOW: i32 = 29;
 /// Bytes written but not yet sent (`SIOCOUTQNSD`), also declared for some targets only.
-const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+const SIOCOUTQNSD: libc::Ioctl = 0x894B;
 /// `tcpi_options` bits.
 const OPT_TIMESTAMPS: u8 = 1;
 const OPT_SACK: u8 = 2;
@@ -233,7 +233,7 @@ impl Lengths {
     }
 }
 
-fn ioctl_int(fd: BorrowedFd<'_>, request: libc::c_ulong, call: &'static str) -> Result<usize, KindError> {
+fn ioctl_int(fd: BorrowedFd<'_>, request: libc::Ioctl, call: &'static str) -> Result<usize, KindError> {
     let mut n: libc::c_int = 0;
     // SAFETY: these socket ioctls write one int through the pointer we pass.
     if unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut n) } < 0 {
