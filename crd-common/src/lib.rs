@@ -69,6 +69,8 @@ pub const UNIX_PATH_LEN: usize = 108;
 /// Superblock magics the BPF program tells kinds apart by (include/uapi/linux/magic.h).
 pub const PIPEFS_MAGIC: u64 = 0x5049_5045;
 pub const ANON_INODE_FS_MAGIC: u64 = 0x0904_1934;
+/// pidfs (Linux 6.9+), where pidfds live instead of the anon inode.
+pub const PIDFS_MAGIC: u64 = 0x5049_4446;
 pub const TMPFS_MAGIC: u64 = 0x0102_1994;
 pub const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
 pub const SOCKFS_MAGIC: u64 = 0x534F_434B;

@@ -42,7 +42,9 @@ pub fn graft(
     let FrozenHarvest { frozen, harvest, .. } = freeze_and_harvest(options, interrupted)?;
     let graph = Graph::build(root, &harvest, SavedStates::default());
     let plan = plan::plan(&graph, Mode::Graft).map_err(RestoreError::from)?;
-    let take = |publish: &mut dyn FnMut(ObjRef, RawFd)| {
+    // A graft takes the live descriptions (a pidfd keeps referring to its process):
+    // nothing is opened on a stub.
+    let take = |publish: &mut dyn FnMut(ObjRef, RawFd), _stubs: crate::kinds::Stubs<'_>| {
         let objects = take_live(&graph, &frozen, publish)?;
         frozen.thaw();
         Ok(objects)

@@ -489,6 +489,8 @@ struct Walk<'h> {
     /// Sockets by the address they are bound at, for [`Tie::Address`].
     bound: HashMap<std::net::SocketAddr, KernelPtr>,
     carried: std::collections::HashMap<KernelPtr, Vec<Carried>>,
+    /// Every checkpointed task (TID), for the objects that refer to one (a pidfd).
+    tasks: HashSet<Pid>,
 }
 
 impl<'h> Walk<'h> {
@@ -524,7 +526,8 @@ impl<'h> Walk<'h> {
             by_inode.entry((c.file.object.kind(), c.file.object.ino)).or_insert(id);
             states.insert(id, state);
         }
-        Walk { inside, states, objects, by_inode, listeners, bound, carried }
+        let tasks = harvest.tasks.iter().map(|t| t.pid).collect();
+        Walk { inside, states, objects, by_inode, listeners, bound, carried, tasks }
     }
 
     fn file_desc(&mut self, file: &FileInfo, objhash: &mut ObjHash) -> FileDesc {
@@ -535,9 +538,15 @@ impl<'h> Walk<'h> {
             pos: file.pos,
             held_outside: file.refs > slots_inside,
             object: objhash.encounter(Class::Object, file.object.id, |objhash| {
-                let link = self.objects.get(&file.object.id).and_then(|(_, link)| link.cloned()).or_else(|| {
-                    self.carried.values().flatten().find(|c| c.file.object.id == file.object.id)?.link.clone()
-                });
+                let link =
+                    self.objects.get(&file.object.id).and_then(|(_, link)| link.cloned()).or_else(|| {
+                        self.carried
+                            .values()
+                            .flatten()
+                            .find(|c| c.file.object.id == file.object.id)?
+                            .link
+                            .clone()
+                    });
                 self.object(&file.object, link, objhash)
             }),
         }
@@ -587,7 +596,11 @@ impl<'h> Walk<'h> {
             dev: o.dev,
             rdev: o.rdev,
             path: if kind.has_path() { link } else { None },
-            held_outside: o.live.held_outside(inside) || state.outside_unless_tied(&found),
+            // A pidfd to a process outside the set: the task it refers to is not
+            // restored, so it cannot be made.
+            held_outside: o.live.held_outside(inside)
+                || state.outside_unless_tied(&found)
+                || state.task().is_some_and(|t| !self.tasks.contains(&t)),
             state,
             tied,
             carried,

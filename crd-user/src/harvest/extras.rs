@@ -70,7 +70,8 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen, options: SaveOptions) -> 
             },
         })?;
         let carried = RefCell::new(Vec::new());
-        let reach = Reach { pidfd, tgid: f.tgid, fd: f.fd, access: f.file.access, carried: &carried, options };
+        let reach =
+            Reach { pidfd, tgid: f.tgid, fd: f.fd, access: f.file.access, carried: &carried, options };
         let state = live.save(&reach).map_err(|source| ExtrasError::Save {
             tgid: f.tgid,
             fd: f.fd,
@@ -102,8 +103,8 @@ fn identify_in_flight(
     for f in &harvest.fds {
         by_inode.entry((f.file.object.dev, f.file.object.ino)).or_default().push(f);
     }
-    let own_pidfd = sys::pidfd_open(me)
-        .map_err(|source| ExtrasError::Pidfd { tgid: Tgid(me.0), fd: Fd(0), source })?;
+    let own_pidfd =
+        sys::pidfd_open(me).map_err(|source| ExtrasError::Pidfd { tgid: Tgid(me.0), fd: Fd(0), source })?;
     let mut next = 0u64;
     // Kept open until every state is saved: a received fd closed early could let its
     // number be reused by the next one and confuse two files.
@@ -118,9 +119,10 @@ fn identify_in_flight(
                     .map_err(|e| err(format!("cannot stat it: {e}")))?;
                 let candidates = by_inode.get(&(DeviceId::from_user(meta.dev()), meta.ino()));
                 let own = Fd(received.as_raw_fd() as u32);
-                let same = candidates.into_iter().flatten().find(|f| {
-                    sys::kcmp_same(me, Pid(f.tgid.0), Kcmp::File(own, f.fd)).unwrap_or(false)
-                });
+                let same = candidates
+                    .into_iter()
+                    .flatten()
+                    .find(|f| sys::kcmp_same(me, Pid(f.tgid.0), Kcmp::File(own, f.fd)).unwrap_or(false));
                 if let Some(f) = same {
                     list.push(Carried { link: f.link.clone(), file: f.file.clone() });
                     keep.push(received);
@@ -167,12 +169,28 @@ fn identify_in_flight(
 }
 
 /// Fills in `link` for named objects (files, directories, FIFOs, devices, anon files)
-/// from /proc/PID/fd/N; pipes and sockets have no useful name and cost nothing.
+/// from /proc/PID/fd/N; pipes and sockets have no useful name and cost nothing. Then the
+/// state BPF left to fdinfo ([`crate::kinds::FileKind::fdinfo_pending`]: a pidfd's
+/// process, an inotify's watches) is read from /proc/PID/fdinfo/N, through the kind's
+/// own /proc reader. A process gone meanwhile leaves it pending (sketched as unknown).
 pub fn fill_links(harvest: &mut Harvest) {
     for f in &mut harvest.fds {
         if f.link.is_none() && f.file.object.kind().has_path() {
             let path = format!("/proc/{}/fd/{}", f.tgid.0, f.fd.0);
             f.link = fs::read_link(path).ok().map(|p| p.to_string_lossy().into_owned());
+        }
+        if f.file.object.live.fdinfo_pending()
+            && let Ok(fdinfo) = fs::read_to_string(format!("/proc/{}/fdinfo/{}", f.tgid.0, f.fd.0))
+        {
+            let slot = crate::kinds::ProcSlot {
+                tgid: f.tgid,
+                fd: f.fd,
+                fdinfo: &fdinfo,
+                link: f.link.as_deref().unwrap_or_default(),
+                size: 0,
+                socket: None,
+            };
+            f.file.object.live = Live::from_proc(f.file.object.kind(), &slot);
         }
     }
 }

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{
     sys::SyscallError,
-    types::{Access, DeviceId, Fd, ObjRef, Tgid},
+    types::{Access, DeviceId, Fd, ObjRef, Pid, Tgid},
 };
 
 /// A kind with no state of its own beyond the object's path, mode and inode (files,
@@ -100,16 +100,18 @@ pub mod device;
 pub mod directory;
 pub mod eventfd;
 pub mod fifo;
+pub mod inet;
+pub mod inotify;
 pub mod memfd;
 pub mod opaque;
+pub mod pidfd;
 pub mod pipe;
 pub mod regular;
 pub mod socket;
 pub mod sockio;
-pub mod terminal;
 pub mod tcprepair;
+pub mod terminal;
 pub mod unix;
-pub mod inet;
 
 /// What identifies the object behind an open file description.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -290,6 +292,29 @@ pub struct OpenArgs<'a> {
     /// `i_mode` at checkpoint time.
     pub mode: u32,
     pub ino: u64,
+    /// Where the restored tasks are, for an object that refers to a task (a pidfd).
+    pub stubs: Stubs<'a>,
+}
+
+/// The stub standing for each checkpointed task, for the objects that refer to a task
+/// rather than to another object (a pidfd's process): the graph ties objects to objects
+/// ([`Tie`]), but a task is not an object, and its new PID exists only once its stub has
+/// been forked, which happens while restore makes the descriptions. The lookup waits
+/// for that stub to start and says why when it cannot (the old PID is not a stub's).
+#[derive(Clone, Copy)]
+pub struct Stubs<'a>(pub &'a dyn Fn(Pid) -> Result<Pid, String>);
+
+impl Stubs<'_> {
+    /// The new PID of the stub restored for `old`.
+    pub fn new_pid(&self, old: Pid) -> Result<Pid, KindError> {
+        (self.0)(old).map_err(KindError::Other)
+    }
+}
+
+impl fmt::Debug for Stubs<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Stubs")
+    }
 }
 
 impl OpenArgs<'_> {
@@ -383,6 +408,14 @@ pub trait FileKind {
     fn held_outside(_live: &Self::Live, _inside: InsideUse) -> bool {
         false
     }
+    /// Whether the state still has to be read from the fd's fdinfo: BPF does not walk
+    /// every kernel structure (a pidfd's `struct pid`, an inotify group's marks), so
+    /// such a kind's `from_bpf` leaves its state pending and the harvest fills it in
+    /// with [`FileKind::from_proc`], as the /proc harvester does
+    /// ([`crate::harvest::extras::fill_links`]).
+    fn fdinfo_pending(_live: &Self::Live) -> bool {
+        false
+    }
     /// The saved state without reading contents (`ls`, graft).
     fn sketch(live: &Self::Live) -> Self::Saved;
     /// The saved state with contents, read through `reach` while the targets are frozen.
@@ -421,6 +454,12 @@ pub trait FileKind {
     /// The last steps of restore, once every description exists (see [`Stage`]).
     fn complete(_saved: &Self::Saved, _stage: Stage, _done: &Completion<'_>) -> Result<(), KindError> {
         Ok(())
+    }
+    /// The task the object refers to (a pidfd's process), by its PID at checkpoint time.
+    /// The graph marks the object held outside when that task is not checkpointed, and
+    /// an image restore then refuses it: such an object cannot be made without its task.
+    fn task(_saved: &Self::Saved) -> Option<Pid> {
+        None
     }
     /// Why an image restore cannot make this object (None: it can).
     fn refusal(_saved: &Self::Saved) -> Option<String> {
@@ -514,6 +553,10 @@ macro_rules! registry {
                 match self { $(Live::$variant(live) => <$kind>::held_outside(live, inside),)* }
             }
 
+            pub fn fdinfo_pending(&self) -> bool {
+                match self { $(Live::$variant(live) => <$kind>::fdinfo_pending(live),)* }
+            }
+
             pub fn sketch(&self) -> Saved {
                 match self { $(Live::$variant(live) => Saved::$variant(<$kind>::sketch(live)),)* }
             }
@@ -569,6 +612,10 @@ macro_rules! registry {
 
             pub fn refusal(&self) -> Option<String> {
                 match self { $(Saved::$variant(s) => <$kind>::refusal(s),)* }
+            }
+
+            pub fn task(&self) -> Option<Pid> {
+                match self { $(Saved::$variant(s) => <$kind>::task(s),)* }
             }
 
             pub fn open(&self, args: &OpenArgs<'_>, store: &mut ObjectStore) -> Result<Opened, KindError> {
@@ -649,6 +696,8 @@ registry! {
     Pipe => pipe::Pipe,
     Fifo => fifo::Fifo,
     Eventfd => eventfd::Eventfd,
+    Pidfd => pidfd::Pidfd,
+    Inotify => inotify::Inotify,
     Memfd => memfd::Memfd,
     Terminal => terminal::Terminal,
     Regular => regular::Regular,

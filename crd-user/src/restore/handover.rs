@@ -9,6 +9,10 @@
 //! is filled, so on two CPUs crd's making and the stubs' pulling overlap. Waiting stubs
 //! sleep on a futex: crd bumps a generation word and wakes them once per batch of
 //! descriptions, and once more when it is done.
+//!
+//! After the objref slots come one word per stub, where each stub writes its PID as it
+//! starts (and wakes whoever waits on that word): crd opens a pidfd on a stub
+//! ([`crate::kinds::Stubs`]) while it makes the descriptions.
 use std::{
     ffi::c_void,
     num::NonZeroUsize,
@@ -27,7 +31,7 @@ const EMPTY: i32 = -1;
 /// Descriptions published between two wake-ups.
 const BATCH: u32 = 128;
 
-/// The shared area: a header, then one slot per objref.
+/// The shared area: a header, then one slot per objref, then one PID word per stub.
 #[repr(C)]
 struct Header {
     /// Bumped (and waited on) once per batch.
@@ -43,23 +47,25 @@ pub(super) struct Handover {
     len: usize,
     /// Objrefs 0..slots have a slot.
     slots: usize,
+    /// Stubs 0..stubs have a PID word.
+    stubs: usize,
     /// crd's count of descriptions published since the last wake-up.
     unannounced: std::cell::Cell<u32>,
 }
 
 impl Handover {
-    /// Room for descriptions numbered up to `max_objref`.
-    pub fn new(max_objref: ObjRef) -> Result<Self, SyscallError> {
+    /// Room for descriptions numbered up to `max_objref`, and `stubs` stubs' PIDs.
+    pub fn new(max_objref: ObjRef, stubs: usize) -> Result<Self, SyscallError> {
         let slots = max_objref.0 as usize + 1;
-        let len = size_of::<Header>() + slots * size_of::<AtomicI32>();
+        let len = size_of::<Header>() + slots * size_of::<AtomicI32>() + stubs * size_of::<AtomicU32>();
         let length = NonZeroUsize::new(len).unwrap_or(NonZeroUsize::MIN);
         // SAFETY: a fresh anonymous mapping aliases nothing; it starts zeroed, which is
-        // a valid header (generation 0, not done).
+        // a valid header (generation 0, not done) and PID words saying "not started".
         let base = unsafe {
             mmap_anonymous(None, length, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED)
         }
         .map_err(|e| SyscallError { call: "mmap", source: e.into() })?;
-        let handover = Self { base, len, slots, unannounced: std::cell::Cell::new(0) };
+        let handover = Self { base, len, slots, stubs, unannounced: std::cell::Cell::new(0) };
         for index in 0..slots {
             if let Some(slot) = handover.slot(ObjRef(index as u32)) {
                 slot.store(EMPTY, Ordering::Relaxed);
@@ -82,6 +88,48 @@ impl Handover {
         // SAFETY: slot `index` lies inside the mapping (checked above), 4-aligned after
         // the 8-byte header, and is only ever accessed atomically.
         Some(unsafe { &*self.base.as_ptr().cast::<Header>().add(1).cast::<AtomicI32>().add(index) })
+    }
+
+    fn pid_word(&self, index: usize) -> Option<&AtomicU32> {
+        if index >= self.stubs {
+            return None;
+        }
+        // SAFETY: word `index` lies inside the mapping (checked above), after the header
+        // and the `slots` objref slots (4-aligned), and is only ever accessed atomically.
+        Some(unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .cast::<Header>()
+                .add(1)
+                .cast::<AtomicI32>()
+                .add(self.slots)
+                .cast::<AtomicU32>()
+                .add(index)
+        })
+    }
+
+    /// A stub: stub `index` has started as `pid`.
+    pub fn born(&self, index: usize, pid: u32) {
+        if let Some(word) = self.pid_word(index) {
+            word.store(pid, Ordering::Release);
+            futex(word, libc::FUTEX_WAKE, i32::MAX as u32, None);
+        }
+    }
+
+    /// crd: the PID of stub `index`, waiting up to `timeout` for it to start.
+    pub fn pid_of(&self, index: usize, timeout: Duration) -> Option<crate::types::Pid> {
+        let word = self.pid_word(index)?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match word.load(Ordering::Acquire) {
+                0 if std::time::Instant::now() < deadline => {
+                    futex(word, libc::FUTEX_WAIT, 0, Some(Duration::from_millis(50)))
+                }
+                0 => return None,
+                pid => return Some(crate::types::Pid(pid)),
+            }
+        }
     }
 
     /// crd: `objref`'s description now exists, at `fd` in crd.
@@ -156,7 +204,7 @@ mod tests {
 
     #[test]
     fn a_forked_child_gets_each_fd_once_published_and_none_for_a_missing_one() {
-        let handover = Handover::new(ObjRef(40)).expect("mapping");
+        let handover = Handover::new(ObjRef(40), 2).expect("mapping");
         // SAFETY: the test process forks a child that only touches the shared mapping
         // and exits with _exit.
         match unsafe { nix::unistd::fork() }.expect("fork") {

@@ -53,6 +53,7 @@ use self::{
 };
 use crate::{
     graph::Graph,
+    kinds::Stubs,
     sys::{self as crd_sys, SyscallError},
     types::{ObjRef, Pid},
 };
@@ -103,7 +104,7 @@ pub fn restore_image(
 ) -> Result<Restored, RestoreError> {
     let plan = plan::plan(graph, Mode::Image { allow_external })?;
     let exec = Exec::new(exec)?;
-    run(&plan, |publish| Ok(ObjectTable::recreate(graph, publish)?), exec.as_ref(), interrupted)
+    run(&plan, |publish, stubs| Ok(ObjectTable::recreate(graph, publish, stubs)?), exec.as_ref(), interrupted)
 }
 
 /// One stub's report.
@@ -114,9 +115,14 @@ struct Report {
 
 /// Forks the stubs, makes the descriptions (`objects`) and hands them over, waits for
 /// the stubs' reports, commits or kills them all.
+///
+/// Every stub is forked before crd makes any description, and writes its PID into the
+/// hand-over as the first thing it does, before its children and its fds: so `objects`
+/// can open a pidfd on the stub standing for a task ([`Stubs`]) at that pidfd's place in
+/// the walk, waiting at most for that stub to start, never for anything it pulls.
 pub(crate) fn run(
     plan: &Plan,
-    objects: impl FnOnce(&mut dyn FnMut(ObjRef, RawFd)) -> Result<ObjectTable, RestoreError>,
+    objects: impl FnOnce(&mut dyn FnMut(ObjRef, RawFd), Stubs<'_>) -> Result<ObjectTable, RestoreError>,
     exec: Option<&Exec>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Restored, RestoreError> {
@@ -124,7 +130,7 @@ pub(crate) fn run(
     let crd_pidfd = crd_sys::pidfd_open(Pid(me.as_raw() as u32))?;
     let (status_r, status_w) =
         unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| SyscallError { call: "pipe2", source: e.into() })?;
-    let handover = Handover::new(plan.max_objref())?;
+    let handover = Handover::new(plan.max_objref(), plan.processes.len())?;
     // Stubs wait for the commit signal with sigwait: it must be blocked before they exist.
     let mut commit = SigSet::empty();
     commit.add(Signal::SIGUSR1);
@@ -154,7 +160,8 @@ pub(crate) fn run(
     drop(status_w);
     // The stubs exist (and are dropping what they inherited) while crd makes the
     // descriptions they will pull.
-    let objects = match objects(&mut |objref, fd| handover.publish(objref, fd)) {
+    let stub_of = |old: Pid| stub_pid(plan, &handover, old);
+    let objects = match objects(&mut |objref, fd| handover.publish(objref, fd), Stubs(&stub_of)) {
         Ok(objects) => objects,
         Err(e) => {
             kill_all(root, &[]);
@@ -204,6 +211,25 @@ pub(crate) fn run(
         tasks.extend(p.threads.iter().map(|(old, _)| *old).zip(new));
     }
     Ok(Restored { root: Pid(root.as_raw() as u32), tasks, moved })
+}
+
+/// The new PID of the stub restored for task `old`, once it has started.
+fn stub_pid(plan: &Plan, handover: &Handover, old: Pid) -> Result<Pid, String> {
+    let (index, process) = plan
+        .processes
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.threads.iter().any(|(tid, _)| *tid == old))
+        .ok_or_else(|| format!("PID {old} is not a task of the image"))?;
+    if process.threads[0].0 != old {
+        return Err(format!(
+            "it refers to thread {old} of PID {}: a stub's threads start only once its fds are in place",
+            process.old_tgid
+        ));
+    }
+    handover
+        .pid_of(index, SETUP_TIMEOUT)
+        .ok_or_else(|| format!("the stub for PID {old} did not start within {SETUP_TIMEOUT:?}"))
 }
 
 fn collect_reports(

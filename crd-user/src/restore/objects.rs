@@ -25,7 +25,7 @@ use nix::fcntl::{self, FcntlArg, OFlag};
 
 use crate::{
     graph::{Encounter, FileDesc, Graph, GraphIndex, Object},
-    kinds::{Completion, Kind, KindError, ObjectStore, OpenArgs, Stage, Tie, Tied},
+    kinds::{Completion, Kind, KindError, ObjectStore, OpenArgs, Stage, Stubs, Tie, Tied},
     sys::SyscallError,
     types::{Fd, ObjRef, Tgid},
 };
@@ -55,8 +55,13 @@ impl ObjectTable {
     }
 
     /// Recreates every description of an image, telling `publish` where each is (its
-    /// fd number in crd) as soon as it exists, so stubs can start pulling.
-    pub fn recreate(graph: &Graph, publish: &mut dyn FnMut(ObjRef, RawFd)) -> Result<Self, ObjectError> {
+    /// fd number in crd) as soon as it exists, so stubs can start pulling. `stubs` finds
+    /// the stub of a task, for the descriptions that refer to one (a pidfd).
+    pub fn recreate(
+        graph: &Graph,
+        publish: &mut dyn FnMut(ObjRef, RawFd),
+        stubs: Stubs<'_>,
+    ) -> Result<Self, ObjectError> {
         let index = graph.index();
         let mut maker = Maker {
             index: &index,
@@ -64,6 +69,7 @@ impl ObjectTable {
             store: ObjectStore::new(),
             first_file: foldhash::HashMap::default(),
             publish,
+            stubs,
         };
         for (task, slot) in graph.slots() {
             let Encounter::First { objref, object: desc } = &slot.file else { continue };
@@ -86,6 +92,7 @@ struct Maker<'g, 'p> {
     /// Each object's first description made (an object's fd for its ties).
     first_file: foldhash::HashMap<ObjRef, ObjRef>,
     publish: &'p mut dyn FnMut(ObjRef, RawFd),
+    stubs: Stubs<'p>,
 }
 
 impl Maker<'_, '_> {
@@ -108,7 +115,8 @@ impl Maker<'_, '_> {
             let Some(state) = self.index.objects.get(&other).map(|o| &o.state) else {
                 return Err(ObjectError::Inconsistent { tgid, fd, objref: other });
             };
-            let fd = self.first_file.get(&other).and_then(|f| self.table.files.get(f)).map(AsRawFd::as_raw_fd);
+            let fd =
+                self.first_file.get(&other).and_then(|f| self.table.files.get(f)).map(AsRawFd::as_raw_fd);
             tied.push(Tied { tie, object: other, state, fd });
         }
         let args = OpenArgs {
@@ -121,6 +129,7 @@ impl Maker<'_, '_> {
             mode: object.mode,
             ino: object.ino,
             tied: &tied,
+            stubs: self.stubs,
         };
         let failed = |source| ObjectError::Make { tgid, fd, kind: object.kind(), objref: object_ref, source };
         let opened = object.state.open(&args, &mut self.store).map_err(failed)?;

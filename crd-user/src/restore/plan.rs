@@ -168,6 +168,19 @@ fn check_objects(graph: &Graph, mode: Mode) -> Result<(), PlanError> {
             }
             continue;
         }
+        if let (true, Some(target)) = (object.held_outside, object.state.task()) {
+            // Not even --allow-external: there is no "disconnected" pidfd to make.
+            let (kind, name) = (object.kind(), object.name());
+            let why = format!(
+                "refers to PID {target}, which is not checkpointed; a {kind} cannot be recreated without its process"
+            );
+            let at = format!("PID {} fd {} ({kind} {objref} {name})", task.tgid, slot.fd);
+            match refused.iter_mut().find(|(reason, _): &&mut (String, Vec<String>)| *reason == why) {
+                Some((_, fds)) => fds.push(at),
+                None => refused.push((why, vec![at])),
+            }
+            continue;
+        }
         if object.held_outside && !allow_external {
             external.push(format!("PID {} fd {} ({} {objref})", task.tgid, slot.fd, object.kind()));
         }

@@ -53,6 +53,8 @@ pub(super) struct StubArgs<'a> {
 /// Runs stub `index`; never returns.
 pub(super) fn run(args: StubArgs<'_>, index: usize, parent: unistd::Pid) -> ! {
     let mut args = args;
+    // First of all: crd may be waiting for this PID to open a pidfd on it.
+    args.handover.born(index, unistd::getpid().as_raw() as u32);
     match setup(&mut args, index, parent) {
         Ok(line) => report(args.status, &line),
         Err(message) => {

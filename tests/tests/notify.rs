@@ -1,0 +1,247 @@
+//! pidfds and inotify round-trip through an image, compared with the originals through
+//! the kernel (the restored stubs' fdinfo, a signal sent through a restored pidfd, an
+//! event read from a restored inotify), never through crd's own output.
+use std::{
+    io::{BufRead, BufReader},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::unix::process::CommandExt,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crd_tests::{crd, require_root, restore_with};
+
+/// A process tree, killed when dropped.
+struct Program(Child);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of the process group the test made.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `python3 -c SCRIPT ARGS` (its own process group, no stderr) and returns it
+/// with the first line it prints, split in words.
+fn python(script: &str, args: &[&str]) -> (Program, Vec<String>) {
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    (Program(child), line.split_whitespace().map(String::from).collect())
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A copy of `fd` of process `pid` (the very same description).
+fn grab(pid: u32, fd: u32) -> OwnedFd {
+    // SAFETY: plain syscalls with integer arguments; the results are checked.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
+        assert!(pidfd >= 0, "pidfd_open {pid}: {}", std::io::Error::last_os_error());
+        let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
+        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd as i32, 0);
+        assert!(copy >= 0, "pidfd_getfd {pid} {fd}: {}", std::io::Error::last_os_error());
+        OwnedFd::from_raw_fd(copy as RawFd)
+    }
+}
+
+fn fdinfo(pid: u32, fd: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap()
+}
+
+fn fdinfo_field(pid: u32, fd: u32, name: &str) -> String {
+    let info = fdinfo(pid, fd);
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(|v| v.trim().to_string()))
+        .unwrap_or_else(|| panic!("no {name} in {info}"))
+}
+
+fn gone_or_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "))
+}
+
+/// A parent holding a pidfd (O_NONBLOCK) to its child.
+const PIDFD_SCRIPT: &str = r#"
+import os, time
+os.closerange(3, 4096)
+child = os.fork()
+if child == 0:
+    while True: time.sleep(3600)
+fd = os.pidfd_open(child, os.O_NONBLOCK)
+print(os.getpid(), child, fd, flush=True)
+while True: time.sleep(3600)
+"#;
+
+#[test]
+fn a_pidfd_to_a_child_in_the_image_refers_to_the_restored_child() {
+    require_root!();
+    crd_tests::require_tool!("python3");
+    let (program, words) = python(PIDFD_SCRIPT, &[]);
+    let [parent, child, fd]: [u32; 3] = std::array::from_fn(|i| words[i].parse().unwrap());
+    // Both harvesters read the process it refers to.
+    for source in [crd::Source::Bpf, crd::Source::Procfs] {
+        let body = crd_tests::checkpoint(parent, true, source);
+        let object = crd_tests::Index::new(&body.graph).inode(parent, fd);
+        assert_eq!(object.state.detail(), Some(format!("pid={child}")), "{source}");
+        assert!(!object.held_outside, "{source}");
+    }
+    let listed = crd(&["ls", &parent.to_string()]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let row =
+        listed.lines().find(|l| l.contains(&format!(" {fd}u pidfd "))).unwrap_or_else(|| panic!("{listed}"));
+    assert!(row.ends_with(&format!("anon_inode:[pidfd] pid={child}")), "{listed}");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("pidfd.crd");
+    let out = crd(&["checkpoint", &parent.to_string(), "--tree", "-o", image.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    drop(program);
+    let restored =
+        restore_with(&["restore", image.to_str().unwrap()]).unwrap_or_else(|e| panic!("restore: {e}"));
+    let new = |old: u32| restored.tasks.iter().find(|t| t.0 == old).map(|t| t.1).unwrap();
+    let (new_parent, new_child) = (new(parent), new(child));
+    assert_eq!(fdinfo_field(new_parent, fd, "Pid"), new_child.to_string(), "it refers to the restored child");
+    let flags = u32::from_str_radix(&fdinfo_field(new_parent, fd, "flags"), 8).unwrap();
+    assert_ne!(flags & libc::O_NONBLOCK as u32, 0, "PIDFD_NONBLOCK kept");
+    // A signal sent through a copy of the restored pidfd reaches the child stub.
+    let pidfd = grab(new_parent, fd);
+    // SAFETY: pidfd_send_signal with a null siginfo on a pidfd we own.
+    let sent = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<u8>(),
+            0,
+        )
+    };
+    assert_eq!(sent, 0, "{}", std::io::Error::last_os_error());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gone_or_zombie(new_child) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(gone_or_zombie(new_child), "the child stub got the signal");
+    assert!(!gone_or_zombie(new_parent), "and only it");
+}
+
+#[test]
+fn a_pidfd_to_a_process_outside_the_image_is_refused_naming_it() {
+    require_root!();
+    crd_tests::require_tool!("python3");
+    let (_program, words) = python(PIDFD_SCRIPT, &[]);
+    let [parent, child, fd]: [u32; 3] = std::array::from_fn(|i| words[i].parse().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("outside.crd");
+    // Only the parent: its child is outside.
+    let out = crd(&["checkpoint", &parent.to_string(), "-o", image.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for extra in [&[][..], &["--allow-external"][..]] {
+        let mut args = vec!["restore"];
+        args.extend_from_slice(extra);
+        args.push(image.to_str().unwrap());
+        let refused = crd(&args);
+        let err = stderr(&refused);
+        assert_eq!(refused.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(&format!("PID {parent} fd {fd} (pidfd")), "{err}");
+        assert!(err.contains(&format!("refers to PID {child}")), "{err}");
+    }
+}
+
+/// An inotify (non-blocking) with two watches: IN_CREATE|IN_DELETE on A, IN_MODIFY on B.
+const INOTIFY_SCRIPT: &str = r#"
+import ctypes, os, sys, time
+os.closerange(3, 4096)
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.inotify_init1(os.O_NONBLOCK)
+assert libc.inotify_add_watch(fd, sys.argv[1].encode(), 0x100 | 0x200) == 1
+assert libc.inotify_add_watch(fd, sys.argv[2].encode(), 0x2) == 2
+print(os.getpid(), fd, flush=True)
+while True: time.sleep(3600)
+"#;
+
+/// The `inotify wd:...` lines of an fd's fdinfo, sorted.
+fn watch_lines(pid: u32, fd: u32) -> Vec<String> {
+    let mut lines: Vec<String> =
+        fdinfo(pid, fd).lines().filter(|l| l.starts_with("inotify ")).map(String::from).collect();
+    lines.sort();
+    lines
+}
+
+fn inotify_image(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, u32, Vec<String>, std::path::PathBuf) {
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    let (program, words) = python(INOTIFY_SCRIPT, &[a.to_str().unwrap(), b.to_str().unwrap()]);
+    let [pid, fd]: [u32; 2] = std::array::from_fn(|i| words[i].parse().unwrap());
+    let original = watch_lines(pid, fd);
+    assert_eq!(original.len(), 2, "{original:?}");
+    let image = dir.join("inotify.crd");
+    let out = crd(&["checkpoint", &pid.to_string(), "-o", image.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = crd(&["ls", &pid.to_string()]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains(&format!("wd=1 {} IN_CREATE|IN_DELETE, wd=2 {} IN_MODIFY", a.display(), b.display())),
+        "{listed}"
+    );
+    drop(program);
+    (a, b, fd, original, image)
+}
+
+#[test]
+fn an_inotify_comes_back_with_its_watches_and_reports_new_events() {
+    require_root!();
+    crd_tests::require_tool!("python3");
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _b, fd, original, image) = inotify_image(dir.path());
+    let restored =
+        restore_with(&["restore", image.to_str().unwrap()]).unwrap_or_else(|e| panic!("restore: {e}"));
+    assert_eq!(watch_lines(restored.root, fd), original, "wd, inode, device, mask and handle of each watch");
+    // A file created in A after the restore is reported on wd 1.
+    let copy = grab(restored.root, fd);
+    std::fs::write(a.join("new"), b"").unwrap();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let n = loop {
+        match nix::unistd::read(&copy, &mut buf) {
+            Ok(n) => break n,
+            Err(nix::errno::Errno::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("read(inotify): {e}"),
+        }
+    };
+    assert!(n >= 16, "{n} bytes");
+    let word = |i: usize| u32::from_ne_bytes(buf[i * 4..i * 4 + 4].try_into().unwrap());
+    let len = word(3) as usize;
+    let name = String::from_utf8_lossy(&buf[16..16 + len]).trim_end_matches('\0').to_string();
+    assert_eq!((word(0), word(1) & libc::IN_CREATE, name.as_str()), (1, libc::IN_CREATE, "new"));
+}
+
+#[test]
+fn a_watched_path_deleted_before_restore_fails_it_naming_the_path() {
+    require_root!();
+    crd_tests::require_tool!("python3");
+    let dir = tempfile::tempdir().unwrap();
+    let (_a, b, _fd, _original, image) = inotify_image(dir.path());
+    std::fs::remove_dir(&b).unwrap();
+    let refused = crd(&["restore", image.to_str().unwrap()]);
+    let err = stderr(&refused);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("{} no longer exists", b.display())), "{err}");
+}
