@@ -33,7 +33,7 @@ use crate::{
 pub struct Inotify;
 
 /// `INOTIFY_IOC_SETNEXTWD`: `_IOW('I', 0, __u32)` (include/uapi/linux/inotify.h).
-const INOTIFY_IOC_SETNEXTWD: libc::c_ulong = 0x4004_4900;
+const INOTIFY_IOC_SETNEXTWD: libc::Ioctl = 0x4004_4900_u32 as libc::Ioctl;
 
 /// One watch as the kernel shows it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
