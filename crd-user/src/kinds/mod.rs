@@ -100,16 +100,18 @@ pub mod device;
 pub mod directory;
 pub mod eventfd;
 pub mod fifo;
+pub mod inet;
 pub mod memfd;
 pub mod opaque;
 pub mod pipe;
 pub mod regular;
+pub mod signalfd;
 pub mod socket;
 pub mod sockio;
-pub mod terminal;
 pub mod tcprepair;
+pub mod terminal;
+pub mod timerfd;
 pub mod unix;
-pub mod inet;
 
 /// What identifies the object behind an open file description.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -650,6 +652,8 @@ registry! {
     Fifo => fifo::Fifo,
     Eventfd => eventfd::Eventfd,
     Memfd => memfd::Memfd,
+    Timerfd => timerfd::Timerfd,
+    Signalfd => signalfd::Signalfd,
     Terminal => terminal::Terminal,
     Regular => regular::Regular,
     Directory => directory::Directory,
