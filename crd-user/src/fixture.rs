@@ -31,7 +31,8 @@
 //! | `eventfd:FD:N:FLAGS`  | eventfd with counter N at FD; FLAGS letters s(emaphore) n(onblock) (may be empty) |
 //! | `memfd:FD:NAME:N:SEALS` | memfd NAME at FD holding N pattern bytes, then seals: letters s(hrink) g(row) w(rite) S(eal) |
 //! | `epoll:FD`            | epoll_create1 at FD                                          |
-//! | `timerfd:FD`          | timerfd_create (CLOCK_MONOTONIC) at FD                       |
+//! | `timerfd:FD[:CLOCK:VALUE_MS:INTERVAL_MS:FLAGS]` | timerfd_create at FD (CLOCK: monotonic (default), realtime, boottime, realtime_alarm, boottime_alarm or a number), armed with VALUE_MS (from now) and INTERVAL_MS; FLAGS letters a(bstime: the deadline is now + VALUE_MS) c(ancel on set) n(onblock) |
+//! | `signalfd:FD:SIGNALS` | signalfd at FD for SIGNALS (`INT,USR2`), which the process blocks |
 //! | `pty:M:S`             | a pty: master (/dev/ptmx) at M, its slave at S               |
 //! | `fork`                | fork; the child runs the rest                               |
 //! | `clonefiles`          | a child *process* sharing this fd table (CLONE_FILES); it only waits, and reports no readiness (its table is the parent's) |
@@ -315,9 +316,69 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
                 move_fd(made, fd, step)?;
             }
             "timerfd" => {
+                let mut parts = step.splitn(6, ':').skip(1);
                 let fd: RawFd = num(step, parts.next())?;
+                let clock = match parts.next().unwrap_or("monotonic") {
+                    "monotonic" => libc::CLOCK_MONOTONIC,
+                    "realtime" => libc::CLOCK_REALTIME,
+                    "boottime" => libc::CLOCK_BOOTTIME,
+                    "realtime_alarm" => libc::CLOCK_REALTIME_ALARM,
+                    "boottime_alarm" => libc::CLOCK_BOOTTIME_ALARM,
+                    other => num(step, Some(other))?,
+                };
+                let value_ms: u64 = parts.next().map_or(Ok(0), |v| num(step, Some(v)))?;
+                let interval_ms: u64 = parts.next().map_or(Ok(0), |v| num(step, Some(v)))?;
+                let letters = parts.next().unwrap_or_default();
+                let flags = if letters.contains('n') { libc::TFD_NONBLOCK } else { 0 };
                 // SAFETY: plain syscall with integer arguments.
-                let made = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, 0) };
+                let made = unsafe { libc::timerfd_create(clock, flags) };
+                if made < 0 {
+                    return Err(failed(nix::Error::last()));
+                }
+                if value_ms != 0 || interval_ms != 0 || !letters.is_empty() {
+                    let ms = |ms: u64| libc::timespec {
+                        tv_sec: (ms / 1000) as libc::time_t,
+                        tv_nsec: (ms % 1000 * 1_000_000) as libc::c_long,
+                    };
+                    let mut value = libc::itimerspec { it_interval: ms(interval_ms), it_value: ms(value_ms) };
+                    let mut set = 0;
+                    if letters.contains('a') {
+                        set |= libc::TFD_TIMER_ABSTIME;
+                        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                        // SAFETY: clock_gettime writes one timespec to a valid pointer.
+                        unsafe { libc::clock_gettime(clock, &mut now) };
+                        let ns = now.tv_nsec as u64 + value_ms % 1000 * 1_000_000;
+                        value.it_value = libc::timespec {
+                            tv_sec: now.tv_sec
+                                + (value_ms / 1000) as libc::time_t
+                                + (ns / 1_000_000_000) as libc::time_t,
+                            tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+                        };
+                    }
+                    if letters.contains('c') {
+                        set |= libc::TFD_TIMER_CANCEL_ON_SET;
+                    }
+                    // SAFETY: `made` is our live timerfd and `value` a valid itimerspec.
+                    if unsafe { libc::timerfd_settime(made, set, &value, std::ptr::null_mut()) } != 0 {
+                        return Err(failed(nix::Error::last()));
+                    }
+                }
+                move_fd(made, fd, step)?;
+            }
+            "signalfd" => {
+                let fd: RawFd = num(step, parts.next())?;
+                let mut mask = nix::sys::signal::SigSet::empty();
+                for name in parts.next().unwrap_or_default().split(',').filter(|n| !n.is_empty()) {
+                    let signal: nix::sys::signal::Signal =
+                        format!("SIG{name}").parse().map_err(|_| FixtureError::BadStep(step.to_string()))?;
+                    mask.add(signal);
+                }
+                // A signalfd reports only signals its reader blocks: block them, as a
+                // program reading them through a signalfd does.
+                mask.thread_block().map_err(failed)?;
+                // SAFETY: signalfd reads one sigset_t from a valid pointer; -1 asks for a
+                // new fd.
+                let made = unsafe { libc::signalfd(-1, mask.as_ref(), 0) };
                 if made < 0 {
                     return Err(failed(nix::Error::last()));
                 }

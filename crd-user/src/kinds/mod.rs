@@ -107,10 +107,12 @@ pub mod opaque;
 pub mod pidfd;
 pub mod pipe;
 pub mod regular;
+pub mod signalfd;
 pub mod socket;
 pub mod sockio;
 pub mod tcprepair;
 pub mod terminal;
+pub mod timerfd;
 pub mod unix;
 
 /// What identifies the object behind an open file description.
@@ -699,6 +701,8 @@ registry! {
     Pidfd => pidfd::Pidfd,
     Inotify => inotify::Inotify,
     Memfd => memfd::Memfd,
+    Timerfd => timerfd::Timerfd,
+    Signalfd => signalfd::Signalfd,
     Terminal => terminal::Terminal,
     Regular => regular::Regular,
     Directory => directory::Directory,

@@ -1,0 +1,198 @@
+//! timerfd and signalfd as kinds: harvested by BPF and by /proc alike, saved, restored
+//! and compared through the kernel (fdinfo of the restored stub, `timerfd_gettime` and
+//! poll on a `pidfd_getfd` copy of its fd), and a restored signalfd that receives a
+//! signal sent to the restored process.
+use std::{
+    fs,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    time::Duration,
+};
+
+use crd::{
+    Source,
+    kinds::{Kind, Saved, signalfd::SignalfdState, timerfd::TimerfdState},
+    sys::{pidfd_getfd, pidfd_open},
+    types::{Fd, Pid},
+};
+use crd_tests::{Index, checkpoint, crd, image_of_stopped, require_root, restore_with, spawn};
+
+const NS: u64 = 1_000_000_000;
+
+/// A copy of fd `fd` of process `pid` (the very same description).
+fn fd_of(pid: u32, fd: u32) -> OwnedFd {
+    let pidfd = pidfd_open(Pid(pid)).expect("pidfd");
+    pidfd_getfd(pidfd.as_fd(), Fd(fd)).expect("pidfd_getfd")
+}
+
+/// The value of a `/proc/PID/fdinfo/FD` line.
+fn fdinfo(pid: u32, fd: u32, field: &str) -> String {
+    fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':').map(|v| v.trim().to_string()))
+        .unwrap_or_else(|| panic!("no {field} in fdinfo of {pid}:{fd}"))
+}
+
+/// `timerfd_gettime`: (remaining, interval) in ns.
+fn gettime(fd: &OwnedFd) -> (u64, u64) {
+    let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut v = libc::itimerspec { it_interval: zero, it_value: zero };
+    // SAFETY: writes one itimerspec to a valid pointer; fd is live.
+    assert_eq!(unsafe { libc::timerfd_gettime(fd.as_raw_fd(), &mut v) }, 0, "timerfd_gettime");
+    let ns = |t: libc::timespec| t.tv_sec as u64 * NS + t.tv_nsec as u64;
+    (ns(v.it_value), ns(v.it_interval))
+}
+
+fn now_on(clock: i32) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes one timespec to a valid pointer.
+    assert_eq!(unsafe { libc::clock_gettime(clock, &mut ts) }, 0);
+    ts.tv_sec as u64 * NS + ts.tv_nsec as u64
+}
+
+/// Whether `fd` becomes readable within a generous minute.
+fn becomes_readable(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, 60_000) == 1 && p.revents & libc::POLLIN != 0 }
+}
+
+fn timer(body: &crd::image::ImageBody, pid: u32, fd: u32) -> TimerfdState {
+    match &Index::new(&body.graph).inode(pid, fd).state {
+        Saved::Timerfd(t) => t.clone(),
+        other => panic!("PID {pid} fd {fd} is not a timerfd: {other:?}"),
+    }
+}
+
+fn signals(body: &crd::image::ImageBody, pid: u32, fd: u32) -> SignalfdState {
+    match &Index::new(&body.graph).inode(pid, fd).state {
+        Saved::Signalfd(s) => s.clone(),
+        other => panic!("PID {pid} fd {fd} is not a signalfd: {other:?}"),
+    }
+}
+
+const STEPS: [&str; 6] = [
+    // A relative one-shot timer, 8 s from now.
+    "timerfd:3:monotonic:8000:0:",
+    // An absolute CLOCK_REALTIME timer an hour away, cancelled if the clock is set.
+    "timerfd:4:realtime:3600000:0:ac",
+    // An interval timer every 50 ms, never read: its expirations pile up.
+    "timerfd:5:monotonic:50:50:n",
+    // A disarmed timer on CLOCK_BOOTTIME.
+    "timerfd:6:boottime",
+    // A signalfd for SIGINT and SIGUSR2 (the fixture blocks both).
+    "signalfd:7:INT,USR2",
+    "dup:7:8",
+];
+
+#[test]
+fn timers_and_signalfds_keep_their_state_through_a_restore() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = spawn(&STEPS, 1);
+    let pid = fixture.root();
+    std::thread::sleep(Duration::from_millis(300));
+    // Both harvesters see the same kinds and settings; ls shows them.
+    let bpf = checkpoint(pid, false, Source::Bpf);
+    let proc = checkpoint(pid, false, Source::Procfs);
+    for fd in [3, 4, 5, 6] {
+        let (a, b) = (timer(&bpf, pid, fd), timer(&proc, pid, fd));
+        assert_eq!(
+            (a.clock, a.abstime, a.cancel_on_set, a.interval_ns, a.value_ns == 0),
+            (b.clock, b.abstime, b.cancel_on_set, b.interval_ns, b.value_ns == 0),
+            "fd {fd}: BPF vs /proc"
+        );
+    }
+    assert_eq!(signals(&bpf, pid, 7), signals(&proc, pid, 7));
+    let g = Index::new(&bpf.graph);
+    assert_eq!(g.inode(pid, 7).kind(), Kind::Signalfd);
+    assert_eq!(g.inode_ref(pid, 8), g.inode_ref(pid, 7), "a dup is the same signalfd");
+    assert_ne!(g.inode_ref(pid, 3), g.inode_ref(pid, 5), "two timerfds, two objects");
+    let listed = String::from_utf8_lossy(&crd(&["ls", &pid.to_string()]).stdout).into_owned();
+    assert!(listed.contains("anon_inode:[timerfd] clock=MONOTONIC next="), "{listed}");
+    assert!(listed.contains("clock=REALTIME next=") && listed.contains("abstime cancel-on-set"), "{listed}");
+    assert!(listed.contains("clock=BOOTTIME disarmed ticks=0"), "{listed}");
+    assert!(listed.contains("anon_inode:[signalfd] SIGINT,SIGUSR2"), "{listed}");
+
+    // The image: a lapsed interval timer counts every missed expiration, not just the
+    // first (fdinfo says 1 until the timer is forwarded).
+    let (image, path, _log) = image_of_stopped(fixture, dir.path());
+    let (relative, absolute, interval) =
+        (timer(&image, pid, 3), timer(&image, pid, 4), timer(&image, pid, 5));
+    assert!(interval.ticks >= 2, "{interval:?}");
+    assert_eq!(interval.interval_ns, 50_000_000);
+    assert!(absolute.abstime && absolute.cancel_on_set, "{absolute:?}");
+    // A pause: a relative re-arm of the absolute timer would now be a second late.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let restored = restore_with(&["restore", path.to_str().unwrap()]).unwrap_or_else(|e| panic!("{e}"));
+    let stub = restored.root;
+    // Through the kernel: each timer's clock, settime flags and interval.
+    for (fd, clock, flags, interval) in [
+        (3, "1", "00", "(0, 0)"),
+        (4, "0", "03", "(0, 0)"),
+        (5, "1", "00", "(0, 50000000)"),
+        (6, "7", "00", "(0, 0)"),
+    ] {
+        assert_eq!(fdinfo(stub, fd, "clockid"), clock, "fd {fd}");
+        assert_eq!(fdinfo(stub, fd, "settime flags"), flags, "fd {fd}");
+        assert_eq!(fdinfo(stub, fd, "it_interval"), interval, "fd {fd}");
+    }
+    // The unread expirations are back (the timer may have added one since).
+    let ticks: u64 = fdinfo(stub, 5, "ticks").parse().unwrap();
+    assert!(ticks >= interval.ticks, "{ticks} < {}", interval.ticks);
+    assert_eq!(fdinfo(stub, 6, "it_value"), "(0, 0)", "still disarmed");
+    // The absolute timer kept its deadline on CLOCK_REALTIME.
+    let (left, _) = gettime(&fd_of(stub, 4));
+    let deadline = now_on(libc::CLOCK_REALTIME) + left;
+    assert!(deadline.abs_diff(absolute.value_ns) < NS / 2, "deadline {deadline} vs {}", absolute.value_ns);
+    // The relative timer resumed with no more than what remained, and then expires.
+    let copy = fd_of(stub, 3);
+    let (left, _) = gettime(&copy);
+    assert!(left <= relative.remaining_ns, "{left} > {}", relative.remaining_ns);
+    assert!(becomes_readable(&copy), "the restored relative timer never expired");
+    let mut count = [0u8; 8];
+    nix::unistd::read(copy.as_fd(), &mut count).unwrap();
+    assert_eq!(u64::from_ne_bytes(count), 1);
+    // The signalfd's mask; its dup is the same description.
+    assert_eq!(
+        fdinfo(stub, 7, "sigmask"),
+        format!("{:016x}", (1u64 << (libc::SIGINT - 1)) | (1 << (libc::SIGUSR2 - 1)))
+    );
+    let again = checkpoint(stub, false, Source::Bpf);
+    assert_eq!(Index::new(&again.graph).file_ref(stub, 8), Index::new(&again.graph).file_ref(stub, 7));
+}
+
+#[test]
+fn a_restored_signalfd_reads_a_signal_sent_to_the_restored_process() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = spawn(&["signalfd:7:INT,USR2"], 1);
+    let (_image, path, _log) = image_of_stopped(fixture, dir.path());
+    // crd restores no signal mask (a stub blocks only its commit signal, and the program
+    // starts with crd's mask): the program blocks what it reads through the signalfd, as
+    // the original did.
+    let ready = dir.path().join("ready");
+    let got = dir.path().join("got");
+    let program = format!(
+        "import os, signal, struct\n\
+         signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGUSR2}})\n\
+         open({ready:?}, 'w').close()\n\
+         data = os.read(7, 128)\n\
+         open({got:?}, 'w').write(str(struct.unpack_from('I', data)[0]))\n"
+    );
+    let restored =
+        restore_with(&["restore", path.to_str().unwrap(), "--exec", "--", "python3", "-c", &program])
+            .unwrap_or_else(|e| panic!("{e}"));
+    let waited = |p: &std::path::Path| {
+        (0..600).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            p.exists()
+        })
+    };
+    assert!(waited(&ready), "the program never started");
+    // SAFETY: plain kill(2) of the restored process.
+    assert_eq!(unsafe { libc::kill(restored.root as i32, libc::SIGUSR2) }, 0);
+    assert!(waited(&got), "the signalfd never reported the signal");
+    assert_eq!(fs::read_to_string(&got).unwrap(), libc::SIGUSR2.to_string());
+}
