@@ -220,12 +220,25 @@ struct InsideCounts {
 impl InsideCounts {
     /// Every fd slot, and every file in flight inside an object of the set (the kernel
     /// counts the message's reference too).
-    fn of(harvest: &Harvest, carried: &std::collections::HashMap<KernelPtr, Vec<Carried>>) -> Self {
+    /// A file carried by an object that holds no reference to it (an epoll's target)
+    /// is not counted as a slot: the kernel's count of the description does not include it.
+    fn of(
+        harvest: &Harvest,
+        carried: &std::collections::HashMap<KernelPtr, Vec<Carried>>,
+        states: &std::collections::HashMap<KernelPtr, Saved>,
+    ) -> Self {
         let mut counts = Self::default();
         let mut descriptions: HashSet<KernelPtr> = HashSet::new();
-        let files = harvest.fds.iter().map(|f| &f.file).chain(carried.values().flatten().map(|c| &c.file));
-        for file in files {
-            *counts.slots_per_file.entry(file.id).or_default() += 1;
+        let held = |carrier: &KernelPtr| states.get(carrier).is_none_or(|s| s.kind().holds_carried());
+        let files = harvest
+            .fds
+            .iter()
+            .map(|f| (&f.file, true))
+            .chain(carried.iter().flat_map(|(carrier, c)| c.iter().map(move |c| (&c.file, held(carrier)))));
+        for (file, slot) in files {
+            if slot {
+                *counts.slots_per_file.entry(file.id).or_default() += 1;
+            }
             if descriptions.insert(file.id) {
                 let inside = counts.use_per_object.entry(file.object.id).or_default();
                 inside.readers += file.access.read as u32;
@@ -496,7 +509,7 @@ struct Walk<'h> {
 impl<'h> Walk<'h> {
     fn new(harvest: &'h Harvest, saves: Saves) -> Self {
         let Saves { states: mut saved, carried } = saves;
-        let inside = InsideCounts::of(harvest, &carried);
+        let inside = InsideCounts::of(harvest, &carried, &saved);
         let mut objects: HashMap<KernelPtr, (&ObjectInfo, Option<&String>)> = HashMap::new();
         for f in &harvest.fds {
             objects.entry(f.file.object.id).or_insert((&f.file.object, f.link.as_ref()));

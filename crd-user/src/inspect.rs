@@ -218,7 +218,7 @@ fn ties_and_flight(
                 }
                 None => format!("file {}", file.objref()),
             };
-            let _ = writeln!(out, "    in flight {what}");
+            let _ = writeln!(out, "    {:<9} {what}", object.kind().carried_label());
         }
     }
 }
@@ -284,9 +284,10 @@ fn dot(g: &Graph) -> String {
         for file in &object.carried {
             let _ = writeln!(
                 out,
-                "  obj{} -> obj{} [color=blue,label=\"in flight\"];",
+                "  obj{} -> obj{} [color=blue,label=\"{}\"];",
                 objref.0,
-                file.objref().0
+                file.objref().0,
+                object.kind().carried_label()
             );
         }
     }

@@ -84,6 +84,44 @@ pub fn kcmp_same(pid1: Pid, pid2: Pid, what: Kcmp) -> Result<bool, SyscallError>
     Ok(ret == 0)
 }
 
+/// `kcmp(pid1, pid2, KCMP_EPOLL_TFD, fd1, {efd, tfd, toff})`: whether `fd1` of `pid1`
+/// is the very file the epoll `efd` of `pid2` watches as its `toff`-th item registered
+/// under fd number `tfd` (an epoll keys its items by file and fd number, so one number
+/// may name several). Ok(false) when `fd1` is not open in `pid1` (EBADF): the number
+/// the target was registered under may be closed since.
+pub fn kcmp_epoll_tfd(pid1: Pid, fd1: Fd, pid2: Pid, efd: Fd, tfd: u32, toff: u32) -> Result<bool, SyscallError> {
+    /// `KCMP_EPOLL_TFD` (include/uapi/linux/kcmp.h).
+    const KCMP_EPOLL_TFD: libc::c_long = 7;
+    /// `struct kcmp_epoll_slot` (include/uapi/linux/kcmp.h).
+    #[repr(C)]
+    struct KcmpEpollSlot {
+        efd: u32,
+        tfd: u32,
+        toff: u32,
+    }
+    let slot = KcmpEpollSlot { efd: efd.0, tfd, toff };
+    // SAFETY: the kernel only reads one `kcmp_epoll_slot` through the pointer, which
+    // points at a live, properly laid out struct for the whole call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid1.0 as libc::pid_t,
+            pid2.0 as libc::pid_t,
+            KCMP_EPOLL_TFD,
+            fd1.0 as libc::c_long,
+            &raw const slot as libc::c_long,
+        )
+    };
+    if ret < 0 {
+        let err = SyscallError::last("kcmp(KCMP_EPOLL_TFD)");
+        if err.errno() == Some(libc::EBADF) {
+            return Ok(false);
+        }
+        return Err(err);
+    }
+    Ok(ret == 0)
+}
+
 /// Bytes queued in a pipe or ready in a socket (`FIONREAD`); reads nothing.
 pub fn pipe_queued(fd: impl AsFd) -> Result<usize, SyscallError> {
     let mut n: libc::c_int = 0;

@@ -12,7 +12,7 @@ use std::{
 use super::{FdInfo, Harvest, procfs};
 use crate::{
     freeze::Frozen,
-    kinds::{KindError, Live, Reach, SaveOptions},
+    kinds::{Holders, KindError, Live, Reach, SaveOptions, epoll},
     model::{Carried, Saves},
     sys::{self, Kcmp, SyscallError},
     types::{DeviceId, Fd, KernelPtr, Pid, Tgid},
@@ -55,6 +55,7 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen, options: SaveOptions) -> 
             }
         }
     }
+    let holders = holders(harvest, frozen);
     let mut extras = Extras::default();
     // Files found in flight, to identify once every object is saved: (the object
     // carrying them, where it was reached, the fds received).
@@ -70,8 +71,15 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen, options: SaveOptions) -> 
             },
         })?;
         let carried = RefCell::new(Vec::new());
-        let reach =
-            Reach { pidfd, tgid: f.tgid, fd: f.fd, access: f.file.access, carried: &carried, options };
+        let reach = Reach {
+            pidfd,
+            tgid: f.tgid,
+            fd: f.fd,
+            access: f.file.access,
+            carried: &carried,
+            options,
+            holders: &holders,
+        };
         let state = live.save(&reach).map_err(|source| ExtrasError::Save {
             tgid: f.tgid,
             fd: f.fd,
@@ -84,8 +92,20 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen, options: SaveOptions) -> 
             in_flight.push((object, f.tgid, f.fd, carried));
         }
     }
-    identify_in_flight(harvest, in_flight, &mut extras.saved, options)?;
+    identify_in_flight(harvest, in_flight, &mut extras.saved, options, &holders)?;
     Ok(extras)
+}
+
+/// Every harvested fd by the inode it opens, with the frozen processes' pidfds.
+fn holders<'f>(harvest: &Harvest, frozen: &'f Frozen) -> Holders<'f> {
+    let mut holders = Holders::default();
+    for f in &harvest.fds {
+        holders.by_inode.entry((f.file.object.dev, f.file.object.ino)).or_default().push((f.tgid, f.fd));
+        if let Some(pidfd) = frozen.pidfd(f.tgid) {
+            holders.pidfds.insert(f.tgid, pidfd);
+        }
+    }
+    holders
 }
 
 /// Names each file found in flight as the harvest names it: the very description an fd
@@ -97,6 +117,7 @@ fn identify_in_flight(
     mut pending: Vec<(KernelPtr, Tgid, Fd, Vec<OwnedFd>)>,
     saves: &mut Saves,
     options: SaveOptions,
+    holders: &Holders<'_>,
 ) -> Result<(), ExtrasError> {
     let me = Pid(std::process::id());
     let mut by_inode: HashMap<(DeviceId, u64), Vec<&FdInfo>> = HashMap::new();
@@ -142,6 +163,7 @@ fn identify_in_flight(
                         access: file.access,
                         carried: &carried,
                         options,
+                        holders,
                     };
                     let state = file.object.live.save(&reach).map_err(|e| err(e.to_string()))?;
                     slot.insert(state);
@@ -172,7 +194,8 @@ fn identify_in_flight(
 /// from /proc/PID/fd/N; pipes and sockets have no useful name and cost nothing. Then the
 /// state BPF left to fdinfo ([`crate::kinds::FileKind::fdinfo_pending`]: a pidfd's
 /// process, an inotify's watches) is read from /proc/PID/fdinfo/N, through the kind's
-/// own /proc reader. A process gone meanwhile leaves it pending (sketched as unknown).
+/// own /proc reader. A process gone meanwhile leaves it pending (sketched as unknown). Each epoll's interest list
+/// is read the same way (a BPF record has no room for it).
 pub fn fill_links(harvest: &mut Harvest) {
     for f in &mut harvest.fds {
         if f.link.is_none() && f.file.object.kind().has_path() {
@@ -191,6 +214,11 @@ pub fn fill_links(harvest: &mut Harvest) {
                 socket: None,
             };
             f.file.object.live = Live::from_proc(f.file.object.kind(), &slot);
+        }
+        if let Live::Epoll(live) = &mut f.file.object.live
+            && live.items.is_none()
+        {
+            live.items = epoll::read_items(f.tgid, f.fd);
         }
     }
 }

@@ -98,6 +98,7 @@ macro_rules! stateless_kind {
 pub mod decoding;
 pub mod device;
 pub mod directory;
+pub mod epoll;
 pub mod eventfd;
 pub mod fifo;
 pub mod inet;
@@ -195,6 +196,20 @@ pub struct Reach<'a> {
     pub carried: &'a std::cell::RefCell<Vec<OwnedFd>>,
     /// What this checkpoint was asked to save beyond what every checkpoint saves.
     pub options: SaveOptions,
+    /// The checkpointed fds by inode, for a kind whose object names files by fd number
+    /// when that number may no longer hold them (an epoll's targets).
+    pub holders: &'a Holders<'a>,
+}
+
+/// Every fd of the checkpointed processes by the inode its file opens, and a pidfd of
+/// each process: an epoll names each file it watches by the fd number it was
+/// registered under, which may have been closed since (the file living on in a `dup`)
+/// or belong to another process; save then finds the very description among these
+/// (kcmp) and takes it with `pidfd_getfd`.
+#[derive(Clone, Debug, Default)]
+pub struct Holders<'a> {
+    pub by_inode: HashMap<(DeviceId, u64), Vec<(Tgid, Fd)>>,
+    pub pidfds: HashMap<Tgid, BorrowedFd<'a>>,
 }
 
 /// What a checkpoint saves only when asked, because saving it touches the live object in
@@ -395,6 +410,12 @@ pub trait FileKind {
     /// round trips compare inode numbers.
     const SAME_INODE: bool = false;
     const IDENTITY: Identity = Identity::Inode;
+    /// What `inspect` calls the files the object carries (`Object::carried`).
+    const CARRIED_LABEL: &'static str = "in flight";
+    /// Whether the object holds a reference to each file it carries (a message in
+    /// flight does, so the kernel's count of a description includes it; an epoll does
+    /// not: it watches files without keeping them open).
+    const HOLDS_CARRIED: bool = true;
     /// What a harvest reads of one object.
     type Live: Clone + fmt::Debug + PartialEq + Eq;
     /// What an image holds of one object.
@@ -528,6 +549,14 @@ macro_rules! registry {
 
             pub fn identity(self) -> Identity {
                 match self { $(Kind::$variant => <$kind>::IDENTITY,)* }
+            }
+
+            pub fn carried_label(self) -> &'static str {
+                match self { $(Kind::$variant => <$kind>::CARRIED_LABEL,)* }
+            }
+
+            pub fn holds_carried(self) -> bool {
+                match self { $(Kind::$variant => <$kind>::HOLDS_CARRIED,)* }
             }
         }
 
@@ -700,6 +729,7 @@ registry! {
     Eventfd => eventfd::Eventfd,
     Pidfd => pidfd::Pidfd,
     Inotify => inotify::Inotify,
+    Epoll => epoll::Epoll,
     Memfd => memfd::Memfd,
     Timerfd => timerfd::Timerfd,
     Signalfd => signalfd::Signalfd,

@@ -1,0 +1,313 @@
+//! epoll round-trips through an image, compared with the original through the kernel:
+//! each item's fd number, events and all 64 bits of data from the restored epoll's
+//! fdinfo, and which fd of the process holds the very file it watches (kcmp
+//! `KCMP_EPOLL_TFD`) — never through crd's own output. The restored epoll then wakes
+//! for real when its targets become ready.
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::unix::process::CommandExt,
+    process::{Child, Command, Stdio},
+};
+
+use crd::Source;
+use crd_tests::{checkpoint, crd, proc_fds, require_root, restore_with};
+
+/// A process tree, killed when dropped.
+struct Program(Child);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of the process group the test made for the program.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `python3 -c PRELUDE+SCRIPT` in its own process group and returns it with the
+/// first line it prints (JSON).
+fn python(script: &str) -> (Program, serde_json::Value) {
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(format!("{PRELUDE}{script}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        // The test runner's stderr is not the program's: a restore would refuse it.
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    (Program(child), value)
+}
+
+/// `add(ep, fd, events, data)`: EPOLL_CTL_ADD with all 64 bits of data (Python's own
+/// `epoll.register` sets only the fd half).
+const PRELUDE: &str = r#"
+import ctypes, json, os, select, socket, sys, time
+os.closerange(3, 4096)  # what the test runner leaked is not ours
+libc = ctypes.CDLL(None, use_errno=True)
+class Ev(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("events", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+def add(ep, fd, events, data):
+    if libc.epoll_ctl(ep, 1, fd, ctypes.byref(Ev(events, data))) != 0:
+        raise OSError(ctypes.get_errno(), "epoll_ctl")
+ET = 1 << 31
+def forever():
+    while True: time.sleep(3600)
+"#;
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A copy of `fd` of process `pid` (the very same description).
+fn grab(pid: u32, fd: u32) -> OwnedFd {
+    // SAFETY: plain syscalls with integer arguments; the results are checked.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
+        assert!(pidfd >= 0, "pidfd_open {pid}: {}", std::io::Error::last_os_error());
+        let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
+        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd as i32, 0);
+        assert!(copy >= 0, "pidfd_getfd {pid} {fd}: {}", std::io::Error::last_os_error());
+        OwnedFd::from_raw_fd(copy as RawFd)
+    }
+}
+
+/// Whether `fd` of `pid` is the file epoll `epfd` of `pid` watches as its `toff`-th item
+/// registered under `tfd` (kcmp KCMP_EPOLL_TFD).
+fn watches(pid: u32, fd: u32, epfd: u32, tfd: u32, toff: u32) -> bool {
+    #[repr(C)]
+    struct Slot {
+        efd: u32,
+        tfd: u32,
+        toff: u32,
+    }
+    let slot = Slot { efd: epfd, tfd, toff };
+    // SAFETY: the kernel reads one slot through the pointer, valid for the call.
+    let ret = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, 7, fd as libc::c_long, &raw const slot) };
+    ret == 0
+}
+
+/// One item of an interest list as the kernel shows it: (tfd, events, data, the fd of
+/// the process holding the very file it watches, what that fd is).
+type Item = (u32, u32, u64, Option<u32>, String);
+
+/// The interest list of `epfd` of `pid` from its fdinfo, each item with the fd holding
+/// its file (kcmp), sorted.
+fn interest(pid: u32, epfd: u32) -> Vec<Item> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{epfd}")).unwrap();
+    let mut seen: HashMap<u32, u32> = HashMap::new();
+    let mut items = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with("tfd:")) {
+        // tfd: N events: X data: Y pos:P ino:I sdev:D
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let tfd: u32 = w[1].parse().unwrap();
+        let events = u32::from_str_radix(w[3], 16).unwrap();
+        let data = u64::from_str_radix(w[5], 16).unwrap();
+        let toff = seen.entry(tfd).or_default();
+        let holder = proc_fds(pid).into_iter().find(|&fd| watches(pid, fd, epfd, tfd, *toff));
+        *toff += 1;
+        let what = holder.map_or("none".to_string(), |fd| link_kind(pid, fd));
+        items.push((tfd, events, data, holder, what));
+    }
+    items.sort();
+    items
+}
+
+/// What `/proc/PID/fd/N` says the file is: `pipe`, `socket`, `anon_inode:[eventfd]`...
+fn link_kind(pid: u32, fd: u32) -> String {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap().to_string_lossy().into_owned();
+    if link.starts_with("anon_inode:") { link } else { link.split(':').next().unwrap_or("").to_string() }
+}
+
+/// Checkpoints `pid` (BPF, then /proc: both must give the same graph), writes the image,
+/// kills the original, restores it, and checks that a checkpoint of the stubs is the
+/// same graph. Returns the restored tree.
+fn round_trip(program: Program, pid: u32, dir: &std::path::Path) -> crd_tests::RestoredTree {
+    let body = checkpoint(pid, true, Source::Bpf);
+    let by_procfs = checkpoint(pid, true, Source::Procfs);
+    if let Err(difference) = body.graph.same_shape(&by_procfs.graph) {
+        panic!("BPF and /proc graphs differ: {difference}");
+    }
+    let image = dir.join("epoll.crd");
+    crd::image::write(&image, &body).expect("image written");
+    drop(program);
+    let restored = restore_with(&["restore", image.to_str().unwrap()]).unwrap_or_else(|e| panic!("restore: {e}"));
+    let again = checkpoint(restored.root, true, Source::Bpf);
+    if let Err(difference) = body.graph.same_shape(&again.graph) {
+        panic!("the restored tree differs: {difference}");
+    }
+    restored
+}
+
+/// Waits up to a second on a copy of an epoll; the data of each ready item.
+fn ready(epoll: BorrowedFd<'_>) -> Vec<u64> {
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 8];
+    // SAFETY: epoll_wait writes at most 8 events into our array.
+    let n = unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), 8, 1000) };
+    assert!(n >= 0, "epoll_wait: {}", std::io::Error::last_os_error());
+    let mut data: Vec<u64> = events[..n as usize].iter().map(|e| e.u64).collect();
+    data.sort();
+    data
+}
+
+const PIPE_EVENTFD_SOCKET: &str = r#"
+r, w = os.pipe()
+ev = os.eventfd(3, os.EFD_CLOEXEC)
+a, b = socket.socketpair()
+ep = select.epoll()
+add(ep.fileno(), r, select.EPOLLIN | ET, 0xdeadbeef00000000 | r)
+add(ep.fileno(), ev, select.EPOLLOUT | select.EPOLLONESHOT, 0xffffffffffffffff)
+add(ep.fileno(), a.fileno(), select.EPOLLIN | ET | select.EPOLLEXCLUSIVE, 0x8000000000000001)
+print(json.dumps(dict(pid=os.getpid(), ep=ep.fileno(), r=r, w=w, ev=ev, a=a.fileno())), flush=True)
+forever()
+"#;
+
+#[test]
+fn an_epoll_over_a_pipe_an_eventfd_and_a_socket_round_trips_with_all_64_bits_and_wakes() {
+    require_root!();
+    crd_tests::require_tool!("python3");
+    let dir = tempfile::tempdir().unwrap();
+    let (program, info) = python(PIPE_EVENTFD_SOCKET);
+    let fd = |name: &str| info[name].as_u64().unwrap() as u32;
+    let (pid, ep, r) = (fd("pid"), fd("ep"), fd("r"));
+    let before = interest(pid, ep);
+    assert_eq!(before.len(), 3, "{before:?}");
+    let r_data = 0xdead_beef_0000_0000 | r as u64;
+    assert!(before.contains(&(r, 0x8000_0019, r_data, Some(r), "pipe".into())), "EPOLLIN|ET (+ERR|HUP): {before:?}");
+    assert!(before.iter().all(|i| i.3 == Some(i.0)), "each target held at its number: {before:?}");
+
+    // ls names each target, the same from both sources.
+    let listing = |source: &str| {
+        let out = crd(&["ls", &pid.to_string(), "--json", "--source", source]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let json = listing("bpf");
+    assert_eq!(json, listing("procfs"), "BPF and /proc list the same");
+    let entry = json["processes"][0]["fds"].as_array().unwrap().iter().find(|f| f["fd"] == ep).unwrap().clone();
+    assert_eq!(entry["kind"], "Epoll");
+    let detail = entry["detail"].as_str().unwrap();
+    assert!(detail.contains(&format!("tfd={r} events=IN|ERR|HUP|ET data={r_data:#x}")), "{detail}");
+    assert!(detail.contains(&format!("tfd={} events=OUT|ERR|HUP|ONESHOT data=0xffffffffffffffff", fd("ev"))), "{detail}");
+    assert!(detail.contains("EXCLUSIVE"), "{detail}");
+
+    let restored = round_trip(program, pid, dir.path());
+    let pid = restored.root;
+    assert_eq!(interest(pid, ep), before, "the restored epoll watches the same files, as the same items");
+    // The restored epoll is live: a write into the restored pipe makes it ready with the
+    // pipe's data.
+    let epoll = grab(pid, ep);
+    let quiet = ready(epoll.as_fd());
+    assert!(!quiet.contains(&r_data), "the empty pipe is not ready: {quiet:x?}");
+    nix::unistd::write(grab(pid, fd("w")), b"x").unwrap();
+    assert!(ready(epoll.as_fd()).contains(&r_data), "the pipe's item is ready after a write");
+}
+
+const CLOSED_AFTER_DUP: &str = r#"
+pr, pw = os.pipe()
+ev = os.eventfd(0, os.EFD_CLOEXEC)
+ep = select.epoll()
+add(ep.fileno(), pr, select.EPOLLIN, 0x1111111100000000 | pr)
+add(ep.fileno(), ev, select.EPOLLIN | ET, 0x2222222200000000 | ev)
+d1, d2 = os.dup(pr), os.dup(ev)
+os.close(pr); os.close(ev)
+null = os.open("/dev/null", os.O_RDONLY)  # takes pr's number: it now names another file
+assert null == pr
+print(json.dumps(dict(pid=os.getpid(), ep=ep.fileno(), pr=pr, ev=ev, d1=d1, d2=d2, pw=pw)), flush=True)
+forever()
+"#;
+
+#[test]
+fn an_epoll_whose_registered_fds_were_closed_after_a_dup_round_trips() {
+    require_root!();
+    crd_tests::require_tool!("python3");
+    let dir = tempfile::tempdir().unwrap();
+    let (program, info) = python(CLOSED_AFTER_DUP);
+    let fd = |name: &str| info[name].as_u64().unwrap() as u32;
+    let (pid, ep) = (fd("pid"), fd("ep"));
+    let before = interest(pid, ep);
+    assert_eq!(
+        before.iter().map(|i| (i.0, i.3, i.4.as_str())).collect::<Vec<_>>(),
+        vec![(fd("pr"), Some(fd("d1")), "pipe"), (fd("ev"), Some(fd("d2")), "anon_inode:[eventfd]")],
+        "fdinfo names numbers that no longer hold the files: {before:?}"
+    );
+    let restored = round_trip(program, pid, dir.path());
+    let pid = restored.root;
+    assert_eq!(interest(pid, ep), before);
+    assert_eq!(link_kind(pid, fd("pr")), "/dev/null", "the registered number still names another file");
+    let epoll = grab(pid, ep);
+    nix::unistd::write(grab(pid, fd("pw")), b"x").unwrap();
+    assert_eq!(ready(epoll.as_fd()), vec![0x1111_1111_0000_0000 | fd("pr") as u64]);
+}
+
+const EPOLL_OF_EPOLLS: &str = r#"
+r, w = os.pipe()
+ev = os.eventfd(0, os.EFD_CLOEXEC)
+inner1, inner2, outer = select.epoll(), select.epoll(), select.epoll()
+add(inner1.fileno(), r, select.EPOLLIN, 0xaaaa000000000000 | r)
+add(inner2.fileno(), ev, select.EPOLLIN, 7)
+add(outer.fileno(), inner1.fileno(), select.EPOLLIN, 0xbbbb000000000001)
+add(outer.fileno(), inner2.fileno(), select.EPOLLIN | ET, 0xbbbb000000000002)
+print(json.dumps(dict(pid=os.getpid(), inner1=inner1.fileno(), inner2=inner2.fileno(), outer=outer.fileno(), w=w)), flush=True)
+forever()
+"#;
+
+#[test]
+fn an_epoll_of_epolls_round_trips_and_the_outer_wakes_through_the_inner() {
+    require_root!();
+    crd_tests::require_tool!("python3");
+    let dir = tempfile::tempdir().unwrap();
+    let (program, info) = python(EPOLL_OF_EPOLLS);
+    let fd = |name: &str| info[name].as_u64().unwrap() as u32;
+    let pid = fd("pid");
+    let lists = |pid: u32| ["inner1", "inner2", "outer"].map(|n| interest(pid, fd(n)));
+    let before = lists(pid);
+    assert!(before[2].iter().all(|i| i.4 == "anon_inode:[eventpoll]"), "{before:?}");
+    let restored = round_trip(program, pid, dir.path());
+    let pid = restored.root;
+    assert_eq!(lists(pid), before);
+    let outer = grab(pid, fd("outer"));
+    assert_eq!(ready(outer.as_fd()), Vec::<u64>::new(), "nothing is ready yet");
+    nix::unistd::write(grab(pid, fd("w")), b"x").unwrap();
+    assert_eq!(ready(outer.as_fd()), vec![0xbbbb_0000_0000_0001], "the outer wakes through the inner");
+}
+
+#[test]
+fn an_epoll_watching_a_file_no_checkpointed_fd_holds_fails_the_checkpoint_by_name() {
+    require_root!();
+    crd_tests::require_tool!("python3");
+    let dir = tempfile::tempdir().unwrap();
+    // The child keeps the pipe's read end; the parent watched it and closed its own.
+    let (program, info) = python(
+        r#"
+r, w = os.pipe()
+ep = select.epoll()
+add(ep.fileno(), r, select.EPOLLIN, 1)
+if os.fork() == 0:
+    forever()
+os.close(r)
+print(json.dumps(dict(pid=os.getpid(), ep=ep.fileno(), r=r)), flush=True)
+forever()
+"#,
+    );
+    let fd = |name: &str| info[name].as_u64().unwrap() as u32;
+    let pid = fd("pid");
+    let image = dir.path().join("refused.crd");
+    let out = crd(&["checkpoint", &pid.to_string(), "-o", image.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("fd {} (epoll)", fd("ep"))) && err.contains(&format!("tfd {}", fd("r"))),
+        "{err}"
+    );
+    assert!(!image.exists(), "no image is written");
+    crd_tests::assert_running_untraced(pid);
+    drop(program);
+}
