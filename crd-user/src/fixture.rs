@@ -337,7 +337,7 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
                 }
                 if value_ms != 0 || interval_ms != 0 || !letters.is_empty() {
                     let ms = |ms: u64| libc::timespec {
-                        tv_sec: (ms / 1000) as libc::time_t,
+                        tv_sec: (ms / 1000) as _,
                         tv_nsec: (ms % 1000 * 1_000_000) as libc::c_long,
                     };
                     let mut value = libc::itimerspec { it_interval: ms(interval_ms), it_value: ms(value_ms) };
@@ -349,9 +349,7 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
                         unsafe { libc::clock_gettime(clock, &mut now) };
                         let ns = now.tv_nsec as u64 + value_ms % 1000 * 1_000_000;
                         value.it_value = libc::timespec {
-                            tv_sec: now.tv_sec
-                                + (value_ms / 1000) as libc::time_t
-                                + (ns / 1_000_000_000) as libc::time_t,
+                            tv_sec: now.tv_sec + ((value_ms / 1000) + (ns / 1_000_000_000)) as i64,
                             tv_nsec: (ns % 1_000_000_000) as libc::c_long,
                         };
                     }

@@ -502,7 +502,7 @@ fn a_python_http_server_listener_is_restored_and_handed_to_a_new_program() {
     // SAFETY: close_range is async-signal-safe and touches only the child's fds.
     unsafe {
         command.pre_exec(|| {
-            libc::close_range(3, u32::MAX, 0);
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
             Ok(())
         })
     };

@@ -19,7 +19,7 @@ use std::{
 use crd_tests::{crd, require_root, restore_with};
 
 /// Bytes written but not yet sent (libc declares it for some targets only).
-const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+const SIOCOUTQNSD: libc::Ioctl = 0x894B;
 
 /// A process group, killed when dropped.
 struct Program(Child);
@@ -156,7 +156,7 @@ fn set_int_opt(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) {
     assert_eq!(ret, 0, "setsockopt {level}/{name}: {}", std::io::Error::last_os_error());
 }
 
-fn ioctl_int(fd: BorrowedFd<'_>, request: libc::c_ulong) -> usize {
+fn ioctl_int(fd: BorrowedFd<'_>, request: libc::Ioctl) -> usize {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD/TIOCOUTQ write one int into our local.
     assert_eq!(unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut n) }, 0, "ioctl {request:#x}");
