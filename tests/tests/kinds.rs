@@ -190,8 +190,8 @@ fn anon_inode_files_are_objects_of_their_own_named_by_their_kind() {
     // Every one of them is a kind crd makes: the image restores, with the same sharing
     // (the dup of fd 3 across the fork) and the same kinds.
     let original = crd::image::read(&image).unwrap();
-    drop(fixture);
     crd_tests::assert_round_trip(&original, &image);
+    drop(fixture);
 }
 
 #[test]

@@ -186,14 +186,14 @@ fn refused_images_are_one_line_errors_and_leave_nothing_running() {
     require_root!();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
-    // A file that will be gone, a timerfd (a kind crd does not make yet), and a good
-    // image to damage.
+    // A file that will be gone, a pty (a kind crd does not make yet), and a good image
+    // to damage.
     let gone = spawn(&owned(&[format!("open:3:rwc:{d}/gone"), "comm:crdtest-gone".into()]), 1);
     let (_, gone_image, _log1) = image_of_stopped(gone, dir.path());
     let gone_image =
         fs::rename(&gone_image, dir.path().join("gone.crd")).map(|_| dir.path().join("gone.crd")).unwrap();
     fs::remove_file(dir.path().join("gone")).unwrap();
-    let socket = spawn(&["timerfd:3", "comm:crdtest-sock"], 1);
+    let socket = spawn(&["pty:3:4", "comm:crdtest-sock"], 1);
     let (_, socket_image, _log2) = image_of_stopped(socket, dir.path());
     let bytes = fs::read(&socket_image).unwrap();
     let truncated = dir.path().join("truncated.crd");
@@ -220,7 +220,7 @@ fn refused_images_are_one_line_errors_and_leave_nothing_running() {
     let out = crd(&["restore", socket_image.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("fd 3 (anon #") && err.contains("[timerfd]"),
+        err.contains("fd 3 (pty #"),
         "names the fd and the object: {err}"
     );
     assert!(!comm_exists("crdtest-gone") && !comm_exists("crdtest-sock"), "no stub left");
