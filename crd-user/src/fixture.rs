@@ -27,7 +27,9 @@
 //! | `pipes:N`             | N more pipes at the lowest free fds (for size tests)        |
 //! | `nodump`              | PR_SET_DUMPABLE 0: only CAP_SYS_PTRACE may trace it or take its fds |
 //! | `comm:NAME`           | set the process name (comm)                                 |
-//! | `socketpair:A:B`      | a connected pair of Unix stream sockets at fds A and B      |
+//! | `socketpair:A:B[:T]`  | a connected pair of Unix sockets at fds A and B; T: `s`tream (default), `d`gram, se`q`packet |
+//! | `shutdown:S:HOW`      | shutdown(2) socket S; HOW: `r`, `w` or `rw`                 |
+//! | `sendfd:S:FD`         | send one byte (`F`) with FD attached (SCM_RIGHTS) on socket S: FD is in flight in S's peer's queue |
 //! | `eventfd:FD:N:FLAGS`  | eventfd with counter N at FD; FLAGS letters s(emaphore) n(onblock) (may be empty) |
 //! | `memfd:FD:NAME:N:SEALS` | memfd NAME at FD holding N pattern bytes, then seals: letters s(hrink) g(row) w(rite) S(eal) |
 //! | `epoll:FD`            | epoll_create1 at FD                                          |
@@ -237,9 +239,15 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
             }
             "socketpair" => {
                 let (a, b): (RawFd, RawFd) = (num(step, parts.next())?, num(step, parts.next())?);
+                let sock_type = match parts.next().unwrap_or("s") {
+                    "s" => libc::SOCK_STREAM,
+                    "d" => libc::SOCK_DGRAM,
+                    "q" => libc::SOCK_SEQPACKET,
+                    _ => return Err(FixtureError::BadStep(step.to_string())),
+                };
                 let mut pair = [0; 2];
                 // SAFETY: socketpair writes two fds into the array we pass.
-                if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) } < 0 {
+                if unsafe { libc::socketpair(libc::AF_UNIX, sock_type, 0, pair.as_mut_ptr()) } < 0 {
                     return Err(failed(nix::Error::last()));
                 }
                 let high_a = fcntl::fcntl(borrowed(pair[0]), FcntlArg::F_DUPFD(1000)).map_err(failed)?;
@@ -251,6 +259,34 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
                 }
                 move_fd(high_a, a, step)?;
                 move_fd(high_b, b, step)?;
+            }
+            "shutdown" => {
+                let sock: RawFd = num(step, parts.next())?;
+                let how = match parts.next() {
+                    Some("r") => libc::SHUT_RD,
+                    Some("w") => libc::SHUT_WR,
+                    Some("rw") => libc::SHUT_RDWR,
+                    _ => return Err(FixtureError::BadStep(step.to_string())),
+                };
+                // SAFETY: plain syscall with integer arguments.
+                if unsafe { libc::shutdown(sock, how) } < 0 {
+                    return Err(failed(nix::Error::last()));
+                }
+            }
+            "sendfd" => {
+                let (sock, fd): (RawFd, RawFd) = (num(step, parts.next())?, num(step, parts.next())?);
+                let fds = [fd];
+                let rights = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+                let iov = [std::io::IoSlice::new(b"F")];
+                // MSG_NOSIGNAL: a peer that is gone is an error to report, not a SIGPIPE.
+                nix::sys::socket::sendmsg::<()>(
+                    sock,
+                    &iov,
+                    &rights,
+                    nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(failed)?;
             }
             "eventfd" => {
                 let fd: RawFd = num(step, parts.next())?;

@@ -484,7 +484,29 @@ fn same_object(a: &Object, b: &Object) -> Result<(), String> {
     if a.held_outside != b.held_outside {
         return Err(format!("held outside: {} vs {}", a.held_outside, b.held_outside));
     }
-    a.state.same(&b.state)
+    a.state.same(&b.state)?;
+    // What is nested here is compared here: a socket's peer, first met inside this
+    // object, is only referenced by its own fd later (its queue would go unchecked),
+    // and the files in flight appear in no fd table at all.
+    if a.tied.len() != b.tied.len() {
+        return Err(format!("{} tied objects vs {}", a.tied.len(), b.tied.len()));
+    }
+    for (i, (x, y)) in a.tied.iter().zip(&b.tied).enumerate() {
+        match (x, y) {
+            (None, None) => {}
+            (Some(x), Some(y)) => {
+                x.same_as(y, "tied object", same_object).map_err(|e| format!("tied object {i}: {e}"))?
+            }
+            _ => return Err(format!("tied object {i}: inside the set in one graph only")),
+        }
+    }
+    if a.carried.len() != b.carried.len() {
+        return Err(format!("{} files in flight vs {}", a.carried.len(), b.carried.len()));
+    }
+    for (i, (x, y)) in a.carried.iter().zip(&b.carried).enumerate() {
+        x.same_as(y, "file in flight", same_file).map_err(|e| format!("file in flight {i}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// What the walk looks objects up in: every object of the harvest (and every file in

@@ -1,13 +1,13 @@
-//! Property: for any process tree wired with pipes, dups, files, eventfds and memfds,
-//! restoring its image
-//! and checkpointing the stubs gives the same graph. proptest shrinks a failure to a
+//! Property: for any process tree wired with pipes, dups, files, eventfds, memfds and
+//! unix socketpairs (split across processes, with data and files queued in them),
+//! restoring its image and checkpointing the stubs gives the same graph. proptest shrinks a failure to a
 //! small tree.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crd_tests::{assert_round_trip, image_of_stopped, is_root, spawn};
 use proptest::prelude::*;
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     /// An end of pipe number N.
     PipeRead(usize),
@@ -15,21 +15,53 @@ enum Kind {
     File,
     Eventfd,
     Memfd,
+    /// End E (0 or 1) of unix socketpair number N.
+    Sock(usize, u8),
 }
+
+impl Kind {
+    /// The other end of a pipe or socketpair (None: not a pair).
+    fn peer(self) -> Option<Kind> {
+        match self {
+            Kind::Sock(n, end) => Some(Kind::Sock(n, 1 - end)),
+            _ => None,
+        }
+    }
+}
+
+/// What a socketpair's receive queues hold, kept far below what would make a write
+/// block (the default send buffer, ~208 KiB, counts every queued message's overhead).
+#[derive(Default)]
+struct Queues {
+    bytes: [usize; 2],
+    messages: [usize; 2],
+    /// Directions shut down (index: the receiving end): sending there fails.
+    shut: [bool; 2],
+}
+
+const SOCKET_TYPES: [&str; 3] = ["s", "d", "q"];
 
 /// Decodes random bytes into a valid fixture script: every step applies to fds that
 /// are open and of the right kind, so any byte string is a tree worth restoring.
 /// Returns the steps and the number of processes.
+///
+/// Socketpairs of every type are split across processes (a fork, then the child closes
+/// an end the parent keeps), queue data both ways, and carry pipes, files, eventfds and
+/// memfds in flight (sent with SCM_RIGHTS, then often closed, so the message is their
+/// only holder). Data goes only where something still reads it: a pipe whose read end,
+/// or a socket whose peer, is open here or in an ancestor (stopped at its fork with
+/// its fds), so no write blocks, fails or raises SIGPIPE.
 fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
     let mut bytes = genome.iter().copied();
     let mut next = move || bytes.next().unwrap_or(0);
     let mut open: BTreeMap<u32, Kind> = BTreeMap::new();
     let mut steps = Vec::new();
     let (mut processes, mut threads, mut files) = (1usize, 0, 0);
-    // Bytes queued per pipe (kept well under 64 KiB so no write blocks), and the pipes
-    // whose read end an ancestor still holds (it stopped at its fork, fds and all).
+    // Bytes queued per pipe (kept well under 64 KiB so no write blocks), the queues of
+    // each socketpair, and what an ancestor still holds.
     let mut queued: Vec<usize> = Vec::new();
-    let mut ancestors_read: std::collections::BTreeSet<usize> = Default::default();
+    let mut pairs: Vec<Queues> = Vec::new();
+    let mut above: BTreeSet<Kind> = BTreeSet::new();
     let free = |open: &BTreeMap<u32, Kind>, pick: u8| -> u32 {
         let mut fd = 3 + (pick as u32 % 24);
         while open.contains_key(&fd) {
@@ -42,11 +74,26 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
         (!candidates.is_empty()).then(|| candidates[b as usize % candidates.len()])
     };
     let any = |_: Kind| true;
+    let is_socket = |k: Kind| matches!(k, Kind::Sock(..));
+    // A socket end whose peer is held here or above, and whose way to it is not shut
+    // down: sending on it queues at the peer.
+    let live = |open: &BTreeMap<u32, Kind>, above: &BTreeSet<Kind>, pairs: &[Queues], k: Kind| {
+        k.peer().is_some_and(|p| {
+            let Kind::Sock(n, end) = p else { return false };
+            !pairs[n].shut[end as usize] && (above.contains(&p) || open.values().any(|o| *o == p))
+        })
+    };
+    // A socket end is closed only where another fd (or an ancestor) still holds it:
+    // crd takes a socket whose peer has gone for one connected outside the set.
+    let closable = |open: &BTreeMap<u32, Kind>, above: &BTreeSet<Kind>, fd: u32| {
+        let k = open[&fd];
+        !is_socket(k) || above.contains(&k) || open.iter().any(|(other, o)| *other != fd && *o == k)
+    };
     for _ in 0..genome.len() / 2 {
         if open.len() > 20 {
             break;
         }
-        match next() % 11 {
+        match next() % 15 {
             0 | 1 => {
                 let pipe = queued.len();
                 queued.push(0);
@@ -64,7 +111,9 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
                 }
             }
             3 => {
-                if let Some(a) = pick(&open, next(), &any) {
+                if let Some(a) = pick(&open, next(), &any)
+                    && closable(&open, &above, a)
+                {
                     open.remove(&a);
                     steps.push(format!("close:{a}"));
                 }
@@ -81,7 +130,7 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
             5 => {
                 let readable = |k: Kind| match k {
                     Kind::PipeWrite(p) => {
-                        ancestors_read.contains(&p) || open.values().any(|o| *o == Kind::PipeRead(p))
+                        above.contains(&Kind::PipeRead(p)) || open.values().any(|o| *o == Kind::PipeRead(p))
                     }
                     _ => false,
                 };
@@ -101,11 +150,15 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
             }
             7 if processes < 4 => {
                 processes += 1;
-                ancestors_read.extend(open.values().filter_map(|k| match k {
-                    Kind::PipeRead(p) => Some(*p),
-                    _ => None,
-                }));
+                above.extend(open.values().copied());
                 steps.push("fork".into());
+                // Often split a socketpair: the child lets go of an end its parent keeps.
+                if next() % 2 == 0
+                    && let Some(a) = pick(&open, next(), &is_socket)
+                {
+                    open.remove(&a);
+                    steps.push(format!("close:{a}"));
+                }
             }
             8 if threads < 2 => {
                 threads += 1;
@@ -124,6 +177,62 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
                 steps.push(format!("memfd:{fd}:m{fd}:{}:{seals}", next() as usize * 61));
                 steps.push(format!("seek:{fd}:{}", next() % 5));
             }
+            11 => {
+                let n = pairs.len();
+                pairs.push(Queues::default());
+                let a = free(&open, next());
+                open.insert(a, Kind::Sock(n, 0));
+                let b = free(&open, next());
+                open.insert(b, Kind::Sock(n, 1));
+                steps.push(format!("socketpair:{a}:{b}:{}", SOCKET_TYPES[next() as usize % 3]));
+            }
+            12 => {
+                // Queue a message (a stream: bytes) at the peer of a socket.
+                if let Some(a) = pick(&open, next(), &|k| live(&open, &above, &pairs, k)) {
+                    let Some(Kind::Sock(n, end)) = open[&a].peer() else { unreachable!() };
+                    let q = &mut pairs[n];
+                    let len = 1 + next() as usize * 37;
+                    let end = end as usize;
+                    if q.bytes[end] + len < 40_000 && q.messages[end] < 12 {
+                        q.bytes[end] += len;
+                        q.messages[end] += 1;
+                        steps.push(format!("fill:{a}:{len}"));
+                    }
+                }
+            }
+            13 => {
+                // A file in flight: sent to a socket's peer, and often closed here, so
+                // the message is all that holds it. Sockets themselves are never sent
+                // (a socket in flight may be its own only holder: unix GC territory).
+                let sender = pick(&open, next(), &|k| live(&open, &above, &pairs, k));
+                let carried = pick(&open, next(), &|k| !is_socket(k));
+                if let (Some(a), Some(f)) = (sender, carried) {
+                    let Some(Kind::Sock(n, end)) = open[&a].peer() else { unreachable!() };
+                    let q = &mut pairs[n];
+                    let end = end as usize;
+                    if q.messages[end] < 12 {
+                        q.bytes[end] += 1;
+                        q.messages[end] += 1;
+                        steps.push(format!("sendfd:{a}:{f}"));
+                        if next() % 2 == 0 {
+                            open.remove(&f);
+                            steps.push(format!("close:{f}"));
+                        }
+                    }
+                }
+            }
+            14 => {
+                // Shut a socket down: reading stops its peer's sends, writing its own.
+                if let Some(a) = pick(&open, next(), &is_socket) {
+                    let Kind::Sock(n, end) = open[&a] else { unreachable!() };
+                    let (how, read, write) =
+                        [("r", true, false), ("w", false, true), ("rw", true, true)][next() as usize % 3];
+                    let end = end as usize;
+                    pairs[n].shut[end] |= read;
+                    pairs[n].shut[1 - end] |= write;
+                    steps.push(format!("shutdown:{a}:{how}"));
+                }
+            }
             _ => {}
         }
     }
@@ -140,7 +249,7 @@ proptest! {
     })]
 
     #[test]
-    fn any_wired_tree_round_trips(genome in prop::collection::vec(any::<u8>(), 0..48)) {
+    fn any_wired_tree_round_trips(genome in prop::collection::vec(any::<u8>(), 0..64)) {
         if !is_root() {
             return Ok(());
         }

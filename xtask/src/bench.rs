@@ -17,7 +17,7 @@ mod stats;
 mod workload;
 
 use measure::{Scratch, check_interrupted};
-use report::{Checkpoint, Criu, Harvest, Machine};
+use report::{Checkpoint, Criu, Harvest, Machine, SocketRow};
 use stats::median;
 use workload::{Wiring, Workload, kill_and_reap};
 
@@ -32,14 +32,17 @@ pub struct Repetitions {
     procfs_runs: usize,
     /// Checkpoints (and restores) of each checkpoint workload.
     checkpoint: usize,
+    /// Socketpairs, TCP connections and pipes of the socket workloads (each 2× as many
+    /// fds).
+    sockets: usize,
 }
 
 impl Repetitions {
     pub fn new(quick: bool) -> Repetitions {
         if quick {
-            Repetitions { harvest: 2, bpf_runs: 3, procfs_runs: 1, checkpoint: 2 }
+            Repetitions { harvest: 2, bpf_runs: 3, procfs_runs: 1, checkpoint: 2, sockets: 2_000 }
         } else {
-            Repetitions { harvest: 5, bpf_runs: 5, procfs_runs: 1, checkpoint: 5 }
+            Repetitions { harvest: 5, bpf_runs: 5, procfs_runs: 1, checkpoint: 5, sockets: 10_000 }
         }
     }
 }
@@ -53,6 +56,7 @@ pub fn run(crd: &Path, root: &Path, reps: Repetitions) -> Result<()> {
     let started = Instant::now();
     measure::catch_interrupts();
     workload::become_subreaper();
+    let fd_limit = workload::raise_hard_fd_limit();
     let scratch = Scratch::new(root.join("target/bench"))?;
     let machine = machine(root);
     let mut harvests = Vec::new();
@@ -82,11 +86,29 @@ pub fn run(crd: &Path, root: &Path, reps: Repetitions) -> Result<()> {
         row.criu = criu;
         results.push(row);
     }
+    let n = workload::pairs_within(fd_limit, reps.sockets);
+    let mut sockets = Vec::new();
+    for (name, wiring, no_restore) in [
+        (
+            format!("{} {}", report::SOCKET_BASELINE, report::thousands(n as u64)),
+            Wiring::Private { pipes: n },
+            None,
+        ),
+        (format!("unix socketpairs {}", report::thousands(n as u64)), Wiring::UnixPairs { pairs: n }, None),
+        (
+            format!("TCP connections {}", report::thousands(n as u64)),
+            Wiring::Tcp { connections: n },
+            Some("refused (needs --tcp-established)"),
+        ),
+    ] {
+        eprintln!("bench: {name}");
+        sockets.push(socket_row(crd, &scratch, name, wiring, no_restore, reps)?);
+    }
     let repetitions = format!(
         "{} repetitions (BPF: the median of {} harvests in each), {} for checkpoint and restore",
         reps.harvest, reps.bpf_runs, reps.checkpoint
     );
-    let page = report::render(&machine, &harvests, &results, &repetitions);
+    let page = report::render(&machine, &harvests, &results, &sockets, &repetitions);
     let docs = root.join("docs");
     fs::create_dir_all(&docs)?;
     fs::write(docs.join("benchmarks.md"), &page).context("writing docs/benchmarks.md")?;
@@ -161,6 +183,49 @@ fn harvest(
     }
     drop(workload);
     check_interrupted()?;
+    Ok(row)
+}
+
+/// One process of pipes or sockets: its BPF harvest and `crd ls` (on one workload),
+/// then `crd checkpoint` and, unless `no_restore` says why not, `crd restore` (on
+/// another).
+fn socket_row(
+    crd: &Path,
+    scratch: &Scratch,
+    name: String,
+    wiring: Wiring,
+    no_restore: Option<&'static str>,
+    reps: Repetitions,
+) -> Result<SocketRow> {
+    let workload = Workload::spawn(1, wiring)?;
+    let pid = workload.root().to_string();
+    let expected = wiring.fds_per_process() as u64;
+    let mut row = SocketRow { name, fds: expected, no_restore, ..SocketRow::default() };
+    for _ in 0..reps.harvest {
+        let measured = scratch.run(
+            Command::new(crd)
+                .args(["bench-harvest", "--source", "bpf", "--runs"])
+                .arg(reps.bpf_runs.to_string())
+                .arg(&pid),
+            &[0],
+        )?;
+        let runs = measure::parse_harvest(&measured.stdout)
+            .with_context(|| format!("crd bench-harvest printed {:?}", measured.stdout))?;
+        if runs.fds < expected {
+            bail!("crd bench-harvest saw {} fds, not {expected}", runs.fds);
+        }
+        row.harvest_ms.push(median(&runs.runs_ms).unwrap_or(f64::NAN));
+        let ls = scratch.run(Command::new(crd).arg("ls").arg(&pid), &[0])?;
+        // One line per fd, and a header: fewer means ls missed some.
+        if (ls.stdout.lines().count() as u64) < expected {
+            bail!("crd ls listed {} lines for {expected} fds", ls.stdout.lines().count());
+        }
+        row.ls_ms.push(ls.wall_ms());
+        row.ls_rss.push(ls.max_rss);
+    }
+    drop(workload);
+    check_interrupted()?;
+    row.checkpoint = checkpoint(crd, scratch, 1, wiring, no_restore.is_none(), reps.checkpoint)?;
     Ok(row)
 }
 

@@ -603,4 +603,57 @@ mod tests {
         let unknown_tail = bytes(&anon_record(99));
         assert!(matches!(decoded(&unknown_tail), Err(BpfError::BadRecord(..))));
     }
+
+    /// The socket records of the `record_decode` fuzz target's seed corpus: every family
+    /// and state the decoder tells apart, a name as long as the tail holds, and a
+    /// `name_len` far past it. `CRD_WRITE_FUZZ_SEEDS=1` (re)writes them.
+    fn socket_seeds() -> Vec<(&'static str, Vec<u8>, Kind)> {
+        let record = |tail: SocketTail| bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail });
+        let mut pair = socket_tail(libc::AF_UNIX, libc::SOCK_STREAM, 0, 1);
+        (pair.peer_ino, pair.rqueue) = (4243, 3);
+        let mut listener = socket_tail(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, 10);
+        listener.name = [b'x'; crd_common::UNIX_PATH_LEN];
+        listener.name[0] = 0;
+        listener.name_len = 2 + crd_common::UNIX_PATH_LEN as u32;
+        (listener.backlog, listener.rqueue) = (16, 2);
+        let mut overlong = socket_tail(libc::AF_UNIX, libc::SOCK_DGRAM, 0, 7);
+        overlong.name_len = u32::MAX;
+        let mut tcp = socket_tail(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_TCP, 1);
+        tcp.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        tcp.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        (tcp.local_port, tcp.remote_port) = (8080, 51234);
+        let mut tcp6 = socket_tail(libc::AF_INET6, libc::SOCK_STREAM, libc::IPPROTO_TCP, 10);
+        (tcp6.local_port, tcp6.backlog, tcp6.pending) = (443, 128, 3);
+        let mut udp = socket_tail(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_UDP, 7);
+        (udp.local_port, udp.rqueue) = (53, 1);
+        vec![
+            ("socket_unix_pair", record(pair), Kind::Unix),
+            ("socket_unix_listener", record(listener), Kind::Unix),
+            ("socket_unix_overlong_name", record(overlong), Kind::Unix),
+            ("socket_tcp", record(tcp), Kind::Inet),
+            ("socket_tcp6_listener", record(tcp6), Kind::Inet),
+            ("socket_udp", record(udp), Kind::Inet),
+            ("socket_netlink", record(socket_tail(libc::AF_NETLINK, libc::SOCK_RAW, 0, 7)), Kind::Socket),
+            ("socket_without_tail", bytes(&socket_record(TAIL_NONE)), Kind::Socket),
+        ]
+    }
+
+    #[test]
+    fn the_socket_fuzz_seeds_are_committed_and_decode_to_their_kinds() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/record_decode");
+        let write = std::env::var_os("CRD_WRITE_FUZZ_SEEDS").is_some();
+        for (name, record, kind) in socket_seeds() {
+            assert_eq!(decoded(&record).unwrap().file.object.kind(), kind, "{name}");
+            let path = dir.join(name);
+            if write {
+                std::fs::write(&path, &record).unwrap();
+            }
+            let committed = std::fs::read(&path).unwrap_or_default();
+            assert!(
+                committed == record,
+                "{} is not the record this test builds: rerun it with CRD_WRITE_FUZZ_SEEDS=1",
+                path.display()
+            );
+        }
+    }
 }

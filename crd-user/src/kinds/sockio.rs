@@ -105,6 +105,12 @@ pub enum Walk {
     /// Datagrams: one peek per datagram until the queue is empty (FIONREAD counts only
     /// the first).
     Datagrams,
+    /// The datagrams of a SEQPACKET socket shut for reading (its peer closed, or
+    /// `shutdown(SHUT_RD)`): once its queue is empty a peek reads end of file (0 bytes)
+    /// instead of failing with EAGAIN, again and again, so a 0-byte peek without files
+    /// ends the walk. (A zero-length message queued there ends it too; the caller's
+    /// count of queued messages tells the two apart.)
+    ShutSeqpacket,
 }
 
 /// The biggest datagram peeked (a bigger one is an error, not a silent truncation).
@@ -120,7 +126,8 @@ pub fn peek_queue(fd: BorrowedFd<'_>, walk: Walk, carried: &mut Vec<OwnedFd>) ->
     set_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0, "setsockopt(SO_PEEK_OFF)")?;
     let walked = match walk {
         Walk::Stream => peek_stream(fd, carried),
-        Walk::Datagrams => peek_datagrams(fd, carried),
+        Walk::Datagrams => peek_datagrams(fd, carried, false),
+        Walk::ShutSeqpacket => peek_datagrams(fd, carried, true),
     };
     // The target's own peek offset, back as it was, whatever the walk did.
     let restored = set_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, old, "setsockopt(SO_PEEK_OFF)");
@@ -170,7 +177,8 @@ fn merge_plain(messages: Vec<Message>) -> Vec<Message> {
     out
 }
 
-fn peek_datagrams(fd: BorrowedFd<'_>, carried: &mut Vec<OwnedFd>) -> Result<Vec<Message>, KindError> {
+/// `zero_is_end`: a 0-byte peek without files is end of file (see [`Walk::ShutSeqpacket`]).
+fn peek_datagrams(fd: BorrowedFd<'_>, carried: &mut Vec<OwnedFd>, zero_is_end: bool) -> Result<Vec<Message>, KindError> {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut messages = Vec::new();
     loop {
@@ -178,6 +186,7 @@ fn peek_datagrams(fd: BorrowedFd<'_>, carried: &mut Vec<OwnedFd>) -> Result<Vec<
             return Err(KindError::Other(format!("its queue holds more than {MAX_MESSAGES} datagrams")));
         }
         match peek_one(fd, &mut buf, carried) {
+            Ok((0, 0, _)) if zero_is_end => return Ok(messages),
             Ok((n, fds, from)) => messages.push(Message { data: buf[..n].to_vec(), fds, from }),
             Err(KindError::Syscall(e)) if e.errno() == Some(libc::EAGAIN) => return Ok(messages),
             Err(e) => return Err(e),

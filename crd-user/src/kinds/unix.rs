@@ -172,7 +172,11 @@ impl FileKind for Unix {
         let queue = if listening {
             Vec::new()
         } else {
-            let walk = if sock_type == SockType::Stream { Walk::Stream } else { Walk::Datagrams };
+            let walk = match sock_type {
+                SockType::Stream => Walk::Stream,
+                SockType::Seqpacket if live.shutdown & RCV_SHUTDOWN != 0 => Walk::ShutSeqpacket,
+                _ => Walk::Datagrams,
+            };
             sockio::peek_queue(fd, walk, &mut reach.carried.borrow_mut())?
         };
         // Each datagram is one buffer: the kernel's count must match what the walk read.

@@ -108,6 +108,34 @@ impl Checkpoint {
     }
 }
 
+/// One process holding pipes, unix socketpairs or TCP connections (both ends of each):
+/// the BPF harvest, `crd ls` and `crd checkpoint` (and `crd restore`) of it.
+#[derive(Clone, Debug, Default)]
+pub struct SocketRow {
+    pub name: String,
+    pub fds: u64,
+    /// Median of each repetition's BPF harvests.
+    pub harvest_ms: Vec<f64>,
+    /// The whole `crd ls PID` command.
+    pub ls_ms: Vec<f64>,
+    pub ls_rss: Vec<u64>,
+    pub checkpoint: Checkpoint,
+    /// Why restore is not measured (None: it is).
+    pub no_restore: Option<&'static str>,
+}
+
+impl SocketRow {
+    pub fn ns_per_fd(&self) -> Option<f64> {
+        median(&self.harvest_ms).filter(|_| self.fds > 0).map(|ms| ms * 1e6 / self.fds as f64)
+    }
+    fn peak_rss(&self) -> Option<u64> {
+        self.ls_rss.iter().copied().chain(self.checkpoint.peak_rss()).max()
+    }
+}
+
+/// The pipe row the socket rows are compared with (shared with the driver).
+pub const SOCKET_BASELINE: &str = "pipes";
+
 /// Which checkpoint rows the targets read: names are shared with the driver.
 pub const PIPES_9000: &str = "1 process × 9,000 pipes";
 pub const TREE_50: &str = "tree of 50 × 100 pipes";
@@ -129,6 +157,22 @@ fn verdict(
     ok: impl Fn(f64) -> bool,
 ) -> Verdict {
     Verdict { target, measured: value.map(&show).unwrap_or_else(|| "—".into()), met: value.map(ok) }
+}
+
+/// Socket harvests against pipes': ns per fd within 1.5× of the pipe row's.
+pub fn socket_verdicts(rows: &[SocketRow]) -> Vec<Verdict> {
+    let pipes = rows.iter().find(|r| r.name.starts_with(SOCKET_BASELINE)).and_then(SocketRow::ns_per_fd);
+    rows.iter()
+        .filter(|r| !r.name.starts_with(SOCKET_BASELINE))
+        .map(|r| {
+            verdict(
+                format!("BPF harvest ns/fd of the {} within 1.5× of pipes'", r.name),
+                r.ns_per_fd().zip(pipes).map(|(s, p)| s / p),
+                |x| format!("{x:.2}×"),
+                |x| x <= 1.5,
+            )
+        })
+        .collect()
 }
 
 /// The issue's targets, judged on this run.
@@ -251,6 +295,7 @@ pub fn render(
     machine: &Machine,
     harvests: &[Harvest],
     checkpoints: &[Checkpoint],
+    sockets: &[SocketRow],
     repetitions: &str,
 ) -> String {
     let mut md = String::new();
@@ -349,10 +394,11 @@ pub fn render(
     phase_table(w, "Where `crd restore` spends its time (median ms per phase)", checkpoints, |c| {
         &c.restore_phases
     });
+    socket_table(w, sockets);
     let _ = writeln!(w, "\n## Targets\n");
     let _ = writeln!(w, "| target | measured | verdict |");
     let _ = writeln!(w, "|---|--:|---|");
-    for v in verdicts(harvests, checkpoints) {
+    for v in verdicts(harvests, checkpoints).into_iter().chain(socket_verdicts(sockets)) {
         let verdict = match v.met {
             Some(true) => "met",
             Some(false) => "**missed**",
@@ -361,6 +407,65 @@ pub fn render(
         let _ = writeln!(w, "| {} | {} | {} |", v.target, v.measured, verdict);
     }
     md
+}
+
+fn socket_table(w: &mut String, rows: &[SocketRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(w, "\n## Sockets\n");
+    let _ = writeln!(
+        w,
+        "One process holding both ends of N unix stream socketpairs, or of N TCP connections \
+         over 127.0.0.1 (in a network namespace the bench makes, loopback up), against one \
+         holding N pipes: the same 2N fds. N is 10,000 where the hard `RLIMIT_NOFILE` leaves \
+         room for 2N fds and 2,000 more for crd (the bench raises it when it may: root with \
+         CAP_SYS_RESOURCE), else the largest whole thousand that fits. *Harvest* is `crd bench-harvest --source bpf` \
+         (programs loaded once); *ls*, *checkpoint* and *restore* are whole commands (fork \
+         to exit, BPF load included). A socket costs more than a pipe at checkpoint: crd \
+         copies each one into itself (`pidfd_getfd`) to read its options, names and queue \
+         while the target is frozen. Restore of established TCP connections is refused \
+         without `--tcp-established` (not built yet), so the TCP row has none. Peak RSS \
+         is the largest of ls, checkpoint and restore.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| workload | fds | harvest ms | ns/fd | vs pipes | ls ms | checkpoint ms | restore ms | peak RSS | image bytes/fd |"
+    );
+    let _ = writeln!(w, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let pipes = rows.iter().find(|r| r.name.starts_with(SOCKET_BASELINE)).and_then(SocketRow::ns_per_fd);
+    for r in rows {
+        let c = &r.checkpoint;
+        let restore = match (r.no_restore, &c.restore_error) {
+            (Some(why), _) => why.to_string(),
+            (None, Some(_)) => "**failed**".into(),
+            (None, None) => ms(median(&c.restore_ms)),
+        };
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.name,
+            thousands(r.fds),
+            ms(median(&r.harvest_ms)),
+            ns(r.ns_per_fd()),
+            r.ns_per_fd().zip(pipes).map_or("—".into(), |(s, p)| format!("{:.2}×", s / p)),
+            ms(median(&r.ls_ms)),
+            ms(median(&c.checkpoint_ms)),
+            restore,
+            r.peak_rss().map_or("—".into(), mib),
+            c.bytes_per_fd().map_or("—".into(), |b| format!("{b:.1}")),
+        );
+    }
+    for r in rows {
+        if let Some(error) = &r.checkpoint.restore_error {
+            let _ = writeln!(w, "\nRestore of the {} failed: `{}`", r.name, error.replace('`', "'"));
+        }
+    }
+    let named: Vec<Checkpoint> =
+        rows.iter().map(|r| Checkpoint { name: r.name.clone(), ..r.checkpoint.clone() }).collect();
+    phase_table(w, "Where `crd checkpoint` spends its time on them (median ms per phase)", &named, |c| {
+        &c.checkpoint_phases
+    });
 }
 
 /// One column per phase name, in the order crd first reported them.
@@ -434,6 +539,49 @@ mod tests {
     }
 
     #[test]
+    fn socket_rows_are_judged_against_the_pipe_row() {
+        let row = |name: &str, ms: f64| SocketRow {
+            name: name.into(),
+            fds: 20_000,
+            harvest_ms: vec![ms],
+            checkpoint: checkpoint(name, 100.0, 50.0, 1_000_000),
+            ..SocketRow::default()
+        };
+        let mut tcp = row("TCP connections", 40.0);
+        tcp.no_restore = Some("refused");
+        let rows = [row("pipes", 20.0), row("unix socketpairs", 29.0), tcp];
+        let v = socket_verdicts(&rows);
+        assert_eq!(v.len(), 2);
+        assert_eq!((v[0].met, v[0].measured.as_str()), (Some(true), "1.45×"));
+        assert_eq!((v[1].met, v[1].measured.as_str()), (Some(false), "2.00×"));
+        let page = render(
+            &Machine {
+                cores: 1,
+                cpu: String::new(),
+                memory_gib: 1.0,
+                kernel: String::new(),
+                date: String::new(),
+                commit: String::new(),
+            },
+            &[],
+            &[],
+            &rows,
+            "1",
+        );
+        assert!(
+            page.contains("| unix socketpairs | 20,000 | 29.0 | 1450 | 1.45× | — | 100 | 50.0 |"),
+            "{page}"
+        );
+        assert!(
+            page.contains("| TCP connections | 20,000 | 40.0 | 2000 | 2.00× | — | 100 | refused |"),
+            "{page}"
+        );
+        assert!(page.contains(
+            "| BPF harvest ns/fd of the TCP connections within 1.5× of pipes' | 2.00× | **missed** |"
+        ));
+    }
+
+    #[test]
     fn thousands_separators() {
         assert_eq!(thousands(0), "0");
         assert_eq!(thousands(999), "999");
@@ -497,6 +645,7 @@ mod tests {
             },
             &[],
             &[failed],
+            &[],
             "1",
         );
         assert!(page.contains("| 51.0 | 25.5 | **failed** |"), "{page}");
@@ -519,6 +668,7 @@ mod tests {
             &machine,
             &[harvest(100, 1000, 20.0, 600.0, 200.0)],
             &[checkpoint(TREE_50, 51.0, 99.0, 740_000)],
+            &[],
             "5 repetitions",
         );
         assert!(

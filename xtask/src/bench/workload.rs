@@ -22,6 +22,12 @@ pub enum Wiring {
     /// bytes, then forks the others; process c keeps the read ends of block c and the
     /// write ends of block c+1 (mod processes): every pipe links two processes.
     Ring { pipes: usize, every: usize, bytes: usize },
+    /// One process holding both ends of `pairs` unix stream socketpairs.
+    UnixPairs { pairs: usize },
+    /// One process, in a network namespace of its own (loopback up), holding both ends
+    /// of `connections` TCP connections over 127.0.0.1 (the listener is closed once
+    /// they are accepted): established connections, nothing else in that namespace.
+    Tcp { connections: usize },
 }
 
 impl Wiring {
@@ -29,13 +35,14 @@ impl Wiring {
     pub fn fds_per_process(self) -> usize {
         match self {
             Wiring::Private { pipes } | Wiring::Ring { pipes, .. } => 2 * pipes,
+            Wiring::UnixPairs { pairs: n } | Wiring::Tcp { connections: n } => 2 * n,
         }
     }
 
     /// Bytes queued in all the workload's pipes.
     pub fn queued_bytes(self, processes: usize) -> u64 {
         match self {
-            Wiring::Private { .. } => 0,
+            Wiring::Private { .. } | Wiring::UnixPairs { .. } | Wiring::Tcp { .. } => 0,
             Wiring::Ring { pipes, every, bytes } => {
                 ((processes * pipes).div_ceil(every.max(1)) * bytes) as u64
             }
@@ -181,6 +188,23 @@ fn root_process(ready: RawFd, xtask: i32, processes: usize, wiring: Wiring) -> !
                 }
                 keep_ring_share(&all, pipes, processes, 0);
             }
+            Wiring::UnixPairs { pairs } => {
+                for i in 0..pairs {
+                    let mut pair = [0; 2];
+                    // SAFETY: socketpair writes two fds into the array.
+                    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) } < 0
+                    {
+                        return Err(format!(
+                            "socketpair {i} of {pairs}: {}",
+                            std::io::Error::last_os_error()
+                        ));
+                    }
+                }
+            }
+            Wiring::Tcp { connections } => {
+                private_loopback()?;
+                tcp_connections(connections)?;
+            }
         }
         Ok(())
     })();
@@ -260,12 +284,50 @@ fn only_keep(keep: &[RawFd]) {
     close_range(from, u32::MAX);
 }
 
+/// fds xtask, its workloads and the crd it runs may open: 20,000 sockets, and crd's
+/// own copy of each while it restores them, pass the usual hard limit.
+const FD_LIMIT: libc::rlim_t = 1 << 16;
+
+/// Lifts xtask's RLIMIT_NOFILE (soft and hard) to [`FD_LIMIT`] if it is lower (root
+/// with CAP_SYS_RESOURCE may raise the hard limit): workloads and crd inherit it.
+/// Returns the hard limit in force afterwards.
+pub fn raise_hard_fd_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_max < FD_LIMIT {
+            let raised = libc::rlimit { rlim_cur: FD_LIMIT, rlim_max: FD_LIMIT };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return FD_LIMIT;
+            }
+            eprintln!(
+                "bench: RLIMIT_NOFILE stays at {} (raising it to {FD_LIMIT}: {})",
+                limit.rlim_max,
+                std::io::Error::last_os_error()
+            );
+        }
+        limit.rlim_max
+    }
+}
+
+/// How many pairs (2 fds each) fit a process under the hard fd limit `hard`, leaving
+/// 2,000 fds for crd's own while it restores them (it holds one per description): at
+/// most `wanted`, in whole thousands.
+pub fn pairs_within(hard: u64, wanted: usize) -> usize {
+    let fit = (hard.saturating_sub(2_000) / 2 / 1_000 * 1_000) as usize;
+    wanted.min(fit).max(1_000)
+}
+
 fn close_range(first: u32, last: u32) {
     // SAFETY: close_range closes fds of this process only.
     unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
 }
 
-/// RLIMIT_NOFILE's soft limit up to the hard one: 18,000 fds need it.
+/// RLIMIT_NOFILE's soft limit up to the hard one (which [`raise_hard_fd_limit`] lifted
+/// for xtask and so for its workloads): 20,000 fds need it.
 fn raise_fd_limit() {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit read and write the struct we pass.
@@ -275,6 +337,81 @@ fn raise_fd_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
+}
+
+/// A network namespace of the workload's own, its loopback up: its connections are
+/// the only ones there, and nothing it does reaches the machine's network.
+fn private_loopback() -> Result<(), String> {
+    let error = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
+    // SAFETY: unshare only moves this (single-threaded) process to a new namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } < 0 {
+        return Err(error("unshare(CLONE_NEWNET)"));
+    }
+    // `ip link set lo up`, without depending on iproute2: SIOCSIFFLAGS on any socket.
+    // SAFETY: plain syscall; the fd is closed below.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(error("socket"));
+    }
+    // SAFETY: ifreq is plain old data; all zeroes is valid.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we pass; the flags
+    // member of the union is the one these requests use.
+    let up = unsafe {
+        libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut request) == 0 && {
+            request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(sock, libc::SIOCSIFFLAGS, &request) == 0
+        }
+    };
+    let result = if up { Ok(()) } else { Err(error("bringing lo up")) };
+    // SAFETY: our own socket.
+    unsafe { libc::close(sock) };
+    result
+}
+
+/// `n` TCP connections to a listener on 127.0.0.1 (an ephemeral port), each accepted
+/// right after its connect; both ends stay open, the listener is closed.
+fn tcp_connections(n: usize) -> Result<(), String> {
+    let error = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
+    let socket = || {
+        // SAFETY: plain syscall with integer arguments.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        if fd < 0 { Err(error("socket")) } else { Ok(fd) }
+    };
+    let listener = socket()?;
+    // SAFETY: sockaddr_in is plain old data; zeroes then the fields we set.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    addr.sin_family = libc::AF_INET as libc::sa_family_t;
+    addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: bind/listen/getsockname read or write the sockaddr_in we pass, `len`
+    // bytes at most.
+    unsafe {
+        if libc::bind(listener, (&raw const addr).cast(), len) < 0 || libc::listen(listener, 128) < 0 {
+            return Err(error("listening on 127.0.0.1"));
+        }
+        if libc::getsockname(listener, (&raw mut addr).cast(), &mut len) < 0 {
+            return Err(error("getsockname"));
+        }
+    }
+    for i in 0..n {
+        let client = socket()?;
+        // SAFETY: connect reads the listener's address; accept4 asks for none.
+        unsafe {
+            if libc::connect(client, (&raw const addr).cast(), len) < 0 {
+                return Err(format!("connection {i} of {n}: {}", std::io::Error::last_os_error()));
+            }
+            if libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), 0) < 0 {
+                return Err(format!("accepting connection {i} of {n}: {}", std::io::Error::last_os_error()));
+            }
+        }
+    }
+    // SAFETY: our own listener; the connections keep their own sockets.
+    unsafe { libc::close(listener) };
+    Ok(())
 }
 
 fn make_pipes(n: usize) -> Result<Vec<[RawFd; 2]>, String> {
@@ -303,5 +440,12 @@ mod tests {
         assert_eq!(ring.queued_bytes(50), 500 * 4096);
         // Pipe 0 of every ten is filled: 11 of 101.
         assert_eq!(Wiring::Ring { pipes: 101, every: 10, bytes: 1 }.queued_bytes(1), 11);
+        assert_eq!(Wiring::UnixPairs { pairs: 10_000 }.fds_per_process(), 20_000);
+        assert_eq!(Wiring::Tcp { connections: 10 }.fds_per_process(), 20);
+        assert_eq!(Wiring::Tcp { connections: 10 }.queued_bytes(1), 0);
+        // A hard limit of 20,000 fds: 9,000 pairs, not the 10,000 asked for.
+        assert_eq!(pairs_within(20_000, 10_000), 9_000);
+        assert_eq!(pairs_within(65_536, 10_000), 10_000);
+        assert_eq!(pairs_within(65_536, 2_000), 2_000);
     }
 }
