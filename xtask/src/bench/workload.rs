@@ -361,9 +361,9 @@ fn private_loopback() -> Result<(), String> {
     // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we pass; the flags
     // member of the union is the one these requests use.
     let up = unsafe {
-        libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut request) == 0 && {
+        libc::ioctl(sock, libc::SIOCGIFFLAGS as libc::Ioctl, &mut request) == 0 && {
             request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            libc::ioctl(sock, libc::SIOCSIFFLAGS, &request) == 0
+            libc::ioctl(sock, libc::SIOCSIFFLAGS as libc::Ioctl, &request) == 0
         }
     };
     let result = if up { Ok(()) } else { Err(error("bringing lo up")) };
