@@ -98,7 +98,7 @@ pub fn run(crd: &Path, root: &Path, reps: Repetitions) -> Result<()> {
         (
             format!("TCP connections {}", report::thousands(n as u64)),
             Wiring::Tcp { connections: n },
-            Some("refused (needs --tcp-established)"),
+            Some("refused (checkpointed without --tcp-established)"),
         ),
     ] {
         eprintln!("bench: {name}");

@@ -425,7 +425,7 @@ fn socket_table(w: &mut String, rows: &[SocketRow]) {
          to exit, BPF load included). A socket costs more than a pipe at checkpoint: crd \
          copies each one into itself (`pidfd_getfd`) to read its options, names and queue \
          while the target is frozen. Restore of established TCP connections is refused \
-         without `--tcp-established` (not built yet), so the TCP row has none. Peak RSS \
+         unless checkpointed with `--tcp-established` (the bench does not), so the TCP row has none. Peak RSS \
          is the largest of ls, checkpoint and restore.\n"
     );
     let _ = writeln!(
