@@ -286,3 +286,109 @@ impl Drop for SmallDisk {
         let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
     }
 }
+
+/// Real programs in tests (Python servers, socket holders) and what the tests read of
+/// their sockets through the kernel.
+pub mod programs {
+    use std::{
+        os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+        process::{Child, Command, Output},
+    };
+
+    /// A program started in a process group of its own; the group (the program and all
+    /// it forked) is killed when dropped.
+    pub struct Program(pub Child);
+
+    impl Drop for Program {
+        fn drop(&mut self) {
+            // SAFETY: plain kill(2) of the process group the test made for the program.
+            unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Starts `python3 -c SCRIPT ARGS` in a process group of its own, with no stderr
+    /// (whatever the test runner's stderr is — a pipe to a terminal multiplexer... — is
+    /// not the program's: a restore would refuse it as external), and returns it with the
+    /// first line it prints.
+    pub fn python(script: &str, args: &[&str]) -> (Program, String) {
+        use std::{
+            io::{BufRead, BufReader},
+            os::unix::process::CommandExt,
+            process::Stdio,
+        };
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("piped");
+        BufReader::new(stdout).read_line(&mut line).expect("the program prints a line");
+        (Program(child), line)
+    }
+
+    /// [`python`], with the first line parsed as JSON.
+    pub fn python_json(script: &str, args: &[&str]) -> (Program, serde_json::Value) {
+        let (program, line) = python(script, args);
+        let value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        (program, value)
+    }
+
+    pub fn stderr(out: &Output) -> String {
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// A copy of `fd` of process `pid` (the very same open file description).
+    pub fn grab(pid: u32, fd: u32) -> OwnedFd {
+        // SAFETY: plain syscalls with integer arguments; the results are checked.
+        unsafe {
+            let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
+            assert!(pidfd >= 0, "pidfd_open {pid}: {}", std::io::Error::last_os_error());
+            let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
+            let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd as i32, 0);
+            assert!(copy >= 0, "pidfd_getfd {pid} {fd}: {}", std::io::Error::last_os_error());
+            OwnedFd::from_raw_fd(copy as RawFd)
+        }
+    }
+
+    /// An integer socket option.
+    pub fn int_opt(fd: BorrowedFd<'_>, level: i32, name: i32) -> i32 {
+        let mut value: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes one int into our local.
+        let ret = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut value).cast(), &mut len) };
+        assert_eq!(ret, 0, "getsockopt {level}/{name}: {}", std::io::Error::last_os_error());
+        value
+    }
+
+    pub fn set_int_opt(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) {
+        // SAFETY: setsockopt reads one int from our local.
+        let ret = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                level,
+                name,
+                (&raw const value).cast(),
+                size_of::<libc::c_int>() as u32,
+            )
+        };
+        assert_eq!(ret, 0, "setsockopt {level}/{name}: {}", std::io::Error::last_os_error());
+    }
+
+    /// Moves the calling test's thread into a network namespace of its own with loopback
+    /// up: a network namespace is per thread, and every process the thread spawns
+    /// afterwards (programs, crd, crd's stubs) lives in it.
+    pub fn own_network_namespace() {
+        // SAFETY: unshare(CLONE_NEWNET) only changes this thread's network namespace.
+        let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(ret, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        let up = Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("ip runs");
+        assert!(up.success(), "ip link set lo up");
+    }
+}

@@ -5,43 +5,16 @@
 //! for real when its targets become ready.
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader},
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
-    os::unix::process::CommandExt,
-    process::{Child, Command, Stdio},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
 };
 
 use crd::Source;
+use crd_tests::programs::{Program, stderr, grab};
 use crd_tests::{checkpoint, crd, proc_fds, require_root, restore_with};
 
-/// A process tree, killed when dropped.
-struct Program(Child);
-
-impl Drop for Program {
-    fn drop(&mut self) {
-        // SAFETY: plain kill(2) of the process group the test made for the program.
-        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `python3 -c PRELUDE+SCRIPT` in its own process group and returns it with the
-/// first line it prints (JSON).
+/// [`crd_tests::programs::python_json`] of PRELUDE + SCRIPT.
 fn python(script: &str) -> (Program, serde_json::Value) {
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(format!("{PRELUDE}{script}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        // The test runner's stderr is not the program's: a restore would refuse it.
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .expect("python3 runs");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-    (Program(child), value)
+    crd_tests::programs::python_json(&format!("{PRELUDE}{script}"), &[])
 }
 
 /// `add(ep, fd, events, data)`: EPOLL_CTL_ADD with all 64 bits of data (Python's own
@@ -60,23 +33,6 @@ ET = 1 << 31
 def forever():
     while True: time.sleep(3600)
 "#;
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// A copy of `fd` of process `pid` (the very same description).
-fn grab(pid: u32, fd: u32) -> OwnedFd {
-    // SAFETY: plain syscalls with integer arguments; the results are checked.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
-        assert!(pidfd >= 0, "pidfd_open {pid}: {}", std::io::Error::last_os_error());
-        let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
-        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd as i32, 0);
-        assert!(copy >= 0, "pidfd_getfd {pid} {fd}: {}", std::io::Error::last_os_error());
-        OwnedFd::from_raw_fd(copy as RawFd)
-    }
-}
 
 /// Whether `fd` of `pid` is the file epoll `epfd` of `pid` watches as its `toff`-th item
 /// registered under `tfd` (kcmp KCMP_EPOLL_TFD).

@@ -2,59 +2,17 @@
 //! the kernel (the restored stubs' fdinfo, a signal sent through a restored pidfd, an
 //! event read from a restored inotify), never through crd's own output.
 use std::{
-    io::{BufRead, BufReader},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    os::unix::process::CommandExt,
-    process::{Child, Command, Stdio},
+    os::fd::AsRawFd,
     time::{Duration, Instant},
 };
 
+use crd_tests::programs::{Program, stderr, grab};
 use crd_tests::{crd, require_root, restore_with};
 
-/// A process tree, killed when dropped.
-struct Program(Child);
-
-impl Drop for Program {
-    fn drop(&mut self) {
-        // SAFETY: plain kill(2) of the process group the test made.
-        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `python3 -c SCRIPT ARGS` (its own process group, no stderr) and returns it
-/// with the first line it prints, split in words.
+/// [`programs::python`], with its first line split in words.
 fn python(script: &str, args: &[&str]) -> (Program, Vec<String>) {
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .expect("python3 runs");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    (Program(child), line.split_whitespace().map(String::from).collect())
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// A copy of `fd` of process `pid` (the very same description).
-fn grab(pid: u32, fd: u32) -> OwnedFd {
-    // SAFETY: plain syscalls with integer arguments; the results are checked.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
-        assert!(pidfd >= 0, "pidfd_open {pid}: {}", std::io::Error::last_os_error());
-        let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
-        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd as i32, 0);
-        assert!(copy >= 0, "pidfd_getfd {pid} {fd}: {}", std::io::Error::last_os_error());
-        OwnedFd::from_raw_fd(copy as RawFd)
-    }
+    let (program, line) = crd_tests::programs::python(script, args);
+    (program, line.split_whitespace().map(String::from).collect())
 }
 
 fn fdinfo(pid: u32, fd: u32) -> String {

@@ -8,77 +8,12 @@ use std::{
     io::{BufRead, BufReader, IoSliceMut},
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     os::unix::process::CommandExt,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
 };
 
+use crd_tests::programs::{python_json, Program, stderr, grab, int_opt, set_int_opt, own_network_namespace};
 use crd_tests::{crd, require_root, restore_with};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-
-/// A process tree, killed when dropped.
-struct Program(Child);
-
-impl Drop for Program {
-    fn drop(&mut self) {
-        // The program and every process it forked: its own process group.
-        // SAFETY: plain kill(2) of a process group the test made.
-        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `python3 -c SCRIPT ARGS` and returns it with the first line it prints.
-fn python(script: &str, args: &[&str]) -> (Program, serde_json::Value) {
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        // Whatever the test runner's stderr is (a pipe to a terminal multiplexer...),
-        // it is not the program's: a restore would refuse it as external.
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .expect("python3 runs");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-    (Program(child), value)
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// A copy of `fd` of process `pid` (the very same socket).
-fn grab(pid: u32, fd: u32) -> OwnedFd {
-    // SAFETY: plain syscalls with integer arguments; the results are checked.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
-        assert!(pidfd >= 0, "pidfd_open {pid}: {}", std::io::Error::last_os_error());
-        let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
-        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd as i32, 0);
-        assert!(copy >= 0, "pidfd_getfd {pid} {fd}: {}", std::io::Error::last_os_error());
-        OwnedFd::from_raw_fd(copy as RawFd)
-    }
-}
-
-fn int_opt(fd: BorrowedFd<'_>, level: i32, name: i32) -> i32 {
-    let mut value: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes one int into our local.
-    let ret = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut value).cast(), &mut len) };
-    assert_eq!(ret, 0, "getsockopt {level}/{name}: {}", std::io::Error::last_os_error());
-    value
-}
-
-fn set_int_opt(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) {
-    // SAFETY: setsockopt reads one int from our local.
-    let ret = unsafe {
-        libc::setsockopt(fd.as_raw_fd(), level, name, (&raw const value).cast(), size_of::<libc::c_int>() as u32)
-    };
-    assert_eq!(ret, 0, "setsockopt {level}/{name}: {}", std::io::Error::last_os_error());
-}
 
 /// The raw bytes getsockname or getpeername give (`ENOTCONN` for no peer).
 fn name(fd: BorrowedFd<'_>, peer: bool) -> String {
@@ -235,7 +170,7 @@ fn unix_sockets_round_trip_with_queues_listeners_and_fds_in_flight() {
     crd_tests::require_tool!("python3");
     let dir = tempfile::tempdir().unwrap();
     let tag = format!("{}", std::process::id());
-    let (program, info) = python(UNIX_SCENARIO, &[dir.path().to_str().unwrap(), &tag]);
+    let (program, info) = python_json(UNIX_SCENARIO, &[dir.path().to_str().unwrap(), &tag]);
     let parent = info["parent"].as_u64().unwrap() as u32;
     let child = info["child"].as_u64().unwrap() as u32;
     let fd = |name: &str| info["fds"][name].as_u64().unwrap() as u32;
@@ -342,7 +277,7 @@ b.close()
 print(json.dumps(dict(child=child, fd=fd)), flush=True)
 while True: time.sleep(3600)
 "#;
-    let (_program, info) = python(script, &[]);
+    let (_program, info) = python_json(script, &[]);
     let child = info["child"].as_u64().unwrap() as u32;
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("ext.crd");
@@ -384,22 +319,13 @@ print(json.dumps(dict(pid=os.getpid(), fds={k: s.fileno() for k, s in socks.item
 while True: time.sleep(3600)
 "#;
 
-/// The test thread's own network namespace, with loopback up; processes it spawns
-/// inherit it.
-fn own_network_namespace() {
-    // SAFETY: unshare(2) of the calling thread's network namespace only.
-    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "{}", std::io::Error::last_os_error());
-    let up = Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("ip runs");
-    assert!(up.success());
-}
-
 #[test]
 fn tcp_listeners_and_udp_sockets_come_back_on_their_ports_with_their_datagrams() {
     require_root!();
     crd_tests::require_tool!("python3");
     crd_tests::require_tool!("ip");
     own_network_namespace();
-    let (program, info) = python(INET_SCENARIO, &[]);
+    let (program, info) = python_json(INET_SCENARIO, &[]);
     let pid = info["pid"].as_u64().unwrap() as u32;
     let fd = |name: &str| info["fds"][name].as_u64().unwrap() as u32;
     let port = |name: &str| info["ports"][name].as_u64().unwrap() as u16;
@@ -461,7 +387,7 @@ a, b = socket.socketpair()
 print(json.dumps(dict(pid=os.getpid(), fd=n.fileno())), flush=True)
 while True: time.sleep(3600)
 "#;
-    let (_program, info) = python(script, &[]);
+    let (_program, info) = python_json(script, &[]);
     let pid = info["pid"].as_u64().unwrap().to_string();
     let netlink = info["fd"].as_u64().unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -9,38 +9,15 @@
 //! A python program holds both ends of a loopback connection with bytes queued both ways,
 //! including bytes its peer's full window keeps in the send queue.
 use std::{
-    io::{BufRead, BufReader},
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
-    os::unix::process::CommandExt,
-    process::{Child, Command, Stdio},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     time::{Duration, Instant},
 };
 
+use crd_tests::programs::{Program, stderr, grab, int_opt, set_int_opt, own_network_namespace};
 use crd_tests::{crd, require_root, restore_with};
 
 /// Bytes written but not yet sent (libc declares it for some targets only).
 const SIOCOUTQNSD: libc::Ioctl = 0x894B;
-
-/// A process group, killed when dropped.
-struct Program(Child);
-
-impl Drop for Program {
-    fn drop(&mut self) {
-        // SAFETY: plain kill(2) of a process group the test made.
-        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
-        let _ = self.0.wait();
-    }
-}
-
-/// Moves this test's thread into a network namespace of its own with loopback up.
-fn own_network_namespace() {
-    // SAFETY: unshare(CLONE_NEWNET) only changes this thread's network namespace; the
-    // test's other threads keep theirs.
-    let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(ret, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
-    let up = Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("ip runs");
-    assert!(up.success(), "ip link set lo up");
-}
 
 /// Both ends of one loopback connection in one process: `c` (the client) has 1500 bytes
 /// from `s` unread, then as much of a 1 MiB write as it took before its receive buffer,
@@ -91,19 +68,7 @@ struct Connection {
 }
 
 fn connection() -> Connection {
-    let mut child = Command::new("python3")
-        .args(["-c", CONNECTION])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        // Not the test's own stderr: a pipe there would be held outside the image.
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .expect("python3 runs");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let program = Program(child);
-    let info: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let (program, info) = crd_tests::programs::python_json(CONNECTION, &[]);
     let num = |k: &str| info[k].as_u64().unwrap_or_else(|| panic!("{k} in {info}"));
     let big: Vec<u8> = (0..4096).flat_map(|_| 0..=255u8).collect();
     let mut to_c = b"server->client ".repeat(100);
@@ -118,42 +83,6 @@ fn connection() -> Connection {
         to_c,
         to_s: b"client->server ".repeat(100),
     }
-}
-
-/// A copy of `fd` of process `pid` (the very same socket).
-fn grab(pid: u32, fd: u32) -> OwnedFd {
-    // SAFETY: plain syscalls with integer arguments; the results are checked.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
-        assert!(pidfd >= 0, "pidfd_open {pid}: {}", std::io::Error::last_os_error());
-        let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
-        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd as i32, 0);
-        assert!(copy >= 0, "pidfd_getfd {pid} {fd}: {}", std::io::Error::last_os_error());
-        OwnedFd::from_raw_fd(copy as RawFd)
-    }
-}
-
-fn int_opt(fd: BorrowedFd<'_>, level: i32, name: i32) -> i32 {
-    let mut value: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes one int into our local.
-    let ret = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut value).cast(), &mut len) };
-    assert_eq!(ret, 0, "getsockopt {level}/{name}: {}", std::io::Error::last_os_error());
-    value
-}
-
-fn set_int_opt(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) {
-    // SAFETY: setsockopt reads one int from our local.
-    let ret = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as u32,
-        )
-    };
-    assert_eq!(ret, 0, "setsockopt {level}/{name}: {}", std::io::Error::last_os_error());
 }
 
 fn ioctl_int(fd: BorrowedFd<'_>, request: libc::Ioctl) -> usize {
@@ -225,10 +154,6 @@ fn send(fd: BorrowedFd<'_>, bytes: &[u8]) {
     // SAFETY: send reads bytes.len() bytes from our slice.
     let n = unsafe { libc::send(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
     assert_eq!(n, bytes.len() as isize, "send: {}", std::io::Error::last_os_error());
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Closes a connection's original ends without a FIN or RST, as CRIU leaves them after a
