@@ -166,6 +166,7 @@ fn timers_and_signalfds_keep_their_state_through_a_restore() {
 #[test]
 fn a_restored_signalfd_reads_a_signal_sent_to_the_restored_process() {
     require_root!();
+    crd_tests::require_tool!("python3");
     let dir = tempfile::tempdir().unwrap();
     let fixture = spawn(&["signalfd:7:INT,USR2"], 1);
     let (_image, path, _log) = image_of_stopped(fixture, dir.path());
