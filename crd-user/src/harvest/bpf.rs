@@ -642,8 +642,14 @@ mod tests {
     fn the_socket_fuzz_seeds_are_committed_and_decode_to_their_kinds() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/record_decode");
         let write = std::env::var_os("CRD_WRITE_FUZZ_SEEDS").is_some();
+        // The VM matrix's guests see the test binaries, not the source tree: there the
+        // seeds are only decoded.
+        let have_corpus = dir.is_dir();
         for (name, record, kind) in socket_seeds() {
             assert_eq!(decoded(&record).unwrap().file.object.kind(), kind, "{name}");
+            if !have_corpus {
+                continue;
+            }
             let path = dir.join(name);
             if write {
                 std::fs::write(&path, &record).unwrap();
