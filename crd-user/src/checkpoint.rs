@@ -34,7 +34,9 @@ pub enum CheckpointError {
     Image(#[from] ImageError),
     #[error("interrupted; the target was resumed and no image was written")]
     Interrupted(#[source] Interrupted),
-    #[error("{0} (--strict: no image was written; without --strict the image lists them and restore refuses them)")]
+    #[error(
+        "{0} (--strict: no image was written; without --strict the image lists them and restore refuses them)"
+    )]
     Strict(String),
 }
 
@@ -194,7 +196,8 @@ fn unrestorable(graph: &Graph) -> Option<String> {
     if refused.is_empty() {
         return None;
     }
-    let clauses: Vec<String> = refused.into_iter().map(|(why, fds)| format!("{}: {why}", fds.join(", "))).collect();
+    let clauses: Vec<String> =
+        refused.into_iter().map(|(why, fds)| format!("{}: {why}", fds.join(", "))).collect();
     Some(clauses.join("; "))
 }
 

@@ -230,11 +230,10 @@ impl InsideCounts {
         let mut counts = Self::default();
         let mut descriptions: HashSet<KernelPtr> = HashSet::new();
         let held = |carrier: &KernelPtr| states.get(carrier).is_none_or(|s| s.kind().holds_carried());
-        let files = harvest
-            .fds
-            .iter()
-            .map(|f| (&f.file, true))
-            .chain(carried.iter().flat_map(|(carrier, c)| c.iter().map(move |c| (&c.file, held(carrier)))));
+        let files =
+            harvest.fds.iter().map(|f| (&f.file, true)).chain(
+                carried.iter().flat_map(|(carrier, c)| c.iter().map(move |c| (&c.file, held(carrier)))),
+            );
         for (file, slot) in files {
             if slot {
                 *counts.slots_per_file.entry(file.id).or_default() += 1;

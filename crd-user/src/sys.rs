@@ -89,7 +89,14 @@ pub fn kcmp_same(pid1: Pid, pid2: Pid, what: Kcmp) -> Result<bool, SyscallError>
 /// under fd number `tfd` (an epoll keys its items by file and fd number, so one number
 /// may name several). Ok(false) when `fd1` is not open in `pid1` (EBADF): the number
 /// the target was registered under may be closed since.
-pub fn kcmp_epoll_tfd(pid1: Pid, fd1: Fd, pid2: Pid, efd: Fd, tfd: u32, toff: u32) -> Result<bool, SyscallError> {
+pub fn kcmp_epoll_tfd(
+    pid1: Pid,
+    fd1: Fd,
+    pid2: Pid,
+    efd: Fd,
+    tfd: u32,
+    toff: u32,
+) -> Result<bool, SyscallError> {
     /// `KCMP_EPOLL_TFD` (include/uapi/linux/kcmp.h).
     const KCMP_EPOLL_TFD: libc::c_long = 7;
     /// `struct kcmp_epoll_slot` (include/uapi/linux/kcmp.h).

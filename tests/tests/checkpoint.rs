@@ -305,11 +305,13 @@ fn a_tiny_ring_buffer_pauses_the_iterator_and_loses_nothing() {
     // The kernel's reference counts are compared apart: a concurrent `pidfd_getfd`
     // (another test's `crd ls --all` counting queued bytes) briefly adds one.
     let without_refs = |fds: &[crd::harvest::FdInfo]| -> Vec<crd::harvest::FdInfo> {
-        fds.iter().cloned().map(|mut f| {
-            f.file.refs = 0;
-            f
-        })
-        .collect()
+        fds.iter()
+            .cloned()
+            .map(|mut f| {
+                f.file.refs = 0;
+                f
+            })
+            .collect()
     };
     let differing = small_ring.fds[3..].iter().zip(&big_ring.fds[3..]).filter(|(a, b)| a != b).count();
     assert!(

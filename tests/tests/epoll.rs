@@ -9,7 +9,7 @@ use std::{
 };
 
 use crd::Source;
-use crd_tests::programs::{Program, stderr, grab};
+use crd_tests::programs::{Program, grab, stderr};
 use crd_tests::{checkpoint, crd, proc_fds, require_root, restore_with};
 
 /// [`crd_tests::programs::python_json`] of PRELUDE + SCRIPT.
@@ -93,7 +93,8 @@ fn round_trip(program: Program, pid: u32, dir: &std::path::Path) -> crd_tests::R
     let image = dir.join("epoll.crd");
     crd::image::write(&image, &body).expect("image written");
     drop(program);
-    let restored = restore_with(&["restore", image.to_str().unwrap()]).unwrap_or_else(|e| panic!("restore: {e}"));
+    let restored =
+        restore_with(&["restore", image.to_str().unwrap()]).unwrap_or_else(|e| panic!("restore: {e}"));
     let again = checkpoint(restored.root, true, Source::Bpf);
     if let Err(difference) = body.graph.same_shape(&again.graph) {
         panic!("the restored tree differs: {difference}");
@@ -135,7 +136,10 @@ fn an_epoll_over_a_pipe_an_eventfd_and_a_socket_round_trips_with_all_64_bits_and
     let before = interest(pid, ep);
     assert_eq!(before.len(), 3, "{before:?}");
     let r_data = 0xdead_beef_0000_0000 | r as u64;
-    assert!(before.contains(&(r, 0x8000_0019, r_data, Some(r), "pipe".into())), "EPOLLIN|ET (+ERR|HUP): {before:?}");
+    assert!(
+        before.contains(&(r, 0x8000_0019, r_data, Some(r), "pipe".into())),
+        "EPOLLIN|ET (+ERR|HUP): {before:?}"
+    );
     assert!(before.iter().all(|i| i.3 == Some(i.0)), "each target held at its number: {before:?}");
 
     // ls names each target, the same from both sources.
@@ -146,11 +150,15 @@ fn an_epoll_over_a_pipe_an_eventfd_and_a_socket_round_trips_with_all_64_bits_and
     };
     let json = listing("bpf");
     assert_eq!(json, listing("procfs"), "BPF and /proc list the same");
-    let entry = json["processes"][0]["fds"].as_array().unwrap().iter().find(|f| f["fd"] == ep).unwrap().clone();
+    let entry =
+        json["processes"][0]["fds"].as_array().unwrap().iter().find(|f| f["fd"] == ep).unwrap().clone();
     assert_eq!(entry["kind"], "Epoll");
     let detail = entry["detail"].as_str().unwrap();
     assert!(detail.contains(&format!("tfd={r} events=IN|ERR|HUP|ET data={r_data:#x}")), "{detail}");
-    assert!(detail.contains(&format!("tfd={} events=OUT|ERR|HUP|ONESHOT data=0xffffffffffffffff", fd("ev"))), "{detail}");
+    assert!(
+        detail.contains(&format!("tfd={} events=OUT|ERR|HUP|ONESHOT data=0xffffffffffffffff", fd("ev"))),
+        "{detail}"
+    );
     assert!(detail.contains("EXCLUSIVE"), "{detail}");
 
     let restored = round_trip(program, pid, dir.path());

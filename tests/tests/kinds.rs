@@ -474,7 +474,8 @@ asyncio.run(main())
     };
     let before = interest(pid);
     drop(_child);
-    let restored = restore_with(&["restore", image.to_str().unwrap()]).unwrap_or_else(|e| panic!("restore: {e}"));
+    let restored =
+        restore_with(&["restore", image.to_str().unwrap()]).unwrap_or_else(|e| panic!("restore: {e}"));
     let again = checkpoint(restored.root, false, Source::Bpf);
     if let Err(difference) = body.graph.same_shape(&again.graph) {
         panic!("the restored tree differs: {difference}");

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crd_tests::programs::{Program, stderr, grab};
+use crd_tests::programs::{Program, grab, stderr};
 use crd_tests::{crd, require_root, restore_with};
 
 /// [`programs::python`], with its first line split in words.

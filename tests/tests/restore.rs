@@ -219,10 +219,7 @@ fn refused_images_are_one_line_errors_and_leave_nothing_running() {
     }
     let out = crd(&["restore", socket_image.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("fd 3 (pty #"),
-        "names the fd and the object: {err}"
-    );
+    assert!(err.contains("fd 3 (pty #"), "names the fd and the object: {err}");
     assert!(!comm_exists("crdtest-gone") && !comm_exists("crdtest-sock"), "no stub left");
 }
 

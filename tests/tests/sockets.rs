@@ -11,7 +11,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use crd_tests::programs::{python_json, Program, stderr, grab, int_opt, set_int_opt, own_network_namespace};
+use crd_tests::programs::{Program, grab, int_opt, own_network_namespace, python_json, set_int_opt, stderr};
 use crd_tests::{crd, require_root, restore_with};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 
@@ -41,7 +41,8 @@ fn describe(pid: u32, fd: u32) -> String {
     let s = sock.as_fd();
     let sock_type = int_opt(s, libc::SOL_SOCKET, libc::SO_TYPE);
     let listening = int_opt(s, libc::SOL_SOCKET, libc::SO_ACCEPTCONN);
-    let mut out = format!("type {sock_type} listening {listening} name {} peer {}", name(s, false), name(s, true));
+    let mut out =
+        format!("type {sock_type} listening {listening} name {} peer {}", name(s, false), name(s, true));
     if listening == 0 {
         out.push_str(&format!(" queue {:?}", peek_all(s, sock_type)));
     }
@@ -106,8 +107,13 @@ fn receive(s: BorrowedFd<'_>) -> (Vec<u8>, Vec<OwnedFd>) {
     let mut buf = vec![0u8; 1 << 20];
     let mut space = nix::cmsg_space!([RawFd; 16]);
     let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC)
-        .expect("a message is queued");
+    let msg = recvmsg::<()>(
+        s.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .expect("a message is queued");
     let n = msg.bytes;
     let mut files = Vec::new();
     for cmsg in msg.cmsgs().unwrap() {
@@ -205,7 +211,8 @@ fn unix_sockets_round_trip_with_queues_listeners_and_fds_in_flight() {
     std::fs::remove_file(dir.path().join("listen.sock")).unwrap();
     std::fs::remove_file(dir.path().join("dgram.sock")).unwrap();
 
-    let restored = restore_with(&["restore", image.to_str().unwrap()]).unwrap_or_else(|e| panic!("restore: {e}"));
+    let restored =
+        restore_with(&["restore", image.to_str().unwrap()]).unwrap_or_else(|e| panic!("restore: {e}"));
     let new_parent = restored.root;
     let new_child = restored.tasks.iter().find(|(old, _)| *old == child).map(|t| t.1).expect("the child");
     let after: Vec<String> = parent_fds
@@ -240,7 +247,14 @@ fn unix_sockets_round_trip_with_queues_listeners_and_fds_in_flight() {
     // Each pair is a pair: bytes written at one end arrive at the other.
     for (a, b) in [("qa", "qb"), ("da", "db")] {
         let (x, y) = (grab(new_parent, fd(a)), grab(new_child, fd(b)));
-        while recvmsg::<()>(y.as_raw_fd(), &mut [IoSliceMut::new(&mut [0u8; 4096])], None, MsgFlags::MSG_DONTWAIT).is_ok() {}
+        while recvmsg::<()>(
+            y.as_raw_fd(),
+            &mut [IoSliceMut::new(&mut [0u8; 4096])],
+            None,
+            MsgFlags::MSG_DONTWAIT,
+        )
+        .is_ok()
+        {}
         nix::unistd::write(&x, b"ping").unwrap();
         assert_eq!(receive(y.as_fd()).0, b"ping", "{a} -> {b}");
     }
@@ -249,7 +263,9 @@ fn unix_sockets_round_trip_with_queues_listeners_and_fds_in_flight() {
     for (listener, waiting) in [("lp", "wp"), ("la", "wa")] {
         let l = grab(new_parent, fd(listener));
         // SAFETY: accept4 on a listening socket copy.
-        let accepted = unsafe { libc::accept4(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+        let accepted = unsafe {
+            libc::accept4(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
+        };
         assert!(accepted >= 0, "{listener}: {}", std::io::Error::last_os_error());
         // SAFETY: the kernel just returned this fd.
         let accepted = unsafe { OwnedFd::from_raw_fd(accepted) };
@@ -336,7 +352,8 @@ fn tcp_listeners_and_udp_sockets_come_back_on_their_ports_with_their_datagrams()
         let v6only = if n == "t6" { int_opt(f, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) } else { -1 };
         (int_opt(f, libc::SOL_SOCKET, libc::SO_REUSEADDR), v6only)
     };
-    let before: Vec<(String, (i32, i32))> = names.iter().map(|n| (describe(pid, fd(n)), opts(pid, n))).collect();
+    let before: Vec<(String, (i32, i32))> =
+        names.iter().map(|n| (describe(pid, fd(n)), opts(pid, n))).collect();
     let by_bpf = crd_tests::checkpoint(pid, false, crd::Source::Bpf);
     let by_procfs = crd_tests::checkpoint(pid, false, crd::Source::Procfs);
     if let Err(difference) = by_bpf.graph.same_shape(&by_procfs.graph) {
@@ -351,7 +368,8 @@ fn tcp_listeners_and_udp_sockets_come_back_on_their_ports_with_their_datagrams()
     assert_eq!(refused.status.code(), Some(1));
     assert!(stderr(&refused).contains("is in use"), "{}", stderr(&refused));
     drop(program);
-    let restored = restore_with(&["restore", image.to_str().unwrap()]).unwrap_or_else(|e| panic!("restore: {e}"));
+    let restored =
+        restore_with(&["restore", image.to_str().unwrap()]).unwrap_or_else(|e| panic!("restore: {e}"));
     for (n, (b, o)) in names.iter().zip(&before) {
         assert_eq!(&describe(restored.root, fd(n)), b, "{n}: the restored socket differs");
         assert_eq!(&opts(restored.root, n), o, "{n}: options differ");
@@ -360,7 +378,9 @@ fn tcp_listeners_and_udp_sockets_come_back_on_their_ports_with_their_datagrams()
     let client = std::net::TcpStream::connect(("127.0.0.1", port("t4"))).expect("connects");
     let listener = grab(restored.root, fd("t4"));
     // SAFETY: accept4 on a listening socket copy.
-    let accepted = unsafe { libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+    let accepted = unsafe {
+        libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
+    };
     assert!(accepted >= 0, "{}", std::io::Error::last_os_error());
     // SAFETY: the kernel just returned this fd.
     drop(unsafe { OwnedFd::from_raw_fd(accepted) });
@@ -368,7 +388,8 @@ fn tcp_listeners_and_udp_sockets_come_back_on_their_ports_with_their_datagrams()
     // The datagrams come from where they came from: the restored client's port.
     let server = grab(restored.root, fd("us"));
     let mut buf = [0u8; 512];
-    let (n, from) = nix::sys::socket::recvfrom::<nix::sys::socket::SockaddrIn>(server.as_raw_fd(), &mut buf).unwrap();
+    let (n, from) =
+        nix::sys::socket::recvfrom::<nix::sys::socket::SockaddrIn>(server.as_raw_fd(), &mut buf).unwrap();
     assert_eq!(&buf[..n], b"dg1");
     assert_eq!(from.map(|a| a.port()), Some(port("uc")), "the sender's port is kept");
 }
@@ -432,9 +453,7 @@ fn a_python_http_server_listener_is_restored_and_handed_to_a_new_program() {
             Ok(())
         })
     };
-    let mut child = command
-        .spawn()
-        .expect("python3 runs");
+    let mut child = command.spawn().expect("python3 runs");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let port: u16 = line
@@ -469,8 +488,17 @@ c.recv(4096)
 c.sendall(b"HTTP/1.0 200 OK\r\n\r\nrestored listener")
 c.close()
 "#;
-    let restored = restore_with(&["restore", image.to_str().unwrap(), "--exec", "--listen-fds", "--", "python3", "-c", serve])
-        .unwrap_or_else(|e| panic!("restore: {e}"));
+    let restored = restore_with(&[
+        "restore",
+        image.to_str().unwrap(),
+        "--exec",
+        "--listen-fds",
+        "--",
+        "python3",
+        "-c",
+        serve,
+    ])
+    .unwrap_or_else(|e| panic!("restore: {e}"));
     let reply = get(port);
     assert!(reply.ends_with("restored listener"), "{reply}");
     drop(restored);

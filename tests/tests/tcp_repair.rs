@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crd_tests::programs::{Program, stderr, grab, int_opt, set_int_opt, own_network_namespace};
+use crd_tests::programs::{Program, grab, int_opt, own_network_namespace, set_int_opt, stderr};
 use crd_tests::{crd, require_root, restore_with};
 
 /// Bytes written but not yet sent (libc declares it for some targets only).

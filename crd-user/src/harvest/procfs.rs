@@ -395,7 +395,11 @@ fn count_references(
 /// Describes one of crd's own fds the way the harvest describes a target's: a file
 /// received in flight from a socket's queue. `id` names the description; `object`,
 /// where given, names its object (the same inode the harvest already holds).
-pub fn own_file(fd: Fd, id: KernelPtr, object: Option<KernelPtr>) -> Result<Option<(String, FileInfo)>, ProcfsError> {
+pub fn own_file(
+    fd: Fd,
+    id: KernelPtr,
+    object: Option<KernelPtr>,
+) -> Result<Option<(String, FileInfo)>, ProcfsError> {
     let me = Pid(std::process::id());
     let Some(slot) = read_slot(me, fd)? else {
         return Ok(None);

@@ -619,7 +619,11 @@ mod tests {
         let ino = |fd: i32| std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
         let path = format!("/proc/self/fd/{}", a.as_raw_fd());
         // 6.x names a unix stream socket's protocol UNIX-STREAM; 5.10 says UNIX.
-        assert!(matches!(protoname(&path).as_deref(), Some("UNIX-STREAM" | "UNIX")), "{:?}", protoname(&path));
+        assert!(
+            matches!(protoname(&path).as_deref(), Some("UNIX-STREAM" | "UNIX")),
+            "{:?}",
+            protoname(&path)
+        );
         let mut sockets = Sockets::new();
         let me = Pid(std::process::id());
         let Some(l) = sockets.facts(me, ino(listener.as_raw_fd())).cloned() else {

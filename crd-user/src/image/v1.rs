@@ -172,8 +172,14 @@ impl Inode {
             InodeKind::Directory => Saved::Directory(ByPath),
             // Format 1 did not tell terminals from other devices: today's crd does.
             InodeKind::CharDevice => {
-                let r =
-                    Recognise { mode: self.mode, fs_magic: None, name: None, rdev: self.rdev, link: None, family: None };
+                let r = Recognise {
+                    mode: self.mode,
+                    fs_magic: None,
+                    name: None,
+                    rdev: self.rdev,
+                    link: None,
+                    family: None,
+                };
                 match Kind::recognise(&r) {
                     Kind::Terminal => Saved::Terminal(ByPath),
                     _ => Saved::CharDevice(ByPath),

@@ -35,7 +35,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Completion, FileKind, Identity, KindError, ObjectStore, OpenArgs, Opened, ProcSlot, Reach, Recognise, Stage};
+use super::{
+    Completion, FileKind, Identity, KindError, ObjectStore, OpenArgs, Opened, ProcSlot, Reach, Recognise,
+    Stage,
+};
 use crate::{
     sys::{self, SyscallError},
     types::{DeviceId, Fd, Pid, Tgid},
@@ -170,10 +173,9 @@ impl FileKind for Epoll {
     }
 
     fn save(live: &EpollLive, reach: &Reach<'_>) -> Result<EpollState, KindError> {
-        let items = live
-            .items
-            .as_ref()
-            .ok_or_else(|| KindError::Other("its interest list (fdinfo tfd: lines) could not be read".into()))?;
+        let items = live.items.as_ref().ok_or_else(|| {
+            KindError::Other("its interest list (fdinfo tfd: lines) could not be read".into())
+        })?;
         let mut found: Vec<(Watch, OwnedFd)> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             // Which of the items registered under this number it is (kcmp counts them
@@ -212,7 +214,8 @@ impl FileKind for Epoll {
     fn open(_saved: &EpollState, args: &OpenArgs<'_>, _store: &mut ObjectStore) -> Result<Opened, KindError> {
         if !args.first {
             return Err(KindError::Other(
-                "a second open file description of one epoll cannot be made (an epoll cannot be reopened)".into(),
+                "a second open file description of one epoll cannot be made (an epoll cannot be reopened)"
+                    .into(),
             ));
         }
         // SAFETY: plain syscall with an integer argument.
@@ -295,8 +298,11 @@ fn add_all(epoll: BorrowedFd<'_>, targets: &[Watch], files: &[BorrowedFd<'_>]) -
     let epoll = lift(epoll)?;
     let lifted: Vec<OwnedFd> = files.iter().map(|&f| lift(f)).collect::<Result<_, _>>()?;
     for (watch, file) in targets.iter().zip(&lifted) {
-        let named = |e: KindError| KindError::Other(format!("tfd {} ({}): {e}", watch.tfd, events_name(watch.events)));
-        let tfd = i32::try_from(watch.tfd).map_err(|_| named(KindError::Other("fd number out of range".into())))?;
+        let named = |e: KindError| {
+            KindError::Other(format!("tfd {} ({}): {e}", watch.tfd, events_name(watch.events)))
+        };
+        let tfd =
+            i32::try_from(watch.tfd).map_err(|_| named(KindError::Other("fd number out of range".into())))?;
         // SAFETY: dup3 onto `tfd` in this thread's private table: whatever crd's copy had
         // there is only this table's reference (crd's own table keeps its own); the
         // epoll and the targets sit above every such number.
@@ -307,7 +313,9 @@ fn add_all(epoll: BorrowedFd<'_>, targets: &[Watch], files: &[BorrowedFd<'_>]) -
         let placed = unsafe { OwnedFd::from_raw_fd(tfd) };
         let mut event = libc::epoll_event { events: watch.events, u64: watch.data };
         // SAFETY: epoll_ctl reads one epoll_event through the pointer, valid for the call.
-        let ret = unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, placed.as_raw_fd(), &mut event) };
+        let ret = unsafe {
+            libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, placed.as_raw_fd(), &mut event)
+        };
         if ret < 0 {
             return Err(named(SyscallError::last("epoll_ctl(EPOLL_CTL_ADD)").into()));
         }

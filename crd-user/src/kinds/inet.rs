@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use super::{
     Completion, FileKind, KindError, ObjectStore, OpenArgs, Opened, ProcSlot, Reach, Recognise, SaveOptions,
     Stage, Tie,
-    sockio::{self, Buffers, Message, Walk},
     socket::{Family, SockType, SocketFacts, state},
+    sockio::{self, Buffers, Message, Walk},
     tcprepair::{self, TcpRepair},
 };
 use crate::sys::{self, SyscallError};
@@ -93,27 +93,64 @@ impl InetOptions {
             reuseport: flag(libc::SOL_SOCKET, libc::SO_REUSEPORT, "getsockopt(SO_REUSEPORT)")?,
             keepalive: flag(libc::SOL_SOCKET, libc::SO_KEEPALIVE, "getsockopt(SO_KEEPALIVE)")?,
             broadcast: flag(libc::SOL_SOCKET, libc::SO_BROADCAST, "getsockopt(SO_BROADCAST)")?,
-            nodelay: transport == Transport::Tcp && flag(libc::IPPROTO_TCP, libc::TCP_NODELAY, "getsockopt(TCP_NODELAY)")?,
+            nodelay: transport == Transport::Tcp
+                && flag(libc::IPPROTO_TCP, libc::TCP_NODELAY, "getsockopt(TCP_NODELAY)")?,
             v6only: ipv6 && flag(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, "getsockopt(IPV6_V6ONLY)")?,
         })
     }
 
     /// What must be set before bind (it decides whether the bind succeeds).
     fn apply_before_bind(&self, fd: BorrowedFd<'_>, ipv6: bool) -> Result<(), KindError> {
-        sockio::set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, self.reuseaddr as i32, "setsockopt(SO_REUSEADDR)")?;
-        sockio::set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, self.reuseport as i32, "setsockopt(SO_REUSEPORT)")?;
+        sockio::set_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            self.reuseaddr as i32,
+            "setsockopt(SO_REUSEADDR)",
+        )?;
+        sockio::set_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            self.reuseport as i32,
+            "setsockopt(SO_REUSEPORT)",
+        )?;
         if ipv6 {
-            sockio::set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, self.v6only as i32, "setsockopt(IPV6_V6ONLY)")?;
+            sockio::set_int(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                self.v6only as i32,
+                "setsockopt(IPV6_V6ONLY)",
+            )?;
         }
         Ok(())
     }
 
     fn apply_after(&self, fd: BorrowedFd<'_>, transport: Transport) -> Result<(), KindError> {
         self.buffers.apply(fd)?;
-        sockio::set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, self.keepalive as i32, "setsockopt(SO_KEEPALIVE)")?;
-        sockio::set_int(fd, libc::SOL_SOCKET, libc::SO_BROADCAST, self.broadcast as i32, "setsockopt(SO_BROADCAST)")?;
+        sockio::set_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_KEEPALIVE,
+            self.keepalive as i32,
+            "setsockopt(SO_KEEPALIVE)",
+        )?;
+        sockio::set_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_BROADCAST,
+            self.broadcast as i32,
+            "setsockopt(SO_BROADCAST)",
+        )?;
         if transport == Transport::Tcp {
-            sockio::set_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, self.nodelay as i32, "setsockopt(TCP_NODELAY)")?;
+            sockio::set_int(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                self.nodelay as i32,
+                "setsockopt(TCP_NODELAY)",
+            )?;
         }
         Ok(())
     }
@@ -141,7 +178,8 @@ impl FileKind for Inet {
     }
 
     fn from_bpf(_record: &crd_common::FdRecord, tail: &[u8]) -> Option<SocketFacts> {
-        SocketFacts::from_tail(tail).filter(|f| matches!(f.family, Family::Inet | Family::Inet6) && Transport::of(f).is_some())
+        SocketFacts::from_tail(tail)
+            .filter(|f| matches!(f.family, Family::Inet | Family::Inet6) && Transport::of(f).is_some())
     }
 
     fn from_proc(slot: &ProcSlot<'_>) -> SocketFacts {
@@ -216,7 +254,11 @@ impl FileKind for Inet {
                 Self::name(saved).unwrap_or_default()
             )),
             state::LISTEN | state::CLOSE => None,
-            state::ESTABLISHED if saved.repair.is_some() && saved.local.is_some() && saved.remote.is_some() => None,
+            state::ESTABLISHED
+                if saved.repair.is_some() && saved.local.is_some() && saved.remote.is_some() =>
+            {
+                None
+            }
             state::ESTABLISHED => Some(format!(
                 "{} was checkpointed without its connection state: checkpoint with `crd checkpoint --tcp-established` to restore it (restore then needs the original connection gone: its 4-tuple must be free)",
                 Self::name(saved).unwrap_or_default()
@@ -280,7 +322,13 @@ impl FileKind for Inet {
                     tcprepair::seal(done.fd, repair)?;
                     // Leaving repair mode cleared SO_REUSEADDR.
                     let reuseaddr = saved.options.is_some_and(|o| o.reuseaddr);
-                    sockio::set_int(done.fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, reuseaddr as i32, "setsockopt(SO_REUSEADDR)")?;
+                    sockio::set_int(
+                        done.fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_REUSEADDR,
+                        reuseaddr as i32,
+                        "setsockopt(SO_REUSEADDR)",
+                    )?;
                 }
                 match &saved.options {
                     Some(options) => options.apply_after(done.fd, saved.transport),
@@ -291,7 +339,8 @@ impl FileKind for Inet {
     }
 
     fn same(a: &InetState, b: &InetState) -> Result<(), String> {
-        let key = |s: &InetState| (s.transport, s.ipv6, s.state, s.local, s.remote, s.backlog, s.queue.clone());
+        let key =
+            |s: &InetState| (s.transport, s.ipv6, s.state, s.local, s.remote, s.backlog, s.queue.clone());
         if key(a) != key(b) {
             return Err(format!("inet socket {:?} vs {:?}", Inet::name(a), Inet::name(b)));
         }
@@ -301,7 +350,9 @@ impl FileKind for Inet {
             return Err(format!("inet socket options {x:?} vs {y:?}"));
         }
         // Sequence numbers and queues; the timestamp clock and window move on their own.
-        let connection = |r: &TcpRepair| (r.recv_seq, r.send_seq, r.recv_queue.clone(), r.send_queue.clone(), r.mss, r.options);
+        let connection = |r: &TcpRepair| {
+            (r.recv_seq, r.send_seq, r.recv_queue.clone(), r.send_queue.clone(), r.mss, r.options)
+        };
         if let (Some(x), Some(y)) = (&a.repair, &b.repair)
             && connection(x) != connection(y)
         {
@@ -371,12 +422,18 @@ fn refill(saved: &InetState, done: &Completion<'_>) -> Result<(), KindError> {
         return Ok(());
     }
     let Some(local) = address(fd, false)? else {
-        return Err(KindError::Other("queued datagrams cannot be put back: the socket has no address".into()));
+        return Err(KindError::Other(
+            "queued datagrams cannot be put back: the socket has no address".into(),
+        ));
     };
     // A wildcard address is reached on loopback.
     let target = match local.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), local.port()),
-        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), local.port()),
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), local.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), local.port())
+        }
         _ => local,
     };
     let family = if saved.ipv6 { libc::AF_INET6 } else { libc::AF_INET };
@@ -390,8 +447,22 @@ fn refill(saved: &InetState, done: &Completion<'_>) -> Result<(), KindError> {
         });
         let from_original = message.from.filter(|_| tied.is_none()).and_then(|from| {
             let sender = sockio::socket(family, libc::SOCK_DGRAM).ok()?;
-            sockio::set_int(sender.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "setsockopt(SO_REUSEADDR)").ok()?;
-            sockio::set_int(sender.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, 1, "setsockopt(SO_REUSEPORT)").ok()?;
+            sockio::set_int(
+                sender.as_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                1,
+                "setsockopt(SO_REUSEADDR)",
+            )
+            .ok()?;
+            sockio::set_int(
+                sender.as_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_REUSEPORT,
+                1,
+                "setsockopt(SO_REUSEPORT)",
+            )
+            .ok()?;
             bind(sender.as_fd(), from).ok()?;
             Some(sender)
         });
@@ -417,7 +488,10 @@ fn refill(saved: &InetState, done: &Completion<'_>) -> Result<(), KindError> {
         )
         .map_err(|e| KindError::errno("sendto", e))?;
         if sent != message.data.len() {
-            return Err(KindError::Other(format!("only {sent} of a datagram's {} bytes were re-sent", message.data.len())));
+            return Err(KindError::Other(format!(
+                "only {sent} of a datagram's {} bytes were re-sent",
+                message.data.len()
+            )));
         }
     }
     Ok(())

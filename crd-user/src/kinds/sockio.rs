@@ -29,7 +29,13 @@ pub fn get_int(fd: BorrowedFd<'_>, level: i32, name: i32, call: &'static str) ->
     Ok(value)
 }
 
-pub fn set_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32, call: &'static str) -> Result<(), KindError> {
+pub fn set_int(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    value: i32,
+    call: &'static str,
+) -> Result<(), KindError> {
     // SAFETY: setsockopt reads one int from the pointer we pass.
     let ret = unsafe {
         libc::setsockopt(
@@ -76,10 +82,22 @@ impl Buffers {
 
     pub fn apply(&self, fd: BorrowedFd<'_>) -> Result<(), KindError> {
         if self.rcvbuf > 0 {
-            set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, self.rcvbuf / 2, "setsockopt(SO_RCVBUFFORCE)")?;
+            set_int(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                self.rcvbuf / 2,
+                "setsockopt(SO_RCVBUFFORCE)",
+            )?;
         }
         if self.sndbuf > 0 {
-            set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, self.sndbuf / 2, "setsockopt(SO_SNDBUFFORCE)")?;
+            set_int(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUFFORCE,
+                self.sndbuf / 2,
+                "setsockopt(SO_SNDBUFFORCE)",
+            )?;
         }
         Ok(())
     }
@@ -121,7 +139,11 @@ const MAX_MESSAGES: usize = 1 << 20;
 
 /// Reads a receive queue without consuming it (see the module documentation). Files in
 /// flight are pushed onto `carried`, in queue order.
-pub fn peek_queue(fd: BorrowedFd<'_>, walk: Walk, carried: &mut Vec<OwnedFd>) -> Result<Vec<Message>, KindError> {
+pub fn peek_queue(
+    fd: BorrowedFd<'_>,
+    walk: Walk,
+    carried: &mut Vec<OwnedFd>,
+) -> Result<Vec<Message>, KindError> {
     let old = get_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, "getsockopt(SO_PEEK_OFF)")?;
     set_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0, "setsockopt(SO_PEEK_OFF)")?;
     let walked = match walk {
@@ -178,7 +200,11 @@ fn merge_plain(messages: Vec<Message>) -> Vec<Message> {
 }
 
 /// `zero_is_end`: a 0-byte peek without files is end of file (see [`Walk::ShutSeqpacket`]).
-fn peek_datagrams(fd: BorrowedFd<'_>, carried: &mut Vec<OwnedFd>, zero_is_end: bool) -> Result<Vec<Message>, KindError> {
+fn peek_datagrams(
+    fd: BorrowedFd<'_>,
+    carried: &mut Vec<OwnedFd>,
+    zero_is_end: bool,
+) -> Result<Vec<Message>, KindError> {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut messages = Vec::new();
     loop {
@@ -244,7 +270,10 @@ pub fn send(fd: BorrowedFd<'_>, message: &Message, files: &[BorrowedFd<'_>]) -> 
     let sent = sendmsg::<()>(fd.as_raw_fd(), &iov, control, flags, None)
         .map_err(|e| KindError::errno("sendmsg", e))?;
     if sent != message.data.len() {
-        return Err(KindError::Other(format!("only {sent} of a message's {} bytes went back into its queue", message.data.len())));
+        return Err(KindError::Other(format!(
+            "only {sent} of a message's {} bytes went back into its queue",
+            message.data.len()
+        )));
     }
     Ok(())
 }

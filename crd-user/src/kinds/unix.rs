@@ -34,8 +34,8 @@ use serde::{Deserialize, Serialize};
 use super::{
     Completion, FileKind, KindError, ObjectStore, OpenArgs, Opened, ProcSlot, Reach, Recognise, Saved, Stage,
     Tie,
-    sockio::{self, Buffers, Message, Walk},
     socket::{Family, RCV_SHUTDOWN, SEND_SHUTDOWN, SockType, SocketFacts, UnixName, state},
+    sockio::{self, Buffers, Message, Walk},
 };
 use crate::sys::{self, SyscallError};
 
@@ -153,8 +153,12 @@ impl FileKind for Unix {
     fn save(live: &SocketFacts, reach: &Reach<'_>) -> Result<UnixState, KindError> {
         let copy = sys::pidfd_getfd(reach.pidfd, reach.fd)?;
         let fd = copy.as_fd();
-        let sock_type = SockType::from_raw(sockio::get_int(fd, libc::SOL_SOCKET, libc::SO_TYPE, "getsockopt(SO_TYPE)")? as u16);
-        let listening = sockio::get_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, "getsockopt(SO_ACCEPTCONN)")? != 0;
+        let sock_type =
+            SockType::from_raw(
+                sockio::get_int(fd, libc::SOL_SOCKET, libc::SO_TYPE, "getsockopt(SO_TYPE)")? as u16
+            );
+        let listening =
+            sockio::get_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, "getsockopt(SO_ACCEPTCONN)")? != 0;
         let name = own_name(fd)?;
         let peer_name = peer_name(fd)?;
         let status = if listening {
@@ -166,7 +170,8 @@ impl FileKind for Unix {
         };
         let options = UnixOptions {
             buffers: Buffers::read(fd)?,
-            passcred: sockio::get_int(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, "getsockopt(SO_PASSCRED)")? != 0,
+            passcred: sockio::get_int(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, "getsockopt(SO_PASSCRED)")?
+                != 0,
             peek_off: sockio::get_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, "getsockopt(SO_PEEK_OFF)")?,
         };
         let queue = if listening {
@@ -316,9 +321,21 @@ impl FileKind for Unix {
             Stage::Seal => {
                 if let Some(options) = &saved.options {
                     options.buffers.apply(done.fd)?;
-                    sockio::set_int(done.fd, libc::SOL_SOCKET, libc::SO_PASSCRED, options.passcred as i32, "setsockopt(SO_PASSCRED)")?;
+                    sockio::set_int(
+                        done.fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_PASSCRED,
+                        options.passcred as i32,
+                        "setsockopt(SO_PASSCRED)",
+                    )?;
                     if options.peek_off >= 0 {
-                        sockio::set_int(done.fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, options.peek_off, "setsockopt(SO_PEEK_OFF)")?;
+                        sockio::set_int(
+                            done.fd,
+                            libc::SOL_SOCKET,
+                            libc::SO_PEEK_OFF,
+                            options.peek_off,
+                            "setsockopt(SO_PEEK_OFF)",
+                        )?;
                     }
                 }
                 shutdown(done.fd, saved.shutdown)
@@ -327,7 +344,9 @@ impl FileKind for Unix {
     }
 
     fn same(a: &UnixState, b: &UnixState) -> Result<(), String> {
-        let key = |s: &UnixState| (s.sock_type, s.status, s.shutdown, s.name.clone(), s.peer_name.clone(), s.backlog);
+        let key = |s: &UnixState| {
+            (s.sock_type, s.status, s.shutdown, s.name.clone(), s.peer_name.clone(), s.backlog)
+        };
         if key(a) != key(b) {
             return Err(format!(
                 "unix socket {:?} vs {:?}",
@@ -368,7 +387,10 @@ fn unix(state: &Saved) -> Option<&UnixState> {
 }
 
 /// The peer made with this socket: tied, and connected back to this one.
-fn mutual_peer<'a>(saved: &UnixState, args: &'a OpenArgs<'a>) -> Option<(&'a super::Tied<'a>, &'a UnixState)> {
+fn mutual_peer<'a>(
+    saved: &UnixState,
+    args: &'a OpenArgs<'a>,
+) -> Option<(&'a super::Tied<'a>, &'a UnixState)> {
     saved.peer_ino?;
     let peer = args.tied.iter().find(|t| matches!(t.tie, Tie::Peer(_)))?;
     let state = unix(peer.state)?;
@@ -388,7 +410,8 @@ fn pair(saved: &UnixState, peer: &UnixState, args: &OpenArgs<'_>) -> Result<(Own
     let Some((name, accepted_is_me)) = through else {
         return socketpair(saved.sock_type);
     };
-    let listener = args.tied.iter().find(|t| matches!(t.tie, Tie::Listener(n) if n == name)).and_then(|t| t.fd);
+    let listener =
+        args.tied.iter().find(|t| matches!(t.tie, Tie::Listener(n) if n == name)).and_then(|t| t.fd);
     let (client, server) = connect_accept(saved.sock_type, name, listener)?;
     Ok(if accepted_is_me { (server, client) } else { (client, server) })
 }
@@ -396,7 +419,8 @@ fn pair(saved: &UnixState, peer: &UnixState, args: &OpenArgs<'_>) -> Result<(Own
 fn socketpair(sock_type: SockType) -> Result<(OwnedFd, OwnedFd), KindError> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: socketpair writes two fds into the array we pass.
-    let ret = unsafe { libc::socketpair(libc::AF_UNIX, sock_type.raw() | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) };
+    let ret =
+        unsafe { libc::socketpair(libc::AF_UNIX, sock_type.raw() | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) };
     if ret < 0 {
         return Err(SyscallError::last("socketpair").into());
     }
@@ -406,7 +430,11 @@ fn socketpair(sock_type: SockType) -> Result<(OwnedFd, OwnedFd), KindError> {
 
 /// A client connected to `name` and the connection accepted on the listener: the
 /// image's listener when it exists, else one made at that name for the moment.
-fn connect_accept(sock_type: SockType, name: &UnixName, listener: Option<RawFd>) -> Result<(OwnedFd, OwnedFd), KindError> {
+fn connect_accept(
+    sock_type: SockType,
+    name: &UnixName,
+    listener: Option<RawFd>,
+) -> Result<(OwnedFd, OwnedFd), KindError> {
     let own_listener;
     let listener_fd = match listener {
         Some(fd) => fd,
@@ -420,7 +448,8 @@ fn connect_accept(sock_type: SockType, name: &UnixName, listener: Option<RawFd>)
     let client = sockio::socket(libc::AF_UNIX, sock_type.raw())?;
     connect(client.as_fd(), name)?;
     // SAFETY: accept4 on a listening fd we hold; no address is asked for.
-    let raw = unsafe { libc::accept4(listener_fd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+    let raw =
+        unsafe { libc::accept4(listener_fd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
     if raw < 0 {
         return Err(SyscallError::last("accept4").into());
     }
@@ -450,7 +479,9 @@ fn bound(sock_type: SockType, name: &UnixName) -> Result<OwnedFd, KindError> {
                     UnixName::Path(_) => format!(
                         "{name} is in use: a socket file is left there (remove it if nothing listens on it any more) or the original still runs"
                     ),
-                    _ => format!("{name} is in use: the original (or another program) still holds that abstract name"),
+                    _ => format!(
+                        "{name} is in use: the original (or another program) still holds that abstract name"
+                    ),
                 }));
             }
             return Err(e.into());
@@ -461,7 +492,8 @@ fn bound(sock_type: SockType, name: &UnixName) -> Result<OwnedFd, KindError> {
 
 fn listen(fd: BorrowedFd<'_>, backlog: u32) -> Result<(), KindError> {
     // SAFETY: plain syscall on a socket we hold.
-    if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&fd), backlog.min(i32::MAX as u32) as i32) } < 0 {
+    if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&fd), backlog.min(i32::MAX as u32) as i32) } < 0
+    {
         return Err(SyscallError::last("listen").into());
     }
     Ok(())
@@ -472,7 +504,10 @@ fn connect(fd: BorrowedFd<'_>, name: &UnixName) -> Result<(), KindError> {
     // SAFETY: connect reads `len` bytes of the sockaddr_un we pass.
     let ret = unsafe { libc::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), (&raw const addr).cast(), len) };
     if ret < 0 {
-        return Err(KindError::Other(format!("cannot connect to {name}: {}", std::io::Error::last_os_error())));
+        return Err(KindError::Other(format!(
+            "cannot connect to {name}: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     Ok(())
 }
@@ -517,7 +552,13 @@ fn fill(
             // Room for the whole queue in the sender's buffer; its own size comes back
             // with its options (Seal).
             let room = (saved.queued_bytes() * 2 + (1 << 20)).min(i32::MAX as usize / 2) as i32;
-            sockio::set_int(sender, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, room, "setsockopt(SO_SNDBUFFORCE)")?;
+            sockio::set_int(
+                sender,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUFFORCE,
+                room,
+                "setsockopt(SO_SNDBUFFORCE)",
+            )?;
             let _ = peer_state;
             for message in &saved.queue {
                 sockio::send(sender, message, &take(message.fds)?)?;
@@ -575,7 +616,9 @@ fn own_name(fd: BorrowedFd<'_>) -> Result<UnixName, KindError> {
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
     // SAFETY: see above; the pointers are to our locals.
-    if unsafe { libc::getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd), (&raw mut addr).cast(), &mut len) } < 0 {
+    if unsafe { libc::getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd), (&raw mut addr).cast(), &mut len) }
+        < 0
+    {
         return Err(SyscallError::last("getsockname").into());
     }
     Ok(name_of(&addr, len))
@@ -587,7 +630,9 @@ fn peer_name(fd: BorrowedFd<'_>) -> Result<Option<UnixName>, KindError> {
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
     // SAFETY: see above; the pointers are to our locals.
-    if unsafe { libc::getpeername(std::os::fd::AsRawFd::as_raw_fd(&fd), (&raw mut addr).cast(), &mut len) } < 0 {
+    if unsafe { libc::getpeername(std::os::fd::AsRawFd::as_raw_fd(&fd), (&raw mut addr).cast(), &mut len) }
+        < 0
+    {
         let e = SyscallError::last("getpeername");
         if e.errno() == Some(libc::ENOTCONN) {
             return Ok(None);
