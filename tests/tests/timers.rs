@@ -197,3 +197,31 @@ fn a_restored_signalfd_reads_a_signal_sent_to_the_restored_process() {
     assert!(waited(&got), "the signalfd never reported the signal");
     assert_eq!(fs::read_to_string(&got).unwrap(), libc::SIGUSR2.to_string());
 }
+
+/// A timer on a clock the restoring kernel refuses (here: an alarm clock, for a crd
+/// without CAP_WAKE_ALARM) is a one-line error naming the fd and the clock, with
+/// nothing left running.
+#[test]
+fn a_timer_on_a_clock_the_kernel_refuses_is_a_one_line_error_naming_it() {
+    require_root!();
+    crd_tests::require_tool!("setpriv");
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = spawn(&["timerfd:3:boottime_alarm:600000:0:"], 1);
+    let pid = fixture.root();
+    let (image, path, _log) = image_of_stopped(fixture, dir.path());
+    assert_eq!(timer(&image, pid, 3).clock, libc::CLOCK_BOOTTIME_ALARM);
+    // setpriv drops CAP_WAKE_ALARM from the bounding set: crd, root, runs without it.
+    let out = std::process::Command::new("setpriv")
+        .args(["--bounding-set=-wake_alarm", "--"])
+        .arg(crd_tests::crd_bin())
+        .args(["restore", path.to_str().unwrap()])
+        .output()
+        .expect("setpriv runs");
+    assert!(!out.status.success(), "restored without CAP_WAKE_ALARM");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains("fd 3") && lines[0].contains("CLOCK_BOOTTIME_ALARM"), "{err}");
+    assert!(lines[0].contains("CAP_WAKE_ALARM"), "says what is missing: {err}");
+    assert!(out.stdout.is_empty(), "no partial output: {}", String::from_utf8_lossy(&out.stdout));
+}

@@ -266,8 +266,13 @@ impl FileKind for Timerfd {
         let raw = unsafe { libc::timerfd_create(saved.clock, libc::TFD_CLOEXEC) };
         if raw < 0 {
             let e = std::io::Error::last_os_error();
+            let what_to_do = match e.raw_os_error() {
+                Some(libc::EPERM) => "; alarm clocks need CAP_WAKE_ALARM: restore as root",
+                Some(libc::EINVAL) => "; this kernel does not have that clock",
+                _ => "",
+            };
             return Err(KindError::Other(format!(
-                "the kernel refuses a timerfd on CLOCK_{}: {e}",
+                "the kernel refuses a timerfd on CLOCK_{}: {e}{what_to_do}",
                 clock_name(saved.clock)
             )));
         }
