@@ -275,3 +275,36 @@ forever()
     crd_tests::assert_running_untraced(pid);
     drop(program);
 }
+
+/// An epoll whose targets cannot all be made (here a netlink socket) is refused as a
+/// whole, before anything runs: the restore names the target, and never makes an epoll
+/// with part of its items.
+#[test]
+fn an_epoll_watching_a_file_crd_cannot_recreate_is_refused_as_a_whole_naming_it() {
+    require_root!();
+    crd_tests::require_tool!("python3");
+    let dir = tempfile::tempdir().unwrap();
+    let (program, info) = python(
+        r#"
+nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+r, w = os.pipe()
+ep = select.epoll()
+add(ep.fileno(), nl.fileno(), select.EPOLLIN, 1)
+add(ep.fileno(), r, select.EPOLLIN, 2)
+print(json.dumps(dict(pid=os.getpid(), ep=ep.fileno(), nl=nl.fileno())), flush=True)
+forever()
+"#,
+    );
+    let fd = |name: &str| info[name].as_u64().unwrap() as u32;
+    let pid = fd("pid");
+    let image = dir.path().join("netlink.crd");
+    let out = crd(&["checkpoint", &pid.to_string(), "-o", image.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    drop(program);
+    let out = crd(&["restore", image.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "restored an epoll without its netlink target");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("PID {pid} fd {}", fd("nl"))) && err.contains("netlink"), "{err}");
+    assert!(out.stdout.is_empty(), "no partial output");
+}
