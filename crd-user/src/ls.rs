@@ -477,9 +477,11 @@ fn peers(index: &GraphIndex<'_>, listed: &BTreeMap<ObjRef, Vec<Holder>>) -> Hash
                     peers.insert(*objref, peer);
                 }
             }
-            Saved::Inet(InetState { transport, local: Some(local), remote: Some(remote), .. }) => {
-                let tcp = *transport == crate::kinds::inet::Transport::Tcp;
-                inet.entry((tcp, *local, *remote)).or_default().push(*objref);
+            Saved::Inet(state) => {
+                if let InetState { transport, local: Some(local), remote: Some(remote), .. } = &**state {
+                    let tcp = *transport == crate::kinds::inet::Transport::Tcp;
+                    inet.entry((tcp, *local, *remote)).or_default().push(*objref);
+                }
             }
             _ => {}
         }
@@ -652,8 +654,8 @@ mod tests {
         f.file.object.mode = libc::S_IFSOCK | 0o777;
         f.file.object.dev = DeviceId { major: 0, minor: 8 };
         f.file.object.live = match facts.family {
-            Family::Unix => Live::Unix(facts),
-            _ => Live::Inet(facts),
+            Family::Unix => Live::Unix(Box::new(facts)),
+            _ => Live::Inet(Box::new(facts)),
         };
         f
     }

@@ -166,28 +166,47 @@ impl Transport {
     }
 }
 
+impl InetState {
+    /// As lsof names it: `TCP 127.0.0.1:8080->127.0.0.1:51234 (ESTABLISHED)`, `UDP *:53`.
+    pub fn name(&self) -> String {
+        let proto = match self.transport {
+            Transport::Tcp => "TCP",
+            Transport::Udp => "UDP",
+        };
+        let mut name = format!("{proto} {}", endpoint(self.local));
+        if let Some(remote) = self.remote {
+            name.push_str(&format!("->{}", endpoint(Some(remote))));
+        }
+        if self.transport == Transport::Tcp {
+            name.push_str(&format!(" ({})", tcp_state_name(self.state)));
+        }
+        name
+    }
+}
+
 impl FileKind for Inet {
     const NAME: &'static str = "inet";
     const HAS_PATH: bool = false;
-    type Live = SocketFacts;
-    type Saved = InetState;
+    type Live = Box<SocketFacts>;
+    type Saved = Box<InetState>;
 
     fn recognise(r: &Recognise<'_>) -> bool {
         r.file_type() == libc::S_IFSOCK
             && matches!(r.family.map(Family::from_raw), Some(Family::Inet | Family::Inet6))
     }
 
-    fn from_bpf(_record: &crd_common::FdRecord, tail: &[u8]) -> Option<SocketFacts> {
+    fn from_bpf(_record: &crd_common::FdRecord, tail: &[u8]) -> Option<Self::Live> {
         SocketFacts::from_tail(tail)
             .filter(|f| matches!(f.family, Family::Inet | Family::Inet6) && Transport::of(f).is_some())
+            .map(Box::new)
     }
 
-    fn from_proc(slot: &ProcSlot<'_>) -> SocketFacts {
-        slot.socket.cloned().unwrap_or_else(|| SocketFacts::unknown(Family::Inet))
+    fn from_proc(slot: &ProcSlot<'_>) -> Self::Live {
+        Box::new(slot.socket.cloned().unwrap_or_else(|| SocketFacts::unknown(Family::Inet)))
     }
 
-    fn sketch(live: &SocketFacts) -> InetState {
-        InetState {
+    fn sketch(live: &Self::Live) -> Self::Saved {
+        Box::new(InetState {
             transport: Transport::of(live).unwrap_or(Transport::Tcp),
             ipv6: live.family == Family::Inet6,
             state: live.state,
@@ -198,10 +217,10 @@ impl FileKind for Inet {
             options: None,
             queue: Vec::new(),
             repair: None,
-        }
+        })
     }
 
-    fn save(live: &SocketFacts, reach: &Reach<'_>) -> Result<InetState, KindError> {
+    fn save(live: &Self::Live, reach: &Reach<'_>) -> Result<Self::Saved, KindError> {
         let mut saved = Self::sketch(live);
         let copy = sys::pidfd_getfd(reach.pidfd, reach.fd)?;
         let fd = copy.as_fd();
@@ -219,22 +238,11 @@ impl FileKind for Inet {
         Ok(saved)
     }
 
-    fn name(saved: &InetState) -> Option<String> {
-        let proto = match saved.transport {
-            Transport::Tcp => "TCP",
-            Transport::Udp => "UDP",
-        };
-        let mut name = format!("{proto} {}", endpoint(saved.local));
-        if let Some(remote) = saved.remote {
-            name.push_str(&format!("->{}", endpoint(Some(remote))));
-        }
-        if saved.transport == Transport::Tcp {
-            name.push_str(&format!(" ({})", tcp_state_name(saved.state)));
-        }
-        Some(name)
+    fn name(saved: &Self::Saved) -> Option<String> {
+        Some(saved.name())
     }
 
-    fn detail(saved: &InetState) -> Option<String> {
+    fn detail(saved: &Self::Saved) -> Option<String> {
         let family = if saved.ipv6 { "IPv6" } else { "IPv4" };
         Some(match (saved.state, &saved.repair) {
             (state::LISTEN, _) => format!("{family} backlog {} pending {}", saved.backlog, saved.pending),
@@ -243,7 +251,7 @@ impl FileKind for Inet {
         })
     }
 
-    fn refusal(saved: &InetState) -> Option<String> {
+    fn refusal(saved: &Self::Saved) -> Option<String> {
         if saved.transport == Transport::Udp {
             return None;
         }
@@ -270,7 +278,11 @@ impl FileKind for Inet {
         }
     }
 
-    fn open(saved: &InetState, _args: &OpenArgs<'_>, _store: &mut ObjectStore) -> Result<Opened, KindError> {
+    fn open(
+        saved: &Self::Saved,
+        _args: &OpenArgs<'_>,
+        _store: &mut ObjectStore,
+    ) -> Result<Opened, KindError> {
         if let Some(why) = Self::refusal(saved) {
             return Err(KindError::Other(why));
         }
@@ -306,15 +318,15 @@ impl FileKind for Inet {
         Ok(Opened { fd, fresh: true })
     }
 
-    fn ties(saved: &InetState) -> Vec<Tie> {
+    fn ties(saved: &Self::Saved) -> Vec<Tie> {
         senders(saved).into_iter().map(Tie::Address).collect()
     }
 
-    fn bound_at(saved: &InetState) -> Option<SocketAddr> {
+    fn bound_at(saved: &Self::Saved) -> Option<SocketAddr> {
         saved.local.filter(|a| a.port() != 0 && saved.transport == Transport::Udp)
     }
 
-    fn complete(saved: &InetState, stage: Stage, done: &Completion<'_>) -> Result<(), KindError> {
+    fn complete(saved: &Self::Saved, stage: Stage, done: &Completion<'_>) -> Result<(), KindError> {
         match stage {
             Stage::Fill => refill(saved, done),
             Stage::Seal => {
@@ -338,9 +350,9 @@ impl FileKind for Inet {
         }
     }
 
-    fn same(a: &InetState, b: &InetState) -> Result<(), String> {
+    fn same(a: &Self::Saved, b: &Self::Saved) -> Result<(), String> {
         let key =
-            |s: &InetState| (s.transport, s.ipv6, s.state, s.local, s.remote, s.backlog, s.queue.clone());
+            |s: &Self::Saved| (s.transport, s.ipv6, s.state, s.local, s.remote, s.backlog, s.queue.clone());
         if key(a) != key(b) {
             return Err(format!("inet socket {:?} vs {:?}", Inet::name(a), Inet::name(b)));
         }
@@ -473,7 +485,7 @@ fn refill(saved: &InetState, done: &Completion<'_>) -> Result<(), KindError> {
                 if own.is_none() {
                     log::warn!(
                         "a datagram queued on {} is re-sent from a port of crd's own: its sender's address could not be bound",
-                        Inet::name(saved).unwrap_or_default()
+                        saved.name()
                     );
                     own = Some(sockio::socket(family, libc::SOCK_DGRAM)?);
                 }

@@ -307,22 +307,22 @@ impl FileKind for OtherSocket {
     const NAME: &'static str = "socket";
     const HAS_PATH: bool = false;
     const IDENTITY: Identity = Identity::Inode;
-    type Live = Option<SocketFacts>;
+    type Live = Option<Box<SocketFacts>>;
     type Saved = OtherSocketState;
 
     fn recognise(r: &Recognise<'_>) -> bool {
         r.file_type() == libc::S_IFSOCK
     }
 
-    fn from_bpf(_record: &crd_common::FdRecord, tail: &[u8]) -> Option<Option<SocketFacts>> {
-        Some(SocketFacts::from_tail(tail))
+    fn from_bpf(_record: &crd_common::FdRecord, tail: &[u8]) -> Option<Self::Live> {
+        Some(SocketFacts::from_tail(tail).map(Box::new))
     }
 
-    fn from_proc(slot: &ProcSlot<'_>) -> Option<SocketFacts> {
-        slot.socket.cloned()
+    fn from_proc(slot: &ProcSlot<'_>) -> Self::Live {
+        slot.socket.cloned().map(Box::new)
     }
 
-    fn sketch(live: &Option<SocketFacts>) -> OtherSocketState {
+    fn sketch(live: &Self::Live) -> OtherSocketState {
         OtherSocketState {
             family: live.as_ref().map(|f| f.family),
             sock_type: live.as_ref().map(|f| f.sock_type),

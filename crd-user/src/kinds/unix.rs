@@ -120,23 +120,23 @@ impl UnixState {
 impl FileKind for Unix {
     const NAME: &'static str = "unix";
     const HAS_PATH: bool = false;
-    type Live = SocketFacts;
-    type Saved = UnixState;
+    type Live = Box<SocketFacts>;
+    type Saved = Box<UnixState>;
 
     fn recognise(r: &Recognise<'_>) -> bool {
         r.file_type() == libc::S_IFSOCK && r.family == Some(Family::Unix.raw())
     }
 
-    fn from_bpf(_record: &crd_common::FdRecord, tail: &[u8]) -> Option<SocketFacts> {
-        SocketFacts::from_tail(tail).filter(|f| f.family == Family::Unix)
+    fn from_bpf(_record: &crd_common::FdRecord, tail: &[u8]) -> Option<Self::Live> {
+        SocketFacts::from_tail(tail).filter(|f| f.family == Family::Unix).map(Box::new)
     }
 
-    fn from_proc(slot: &ProcSlot<'_>) -> SocketFacts {
-        slot.socket.cloned().unwrap_or_else(|| SocketFacts::unknown(Family::Unix))
+    fn from_proc(slot: &ProcSlot<'_>) -> Self::Live {
+        Box::new(slot.socket.cloned().unwrap_or_else(|| SocketFacts::unknown(Family::Unix)))
     }
 
-    fn sketch(live: &SocketFacts) -> UnixState {
-        UnixState {
+    fn sketch(live: &Self::Live) -> Self::Saved {
+        Box::new(UnixState {
             sock_type: live.sock_type,
             status: UnixStatus::of(live),
             shutdown: live.shutdown,
@@ -147,10 +147,10 @@ impl FileKind for Unix {
             pending: live.pending,
             options: None,
             queue: Vec::new(),
-        }
+        })
     }
 
-    fn save(live: &SocketFacts, reach: &Reach<'_>) -> Result<UnixState, KindError> {
+    fn save(live: &Self::Live, reach: &Reach<'_>) -> Result<Self::Saved, KindError> {
         let copy = sys::pidfd_getfd(reach.pidfd, reach.fd)?;
         let fd = copy.as_fd();
         let sock_type =
@@ -194,7 +194,7 @@ impl FileKind for Unix {
                 queue.len()
             )));
         }
-        Ok(UnixState {
+        Ok(Box::new(UnixState {
             sock_type,
             status,
             shutdown: live.shutdown,
@@ -205,17 +205,17 @@ impl FileKind for Unix {
             pending: live.pending,
             options: Some(options),
             queue,
-        })
+        }))
     }
 
     /// Its bound name (an accepted connection's is its listener's), as lsof puts it
     /// first; an unnamed socket is named by its inode (`socket:[N]`, see
     /// [`crate::graph::Object::name`]), and its type is in the detail, not repeated here.
-    fn name(saved: &UnixState) -> Option<String> {
+    fn name(saved: &Self::Saved) -> Option<String> {
         saved.name.is_named().then(|| saved.name.to_string())
     }
 
-    fn detail(saved: &UnixState) -> Option<String> {
+    fn detail(saved: &Self::Saved) -> Option<String> {
         let mut detail = format!("type={}", upper(saved.sock_type));
         match saved.status {
             UnixStatus::Listening => {
@@ -240,7 +240,7 @@ impl FileKind for Unix {
         Some(detail)
     }
 
-    fn ties(saved: &UnixState) -> Vec<Tie> {
+    fn ties(saved: &Self::Saved) -> Vec<Tie> {
         let mut ties = Vec::new();
         if let Some(ino) = saved.peer_ino {
             ties.push(Tie::Peer(ino));
@@ -251,11 +251,11 @@ impl FileKind for Unix {
         ties
     }
 
-    fn listens_at(saved: &UnixState) -> Option<&UnixName> {
+    fn listens_at(saved: &Self::Saved) -> Option<&UnixName> {
         (saved.status == UnixStatus::Listening && saved.name.is_named()).then_some(&saved.name)
     }
 
-    fn outside_unless_tied(saved: &UnixState, found: &[bool]) -> bool {
+    fn outside_unless_tied(saved: &Self::Saved, found: &[bool]) -> bool {
         if saved.status != UnixStatus::Connected {
             return false;
         }
@@ -269,7 +269,7 @@ impl FileKind for Unix {
         }
     }
 
-    fn open(saved: &UnixState, args: &OpenArgs<'_>, store: &mut ObjectStore) -> Result<Opened, KindError> {
+    fn open(saved: &Self::Saved, args: &OpenArgs<'_>, store: &mut ObjectStore) -> Result<Opened, KindError> {
         // Made with another object's first encounter (the other end of a pair).
         if let Some(fd) = store.pick_up(args.object, 0) {
             return Ok(Opened { fd, fresh: true });
@@ -296,7 +296,7 @@ impl FileKind for Unix {
         Ok(Opened { fd, fresh: true })
     }
 
-    fn complete(saved: &UnixState, stage: Stage, done: &Completion<'_>) -> Result<(), KindError> {
+    fn complete(saved: &Self::Saved, stage: Stage, done: &Completion<'_>) -> Result<(), KindError> {
         let mut tied = done.tied.iter();
         let peer = saved.peer_ino.and_then(|_| tied.next()).and_then(|(_, made)| *made);
         let listener = saved.listener_name().and_then(|_| tied.next()).and_then(|(_, made)| *made);
@@ -343,8 +343,8 @@ impl FileKind for Unix {
         }
     }
 
-    fn same(a: &UnixState, b: &UnixState) -> Result<(), String> {
-        let key = |s: &UnixState| {
+    fn same(a: &Self::Saved, b: &Self::Saved) -> Result<(), String> {
+        let key = |s: &Self::Saved| {
             (s.sock_type, s.status, s.shutdown, s.name.clone(), s.peer_name.clone(), s.backlog)
         };
         if key(a) != key(b) {
