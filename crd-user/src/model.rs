@@ -188,6 +188,17 @@ mod tests {
     use super::testing::pipe_end;
     use super::*;
 
+    /// A harvest holds one `FdInfo` per fd and a graph one `FdSlot`: at 100,000 fds,
+    /// every byte of them is 100 kB. Enums hold their largest variant inline, so a kind
+    /// whose live or saved state is large must box it (the socket kinds do).
+    #[test]
+    fn per_fd_records_stay_small_whatever_the_largest_kind_state() {
+        assert!(size_of::<crate::kinds::Live>() <= 48, "Live: {}", size_of::<crate::kinds::Live>());
+        assert!(size_of::<crate::kinds::Saved>() <= 64, "Saved: {}", size_of::<crate::kinds::Saved>());
+        assert!(size_of::<FdInfo>() <= 176, "FdInfo: {}", size_of::<FdInfo>());
+        assert!(size_of::<crate::graph::FdSlot>() <= 208, "FdSlot: {}", size_of::<crate::graph::FdSlot>());
+    }
+
     #[test]
     fn a_table_visited_through_several_processes_is_kept_once() {
         // Processes 10 and 11 share table 0xa (CLONE_FILES); 12 has table 0xb (the
