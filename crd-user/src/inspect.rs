@@ -161,6 +161,8 @@ fn tie_label(tie: &Tie) -> &'static str {
         Tie::Peer(_) => "peer",
         Tie::Listener(_) => "listener",
         Tie::Address(_) => "sender",
+        Tie::Pty(end) if end.master => "master",
+        Tie::Pty(_) => "slave",
     }
 }
 
@@ -170,6 +172,8 @@ fn tie_target(tie: &Tie) -> String {
         Tie::Peer(ino) => format!("socket:[{ino}]"),
         Tie::Listener(name) => name.to_string(),
         Tie::Address(addr) => addr.to_string(),
+        Tie::Pty(end) if end.master => format!("pty {} master", end.index),
+        Tie::Pty(end) => format!("/dev/pts/{}", end.index),
     }
 }
 

@@ -136,7 +136,8 @@ pub struct OpenFd {
     pub inode: ObjRef,
     /// A connected socket's other end, where the listing holds it: the fds of the unix
     /// peer the graph ties it to, or of the TCP/UDP socket whose addresses mirror its
-    /// own. Empty otherwise (not connected, or the other end is not listed).
+    /// own; a pty end's other end (master or slave). Empty otherwise (not connected, or
+    /// the other end is not listed).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peer: Vec<Holder>,
 }
@@ -468,9 +469,9 @@ fn peers(index: &GraphIndex<'_>, listed: &BTreeMap<ObjRef, Vec<Holder>>) -> Hash
     for objref in listed.keys() {
         let Some(object) = index.objects.get(objref) else { continue };
         match &object.state {
-            Saved::Unix(_) => {
+            Saved::Unix(_) | Saved::Terminal(_) => {
                 let peer = object.ties().into_iter().find_map(|(tie, found)| match tie {
-                    Tie::Peer(_) => found,
+                    Tie::Peer(_) | Tie::Pty(_) => found,
                     _ => None,
                 });
                 if let Some(peer) = peer.filter(|p| listed.contains_key(p)) {
