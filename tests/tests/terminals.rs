@@ -225,12 +225,16 @@ fn start_bash() -> Bash {
         .stdin(Stdio::from(slave.try_clone().unwrap()))
         .stdout(Stdio::from(slave.try_clone().unwrap()))
         .stderr(Stdio::from(slave));
-    // SAFETY: between fork and exec only async-signal-safe calls: setsid, ioctl, dup2.
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid, ioctl, dup2,
+    // close_range (by syscall: musl has no wrapper). Whatever else the test process held
+    // without close-on-exec (another test's pipe) is not bash's: closed.
     unsafe {
         command.pre_exec(move || {
             if libc::setsid() < 0
                 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0
                 || libc::dup2(master_raw, 10) < 0
+                || libc::syscall(libc::SYS_close_range, 3, 9, 0) < 0
+                || libc::syscall(libc::SYS_close_range, 11, u32::MAX, 0) < 0
             {
                 return Err(std::io::Error::last_os_error());
             }

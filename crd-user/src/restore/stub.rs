@@ -114,6 +114,12 @@ fn setup(args: &mut StubArgs<'_>, index: usize, parent: unistd::Pid) -> Result<S
     if !matches!(me.job.group, Group::Join(_)) {
         args.handover.grouped(index);
     }
+    // A controlling terminal is inherited at fork, never given to processes that exist
+    // already: the leader takes it before it forks its children.
+    let terminal = match me.job.ctty {
+        Some(ctty) => Some(take_terminal(args, ctty)?),
+        None => None,
+    };
     for &child in &me.children {
         spawn_child(*args, child)?;
     }
@@ -135,8 +141,8 @@ fn setup(args: &mut StubArgs<'_>, index: usize, parent: unistd::Pid) -> Result<S
                 .map_err(|e| format!("fd {} ({}): {e}", f.fd, f.file))?;
         }
     }
-    if let Some(ctty) = me.job.ctty {
-        take_terminal(args, ctty)?;
+    if let (Some(tty), Some(ctty)) = (terminal, me.job.ctty) {
+        give_foreground(args, tty, ctty)?;
     }
     #[cfg(feature = "testing")]
     if std::env::var(FAIL_STUB_ENV).ok().and_then(|v| v.parse::<usize>().ok()) == Some(index) {
@@ -171,18 +177,34 @@ fn group_of(args: &StubArgs<'_>, maker: usize) -> Result<unistd::Pid, String> {
 }
 
 /// A session leader takes the restored pty slave as its controlling terminal
-/// (TIOCSCTTY) and gives the terminal its foreground group (TIOCSPGRP; the leader's
-/// own group is in the foreground meanwhile, so this raises no SIGTTOU).
-fn take_terminal(args: &StubArgs<'_>, ctty: Ctty) -> Result<(), String> {
+/// (TIOCSCTTY). Returns the fd it pulled, moved above every fd number of the image (the
+/// stub's own fds are placed after this), for [`give_foreground`].
+fn take_terminal(args: &StubArgs<'_>, ctty: Ctty) -> Result<RawFd, String> {
     // SAFETY: crd_pidfd is open in this process for as long as the setup runs.
     let pidfd = unsafe { BorrowedFd::borrow_raw(args.crd_pidfd) };
     let source = args.handover.fd_of(ctty.file).ok_or(format!("its terminal {} was never made", ctty.file))?;
-    let tty = sys::pidfd_getfd(pidfd, crate::types::Fd(source as u32))
+    let pulled = sys::pidfd_getfd(pidfd, crate::types::Fd(source as u32))
         .map_err(|e| format!("its terminal ({}): {e}", ctty.file))?;
+    // SAFETY: F_DUPFD_CLOEXEC on an fd we own: the copy lands above every fd number the
+    // image places (and below crd's parked handles, which are the two highest free).
+    let tty = unsafe { libc::fcntl(pulled.as_raw_fd(), libc::F_DUPFD_CLOEXEC, args.plan.max_fd as RawFd + 1) };
+    if tty < 0 {
+        return Err(format!("fcntl(F_DUPFD_CLOEXEC): {}", std::io::Error::last_os_error()));
+    }
+    drop(pulled);
     // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal the terminal).
-    if unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSCTTY, 0) } < 0 {
+    if unsafe { libc::ioctl(tty, libc::TIOCSCTTY, 0) } < 0 {
         return Err(format!("ioctl(TIOCSCTTY): {}", std::io::Error::last_os_error()));
     }
+    Ok(tty)
+}
+
+/// The session leader gives its terminal its foreground group (TIOCSPGRP; the leader's
+/// own group is in the foreground meanwhile, so this raises no SIGTTOU), once that group
+/// exists, then closes its copy of the terminal.
+fn give_foreground(args: &StubArgs<'_>, tty: RawFd, ctty: Ctty) -> Result<(), String> {
+    // SAFETY: `tty` is the copy take_terminal made; nothing else owns it.
+    let tty = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(tty) };
     if let Some(maker) = ctty.foreground {
         let pgid: libc::pid_t = group_of(args, maker)?.as_raw();
         // SAFETY: TIOCSPGRP reads one pid_t through the pointer we pass.
