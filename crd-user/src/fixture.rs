@@ -211,11 +211,7 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
                 let arg: libc::c_int = arg;
                 // SAFETY: TIOCSCTTY takes an int argument; TIOCPKT reads one int.
                 let ret = unsafe {
-                    if op == "ctty" {
-                        libc::ioctl(fd, request, arg)
-                    } else {
-                        libc::ioctl(fd, request, &arg)
-                    }
+                    if op == "ctty" { libc::ioctl(fd, request, arg) } else { libc::ioctl(fd, request, &arg) }
                 };
                 if ret < 0 {
                     return Err(failed(nix::Error::last()));

@@ -53,7 +53,12 @@ fn winsize(fd: BorrowedFd<'_>) -> (u16, u16) {
 fn get_int(fd: BorrowedFd<'_>, request: libc::Ioctl) -> i32 {
     let mut value: libc::c_int = 0;
     // SAFETY: the request writes one int.
-    assert_eq!(unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut value) }, 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(
+        unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut value) },
+        0,
+        "{}",
+        std::io::Error::last_os_error()
+    );
     value
 }
 
@@ -97,8 +102,18 @@ fn drain(fd: BorrowedFd<'_>, quiet: Duration) -> Vec<u8> {
 /// A pty held by a root (master at 3, slave at 4, 33x111, packet mode, raw) whose child
 /// leads a session with the slave as controlling terminal, and whose grandchild leads
 /// the foreground process group.
-const SESSION_STEPS: [&str; 10] =
-    ["pty:3:4", "winsize:3:33:111", "raw:4", "packet:3", "fork", "setsid", "ctty:4", "fork", "setpgid", "foreground:4"];
+const SESSION_STEPS: [&str; 10] = [
+    "pty:3:4",
+    "winsize:3:33:111",
+    "raw:4",
+    "packet:3",
+    "fork",
+    "setsid",
+    "ctty:4",
+    "fork",
+    "setpgid",
+    "foreground:4",
+];
 
 #[test]
 fn a_pty_comes_back_connected_with_its_settings_and_its_session() {
@@ -252,7 +267,8 @@ fn start_bash() -> Bash {
 /// Sends a command to the shell on `master` and returns what it printed until `want`.
 fn ask(master: &OwnedFd, command: &str, want: &str) -> String {
     nix::unistd::write(master, command.as_bytes()).unwrap();
-    String::from_utf8_lossy(&read_until(master.as_fd(), want.as_bytes(), Duration::from_secs(10))).into_owned()
+    String::from_utf8_lossy(&read_until(master.as_fd(), want.as_bytes(), Duration::from_secs(10)))
+        .into_owned()
 }
 
 #[test]
@@ -290,7 +306,10 @@ fn an_interactive_bash_answers_on_its_restored_pty_with_job_control() {
     let _restored_bash = Bash(new);
     let master = grab(new, 10);
     let said = ask(&master, probe, "JOB42");
-    assert!(said.contains("JOB42") && !said.contains("NOJOB42"), "the restored shell has job control: {said:?}");
+    assert!(
+        said.contains("JOB42") && !said.contains("NOJOB42"),
+        "the restored shell has job control: {said:?}"
+    );
     assert!(!said.contains("no job control"), "{said:?}");
     // Through the kernel: the shell leads its session, whose terminal is the restored
     // slave at its fd 0, with the shell's group in the foreground.

@@ -19,11 +19,11 @@ use super::{
 };
 use crate::{
     freeze::list_threads,
-    model::Session,
     kinds::{
         Identity, Kind, Live, ProcSlot, Recognise,
         socket::{Family, SocketFacts},
     },
+    model::Session,
     sys::{Kcmp, SyscallError, kcmp_same},
     types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid},
 };

@@ -47,9 +47,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Completion, FileKind, Handle, Identity, InsideUse, KindError, ObjectStore, OpenArgs, Opened, ProcSlot,
-    Reach, Recognise, Stage, Tie,
-    pipe::access_flags,
-    regular::open_by_path,
+    Reach, Recognise, Stage, Tie, pipe::access_flags, regular::open_by_path,
 };
 use crate::{
     sys::{self, SyscallError},
@@ -234,7 +232,8 @@ impl FileKind for Terminal {
         let copy = sys::pidfd_getfd(reach.pidfd, reach.fd)?;
         let fd = copy.as_fd();
         let master = live.end == End::Master;
-        let index = if master { Some(get_int(fd, libc::TIOCGPTN, "ioctl(TIOCGPTN)")? as u32) } else { live.index };
+        let index =
+            if master { Some(get_int(fd, libc::TIOCGPTN, "ioctl(TIOCGPTN)")? as u32) } else { live.index };
         let settings = Settings {
             termios: get_termios(fd)?,
             winsize: get_winsize(fd)?,
@@ -304,7 +303,11 @@ impl FileKind for Terminal {
         }
     }
 
-    fn open(saved: &TerminalState, args: &OpenArgs<'_>, store: &mut ObjectStore) -> Result<Opened, KindError> {
+    fn open(
+        saved: &TerminalState,
+        args: &OpenArgs<'_>,
+        store: &mut ObjectStore,
+    ) -> Result<Opened, KindError> {
         if let Some(why) = Self::refusal(saved) {
             return Err(KindError::Other(why));
         }
@@ -349,7 +352,8 @@ impl FileKind for Terminal {
                     }
                 };
                 let path = format!("/proc/self/fd/{handle}");
-                let flags = access_flags(args.access) | OFlag::O_NOCTTY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+                let flags =
+                    access_flags(args.access) | OFlag::O_NOCTTY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
                 let fd = fcntl::open(path.as_str(), flags, Mode::empty())
                     .map_err(|e| KindError::errno("open(/proc/self/fd/N) of a pty slave", e))?;
                 Ok(Opened { fd, fresh: false })
@@ -400,7 +404,8 @@ const READ_WRITE: Access = Access { read: true, write: true };
 /// saved termios and window size.
 fn make(saved: &TerminalState, access: Access) -> Result<(OwnedFd, OwnedFd), KindError> {
     let flags = access_flags(access) | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
-    let master = fcntl::open("/dev/ptmx", flags, Mode::empty()).map_err(|e| KindError::errno("open(/dev/ptmx)", e))?;
+    let master =
+        fcntl::open("/dev/ptmx", flags, Mode::empty()).map_err(|e| KindError::errno("open(/dev/ptmx)", e))?;
     set_int(master.as_fd(), libc::TIOCSPTLCK, 0, "ioctl(TIOCSPTLCK)")?;
     let slave_flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
     // SAFETY: TIOCGPTPEER takes open flags as its integer argument and returns a new fd.
@@ -431,7 +436,12 @@ fn get_int(fd: BorrowedFd<'_>, request: libc::Ioctl, call: &'static str) -> Resu
     Ok(value)
 }
 
-fn set_int(fd: BorrowedFd<'_>, request: libc::Ioctl, value: i32, call: &'static str) -> Result<(), KindError> {
+fn set_int(
+    fd: BorrowedFd<'_>,
+    request: libc::Ioctl,
+    value: i32,
+    call: &'static str,
+) -> Result<(), KindError> {
     let value: libc::c_int = value;
     // SAFETY: these requests read one int through the pointer we pass.
     if unsafe { libc::ioctl(fd.as_raw_fd(), request, &value) } < 0 {

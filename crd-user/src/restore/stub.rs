@@ -182,12 +182,14 @@ fn group_of(args: &StubArgs<'_>, maker: usize) -> Result<unistd::Pid, String> {
 fn take_terminal(args: &StubArgs<'_>, ctty: Ctty) -> Result<RawFd, String> {
     // SAFETY: crd_pidfd is open in this process for as long as the setup runs.
     let pidfd = unsafe { BorrowedFd::borrow_raw(args.crd_pidfd) };
-    let source = args.handover.fd_of(ctty.file).ok_or(format!("its terminal {} was never made", ctty.file))?;
+    let source =
+        args.handover.fd_of(ctty.file).ok_or(format!("its terminal {} was never made", ctty.file))?;
     let pulled = sys::pidfd_getfd(pidfd, crate::types::Fd(source as u32))
         .map_err(|e| format!("its terminal ({}): {e}", ctty.file))?;
     // SAFETY: F_DUPFD_CLOEXEC on an fd we own: the copy lands above every fd number the
     // image places (and below crd's parked handles, which are the two highest free).
-    let tty = unsafe { libc::fcntl(pulled.as_raw_fd(), libc::F_DUPFD_CLOEXEC, args.plan.max_fd as RawFd + 1) };
+    let tty =
+        unsafe { libc::fcntl(pulled.as_raw_fd(), libc::F_DUPFD_CLOEXEC, args.plan.max_fd as RawFd + 1) };
     if tty < 0 {
         return Err(format!("fcntl(F_DUPFD_CLOEXEC): {}", std::io::Error::last_os_error()));
     }
