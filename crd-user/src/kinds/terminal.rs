@@ -263,7 +263,7 @@ impl FileKind for Terminal {
             End::Unknown => return None,
         };
         if let Some(s) = &saved.settings {
-            detail.push_str(&format!(" {}x{}", s.winsize[1], s.winsize[0]));
+            detail.push_str(&format!(" size {}x{}", s.winsize[1], s.winsize[0]));
             if s.packet {
                 detail.push_str(" packet");
             }
@@ -346,6 +346,13 @@ impl FileKind for Terminal {
                                 slave
                             }
                         };
+                        // TIOCGPTPEER's slave has no O_LARGEFILE, as the original's
+                        // when it came from openpty: that one is this description.
+                        let large = args.flags & libc::O_LARGEFILE as u32 != 0;
+                        if args.access == READ_WRITE && !large {
+                            store.set_handle(args.object, Handle::Held(keeper.as_raw_fd()));
+                            return Ok(Opened { fd: keeper, fresh: false });
+                        }
                         let raw = keeper.as_raw_fd();
                         store.set_handle(args.object, Handle::Owned(keeper));
                         raw

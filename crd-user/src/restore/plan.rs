@@ -471,6 +471,43 @@ mod tests {
         assert!(plan(&graph(Kind::Pipe, true), Mode::Graft).is_ok());
     }
 
+    fn with_sessions(sessions: &[(u32, u32, u32)]) -> Graph {
+        let mut g = graph(Kind::Pipe, false);
+        for t in &mut g.tasks {
+            let (_, sid, pgid) = *sessions.iter().find(|(tgid, ..)| *tgid == t.tgid.0).unwrap();
+            t.session = Session { sid, pgid, tty: None, foreground: 0 };
+        }
+        g
+    }
+
+    #[test]
+    fn session_leaders_make_sessions_and_groups_are_made_once_then_joined() {
+        // 10 leads session 10; 20 leads group 20, which 30 joined; 30 is 10's child.
+        let g = with_sessions(&[(10, 10, 10), (20, 10, 20), (30, 10, 20)]);
+        let plan = plan(&g, Mode::Image { allow_external: false }).unwrap();
+        let jobs: Vec<(bool, Group)> =
+            plan.processes.iter().map(|p| (p.job.leads_session, p.job.group)).collect();
+        assert_eq!(jobs, vec![(true, Group::Keep), (false, Group::Create), (false, Group::Join(1))]);
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+    }
+
+    #[test]
+    fn a_group_whose_leader_is_not_in_the_image_is_made_by_its_first_member() {
+        // The root's session leader (5) and group leader (6) are outside; 20 and 30
+        // are in the root's group, so they join the root, which keeps its group.
+        let g = with_sessions(&[(10, 5, 6), (20, 5, 6), (30, 5, 7)]);
+        let plan = plan(&g, Mode::Graft).unwrap();
+        let jobs: Vec<(bool, Group)> =
+            plan.processes.iter().map(|p| (p.job.leads_session, p.job.group)).collect();
+        assert_eq!(jobs, vec![(false, Group::Keep), (false, Group::Join(0)), (false, Group::Create)]);
+    }
+
+    #[test]
+    fn an_image_without_sessions_leaves_the_stubs_as_forked() {
+        let plan = plan(&graph(Kind::Pipe, false), Mode::Image { allow_external: false }).unwrap();
+        assert!(plan.processes.iter().all(|p| p.job == JobPlan::default()));
+    }
+
     #[test]
     fn a_table_shared_with_a_non_parent_is_refused() {
         let mut g = graph(Kind::Pipe, false);
