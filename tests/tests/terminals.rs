@@ -190,6 +190,9 @@ fn bpf_and_procfs_agree_on_ptys_and_sessions() {
     let listing = String::from_utf8_lossy(&by_bpf.stdout);
     assert_eq!(listing, String::from_utf8_lossy(&by_procfs.stdout));
     assert!(listing.contains(&format!("pty {index} master")), "{listing}");
+    let (leader, member) = (fixture.pids[1], fixture.pids[2]);
+    let ctty = format!("PID {leader} (crd): /dev/pts/{index}, session {leader}, foreground group {member}");
+    assert!(listing.contains(&ctty), "lacks {ctty:?}: {listing}");
 }
 
 #[test]

@@ -347,9 +347,10 @@ impl FileKind for Terminal {
                             }
                         };
                         // TIOCGPTPEER's slave has no O_LARGEFILE, as the original's
-                        // when it came from openpty: that one is this description.
-                        let large = args.flags & libc::O_LARGEFILE as u32 != 0;
-                        if args.access == READ_WRITE && !large {
+                        // when it came from openpty: that one is this description
+                        // when its flags are the description's (but for the ones
+                        // F_SETFL sets later).
+                        if args.access == READ_WRITE && same_open_flags(&keeper, args.flags) {
                             store.set_handle(args.object, Handle::Held(keeper.as_raw_fd()));
                             return Ok(Opened { fd: keeper, fresh: false });
                         }
@@ -432,6 +433,19 @@ fn make(saved: &TerminalState, access: Access) -> Result<(OwnedFd, OwnedFd), Kin
         set_winsize(slave.as_fd(), settings.winsize)?;
     }
     Ok((master, slave))
+}
+
+/// Whether `fd` was opened with the open flags `flags` holds, but for the status flags
+/// F_SETFL sets (and close-on-exec, which is the fd's).
+fn same_open_flags(fd: &OwnedFd, flags: u32) -> bool {
+    let settable = libc::O_APPEND
+        | libc::O_NONBLOCK
+        | libc::O_ASYNC
+        | libc::O_DIRECT
+        | libc::O_NOATIME
+        | libc::O_CLOEXEC;
+    let mask = !(settable as u32);
+    fcntl::fcntl(fd.as_fd(), fcntl::FcntlArg::F_GETFL).is_ok_and(|now| now as u32 & mask == flags & mask)
 }
 
 fn get_int(fd: BorrowedFd<'_>, request: libc::Ioctl, call: &'static str) -> Result<i32, KindError> {
