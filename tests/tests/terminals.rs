@@ -121,6 +121,7 @@ fn a_pty_comes_back_connected_with_its_settings_and_its_session() {
     let dir = tempfile::tempdir().unwrap();
     let fixture = spawn(&SESSION_STEPS, 3);
     let [root, leader, member] = [fixture.pids[0], fixture.pids[1], fixture.pids[2]];
+    let old_name = fs::read_link(format!("/proc/{root}/fd/4")).unwrap();
     let (old_termios, old_winsize) = {
         let slave = grab(root, 4);
         (termios(slave.as_fd()), winsize(slave.as_fd()))
@@ -139,6 +140,10 @@ fn a_pty_comes_back_connected_with_its_settings_and_its_session() {
     let (new_root, new_leader, new_member) = (new(root), new(leader), new(member));
     let master = grab(new_root, 3);
     let slave = grab(new_root, 4);
+    // The old index where it is free (the original is gone; another program may have
+    // taken its number meanwhile).
+    let new_name = fs::read_link(format!("/proc/{new_root}/fd/4")).unwrap();
+    assert!(new_name == old_name || old_name.exists(), "{new_name:?} instead of the free {old_name:?}");
     // The settings, through the kernel.
     assert_eq!(termios(slave.as_fd()), old_termios, "termios");
     assert_eq!(winsize(slave.as_fd()), old_winsize, "window size");

@@ -26,8 +26,10 @@
 //!   slave), sets the termios and window size, and deposits the other end for the other
 //!   object; further slave descriptions are opened again through the slave
 //!   (`/proc/self/fd/N`, O_NOCTTY). Packet mode and the lock are set last
-//!   ([`Stage::Seal`]), once every slave description exists. The index is the kernel's
-//!   choice, usually another one (`/dev/pts/7` may come back as `/dev/pts/2`).
+//!   ([`Stage::Seal`]), once every slave description exists. The index comes back where
+//!   it is free: as CRIU does, restore opens ptys until the kernel hands out the old
+//!   index (it gives the lowest free one), at most 256 spare ones held meanwhile; where
+//!   it is taken the pty gets another (`/dev/pts/7` may come back as `/dev/pts/9`).
 //! - The controlling terminal, its session and foreground group are the tasks' state
 //!   ([`crate::model::Session`]): the restore's stubs give the session leader the
 //!   restored slave with TIOCSCTTY and set the foreground group with TIOCSPGRP.
@@ -408,12 +410,29 @@ const SLAVE_SLOT: u8 = 1;
 /// How restore opens a slave it keeps to open the slave's descriptions from.
 const READ_WRITE: Access = Access { read: true, write: true };
 
+/// How many ptys restore opens (and closes again) at most to get a pty its old index.
+const MAX_SPARE_PTYS: usize = 256;
+
 /// Makes a pty: its master (with `access`) and a read-write slave, unlocked, with the
 /// saved termios and window size.
 fn make(saved: &TerminalState, access: Access) -> Result<(OwnedFd, OwnedFd), KindError> {
     let flags = access_flags(access) | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
-    let master =
-        fcntl::open("/dev/ptmx", flags, Mode::empty()).map_err(|e| KindError::errno("open(/dev/ptmx)", e))?;
+    // The kernel hands out the lowest free index: as CRIU does, open ptys until the old
+    // index comes back (or a higher one: the old one is taken), holding the ones below
+    // it meanwhile, so that a program that knows its terminal's name (`tty`, utmp) finds
+    // it again where it can.
+    let mut spare = Vec::new();
+    let master = loop {
+        let master = fcntl::open("/dev/ptmx", flags, Mode::empty())
+            .map_err(|e| KindError::errno("open(/dev/ptmx)", e))?;
+        let Some(wanted) = saved.index else { break master };
+        let index = get_int(master.as_fd(), libc::TIOCGPTN, "ioctl(TIOCGPTN)")? as u32;
+        if index >= wanted || spare.len() >= MAX_SPARE_PTYS {
+            break master;
+        }
+        spare.push(master);
+    };
+    drop(spare);
     set_int(master.as_fd(), libc::TIOCSPTLCK, 0, "ioctl(TIOCSPTLCK)")?;
     let slave_flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
     // SAFETY: TIOCGPTPEER takes open flags as its integer argument and returns a new fd.

@@ -251,6 +251,16 @@ fn plan_jobs(graph: &Graph, mode: Mode, sessions: &[Session], processes: &mut [P
         };
     }
     if !matches!(mode, Mode::Image { .. }) {
+        // Taking the live terminal would take it from the original's session, which a
+        // graft leaves running (stealing it needs CAP_SYS_ADMIN and harms the original).
+        for (i, p) in processes.iter().enumerate() {
+            if let (true, Some(tty)) = (p.job.leads_session, sessions[i].tty) {
+                warnings.push(format!(
+                    "PID {}'s controlling terminal ({tty}) stays the original's: a graft does not take it",
+                    p.old_tgid
+                ));
+            }
+        }
         return warnings;
     }
     let index = graph.index();
