@@ -223,6 +223,18 @@ fn plan_jobs(graph: &Graph, mode: Mode, sessions: &[Session], processes: &mut [P
             (false, None) => SessionKey::Root,
         });
     }
+    // A session is only inherited: a process born outside its old leader's subtree (its
+    // parent left the session with setsid) cannot be put back in it.
+    let tgids: HashMap<u32, usize> = processes.iter().enumerate().map(|(i, p)| (p.old_tgid.0, i)).collect();
+    for (i, p) in processes.iter().enumerate() {
+        let sid = sessions[i].sid;
+        if known(i) && keys[i] != SessionKey::Led(sid) && tgids.contains_key(&sid) {
+            warnings.push(format!(
+                "PID {} cannot be put back in session {sid} (its parent had left it): it is restored in its parent's",
+                p.old_tgid
+            ));
+        }
+    }
     // Each old group's maker in each new session: its old leader if in the image,
     // else its first member in plan order.
     let mut makers: HashMap<(SessionKey, u32), usize> = HashMap::new();
