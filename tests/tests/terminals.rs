@@ -223,6 +223,32 @@ fn a_pty_whose_master_is_outside_is_refused_by_fd_unless_allowed() {
     drop(fixture);
 }
 
+#[test]
+fn a_pty_end_whose_other_end_is_closed_everywhere_comes_back_so_and_is_no_external() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    // A slave whose master was closed (hung up), and a master whose slave was closed.
+    let fixture = spawn(&["pty:3:4", "close:3", "pty:5:6", "close:6"], 1);
+    let pid = fixture.root();
+    let hup = |fd: &OwnedFd| {
+        let mut poll = libc::pollfd { fd: fd.as_raw_fd(), events: 0, revents: 0 };
+        // SAFETY: one valid pollfd, zero timeout.
+        assert!(unsafe { libc::poll(&mut poll, 1, 0) } >= 0);
+        poll.revents & libc::POLLHUP != 0
+    };
+    assert!(hup(&grab(pid, 4)) && hup(&grab(pid, 5)), "the kernel says both other ends are closed");
+    let (original, image, _log) = image_of_stopped(fixture, dir.path());
+    // No --allow-external: nothing outside holds the other ends.
+    let restored = assert_round_trip(&original, &image);
+    let (slave, master) = (grab(restored.root, 4), grab(restored.root, 5));
+    assert!(hup(&slave) && hup(&master), "restored with their other ends closed");
+    let mut buf = [0u8; 8];
+    assert!(
+        matches!(nix::unistd::read(&slave, &mut buf), Ok(0) | Err(nix::Error::EIO)),
+        "a hung-up slave reads nothing"
+    );
+}
+
 /// A bash on a pty it has as controlling terminal, holding the master at fd 10 too.
 struct Bash(u32);
 

@@ -132,9 +132,15 @@ pub struct TerminalState {
     pub end: End,
     #[serde(deserialize_with = "super::decoding::since_v5")]
     pub index: Option<u32>,
-    /// None: only sketched (`ls`, graft), or not a pty.
+    /// None: only sketched (`ls`, graft), not a pty, or a slave hung up (its master
+    /// closed: a hung-up tty answers no ioctl).
     #[serde(deserialize_with = "super::decoding::since_v5")]
     pub settings: Option<Settings>,
+    /// Its other end is closed everywhere (POLLHUP): a slave whose master was closed
+    /// (hung up), or a master whose slave nobody holds open. Such an end is no
+    /// external: nothing outside holds the other end, and restore makes it so again.
+    #[serde(deserialize_with = "super::decoding::since_v5")]
+    pub other_closed: bool,
 }
 
 impl TerminalState {
@@ -146,10 +152,15 @@ impl TerminalState {
             End::Outside => End::Outside,
             _ => End::Unknown,
         };
-        TerminalState { end, index: None, settings: None }
+        TerminalState { end, index: None, settings: None, other_closed: false }
     }
 
+    /// Which end of which pty it is, for ties; None when its other end is closed: a
+    /// hung-up slave belongs to a pty that is gone, whose index a new pty may reuse.
     fn pty(&self) -> Option<PtyEnd> {
+        if self.other_closed {
+            return None;
+        }
         let master = match self.end {
             End::Master => true,
             End::Slave => false,
@@ -224,7 +235,7 @@ impl FileKind for Terminal {
     }
 
     fn sketch(live: &TerminalLive) -> TerminalState {
-        TerminalState { end: live.end, index: live.index, settings: None }
+        TerminalState { end: live.end, index: live.index, settings: None, other_closed: false }
     }
 
     fn save(live: &TerminalLive, reach: &Reach<'_>) -> Result<TerminalState, KindError> {
@@ -234,6 +245,10 @@ impl FileKind for Terminal {
         let copy = sys::pidfd_getfd(reach.pidfd, reach.fd)?;
         let fd = copy.as_fd();
         let master = live.end == End::Master;
+        let other_closed = hung_up(fd)?;
+        if other_closed && !master {
+            return Ok(TerminalState { end: live.end, index: live.index, settings: None, other_closed });
+        }
         let index =
             if master { Some(get_int(fd, libc::TIOCGPTN, "ioctl(TIOCGPTN)")? as u32) } else { live.index };
         let settings = Settings {
@@ -253,7 +268,7 @@ impl FileKind for Terminal {
                 index.map_or("?".into(), |i| i.to_string()),
             );
         }
-        Ok(TerminalState { end: live.end, index, settings: Some(settings) })
+        Ok(TerminalState { end: live.end, index, settings: Some(settings), other_closed })
     }
 
     fn detail(saved: &TerminalState) -> Option<String> {
@@ -276,6 +291,9 @@ impl FileKind for Terminal {
                 detail.push_str(&format!(" unread {} (not saved)", s.unread));
             }
         }
+        if saved.other_closed {
+            detail.push_str(if saved.end == End::Master { " slave closed" } else { " hung up" });
+        }
         Some(detail)
     }
 
@@ -287,7 +305,8 @@ impl FileKind for Terminal {
         saved.pty()
     }
 
-    /// A pty end whose other end is not in the image lives partly elsewhere.
+    /// A pty end whose other end is not in the image lives partly elsewhere, unless
+    /// that end is closed everywhere.
     fn outside_unless_tied(saved: &TerminalState, found: &[bool]) -> bool {
         saved.pty().is_some() && !found.first().copied().unwrap_or(false)
     }
@@ -391,8 +410,11 @@ impl FileKind for Terminal {
     /// settings (the unread counts too: a restored pty starts empty, so a round trip
     /// of a pty that held unread bytes differs, and says so).
     fn same(a: &TerminalState, b: &TerminalState) -> Result<(), String> {
-        if a.end != b.end {
-            return Err(format!("pty end {:?} vs {:?}", a.end, b.end));
+        if (a.end, a.other_closed) != (b.end, b.other_closed) {
+            return Err(format!(
+                "pty end {:?} (other closed: {}) vs {:?} ({})",
+                a.end, a.other_closed, b.end, b.other_closed
+            ));
         }
         if let (Some(x), Some(y)) = (&a.settings, &b.settings)
             && x != y
@@ -465,6 +487,17 @@ fn same_open_flags(fd: &OwnedFd, flags: u32) -> bool {
         | libc::O_CLOEXEC;
     let mask = !(settable as u32);
     fcntl::fcntl(fd.as_fd(), fcntl::FcntlArg::F_GETFL).is_ok_and(|now| now as u32 & mask == flags & mask)
+}
+
+/// Whether the tty at `fd` reports POLLHUP: its other end is closed everywhere. A poll
+/// with no timeout reads nothing and changes nothing.
+fn hung_up(fd: BorrowedFd<'_>) -> Result<bool, KindError> {
+    let mut poll = libc::pollfd { fd: fd.as_raw_fd(), events: 0, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    if unsafe { libc::poll(&mut poll, 1, 0) } < 0 {
+        return Err(SyscallError::last("poll").into());
+    }
+    Ok(poll.revents & libc::POLLHUP != 0)
 }
 
 fn get_int(fd: BorrowedFd<'_>, request: libc::Ioctl, call: &'static str) -> Result<i32, KindError> {
@@ -574,12 +607,12 @@ mod tests {
 
     #[test]
     fn each_end_ties_to_the_other_end_of_its_pty() {
-        let master = TerminalState { end: End::Master, index: Some(4), settings: None };
+        let master = TerminalState { end: End::Master, index: Some(4), settings: None, other_closed: false };
         assert_eq!(Terminal::ties(&master), vec![Tie::Pty(PtyEnd { index: 4, master: false })]);
         assert_eq!(Terminal::pty_end(&master), Some(PtyEnd { index: 4, master: true }));
         assert!(Terminal::outside_unless_tied(&master, &[false]));
         assert!(!Terminal::outside_unless_tied(&master, &[true]));
-        let tty = TerminalState { end: End::Outside, index: None, settings: None };
+        let tty = TerminalState { end: End::Outside, index: None, settings: None, other_closed: false };
         assert!(Terminal::ties(&tty).is_empty());
     }
 }

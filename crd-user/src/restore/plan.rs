@@ -291,7 +291,8 @@ fn plan_jobs(graph: &Graph, mode: Mode, sessions: &[Session], processes: &mut [P
         let mut found = None;
         for (task, slot) in graph.slots() {
             let Some((_, _, object)) = index.open(slot.file.objref()) else { continue };
-            let is_slave = matches!(&object.state, Saved::Terminal(t) if t.end == End::Slave);
+            let is_slave =
+                matches!(&object.state, Saved::Terminal(t) if t.end == End::Slave && !t.other_closed);
             if is_slave && object.rdev == tty && (found.is_none() || task.tgid == old) {
                 found = Some(slot.file.objref());
             }
