@@ -606,6 +606,27 @@ mod tests {
     }
 
     #[test]
+    fn a_pty_of_an_older_image_decodes_as_unknown_and_is_refused_a_new_one_round_trips() {
+        let config = bincode::config::standard();
+        // Formats 2 to 4 saved a pty as `{}`: no bytes at all.
+        super::super::decoding::set_format(4);
+        let (old, used): (TerminalState, usize) = bincode::serde::decode_from_slice(&[], config).unwrap();
+        assert_eq!((old.end, used), (End::Unknown, 0));
+        assert!(Terminal::refusal(&old).is_some_and(|why| why.contains("checkpoint it again")));
+        super::super::decoding::set_format(5);
+        let new = TerminalState {
+            end: End::Slave,
+            index: Some(3),
+            settings: Some(Settings { winsize: [24, 80, 0, 0], unread: 2, ..Default::default() }),
+            other_closed: false,
+        };
+        let bytes = bincode::serde::encode_to_vec(&new, config).unwrap();
+        let (back, _): (TerminalState, usize) = bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        assert_eq!(back, new);
+        assert_eq!(Terminal::detail(&back).as_deref(), Some("pty 3 slave size 80x24 unread 2 (not saved)"));
+    }
+
+    #[test]
     fn each_end_ties_to_the_other_end_of_its_pty() {
         let master = TerminalState { end: End::Master, index: Some(4), settings: None, other_closed: false };
         assert_eq!(Terminal::ties(&master), vec![Tie::Pty(PtyEnd { index: 4, master: false })]);
