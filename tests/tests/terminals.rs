@@ -249,6 +249,23 @@ fn a_pty_end_whose_other_end_is_closed_everywhere_comes_back_so_and_is_no_extern
     );
 }
 
+#[test]
+fn dev_tty_is_external_refused_by_fd() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    // A session leader with a pty as terminal opens /dev/tty (which stands for it).
+    let fixture = spawn(&["pty:3:4", "fork", "setsid", "ctty:4", "open:5:rw:/dev/tty"], 2);
+    let child = fixture.pids[1];
+    let tty = fs::metadata(format!("/proc/{child}/fd/5")).unwrap().rdev();
+    assert_eq!((libc::major(tty), libc::minor(tty)), (5, 0), "the child holds /dev/tty itself");
+    let (_, image, _log) = image_of_stopped(fixture, dir.path());
+    let out = crd(&["restore", image.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("PID {child} fd 5 (pty")) && err.contains("--allow-external"), "{err}");
+}
+
 /// A bash on a pty it has as controlling terminal, holding the master at fd 10 too.
 struct Bash(u32);
 

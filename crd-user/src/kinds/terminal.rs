@@ -387,7 +387,13 @@ impl FileKind for Terminal {
                     .map_err(|e| KindError::errno("open(/proc/self/fd/N) of a pty slave", e))?;
                 Ok(Opened { fd, fresh: false })
             }
-            End::Outside => open_by_path(args, "pty", false),
+            End::Outside => open_by_path(args, "pty", false).map_err(|e| match e {
+                KindError::Syscall(s) if s.errno() == Some(libc::ENXIO) => KindError::Other(format!(
+                    "{} stands for its opener's controlling terminal and crd has none: run the restore from a terminal, or leave --allow-external out to have it refused",
+                    args.path.unwrap_or("/dev/tty")
+                )),
+                e => e,
+            }),
             End::Unknown => Err(KindError::Other("unknown terminal".into())),
         }
     }
