@@ -76,6 +76,29 @@ fn text(body: &ImageBody) -> String {
             first_or_ref(&t.fd_table)
         );
     }
+    // Job control, per process (its leader thread), as restore recreates it.
+    let known: Vec<_> = g.tasks.iter().filter(|t| t.pid.0 == t.tgid.0 && t.session.sid != 0).collect();
+    if !known.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nsessions (old PIDs; restore recreates them where their leaders are in the image):"
+        );
+        for t in known {
+            let s = &t.session;
+            let terminal = match s.tty {
+                Some(tty) if (136..=143).contains(&tty.major) => {
+                    format!(
+                        "terminal /dev/pts/{} (foreground group {})",
+                        (tty.major - 136) * 256 + tty.minor,
+                        s.foreground
+                    )
+                }
+                Some(tty) => format!("terminal {tty} (foreground group {})", s.foreground),
+                None => "no terminal".into(),
+            };
+            let _ = writeln!(out, "  PID {}: session {}, group {}, {terminal}", t.tgid, s.sid, s.pgid);
+        }
+    }
     let _ = writeln!(out, "\n(#N: object saved here; #N*: a later reference to it)");
     for t in &g.tasks {
         let Encounter::First { objref, object: table } = &t.fd_table else {
