@@ -222,7 +222,7 @@ fn ties_and_flight(
             .collect();
         if fds.is_empty() { "no fd".to_string() } else { fds.join(", ") }
     };
-    let _ = writeln!(out, "\nsockets and ptys: what each is tied to, and the files in flight in it:");
+    let _ = writeln!(out, "\nsockets: what each is tied to, and the files in flight in it:");
     for (objref, object) in nesting {
         let _ = writeln!(out, "  {objref} {} {} ({})", object.kind(), object_detail(object), held_by(objref));
         for (tie, found) in object.ties() {

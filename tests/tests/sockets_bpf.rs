@@ -551,7 +551,7 @@ fn inspect_shows_each_sockets_peer_listener_and_files_in_flight() {
     };
     let text = inspect("text");
     let section = text
-        .split("\nsockets and ptys: what each is tied to, and the files in flight in it:\n")
+        .split("\nsockets: what each is tied to, and the files in flight in it:\n")
         .nth(1)
         .unwrap_or_else(|| panic!("{text}"));
     // Each object's entry: its header line, then its ties and files, indented.
