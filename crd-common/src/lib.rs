@@ -59,9 +59,11 @@ pub const KIND_SHMEM: u32 = 1 << 2;
 /// [`Config::kinds`]: `socket`, `sock`, `unix_sock` and `unix_address` fields resolved:
 /// sockets carry a [`SocketTail`].
 pub const KIND_SOCKET: u32 = 1 << 3;
-/// [`Config::kinds`]: `sock::sk_ino` exists (6.18): a unix peer's inode number is read
-/// from it, as `sock_i_ino` does; without it, from the peer's socket inode.
-pub const KIND_SOCKET_SK_INO: u32 = 1 << 4;
+/// [`Config::kinds`]: the kernel has the helpers `bpf_sock_from_file` (5.11) and
+/// `bpf_skc_to_unix_sock` (5.16), which hand back BTF-typed `struct socket *` and
+/// `struct unix_sock *`: a socket's fields are then direct loads, not one
+/// `bpf_probe_read_kernel` call each (a helper call costs ~20 loads).
+pub const KIND_SOCKET_TYPED: u32 = 1 << 8;
 
 /// Bytes of a unix socket's bound name the BPF program copies (`sun_path`, 108 bytes).
 pub const UNIX_PATH_LEN: usize = 108;
@@ -77,6 +79,10 @@ pub const SOCKFS_MAGIC: u64 = 0x534F_434B;
 
 /// `AF_*` numbers the BPF program reads family fields for.
 pub const AF_UNIX: u16 = 1;
+/// `sk_state` of a listening socket, every family (`TCP_LISTEN`).
+pub const SK_STATE_LISTEN: u8 = 10;
+/// `SOCK_STREAM`.
+pub const SOCK_STREAM: u16 = 1;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
@@ -202,10 +208,11 @@ pub struct EventfdTail {
 pub struct SocketTail {
     /// `socket::sk`: identity of the `struct sock`.
     pub sock: u64,
-    /// unix: `i_ino` of the peer's socket inode (`unix_sock::peer->sk_socket`); 0 when
-    /// there is no peer, or when the peer is a connection not yet accepted (it has no
-    /// socket, so no inode yet).
-    pub peer_ino: u64,
+    /// unix: `unix_sock::peer`, the peer's `struct sock` (0: no peer). Its address is
+    /// the peer's identity: userspace finds the peer's inode among the harvested
+    /// sockets (`sock`), or asks sock_diag for a peer outside them. Reading the inode
+    /// here would cost a cache miss on the peer's `sock` for every unix socket.
+    pub peer: u64,
     /// `sock_common::skc_family` (AF_UNIX, AF_INET, AF_INET6, AF_NETLINK...).
     pub family: u16,
     /// `sock::sk_type` (SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET, SOCK_RAW...).
@@ -217,11 +224,15 @@ pub struct SocketTail {
     pub state: u8,
     /// `sock::sk_shutdown` (RCV_SHUTDOWN = 1, SEND_SHUTDOWN = 2).
     pub shutdown: u8,
-    /// `sock::sk_max_ack_backlog`: a listener's backlog.
+    /// `sock::sk_max_ack_backlog`: a listener's backlog (read for listeners only, 0 for
+    /// any other socket).
     pub backlog: u32,
-    /// `sock::sk_ack_backlog`: connections waiting to be accepted.
+    /// `sock::sk_ack_backlog`: connections waiting to be accepted (listeners only).
     pub pending: u32,
-    /// `sock::sk_receive_queue.qlen`: buffers (unix: messages) queued for reading.
+    /// `sock::sk_receive_queue.qlen`: messages queued for reading, read only where crd
+    /// uses it: a unix listener (its pending connections) and a unix socket that keeps
+    /// message boundaries (its datagram count); 0 for any other socket. Every field
+    /// read costs a cache line of the `sock`, and a socket's cost is mostly those misses.
     pub rqueue: u32,
     /// inet: local port (`skc_num`, host order).
     pub local_port: u16,
@@ -235,7 +246,8 @@ pub struct SocketTail {
     /// not bound.
     pub name_len: u32,
     /// unix: `sun_path` of the bound name, as many bytes as `name_len` says (an abstract
-    /// name starts with a NUL byte).
+    /// name starts with a NUL byte). The BPF program does not clear the bytes past
+    /// them: they are unspecified.
     pub name: [u8; UNIX_PATH_LEN],
 }
 
@@ -243,7 +255,7 @@ impl Default for SocketTail {
     fn default() -> Self {
         Self {
             sock: 0,
-            peer_ino: 0,
+            peer: 0,
             family: 0,
             sock_type: 0,
             protocol: 0,

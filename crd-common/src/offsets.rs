@@ -21,9 +21,6 @@ pub enum FieldGroup {
     Shmem,
     /// `socket`, `sock`, `unix_sock`, `unix_address` ([`crate::KIND_SOCKET`]).
     Socket,
-    /// `sock::sk_ino` ([`crate::KIND_SOCKET_SK_INO`]): without it a unix peer's inode
-    /// is found through its `struct socket`, as `sock_i_ino` did before the field.
-    SocketIno,
 }
 
 /// One declared field.
@@ -140,7 +137,6 @@ offsets! {
         sock_max_ack_backlog: "sock" ["sk_max_ack_backlog"] 4,
         sock_ack_backlog: "sock" ["sk_ack_backlog"] 4,
         sock_rqueue_len: "sock" ["sk_receive_queue.qlen"] 4,
-        sock_socket: "sock" ["sk_socket"] 8,
         // inet: `sock_common` keeps them in anonymous unions and structs.
         sock_rcv_saddr: "sock" ["__sk_common.skc_rcv_saddr"] 4,
         sock_daddr: "sock" ["__sk_common.skc_daddr"] 4,
@@ -154,11 +150,5 @@ offsets! {
         unix_address_len: "unix_address" ["len"] 4,
         // `struct sockaddr_un name[]`: a flexible array, only its address is used.
         unix_address_name: "unix_address" ["name"] 0,
-        // SOCK_INODE(): the inode follows the socket in its `socket_alloc`.
-        socket_alloc_inode: "socket_alloc" ["vfs_inode"] 0,
-    }
-    SocketIno {
-        // What `sock_i_ino` returns on kernels that have it (6.18).
-        sock_ino: "sock" ["sk_ino"] 8,
     }
 }

@@ -222,7 +222,8 @@ fn ties_and_flight(
             .collect();
         if fds.is_empty() { "no fd".to_string() } else { fds.join(", ") }
     };
-    let _ = writeln!(out, "\nsockets: what each is tied to, and the files in flight in it:");
+    // Sockets (peers, listeners, files in flight) and epolls (the files they watch).
+    let _ = writeln!(out, "\nnesting: what each object is tied to, and the files it carries:");
     for (objref, object) in nesting {
         let _ = writeln!(out, "  {objref} {} {} ({})", object.kind(), object_detail(object), held_by(objref));
         for (tie, found) in object.ties() {

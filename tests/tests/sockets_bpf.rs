@@ -11,7 +11,7 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use crd_common::{KIND_SOCKET, KIND_SOCKET_SK_INO};
+use crd_common::{KIND_SOCKET, KIND_SOCKET_TYPED};
 use crd_tests::{require_root, require_tool};
 use serde_json::Value;
 
@@ -460,16 +460,17 @@ fn ls_shows_each_unix_pair_with_what_is_queued_for_each_end() {
 }
 
 #[test]
-fn without_sk_ino_the_peer_is_found_through_its_socket_and_without_socket_fields_sockets_stay_listed() {
+fn the_copying_path_of_older_kernels_lists_the_same_and_without_socket_fields_sockets_stay_listed() {
     require_root!();
     require_tool!("python3");
     let s = Sockets::start();
     let full = ls(s.pid, &[]);
-    // As on a kernel before 6.18: `sock::sk_ino` missing, the peer's inode is read from
-    // its socket's inode. The same listing.
+    // As on a kernel without `bpf_sock_from_file`/`bpf_skc_to_unix_sock` (5.10): every
+    // field copied with bpf_probe_read_kernel instead of loaded through typed pointers.
+    // The same listing.
     let clear = crd::harvest::bpf::CLEAR_KINDS_ENV;
-    let old = ls(s.pid, &[(clear, &KIND_SOCKET_SK_INO.to_string())]);
-    assert_eq!(old, full);
+    let copied = ls(s.pid, &[(clear, &KIND_SOCKET_TYPED.to_string())]);
+    assert_eq!(copied, full);
     // As on a kernel whose BTF lacks a socket field: every socket is still listed, as an
     // opaque socket named by its inode.
     let opaque = ls(s.pid, &[(clear, &KIND_SOCKET.to_string())]);
@@ -478,6 +479,47 @@ fn without_sk_ino_the_peer_is_found_through_its_socket_and_without_socket_fields
         assert_eq!(opaque[fd]["kind"], "Socket", "{name}");
         assert_eq!(opaque[fd]["name"], format!("socket:[{}]", s.ino(name)), "{name}");
     }
+}
+
+/// BPF names a unix peer by its `struct sock`; crd maps it to the peer's inode from the
+/// harvest, and asks sock_diag for a peer the harvest does not hold: a socketpair split
+/// between a parent and a child, listed one process at a time, shows each end's peer as
+/// /proc links it, from both harvesters and both BPF paths.
+#[test]
+fn a_unix_peer_held_by_another_process_is_found_outside_the_listed_process() {
+    require_root!();
+    require_tool!("python3");
+    let script = r#"
+import json, os, socket, sys, time
+os.closerange(3, 4096)
+a, b = socket.socketpair()
+fa, fb = a.fileno(), b.fileno()
+child = os.fork()
+if child == 0:
+    a.close()
+    time.sleep(3600)
+    os._exit(0)
+b.close()
+print(json.dumps(dict(child=child, fd=fa, child_fd=fb)), flush=True)
+time.sleep(3600)
+"#;
+    let (program, info) = crd_tests::programs::python_json(script, &[]);
+    let parent = program.0.id();
+    let child = info["child"].as_u64().unwrap() as u32;
+    let (fd, child_fd) = (info["fd"].as_u64().unwrap(), info["child_fd"].as_u64().unwrap());
+    let (mine, theirs) = (link_ino(u64::from(parent), fd), link_ino(u64::from(child), child_fd));
+    let clear = crd::harvest::bpf::CLEAR_KINDS_ENV;
+    for env in [vec![], vec![(clear, KIND_SOCKET_TYPED.to_string())]] {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(peer(&ls(parent, &env)[&fd]), Some(theirs), "{env:?}");
+        assert_eq!(peer(&ls(child, &env)[&child_fd]), Some(mine), "{env:?}");
+    }
+    let procfs = |pid: u32| {
+        let out = crd_tests::crd(&["ls", &pid.to_string(), "--json", "--source", "procfs"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    assert_eq!(procfs(parent), ls_json(parent), "BPF and /proc list the parent alike");
 }
 
 /// A socketpair whose queue carries a pipe's read end (closed in the process: the message
@@ -551,7 +593,7 @@ fn inspect_shows_each_sockets_peer_listener_and_files_in_flight() {
     };
     let text = inspect("text");
     let section = text
-        .split("\nsockets: what each is tied to, and the files in flight in it:\n")
+        .split("\nnesting: what each object is tied to, and the files it carries:\n")
         .nth(1)
         .unwrap_or_else(|| panic!("{text}"));
     // Each object's entry: its header line, then its ties and files, indented.

@@ -234,9 +234,10 @@ impl BpfHarvester {
         }
         let mut stats = HarvestStats::default();
         let mut harvest = Harvest::default();
+        let mut peers = UnixPeers::default();
         let before = self.counters()?;
         for (name, iterator) in [("crd_task", "task"), ("crd_task_file", "task_file")] {
-            self.run_iterator(name, iterator, &mut harvest, &mut stats, interrupted)?;
+            self.run_iterator(name, iterator, &mut harvest, &mut peers, &mut stats, interrupted)?;
         }
         let after = self.counters()?;
         let submitted = after[STAT_SUBMITTED as usize] - before[STAT_SUBMITTED as usize];
@@ -248,6 +249,7 @@ impl BpfHarvester {
         if failed != 0 {
             return Err(BpfError::ReadFailed(failed));
         }
+        peers.resolve(&mut harvest);
         let mut harvest = harvest.drop_repeated_tables();
         if let Scope::All = scope {
             // The iterators see every task; list what /proc would (see all_processes).
@@ -279,6 +281,7 @@ impl BpfHarvester {
         name: &str,
         iterator: &'static str,
         harvest: &mut Harvest,
+        peers: &mut UnixPeers,
         stats: &mut HarvestStats,
         interrupted: &dyn Fn() -> bool,
     ) -> Result<(), BpfError> {
@@ -314,7 +317,7 @@ impl BpfHarvester {
             }
             while let Some(item) = self.ring.next() {
                 stats.records += 1;
-                decode(&item, self.file_ref_bias, harvest)?;
+                decode_with_peers(&item, self.file_ref_bias, harvest, peers)?;
             }
             if done {
                 return Ok(());
@@ -344,6 +347,59 @@ impl Harvester for BpfHarvester {
 
 /// Decodes one ring buffer record into the typed harvest.
 pub fn decode(bytes: &[u8], file_ref_bias: i64, harvest: &mut Harvest) -> Result<(), BpfError> {
+    decode_with_peers(bytes, file_ref_bias, harvest, &mut UnixPeers::default())
+}
+
+/// unix sockets' peers as the BPF records name them, by the peer's `struct sock`
+/// ([`SocketTail::peer`]), until the whole harvest is in and each can be mapped to the
+/// peer's inode.
+#[derive(Debug, Default)]
+pub struct UnixPeers {
+    /// Every harvested socket's inode number, by its `struct sock`.
+    inode_of: foldhash::HashMap<u64, u64>,
+    /// (index in `Harvest::fds`, the peer's `struct sock`) of each unix socket with one.
+    wanted: Vec<(usize, u64)>,
+}
+
+impl UnixPeers {
+    fn note(&mut self, index: usize, record: &FdRecord, tail: &SocketTail) {
+        if tail.sock != 0 {
+            self.inode_of.insert(tail.sock, record.ino);
+        }
+        if tail.family == crd_common::AF_UNIX && tail.peer != 0 {
+            self.wanted.push((index, tail.peer));
+        }
+    }
+
+    /// Gives each unix socket its peer's inode: from the harvest when the peer is one of
+    /// its sockets, else from sock_diag (a peer held outside the harvested processes, as
+    /// the /proc harvester finds every peer). A peer neither knows (a connection not
+    /// yet accepted has no inode) stays unknown.
+    pub fn resolve(&self, harvest: &mut Harvest) {
+        let mut diag: Option<super::sockets::Sockets> = None;
+        for &(index, peer) in &self.wanted {
+            let Some(fd) = harvest.fds.get_mut(index) else { continue };
+            let ino = match self.inode_of.get(&peer) {
+                Some(&ino) => Some(ino),
+                None => diag
+                    .get_or_insert_with(super::sockets::Sockets::new)
+                    .facts(Pid(fd.tgid.0), fd.file.object.ino)
+                    .and_then(|facts| facts.peer),
+            };
+            if let Live::Unix(facts) = &mut fd.file.object.live {
+                facts.peer = ino;
+            }
+        }
+    }
+}
+
+/// [`decode`], noting sockets' peers in `peers`.
+fn decode_with_peers(
+    bytes: &[u8],
+    file_ref_bias: i64,
+    harvest: &mut Harvest,
+    peers: &mut UnixPeers,
+) -> Result<(), BpfError> {
     let tag = bytes.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
     match tag {
         RECORD_TASK if bytes.len() >= size_of::<TaskRecord>() => {
@@ -357,6 +413,11 @@ pub fn decode(bytes: &[u8], file_ref_bias: i64, harvest: &mut Harvest) -> Result
             let r: FdRecord = unsafe { bytes.as_ptr().cast::<FdRecord>().read_unaligned() };
             let tail = &bytes[size_of::<FdRecord>()..];
             harvest.fds.push(fd_info(&r, tail, file_ref_bias).ok_or(BpfError::BadRecord(tag, bytes.len()))?);
+            if r.tail == TAIL_SOCKET
+                && let Some(socket) = kinds::tail::<SocketTail>(tail)
+            {
+                peers.note(harvest.fds.len() - 1, &r, &socket);
+            }
         }
         _ => return Err(BpfError::BadRecord(tag, bytes.len())),
     }
@@ -537,12 +598,33 @@ mod tests {
     #[test]
     fn a_unix_socket_tail_decodes_to_a_unix_socket_with_its_peer_and_name() {
         let mut tail = socket_tail(libc::AF_UNIX, libc::SOCK_STREAM, 0, 1);
-        tail.peer_ino = 4243;
         tail.rqueue = 2;
         let path = b"/run/app.sock\0";
         tail.name[..path.len()].copy_from_slice(path);
         tail.name_len = (2 + path.len()) as u32;
-        let f = decoded(&bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail })).unwrap();
+        // Its peer, inode 4243, names this one by its `struct sock`, and this one the
+        // peer by its: once both are in, each gets the other's inode.
+        tail.peer = 0x6000;
+        let peer_tail = SocketTail {
+            sock: 0x6000,
+            peer: tail.sock,
+            ..socket_tail(libc::AF_UNIX, libc::SOCK_STREAM, 0, 1)
+        };
+        let peer_record = FdRecord { fd: 5, ino: 4243, inode: 0x60c, ..socket_record(TAIL_SOCKET) };
+        let mut harvest = Harvest::default();
+        let mut peers = UnixPeers::default();
+        for record in [
+            bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail }),
+            bytes(&FdWith { common: peer_record, tail: peer_tail }),
+        ] {
+            decode_with_peers(&record, 1, &mut harvest, &mut peers).unwrap();
+        }
+        let Live::Unix(before) = &harvest.fds[0].file.object.live else { panic!() };
+        assert_eq!(before.peer, None, "a record alone does not know its peer's inode");
+        peers.resolve(&mut harvest);
+        let Live::Unix(other) = &harvest.fds[1].file.object.live else { panic!() };
+        assert_eq!(other.peer, Some(4242));
+        let f = harvest.fds.remove(0);
         assert_eq!(f.file.object.kind(), Kind::Unix);
         assert_eq!(f.file.object.id, KernelPtr(0x50c), "a socket is its inode");
         let Live::Unix(facts) = &f.file.object.live else { panic!() };
@@ -618,7 +700,7 @@ mod tests {
     fn socket_seeds() -> Vec<(&'static str, Vec<u8>, Kind)> {
         let record = |tail: SocketTail| bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail });
         let mut pair = socket_tail(libc::AF_UNIX, libc::SOCK_STREAM, 0, 1);
-        (pair.peer_ino, pair.rqueue) = (4243, 3);
+        (pair.peer, pair.rqueue) = (4243, 3);
         let mut listener = socket_tail(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, 10);
         listener.name = [b'x'; crd_common::UNIX_PATH_LEN];
         listener.name[0] = 0;

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use btf_rs::{Backend, Btf, Type};
 use crd_common::{
-    Config, FieldGroup, KIND_EVENTFD, KIND_NAMED, KIND_SHMEM, KIND_SOCKET, KIND_SOCKET_SK_INO, Offsets,
+    Config, FieldGroup, KIND_EVENTFD, KIND_NAMED, KIND_SHMEM, KIND_SOCKET, KIND_SOCKET_TYPED, Offsets,
 };
 
 /// Where the kernel publishes its own BTF.
@@ -231,15 +231,40 @@ impl KernelBtf {
     /// the BPF harvester unsupported; a missing field of a kind leaves that kind's bit
     /// clear (its fds are then listed as opaque) with a warning.
     pub fn config(&self) -> Result<Config, OffsetsError> {
-        config_from(|structure, path| self.member(structure, path), self.size_of("pipe_buffer")?)
+        config_from(
+            |structure, path| self.member(structure, path),
+            self.size_of("pipe_buffer")?,
+            self.has_helpers(TYPED_SOCKET_HELPERS),
+        )
+    }
+
+    /// Whether this kernel knows every helper in `names` (`enum bpf_func_id`'s
+    /// `BPF_FUNC_*` values): the verifier rejects a call to one it does not know, even
+    /// where the program would never make it.
+    fn has_helpers(&self, names: &[&str]) -> bool {
+        let Ok(types) = self.btf.resolve_types_by_name("bpf_func_id") else { return false };
+        let Some(values) = types.into_iter().find_map(|t| match t {
+            Type::Enum(e) => Some(e),
+            _ => None,
+        }) else {
+            return false;
+        };
+        let known: Vec<String> =
+            values.members.iter().filter_map(|m| self.btf.resolve_name(m).ok()).collect();
+        names.iter().all(|name| known.iter().any(|k| k == name))
     }
 }
 
+/// The helpers crd's typed socket reads call (see [`KIND_SOCKET_TYPED`]).
+const TYPED_SOCKET_HELPERS: &[&str] = &["BPF_FUNC_sock_from_file", "BPF_FUNC_skc_to_unix_sock"];
+
 /// [`KernelBtf::config`] with `member` answering "offset and size of this member path
-/// in this struct" (a fake in tests).
+/// in this struct" (a fake in tests); `typed_socket_helpers`: the kernel has the helpers
+/// of [`KIND_SOCKET_TYPED`].
 fn config_from(
     member: impl Fn(&'static str, &'static str) -> Result<(u32, u32), OffsetsError>,
     pipe_buffer_size: u32,
+    typed_socket_helpers: bool,
 ) -> Result<Config, OffsetsError> {
     let mut offsets = Offsets::ZERO;
     let mut missing: Vec<(FieldGroup, String)> = Vec::new();
@@ -285,20 +310,13 @@ fn config_from(
             *slot = offset;
         }
     }
-    let mut kinds = KIND_NAMED | KIND_EVENTFD | KIND_SHMEM | KIND_SOCKET | KIND_SOCKET_SK_INO;
+    let mut kinds = KIND_NAMED | KIND_EVENTFD | KIND_SHMEM | KIND_SOCKET;
     for (group, what) in &missing {
         let (bit, consequence) = match group {
             FieldGroup::Named => (KIND_NAMED, "anon-inode files and memfds are listed as opaque"),
             FieldGroup::Eventfd => (KIND_EVENTFD, "eventfds are listed as opaque anon files"),
             FieldGroup::Shmem => (KIND_SHMEM, "memfd seals are not read by BPF"),
             FieldGroup::Socket => (KIND_SOCKET, "sockets are listed as opaque sockets"),
-            // Not a loss: the peer's inode is then found through its socket (debug only,
-            // as every kernel before 6.18 lacks it).
-            FieldGroup::SocketIno => {
-                log::debug!("this kernel's BTF lacks {what}: unix peers are found through their socket");
-                kinds &= !KIND_SOCKET_SK_INO;
-                continue;
-            }
             FieldGroup::Core => continue,
         };
         if kinds & bit != 0 {
@@ -310,8 +328,8 @@ fn config_from(
         // The eventfd and shmem reads start from the name's tail.
         kinds &= !(KIND_EVENTFD | KIND_SHMEM);
     }
-    if kinds & KIND_SOCKET == 0 {
-        kinds &= !KIND_SOCKET_SK_INO;
+    if kinds & KIND_SOCKET != 0 && typed_socket_helpers {
+        kinds |= KIND_SOCKET_TYPED;
     }
     Ok(Config { offsets, pipe_buffer_size, file_ref_bias, kinds, match_all: 0 })
 }
@@ -358,25 +376,23 @@ mod tests {
         assert!(config.pipe_buffer_size >= 40);
         assert!(off.inode_i_pipe > off.inode_i_sb);
         if release.starts_with("6.18.") {
-            assert_eq!(config.kinds & KIND_SOCKET_SK_INO, KIND_SOCKET_SK_INO, "6.18 has sock::sk_ino");
+            assert_eq!(
+                config.kinds & KIND_SOCKET_TYPED,
+                KIND_SOCKET_TYPED,
+                "6.18 has the typed socket helpers"
+            );
             assert_eq!((off.task_pid, off.task_tgid), (1264, 1268));
             assert_eq!((off.file_f_inode, off.file_f_flags, off.file_f_pos), (32, 40, 112));
             assert_eq!(off.inode_i_pipe, 584);
             // As `bpftool btf dump` (raw, not `format c`) gives them on 6.18.
-            assert_eq!((off.socket_sk, off.socket_alloc_inode), (24, 128));
+            assert_eq!(off.socket_sk, 24);
             assert_eq!((off.sock_daddr, off.sock_rcv_saddr, off.sock_dport, off.sock_num), (0, 4, 12, 14));
             assert_eq!(
                 (off.sock_family, off.sock_state, off.sock_v6_daddr, off.sock_v6_rcv_saddr),
                 (16, 18, 56, 72)
             );
-            assert_eq!(
-                (off.sock_rqueue_len, off.sock_socket, off.sock_protocol, off.sock_type),
-                (184, 288, 532, 534)
-            );
-            assert_eq!(
-                (off.sock_shutdown, off.sock_ack_backlog, off.sock_max_ack_backlog, off.sock_ino),
-                (575, 600, 604, 608)
-            );
+            assert_eq!((off.sock_rqueue_len, off.sock_protocol, off.sock_type), (184, 532, 534));
+            assert_eq!((off.sock_shutdown, off.sock_ack_backlog, off.sock_max_ack_backlog), (575, 600, 604));
             assert_eq!(
                 (off.unix_addr, off.unix_peer, off.unix_address_len, off.unix_address_name),
                 (784, 872, 4, 8)
@@ -401,6 +417,7 @@ mod tests {
                 Ok((offset, resize(path).unwrap_or(size)))
             },
             64,
+            btf.has_helpers(TYPED_SOCKET_HELPERS),
         )
     }
 
@@ -440,15 +457,15 @@ mod tests {
             .map(|f| format!("{}.{}", f.structure, f.paths[0]))
             .collect();
         assert!(socket_fields.len() >= 20, "{socket_fields:?}");
-        // Each field alone: only sockets degrade (and the peer-inode choice with them).
+        // Each field alone: only sockets degrade (and the typed reads with them).
         // `file.private_data` is also the Named group's, which it takes along.
         for hidden in socket_fields.iter().filter(|f| *f != "file.private_data") {
             let config = config_with(&btf, &|what| what == hidden, &|_| None).expect("still loads");
-            assert_eq!(config.kinds, full.kinds & !(KIND_SOCKET | KIND_SOCKET_SK_INO), "without {hidden}");
+            assert_eq!(config.kinds, full.kinds & !(KIND_SOCKET | KIND_SOCKET_TYPED), "without {hidden}");
             assert_eq!(config.offsets.task_tgid, full.offsets.task_tgid);
         }
         // Whole structs (a kernel without unix sockets built in has no `unix_sock`).
-        for hidden in ["socket", "unix_sock", "unix_address", "socket_alloc"] {
+        for hidden in ["socket", "unix_sock", "unix_address"] {
             let config = config_with(&btf, &|what| what == hidden, &|_| None).unwrap();
             assert_eq!(config.kinds & KIND_SOCKET, 0, "without struct {hidden}");
         }
@@ -459,11 +476,6 @@ mod tests {
             assert_eq!(config.kinds & KIND_SOCKET, 0, "{path} at {size} bytes");
             assert_eq!(config.kinds & KIND_EVENTFD, full.kinds & KIND_EVENTFD);
         }
-        // Before 6.18 there is no `sk_ino`: sockets stay, and BPF finds a peer's inode
-        // through its socket.
-        let old = config_with(&btf, &|what| what == "sock.sk_ino", &|_| None).unwrap();
-        assert_eq!(old.kinds, full.kinds & !KIND_SOCKET_SK_INO);
-        assert_ne!(old.kinds & KIND_SOCKET, 0);
     }
 
     #[test]

@@ -196,10 +196,13 @@ pub struct SocketFacts {
     /// A listener's connections waiting to be accepted (TCP: `sk_ack_backlog`; unix:
     /// `sk_receive_queue.qlen`, one skb per connection); 0 for any other socket.
     pub pending: u32,
-    /// Messages (skbs) queued for reading, `sk_receive_queue.qlen`. The /proc harvester
-    /// (sock_diag) can count them only for a unix listener (where they are its pending
-    /// connections); for every other socket sock_diag counts bytes, so /proc says 0:
-    /// the harvesters agree on it for listeners and empty queues only.
+    /// Messages (skbs) queued for reading, `sk_receive_queue.qlen`, for the sockets crd
+    /// uses it for: a unix listener (its pending connections) and a unix datagram or
+    /// seqpacket socket (checked against the messages a save peeks). BPF reads it only
+    /// for those (0 otherwise: each field is a cache miss on the `sock`). The /proc
+    /// harvester (sock_diag) can count messages only for a unix listener; for every
+    /// other socket sock_diag counts bytes, so /proc says 0: the harvesters agree on it
+    /// for listeners, stream sockets and empty queues.
     pub rqueue: u32,
     /// unix: the peer socket's inode number, when the peer has one.
     pub peer: Option<u64>,
@@ -242,7 +245,9 @@ impl SocketFacts {
             backlog: if listening { t.backlog } else { 0 },
             pending,
             rqueue: t.rqueue,
-            peer: (t.peer_ino != 0).then_some(t.peer_ino),
+            // The tail names the peer by its `struct sock`: the BPF harvester maps it to
+            // an inode once every record is in (harvest::bpf::UnixPeers).
+            peer: None,
             name: if family == Family::Unix {
                 UnixName::from_sun_path(&t.name[..name_len.min(t.name.len())])
             } else {
