@@ -222,7 +222,8 @@ fn ties_and_flight(
             .collect();
         if fds.is_empty() { "no fd".to_string() } else { fds.join(", ") }
     };
-    // Sockets (peers, listeners, files in flight) and epolls (the files they watch).
+    // Sockets (peers, listeners, files in flight), epolls (the files they watch) and
+    // pty ends (the other end).
     let _ = writeln!(out, "\nnesting: what each object is tied to, and the files it carries:");
     for (objref, object) in nesting {
         let _ = writeln!(out, "  {objref} {} {} ({})", object.kind(), object_detail(object), held_by(objref));
