@@ -208,8 +208,10 @@ fn bpf_and_procfs_agree_on_ptys_and_sessions() {
 fn a_pty_whose_master_is_outside_is_refused_by_fd_unless_allowed() {
     require_root!();
     let dir = tempfile::tempdir().unwrap();
-    // The child keeps only the slave; its parent, not checkpointed, holds the master.
-    let fixture = spawn(&["pty:3:4", "fork", "close:3"], 2);
+    // The child keeps only the slave, its session's terminal; its parent, not
+    // checkpointed, holds the master (a shell whose terminal emulator is not in the
+    // image).
+    let fixture = spawn(&["pty:3:4", "fork", "close:3", "setsid", "ctty:4"], 2);
     let child = fixture.pids[1];
     let body = checkpoint(child, false, Source::Bpf);
     let path = dir.path().join("child.crd");
@@ -219,8 +221,11 @@ fn a_pty_whose_master_is_outside_is_refused_by_fd_unless_allowed() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains(&format!("PID {child} fd 4 (pty")) && err.contains("--allow-external"), "{err}");
-    // Allowed: a slave of a new pty whose master is gone (like a pipe without writer).
+    // Allowed: a slave of a new pty whose master is gone (like a pipe without writer),
+    // in a session of its own without terminal (a hung-up terminal controls nothing).
     let restored = restore_with(&["restore", path.to_str().unwrap(), "--allow-external"]).unwrap();
+    let (_, sid, tty, _) = stat(restored.root);
+    assert_eq!((sid, tty), (restored.root, 0));
     let slave = grab(restored.root, 4);
     let rdev = fs::metadata(format!("/proc/self/fd/{}", slave.as_raw_fd())).unwrap().rdev();
     assert!((136..=143).contains(&libc::major(rdev)), "a pty slave");

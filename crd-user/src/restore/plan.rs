@@ -291,8 +291,10 @@ fn plan_jobs(graph: &Graph, mode: Mode, sessions: &[Session], processes: &mut [P
         let mut found = None;
         for (task, slot) in graph.slots() {
             let Some((_, _, object)) = index.open(slot.file.objref()) else { continue };
-            let is_slave =
-                matches!(&object.state, Saved::Terminal(t) if t.end == End::Slave && !t.other_closed);
+            // Not one whose master is outside: made disconnected (--allow-external), it
+            // is hung up before the leader could take it.
+            let is_slave = !object.held_outside
+                && matches!(&object.state, Saved::Terminal(t) if t.end == End::Slave && !t.other_closed);
             if is_slave && object.rdev == tty && (found.is_none() || task.tgid == old) {
                 found = Some(slot.file.objref());
             }
