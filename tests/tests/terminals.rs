@@ -275,6 +275,26 @@ fn dev_tty_is_external_refused_by_fd() {
     assert!(err.contains(&format!("PID {child} fd 5 (pty")) && err.contains("--allow-external"), "{err}");
 }
 
+#[test]
+fn a_graft_hands_the_live_pty_over_and_leaves_the_session_its_terminal() {
+    require_root!();
+    let fixture = spawn(&SESSION_STEPS, 3);
+    let [root, leader] = [fixture.pids[0], fixture.pids[1]];
+    let grafted =
+        restore_with(&["graft", &root.to_string(), "--tree"]).unwrap_or_else(|e| panic!("graft: {e}"));
+    let new = |old: u32| grafted.tasks.iter().find(|(o, _)| *o == old).map(|(_, n)| *n).unwrap();
+    // The very same pty: what the stub's master writes, the original's slave reads.
+    let (stub_master, original_slave) = (grab(new(root), 3), grab(root, 4));
+    nix::unistd::write(&stub_master, b"same\n").unwrap();
+    assert_eq!(read_until(original_slave.as_fd(), b"same\n", Duration::from_secs(5)), b"same\n");
+    // The original's session keeps its terminal; the stub leads a session without one.
+    let (_, sid, tty, _) = stat(leader);
+    assert_eq!((sid, tty), (leader, tty_nr(original_slave.as_fd())));
+    let (_, new_sid, new_tty, _) = stat(new(leader));
+    assert_eq!((new_sid, new_tty), (new(leader), 0));
+    drop(fixture);
+}
+
 /// A bash on a pty it has as controlling terminal, holding the master at fd 10 too.
 struct Bash(u32);
 
