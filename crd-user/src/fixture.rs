@@ -36,6 +36,13 @@
 //! | `timerfd:FD[:CLOCK:VALUE_MS:INTERVAL_MS:FLAGS]` | timerfd_create at FD (CLOCK: monotonic (default), realtime, boottime, realtime_alarm, boottime_alarm or a number), armed with VALUE_MS (from now) and INTERVAL_MS; FLAGS letters a(bstime: the deadline is now + VALUE_MS) c(ancel on set) n(onblock) |
 //! | `signalfd:FD:SIGNALS` | signalfd at FD for SIGNALS (`INT,USR2`), which the process blocks |
 //! | `pty:M:S`             | a pty: master (/dev/ptmx) at M, its slave at S               |
+//! | `setsid`              | setsid(): lead a new session                                 |
+//! | `setpgid`             | setpgid(0, 0): lead a new process group                      |
+//! | `ctty:FD`             | TIOCSCTTY: the terminal at FD becomes the session's controlling terminal |
+//! | `foreground:FD`       | tcsetpgrp(FD, own group): put this process's group in the terminal's foreground |
+//! | `winsize:FD:ROWS:COLS` | TIOCSWINSZ                                                  |
+//! | `raw:FD`              | clear ECHO, ICANON and ICRNL on the terminal at FD           |
+//! | `packet:FD`           | TIOCPKT on the pty master at FD                              |
 //! | `fork`                | fork; the child runs the rest                               |
 //! | `clonefiles`          | a child *process* sharing this fd table (CLONE_FILES); it only waits, and reports no readiness (its table is the parent's) |
 use std::{
@@ -191,6 +198,53 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
             "close" => {
                 let fd: RawFd = num(step, parts.next())?;
                 unistd::close(fd).map_err(failed)?;
+            }
+            "setsid" => {
+                unistd::setsid().map_err(failed)?;
+            }
+            "setpgid" => {
+                unistd::setpgid(unistd::Pid::from_raw(0), unistd::Pid::from_raw(0)).map_err(failed)?;
+            }
+            "ctty" | "packet" => {
+                let fd: RawFd = num(step, parts.next())?;
+                let (request, arg) = if op == "ctty" { (libc::TIOCSCTTY, 0) } else { (libc::TIOCPKT, 1) };
+                let arg: libc::c_int = arg;
+                // SAFETY: TIOCSCTTY takes an int argument; TIOCPKT reads one int.
+                let ret = unsafe {
+                    if op == "ctty" { libc::ioctl(fd, request, arg) } else { libc::ioctl(fd, request, &arg) }
+                };
+                if ret < 0 {
+                    return Err(failed(nix::Error::last()));
+                }
+            }
+            "foreground" => {
+                let fd: RawFd = num(step, parts.next())?;
+                // A background group asking for the foreground gets SIGTTOU unless it
+                // blocks it.
+                let mut ttou = nix::sys::signal::SigSet::empty();
+                ttou.add(nix::sys::signal::Signal::SIGTTOU);
+                ttou.thread_block().map_err(failed)?;
+                let done = unistd::tcsetpgrp(borrowed(fd), unistd::getpgrp());
+                ttou.thread_unblock().map_err(failed)?;
+                done.map_err(failed)?;
+            }
+            "winsize" => {
+                let fd: RawFd = num(step, parts.next())?;
+                let rows: u16 = num(step, parts.next())?;
+                let cols: u16 = num(step, parts.next())?;
+                let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+                // SAFETY: TIOCSWINSZ reads one winsize.
+                if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) } < 0 {
+                    return Err(failed(nix::Error::last()));
+                }
+            }
+            "raw" => {
+                use nix::sys::termios::{self, InputFlags, LocalFlags, SetArg};
+                let fd: RawFd = num(step, parts.next())?;
+                let mut t = termios::tcgetattr(borrowed(fd)).map_err(failed)?;
+                t.local_flags.remove(LocalFlags::ECHO | LocalFlags::ICANON);
+                t.input_flags.remove(InputFlags::ICRNL);
+                termios::tcsetattr(borrowed(fd), SetArg::TCSANOW, &t).map_err(failed)?;
             }
             "pipes" => {
                 let n: usize = num(step, parts.next())?;

@@ -21,8 +21,8 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    kinds::{InsideUse, Kind, Saved, Tie, decoding, socket::UnixName},
-    model::{Carried, FdInfo, FileInfo, Harvest, ObjectInfo, Saves, TaskInfo},
+    kinds::{InsideUse, Kind, Saved, Tie, decoding, socket::UnixName, terminal::PtyEnd},
+    model::{Carried, FdInfo, FileInfo, Harvest, ObjectInfo, Saves, Session, TaskInfo},
     types::{Access, DeviceId, Fd, KernelPtr, ObjRef, Pid, Tgid},
 };
 
@@ -90,6 +90,10 @@ pub struct Task {
     pub parent: Tgid,
     pub comm: String,
     pub fd_table: Encounter<FdTable>,
+    /// Its session, process group and controlling terminal, at checkpoint time (the
+    /// old PIDs). (Format 5; unknown, all zero, in older images.)
+    #[serde(deserialize_with = "decoding::since_v5")]
+    pub session: Session,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -306,6 +310,7 @@ impl Graph {
                 tgid: t.tgid,
                 parent: t.parent,
                 comm: t.comm.clone(),
+                session: t.session,
                 fd_table: objhash.encounter(Class::FdTable, t.fd_table, |objhash| FdTable {
                     fds: tables
                         .get(&t.fd_table)
@@ -434,6 +439,26 @@ impl Graph {
             if a.comm != b.comm {
                 return Err(format!("{here}: comm {:?} vs {:?}", a.comm, b.comm));
             }
+            // Sessions and groups by position, where the original's leader is in the
+            // graph (the root stub otherwise leads a session of its own).
+            let led = |g: &HashMap<Tgid, usize>, id: u32| g.get(&Tgid(id)).copied();
+            for (what, x, y) in [
+                ("session", a.session.sid, b.session.sid),
+                ("process group", a.session.pgid, b.session.pgid),
+                ("foreground group", a.session.foreground, b.session.foreground),
+            ] {
+                if let Some(leader) = led(&pa, x)
+                    && led(&pb, y) != Some(leader)
+                {
+                    return Err(format!("{here}: {what} led by process #{leader} vs {:?}", led(&pb, y)));
+                }
+            }
+            if led(&pa, a.session.sid).is_some() && a.session.tty.is_some() != b.session.tty.is_some() {
+                return Err(format!(
+                    "{here}: controlling terminal {:?} vs {:?}",
+                    a.session.tty, b.session.tty
+                ));
+            }
             a.fd_table.same_as(&b.fd_table, "fd table", same_table).map_err(|e| format!("{here}: {e}"))?;
         }
         Ok(())
@@ -466,7 +491,9 @@ fn same_file(a: &FileDesc, b: &FileDesc) -> Result<(), String> {
 }
 
 fn same_object(a: &Object, b: &Object) -> Result<(), String> {
-    if (a.kind(), a.mode, &a.path, a.rdev) != (b.kind(), b.mode, &b.path, b.rdev) {
+    // A pty comes back under another index: another path and device number.
+    let named = |o: &Object| o.kind().stable_name().then(|| (o.path.clone(), o.rdev));
+    if (a.kind(), a.mode, named(a)) != (b.kind(), b.mode, named(b)) {
         return Err(format!(
             "{} {:o} {:?} vs {} {:o} {:?}",
             a.kind(),
@@ -522,6 +549,8 @@ struct Walk<'h> {
     listeners: HashMap<UnixName, KernelPtr>,
     /// Sockets by the address they are bound at, for [`Tie::Address`].
     bound: HashMap<std::net::SocketAddr, KernelPtr>,
+    /// Pty ends by index and end, for [`Tie::Pty`].
+    ptys: HashMap<PtyEnd, KernelPtr>,
     carried: std::collections::HashMap<KernelPtr, Vec<Carried>>,
     /// Every checkpointed task (TID), for the objects that refer to one (a pidfd).
     tasks: HashSet<Pid>,
@@ -539,6 +568,7 @@ impl<'h> Walk<'h> {
         let mut by_inode = HashMap::new();
         let mut listeners = HashMap::new();
         let mut bound = HashMap::new();
+        let mut ptys = HashMap::new();
         for (id, (object, _)) in &objects {
             let state = saved.remove(id).unwrap_or_else(|| object.live.sketch());
             by_inode.insert((object.kind(), object.ino), *id);
@@ -549,6 +579,9 @@ impl<'h> Walk<'h> {
                 // Several sockets may share an address (SO_REUSEPORT): any one sends.
                 bound.entry(addr).or_insert(*id);
             }
+            if let Some(end) = state.pty_end() {
+                ptys.entry(end).or_insert(*id);
+            }
             states.insert(*id, state);
         }
         for c in carried.values().flatten() {
@@ -558,10 +591,13 @@ impl<'h> Walk<'h> {
             }
             let state = saved.remove(&id).unwrap_or_else(|| c.file.object.live.sketch());
             by_inode.entry((c.file.object.kind(), c.file.object.ino)).or_insert(id);
+            if let Some(end) = state.pty_end() {
+                ptys.entry(end).or_insert(id);
+            }
             states.insert(id, state);
         }
         let tasks = harvest.tasks.iter().map(|t| t.pid).collect();
-        Walk { inside, states, objects, by_inode, listeners, bound, carried, tasks }
+        Walk { inside, states, objects, by_inode, listeners, bound, ptys, carried, tasks }
     }
 
     fn file_desc(&mut self, file: &FileInfo, objhash: &mut ObjHash) -> FileDesc {
@@ -600,6 +636,7 @@ impl<'h> Walk<'h> {
                     Tie::Peer(ino) => self.by_inode.get(&(kind, *ino)).copied(),
                     Tie::Listener(name) => self.listeners.get(name).copied().filter(|id| *id != o.id),
                     Tie::Address(addr) => self.bound.get(addr).copied().filter(|id| *id != o.id),
+                    Tie::Pty(end) => self.ptys.get(end).copied().filter(|id| *id != o.id),
                 };
                 found.push(target.is_some());
                 let id = target?;

@@ -76,6 +76,29 @@ fn text(body: &ImageBody) -> String {
             first_or_ref(&t.fd_table)
         );
     }
+    // Job control, per process (its leader thread), as restore recreates it.
+    let known: Vec<_> = g.tasks.iter().filter(|t| t.pid.0 == t.tgid.0 && t.session.sid != 0).collect();
+    if !known.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nsessions (old PIDs; restore recreates them where their leaders are in the image):"
+        );
+        for t in known {
+            let s = &t.session;
+            let terminal = match s.tty {
+                Some(tty) if (136..=143).contains(&tty.major) => {
+                    format!(
+                        "terminal /dev/pts/{} (foreground group {})",
+                        (tty.major - 136) * 256 + tty.minor,
+                        s.foreground
+                    )
+                }
+                Some(tty) => format!("terminal {tty} (foreground group {})", s.foreground),
+                None => "no terminal".into(),
+            };
+            let _ = writeln!(out, "  PID {}: session {}, group {}, {terminal}", t.tgid, s.sid, s.pgid);
+        }
+    }
     let _ = writeln!(out, "\n(#N: object saved here; #N*: a later reference to it)");
     for t in &g.tasks {
         let Encounter::First { objref, object: table } = &t.fd_table else {
@@ -161,6 +184,8 @@ fn tie_label(tie: &Tie) -> &'static str {
         Tie::Peer(_) => "peer",
         Tie::Listener(_) => "listener",
         Tie::Address(_) => "sender",
+        Tie::Pty(end) if end.master => "master",
+        Tie::Pty(_) => "slave",
     }
 }
 
@@ -170,6 +195,8 @@ fn tie_target(tie: &Tie) -> String {
         Tie::Peer(ino) => format!("socket:[{ino}]"),
         Tie::Listener(name) => name.to_string(),
         Tie::Address(addr) => addr.to_string(),
+        Tie::Pty(end) if end.master => format!("pty {} master", end.index),
+        Tie::Pty(end) => format!("/dev/pts/{}", end.index),
     }
 }
 
@@ -195,7 +222,8 @@ fn ties_and_flight(
             .collect();
         if fds.is_empty() { "no fd".to_string() } else { fds.join(", ") }
     };
-    // Sockets (peers, listeners, files in flight) and epolls (the files they watch).
+    // Sockets (peers, listeners, files in flight), epolls (the files they watch) and
+    // pty ends (the other end).
     let _ = writeln!(out, "\nnesting: what each object is tied to, and the files it carries:");
     for (objref, object) in nesting {
         let _ = writeln!(out, "  {objref} {} {} ({})", object.kind(), object_detail(object), held_by(objref));

@@ -114,6 +114,29 @@ pub struct Process {
     pub threads: Vec<Pid>,
     pub fd_table: ObjRef,
     pub fds: Vec<OpenFd>,
+    /// Its session's controlling terminal (`/dev/pts/3`, else `tty MAJOR:MINOR`),
+    /// with the session and the terminal's foreground group; None: it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ctty: Option<Ctty>,
+}
+
+/// A process's controlling terminal, from `/proc/PID/stat` (see [`crate::model::Session`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Ctty {
+    pub name: String,
+    pub session: u32,
+    pub foreground: u32,
+}
+
+impl Ctty {
+    fn of(session: &crate::model::Session) -> Option<Self> {
+        let tty = session.tty?;
+        let name = match tty.major {
+            136..=143 => format!("/dev/pts/{}", (tty.major - 136) * 256 + tty.minor),
+            _ => format!("tty {tty}"),
+        };
+        Some(Ctty { name, session: session.sid, foreground: session.foreground })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -136,7 +159,8 @@ pub struct OpenFd {
     pub inode: ObjRef,
     /// A connected socket's other end, where the listing holds it: the fds of the unix
     /// peer the graph ties it to, or of the TCP/UDP socket whose addresses mirror its
-    /// own. Empty otherwise (not connected, or the other end is not listed).
+    /// own; a pty end's other end (master or slave). Empty otherwise (not connected, or
+    /// the other end is not listed).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peer: Vec<Holder>,
 }
@@ -241,6 +265,7 @@ impl Listing {
                 threads: Vec::new(),
                 fd_table: task.fd_table.objref(),
                 fds: Vec::new(),
+                ctty: Ctty::of(&task.session),
             });
             process.threads.push(task.pid);
             if task.pid.0 == task.tgid.0 {
@@ -418,6 +443,18 @@ impl Listing {
                 );
             }
         }
+        if self.processes.iter().any(|p| p.ctty.is_some()) {
+            let _ = writeln!(out, "\ncontrolling terminals:");
+            for p in &self.processes {
+                if let Some(c) = &p.ctty {
+                    let _ = writeln!(
+                        out,
+                        "  PID {} ({}): {}, session {}, foreground group {}",
+                        p.pid, p.comm, c.name, c.session, c.foreground
+                    );
+                }
+            }
+        }
         if !self.socket_pairs.is_empty() {
             let _ =
                 writeln!(out, "\nunix socket pairs (PID:FD of each end; what is queued for each to read):");
@@ -468,9 +505,9 @@ fn peers(index: &GraphIndex<'_>, listed: &BTreeMap<ObjRef, Vec<Holder>>) -> Hash
     for objref in listed.keys() {
         let Some(object) = index.objects.get(objref) else { continue };
         match &object.state {
-            Saved::Unix(_) => {
+            Saved::Unix(_) | Saved::Terminal(_) => {
                 let peer = object.ties().into_iter().find_map(|(tie, found)| match tie {
-                    Tie::Peer(_) => found,
+                    Tie::Peer(_) | Tie::Pty(_) => found,
                     _ => None,
                 });
                 if let Some(peer) = peer.filter(|p| listed.contains_key(p)) {

@@ -94,8 +94,8 @@ enum Command {
         /// Write the root stub's PID here.
         #[arg(long)]
         pid_file: Option<PathBuf>,
-        /// Recreate pipes whose other end was outside the checkpoint as fresh,
-        /// disconnected pipes (by default such an image is refused).
+        /// Recreate pipes (and ptys) whose other end was outside the checkpoint as fresh,
+        /// disconnected ones (by default such an image is refused).
         #[arg(long)]
         allow_external: bool,
         #[command(flatten)]

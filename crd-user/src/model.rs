@@ -23,6 +23,58 @@ pub struct TaskInfo {
     pub comm: String,
     /// Identity of the fd table: threads and CLONE_FILES processes share one.
     pub fd_table: KernelPtr,
+    /// Its session, process group and controlling terminal.
+    pub session: Session,
+}
+
+/// Where a process stands in job control: its session, its process group, and its
+/// session's controlling terminal with that terminal's foreground group. Both
+/// harvesters read it from `/proc/PID/stat` (fields 5 to 8) for the handful of
+/// processes they harvest: BPF would have to walk `task->signal->pids[]` and
+/// `signal->tty` with offsets of their own for four numbers a read of one small file
+/// gives. Zero means unknown (an image of format 4 or older, a process gone meanwhile).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Session {
+    /// The session's id: its leader's PID.
+    pub sid: u32,
+    /// The process group's id: its leader's PID.
+    pub pgid: u32,
+    /// The controlling terminal's device (`tty_nr`); None: no controlling terminal.
+    pub tty: Option<DeviceId>,
+    /// The controlling terminal's foreground process group (`tpgid`; 0: none).
+    pub foreground: u32,
+}
+
+impl Session {
+    /// Reads `/proc/PID/stat`; the default (unknown) if the process is gone.
+    pub fn of(tgid: Tgid) -> Session {
+        std::fs::read_to_string(format!("/proc/{}/stat", tgid.0))
+            .ok()
+            .and_then(|stat| Session::parse(&stat))
+            .unwrap_or_default()
+    }
+
+    /// Fields 5 (pgrp), 6 (session), 7 (tty_nr) and 8 (tpgid) of a `/proc/PID/stat`
+    /// line, counted after the command name (which may hold spaces and parentheses).
+    pub fn parse(stat: &str) -> Option<Session> {
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let mut fields = rest.split_whitespace().skip(2);
+        let pgid = fields.next()?.parse().ok()?;
+        let sid = fields.next()?.parse().ok()?;
+        let tty_nr: u32 = fields.next()?.parse::<i64>().ok()? as u32;
+        let tpgid: i64 = fields.next()?.parse().ok()?;
+        Some(Session {
+            sid,
+            pgid,
+            tty: (tty_nr != 0).then(|| DeviceId::from_user(u64::from(tty_nr))),
+            foreground: u32::try_from(tpgid).unwrap_or(0),
+        })
+    }
+
+    /// Whether the process leads its session.
+    pub fn leads_session(&self, tgid: Tgid) -> bool {
+        self.sid != 0 && self.sid == tgid.0
+    }
 }
 
 /// One slot of one fd table.
@@ -145,6 +197,7 @@ pub(crate) mod testing {
             parent: Tgid(parent),
             comm: format!("p{tgid}"),
             fd_table: KernelPtr(table),
+            session: Session::default(),
         }
     }
 
@@ -197,6 +250,17 @@ mod tests {
         assert!(size_of::<crate::kinds::Saved>() <= 64, "Saved: {}", size_of::<crate::kinds::Saved>());
         assert!(size_of::<FdInfo>() <= 176, "FdInfo: {}", size_of::<FdInfo>());
         assert!(size_of::<crate::graph::FdSlot>() <= 208, "FdSlot: {}", size_of::<crate::graph::FdSlot>());
+    }
+
+    #[test]
+    fn a_stat_line_gives_session_group_terminal_and_foreground() {
+        let stat = "4242 (a (weird) name) S 1 4240 4200 34816 4240 4194560 0 0";
+        let s = Session::parse(stat).unwrap();
+        assert_eq!((s.pgid, s.sid, s.foreground), (4240, 4200, 4240));
+        assert_eq!(s.tty, Some(DeviceId { major: 136, minor: 0 }));
+        let none = Session::parse("7 (sleep) S 1 7 7 0 -1 4194560").unwrap();
+        assert_eq!((none.tty, none.foreground), (None, 0));
+        assert!(none.leads_session(Tgid(7)));
     }
 
     #[test]

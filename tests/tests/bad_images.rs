@@ -111,6 +111,7 @@ fn body(tasks: usize, pipe_data: &[u8]) -> ImageBody {
             tgid: Tgid(pid),
             parent: Tgid(if i == 0 { 1 } else { 7 }),
             comm: "c".into(),
+            session: Default::default(),
             fd_table: Encounter::First {
                 objref: ObjRef(base),
                 object: FdTable {

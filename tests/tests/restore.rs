@@ -186,15 +186,18 @@ fn refused_images_are_one_line_errors_and_leave_nothing_running() {
     require_root!();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
-    // A file that will be gone, a pty (a kind crd does not make yet), and a good image
-    // to damage.
+    // A file that will be gone, a pty slave whose master stays outside the image, and
+    // a good image to damage.
     let gone = spawn(&owned(&[format!("open:3:rwc:{d}/gone"), "comm:crdtest-gone".into()]), 1);
     let (_, gone_image, _log1) = image_of_stopped(gone, dir.path());
     let gone_image =
         fs::rename(&gone_image, dir.path().join("gone.crd")).map(|_| dir.path().join("gone.crd")).unwrap();
     fs::remove_file(dir.path().join("gone")).unwrap();
-    let socket = spawn(&["pty:3:4", "comm:crdtest-sock"], 1);
-    let (_, socket_image, _log2) = image_of_stopped(socket, dir.path());
+    let socket = spawn(&["pty:3:4", "fork", "close:3", "comm:crdtest-sock"], 2);
+    let body = crd_tests::checkpoint(socket.pids[1], false, crd::Source::Bpf);
+    let socket_image = dir.path().join("pty.crd");
+    crd::image::write(&socket_image, &body).expect("image written");
+    let _log2 = socket.stop();
     let bytes = fs::read(&socket_image).unwrap();
     let truncated = dir.path().join("truncated.crd");
     fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
@@ -219,7 +222,7 @@ fn refused_images_are_one_line_errors_and_leave_nothing_running() {
     }
     let out = crd(&["restore", socket_image.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("fd 3 (pty #"), "names the fd and the object: {err}");
+    assert!(err.contains("fd 4 (pty #"), "names the fd and the object: {err}");
     assert!(!comm_exists("crdtest-gone") && !comm_exists("crdtest-sock"), "no stub left");
 }
 

@@ -1,7 +1,7 @@
-//! Property: for any process tree wired with pipes, dups, files, eventfds, memfds and
-//! unix socketpairs (split across processes, with data and files queued in them),
-//! restoring its image and checkpointing the stubs gives the same graph. proptest shrinks a failure to a
-//! small tree.
+//! Property: for any process tree wired with pipes, dups, files, eventfds, memfds, ptys
+//! (in sessions of their own, as their terminals) and unix socketpairs (split across
+//! processes, with data and files queued in them), restoring its image and checkpointing
+//! the stubs gives the same graph. proptest shrinks a failure to a small tree.
 use std::collections::{BTreeMap, BTreeSet};
 
 use crd_tests::{assert_round_trip, image_of_stopped, is_root, spawn};
@@ -17,6 +17,9 @@ enum Kind {
     Memfd,
     /// End E (0 or 1) of unix socketpair number N.
     Sock(usize, u8),
+    /// The master, or a slave, of pty number N.
+    PtyMaster(usize),
+    PtySlave(usize),
 }
 
 impl Kind {
@@ -62,6 +65,11 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
     let mut queued: Vec<usize> = Vec::new();
     let mut pairs: Vec<Queues> = Vec::new();
     let mut above: BTreeSet<Kind> = BTreeSet::new();
+    // Ptys made, those some session took as its terminal, and where the current
+    // process stands: leading its session, leading its group, with a terminal.
+    let mut ptys = 0;
+    let mut taken: BTreeSet<usize> = BTreeSet::new();
+    let (mut leader, mut group_leader, mut has_ctty) = (false, false, false);
     let free = |open: &BTreeMap<u32, Kind>, pick: u8| -> u32 {
         let mut fd = 3 + (pick as u32 % 24);
         while open.contains_key(&fd) {
@@ -84,16 +92,20 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
         })
     };
     // A socket end is closed only where another fd (or an ancestor) still holds it:
-    // crd takes a socket whose peer has gone for one connected outside the set.
-    let closable = |open: &BTreeMap<u32, Kind>, above: &BTreeSet<Kind>, fd: u32| {
+    // crd takes a socket whose peer has gone for one connected outside the set. So is
+    // the master of a pty some session has as terminal (its last close would hang the
+    // session up, SIGHUP and all).
+    let closable = |open: &BTreeMap<u32, Kind>, above: &BTreeSet<Kind>, taken: &BTreeSet<usize>, fd: u32| {
         let k = open[&fd];
-        !is_socket(k) || above.contains(&k) || open.iter().any(|(other, o)| *other != fd && *o == k)
+        let guarded = is_socket(k) || matches!(k, Kind::PtyMaster(n) if taken.contains(&n));
+        !guarded || above.contains(&k) || open.iter().any(|(other, o)| *other != fd && *o == k)
     };
+    let is_pty = |k: Kind| matches!(k, Kind::PtyMaster(_) | Kind::PtySlave(_));
     for _ in 0..genome.len() / 2 {
         if open.len() > 20 {
             break;
         }
-        match next() % 15 {
+        match next() % 18 {
             0 | 1 => {
                 let pipe = queued.len();
                 queued.push(0);
@@ -112,7 +124,7 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
             }
             3 => {
                 if let Some(a) = pick(&open, next(), &any)
-                    && closable(&open, &above, a)
+                    && closable(&open, &above, &taken, a)
                 {
                     open.remove(&a);
                     steps.push(format!("close:{a}"));
@@ -152,6 +164,7 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
                 processes += 1;
                 above.extend(open.values().copied());
                 steps.push("fork".into());
+                (leader, group_leader) = (false, false);
                 // Often split a socketpair: the child lets go of an end its parent keeps.
                 if next() % 2 == 0
                     && let Some(a) = pick(&open, next(), &is_socket)
@@ -205,7 +218,7 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
                 // the message is all that holds it. Sockets themselves are never sent
                 // (a socket in flight may be its own only holder: unix GC territory).
                 let sender = pick(&open, next(), &|k| live(&open, &above, &pairs, k));
-                let carried = pick(&open, next(), &|k| !is_socket(k));
+                let carried = pick(&open, next(), &|k| !is_socket(k) && !is_pty(k));
                 if let (Some(a), Some(f)) = (sender, carried) {
                     let Some(Kind::Sock(n, end)) = open[&a].peer() else { unreachable!() };
                     let q = &mut pairs[n];
@@ -231,6 +244,49 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
                     pairs[n].shut[end] |= read;
                     pairs[n].shut[1 - end] |= write;
                     steps.push(format!("shutdown:{a}:{how}"));
+                }
+            }
+            15 => {
+                let n = ptys;
+                ptys += 1;
+                let m = free(&open, next());
+                open.insert(m, Kind::PtyMaster(n));
+                let s = free(&open, next());
+                open.insert(s, Kind::PtySlave(n));
+                steps.push(format!("pty:{m}:{s}"));
+                if next() % 2 == 0 {
+                    steps.push(format!("winsize:{m}:{}:{}", 1 + next(), 1 + next()));
+                }
+            }
+            16 => {
+                // A new session (a process that leads no group may), or a new group.
+                if !leader && !group_leader && next() % 2 == 0 {
+                    (leader, group_leader, has_ctty) = (true, true, false);
+                    steps.push("setsid".into());
+                } else if !leader {
+                    group_leader = true;
+                    steps.push("setpgid".into());
+                }
+            }
+            17 => {
+                // A session leader without terminal takes a pty slave no session has,
+                // whose master is open (else the slave is hung up).
+                let usable = |k: Kind| match k {
+                    Kind::PtySlave(n) => {
+                        !taken.contains(&n)
+                            && (above.contains(&Kind::PtyMaster(n))
+                                || open.values().any(|o| *o == Kind::PtyMaster(n)))
+                    }
+                    _ => false,
+                };
+                if leader
+                    && !has_ctty
+                    && let Some(s) = pick(&open, next(), &usable)
+                {
+                    let Kind::PtySlave(n) = open[&s] else { unreachable!() };
+                    taken.insert(n);
+                    has_ctty = true;
+                    steps.push(format!("ctty:{s}"));
                 }
             }
             _ => {}

@@ -255,6 +255,12 @@ impl BpfHarvester {
             // The iterators see every task; list what /proc would (see all_processes).
             harvest.retain_processes(&super::all_processes().into_iter().collect());
         }
+        // Sessions come from /proc/PID/stat, once per process (see `model::Session`).
+        let mut sessions: std::collections::HashMap<Tgid, crate::model::Session> =
+            std::collections::HashMap::new();
+        for task in &mut harvest.tasks {
+            task.session = *sessions.entry(task.tgid).or_insert_with(|| crate::model::Session::of(task.tgid));
+        }
         Ok((harvest, stats))
     }
 
@@ -426,6 +432,8 @@ fn task_info(r: &TaskRecord) -> TaskInfo {
         parent: Tgid(r.parent_tgid),
         comm: String::from_utf8_lossy(&r.comm[..len]).into_owned(),
         fd_table: KernelPtr(r.files),
+        // Filled from /proc once the harvest is decoded (see `model::Session`).
+        session: crate::model::Session::default(),
     }
 }
 
@@ -469,7 +477,7 @@ fn fd_info(r: &FdRecord, tail: &[u8], file_ref_bias: i64) -> Option<FdInfo> {
         };
         Live::from_bpf(fallback, r, tail)
     })?;
-    let id = match live.kind().identity() {
+    let id = match live.identity() {
         Identity::Private => named.map(|n| n.private_data).filter(|&p| p != 0).unwrap_or(r.file),
         Identity::Inode => r.inode,
     };

@@ -211,6 +211,7 @@ pub fn fill_links(harvest: &mut Harvest) {
                 fdinfo: &fdinfo,
                 link: f.link.as_deref().unwrap_or_default(),
                 size: 0,
+                rdev: f.file.object.rdev,
                 socket: None,
             };
             f.file.object.live = Live::from_proc(f.file.object.kind(), &slot);

@@ -23,6 +23,7 @@ use crate::{
         Identity, Kind, Live, ProcSlot, Recognise,
         socket::{Family, SocketFacts},
     },
+    model::Session,
     sys::{Kcmp, SyscallError, kcmp_same},
     types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid},
 };
@@ -192,6 +193,7 @@ pub fn harvest(tgids: &[Tgid]) -> Result<Harvest, ProcfsError> {
     };
 
     for &tgid in tgids {
+        let session = Session::of(tgid);
         for tid in list_threads(tgid) {
             let status_path = format!("/proc/{}/task/{}/status", tgid.0, tid.0);
             let Ok(status) = fs::read_to_string(&status_path) else {
@@ -217,7 +219,7 @@ pub fn harvest(tgids: &[Tgid]) -> Result<Harvest, ProcfsError> {
                     id
                 }
             };
-            harvest.tasks.push(TaskInfo { pid: tid, tgid, parent, comm, fd_table });
+            harvest.tasks.push(TaskInfo { pid: tid, tgid, parent, comm, fd_table, session });
         }
     }
     count_references(tgids, &mut harvest, &seen.descriptions, &seen.links)?;
@@ -278,11 +280,12 @@ fn read_table(
                 fdinfo: &slot.fdinfo,
                 link: &slot.link,
                 size: slot.size,
+                rdev: DeviceId::from_user(slot.rdev),
                 socket: socket.as_ref(),
             },
         );
         // /proc shows no private objects: an anon file's object is its description.
-        let object_id = match kind.identity() {
+        let object_id = match live.identity() {
             Identity::Inode => inode_id,
             Identity::Private => file_id,
         };
@@ -416,10 +419,11 @@ pub fn own_file(
             fdinfo: &slot.fdinfo,
             link: &slot.link,
             size: slot.size,
+            rdev: DeviceId::from_user(slot.rdev),
             socket: socket.as_ref(),
         },
     );
-    let object_id = match (kind.identity(), object) {
+    let object_id = match (live.identity(), object) {
         (Identity::Inode, Some(object)) => object,
         _ => KernelPtr(id.0 ^ INODE_TAG),
     };

@@ -44,7 +44,7 @@ mod v1;
 
 pub const MAGIC: [u8; 8] = *b"CRDIMAGE";
 /// Bumped on any incompatible change to [`ImageBody`].
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 /// The oldest format this crd still reads.
 pub const OLDEST_VERSION: u32 = 1;
 const PREFIX_LEN: usize = 24;
@@ -415,6 +415,7 @@ mod tests {
                     tgid: Tgid(7),
                     parent: Tgid(1),
                     comm: "sleep".into(),
+                    session: Default::default(),
                     fd_table: Encounter::First {
                         objref: ObjRef(1),
                         object: FdTable {

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use crate::{
     graph::{self, Encounter},
-    kinds::{Kind, Recognise, Saved, decoding, pipe::PipeState, regular::ByPath},
+    kinds::{Kind, Recognise, Saved, decoding, pipe::PipeState, regular::ByPath, terminal::TerminalState},
     types::{Access, DeviceId, Fd, Pid, Tgid},
 };
 
@@ -134,6 +134,7 @@ impl Task {
             tgid: self.tgid,
             parent: self.parent,
             comm: self.comm,
+            session: Default::default(),
             fd_table: encounter(self.fd_table, |table| graph::FdTable {
                 fds: table
                     .fds
@@ -181,7 +182,7 @@ impl Inode {
                     family: None,
                 };
                 match Kind::recognise(&r) {
-                    Kind::Terminal => Saved::Terminal(ByPath),
+                    Kind::Terminal => Saved::Terminal(TerminalState::without_state(self.rdev)),
                     _ => Saved::CharDevice(ByPath),
                 }
             }

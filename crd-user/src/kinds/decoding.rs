@@ -40,6 +40,15 @@ pub fn since_v4<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) 
     T::deserialize(d)
 }
 
+/// Decodes a field that format 5 added (a task's session, a terminal's state): an
+/// older image does not hold it, so nothing is read and the field is empty.
+pub fn since_v5<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> Result<T, D::Error> {
+    if FORMAT.with(Cell::get) < 5 {
+        return Ok(T::default());
+    }
+    T::deserialize(d)
+}
+
 /// Marks an error message as "unknown kind" for the image layer (the decoder's error
 /// may wrap the message in more text: the message lies between the two marks).
 pub const UNKNOWN_KIND: &str = "unknown kind: ";

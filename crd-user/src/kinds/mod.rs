@@ -162,6 +162,8 @@ pub struct ProcSlot<'a> {
     pub link: &'a str,
     /// `st_size`.
     pub size: u64,
+    /// The device a device node stands for (`st_rdev`).
+    pub rdev: DeviceId,
     /// What sock_diag said of a socket (looked up by inode in the target's network
     /// namespace), where it answered.
     pub socket: Option<&'a socket::SocketFacts>,
@@ -236,6 +238,9 @@ pub enum Tie {
     /// The socket bound at this address: the sender of a queued datagram, which restore
     /// sends it from again.
     Address(std::net::SocketAddr),
+    /// This end of a pty (its master, or its slave): a pty is one object seen from two
+    /// ends, restored together ([`terminal`]).
+    Pty(terminal::PtyEnd),
 }
 
 /// An object tied to the one restore is making (see [`Tie`]).
@@ -410,6 +415,9 @@ pub trait FileKind {
     /// round trips compare inode numbers.
     const SAME_INODE: bool = false;
     const IDENTITY: Identity = Identity::Inode;
+    /// Whether the object keeps its name (path, device number) through a restore, so
+    /// that round trips compare them: a pty comes back under another index.
+    const STABLE_NAME: bool = true;
     /// What `inspect` calls the files the object carries (`Object::carried`).
     const CARRIED_LABEL: &'static str = "in flight";
     /// Whether the object holds a reference to each file it carries (a message in
@@ -422,6 +430,12 @@ pub trait FileKind {
     type Saved: Clone + fmt::Debug + PartialEq + Eq + Serialize + DeserializeOwned;
 
     fn recognise(r: &Recognise<'_>) -> bool;
+    /// What identifies this object, where it depends on the state (a pty master is its
+    /// description, since every master opens the one `/dev/ptmx` inode; a slave is its
+    /// inode).
+    fn identity(_live: &Self::Live) -> Identity {
+        Self::IDENTITY
+    }
     /// From the BPF record's tail (`TAIL_*` in crd-common); None if the tail lacks what
     /// the kind needs (its fields are missing on this kernel): the fd is then opaque.
     fn from_bpf(record: &crd_common::FdRecord, tail: &[u8]) -> Option<Self::Live>;
@@ -467,6 +481,10 @@ pub trait FileKind {
     }
     /// The address the object is bound at, for [`Tie::Address`].
     fn bound_at(_saved: &Self::Saved) -> Option<std::net::SocketAddr> {
+        None
+    }
+    /// Which end of which pty the object is, for [`Tie::Pty`].
+    fn pty_end(_saved: &Self::Saved) -> Option<terminal::PtyEnd> {
         None
     }
     /// Whether the object is held outside given which ties the graph found in the
@@ -547,6 +565,10 @@ macro_rules! registry {
                 match self { $(Kind::$variant => <$kind>::SAME_INODE,)* }
             }
 
+            pub fn stable_name(self) -> bool {
+                match self { $(Kind::$variant => <$kind>::STABLE_NAME,)* }
+            }
+
             pub fn identity(self) -> Identity {
                 match self { $(Kind::$variant => <$kind>::IDENTITY,)* }
             }
@@ -578,6 +600,10 @@ macro_rules! registry {
 
             pub fn from_proc(kind: Kind, slot: &ProcSlot<'_>) -> Live {
                 match kind { $(Kind::$variant => Live::$variant(<$kind>::from_proc(slot)),)* }
+            }
+
+            pub fn identity(&self) -> Identity {
+                match self { $(Live::$variant(live) => <$kind>::identity(live),)* }
             }
 
             pub fn held_outside(&self, inside: InsideUse) -> bool {
@@ -627,6 +653,10 @@ macro_rules! registry {
 
             pub fn bound_at(&self) -> Option<std::net::SocketAddr> {
                 match self { $(Saved::$variant(s) => <$kind>::bound_at(s),)* }
+            }
+
+            pub fn pty_end(&self) -> Option<terminal::PtyEnd> {
+                match self { $(Saved::$variant(s) => <$kind>::pty_end(s),)* }
             }
 
             pub fn outside_unless_tied(&self, found: &[bool]) -> bool {

@@ -73,6 +73,7 @@ impl FileKind for Signalfd {
             fdinfo: &fdinfo,
             link: "anon_inode:[signalfd]",
             size: 0,
+            rdev: crate::types::DeviceId { major: 0, minor: 0 },
             socket: None,
         };
         Some(SignalfdState { mask: parse_fdinfo(&slot)? })
@@ -138,6 +139,7 @@ mod tests {
             fdinfo: info,
             link: "anon_inode:[signalfd]",
             size: 0,
+            rdev: crate::types::DeviceId { major: 0, minor: 0 },
             socket: None,
         };
         let mask = parse_fdinfo(&slot).unwrap();

@@ -107,6 +107,7 @@ fn slot_of<'a>(tgid: u32, fd: u32, fdinfo: &'a str) -> ProcSlot<'a> {
         fdinfo,
         link: "anon_inode:[timerfd]",
         size: 0,
+        rdev: crate::types::DeviceId { major: 0, minor: 0 },
         socket: None,
     }
 }

@@ -12,7 +12,9 @@
 //!
 //! After the objref slots come one word per stub, where each stub writes its PID as it
 //! starts (and wakes whoever waits on that word): crd opens a pidfd on a stub
-//! ([`crate::kinds::Stubs`]) while it makes the descriptions.
+//! ([`crate::kinds::Stubs`]) while it makes the descriptions. Then one word per stub
+//! that it sets once its process group is in place ([`super::plan::Group`]): the stubs
+//! joining that group wait on it.
 use std::{
     ffi::c_void,
     num::NonZeroUsize,
@@ -57,7 +59,7 @@ impl Handover {
     /// Room for descriptions numbered up to `max_objref`, and `stubs` stubs' PIDs.
     pub fn new(max_objref: ObjRef, stubs: usize) -> Result<Self, SyscallError> {
         let slots = max_objref.0 as usize + 1;
-        let len = size_of::<Header>() + slots * size_of::<AtomicI32>() + stubs * size_of::<AtomicU32>();
+        let len = size_of::<Header>() + slots * size_of::<AtomicI32>() + 2 * stubs * size_of::<AtomicU32>();
         let length = NonZeroUsize::new(len).unwrap_or(NonZeroUsize::MIN);
         // SAFETY: a fresh anonymous mapping aliases nothing; it starts zeroed, which is
         // a valid header (generation 0, not done) and PID words saying "not started".
@@ -107,6 +109,48 @@ impl Handover {
                 .cast::<AtomicU32>()
                 .add(index)
         })
+    }
+
+    /// Stub `index`'s "my process group is in place" word, after the PID words.
+    fn group_word(&self, index: usize) -> Option<&AtomicU32> {
+        if index >= self.stubs {
+            return None;
+        }
+        // SAFETY: word `stubs + index` lies inside the mapping (checked above), after
+        // the header, the objref slots and the PID words, and is only accessed atomically.
+        Some(unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .cast::<Header>()
+                .add(1)
+                .cast::<AtomicI32>()
+                .add(self.slots)
+                .cast::<AtomicU32>()
+                .add(self.stubs + index)
+        })
+    }
+
+    /// A stub: stub `index`'s process group is in place; others may join it.
+    pub fn grouped(&self, index: usize) {
+        if let Some(word) = self.group_word(index) {
+            word.store(1, Ordering::Release);
+            futex(word, libc::FUTEX_WAKE, i32::MAX as u32, None);
+        }
+    }
+
+    /// A stub: waits up to `timeout` for stub `index`'s process group; false if it did
+    /// not come.
+    pub fn wait_grouped(&self, index: usize, timeout: Duration) -> bool {
+        let Some(word) = self.group_word(index) else { return false };
+        let deadline = std::time::Instant::now() + timeout;
+        while word.load(Ordering::Acquire) == 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            futex(word, libc::FUTEX_WAIT, 0, Some(Duration::from_millis(50)));
+        }
+        true
     }
 
     /// A stub: stub `index` has started as `pid`.

@@ -126,6 +126,9 @@ pub(crate) fn run(
     exec: Option<&Exec>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Restored, RestoreError> {
+    for warning in &plan.warnings {
+        log::warn!("{warning}");
+    }
     let me = unistd::getpid();
     let crd_pidfd = crd_sys::pidfd_open(Pid(me.as_raw() as u32))?;
     let (status_r, status_w) =

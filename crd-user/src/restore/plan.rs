@@ -5,6 +5,8 @@ use foldhash::{HashMap, HashMapExt};
 
 use crate::{
     graph::{Encounter, Graph},
+    kinds::{Saved, terminal::End},
+    model::Session,
     types::{Fd, ObjRef, Pid, Tgid},
 };
 
@@ -69,6 +71,48 @@ pub struct ProcessPlan {
     /// table, as they did: a stub process with as many threads.
     pub threads: Vec<(Pid, String)>,
     pub table: TablePlan,
+    /// Its session, process group and controlling terminal.
+    pub job: JobPlan,
+}
+
+/// How a stub recreates its place in job control (`setsid`, `setpgid`, TIOCSCTTY,
+/// TIOCSPGRP), decided here so that a stub only does what can work: a session is
+/// inherited, so a process that led its session makes a new one (`setsid`) before it
+/// forks its children, and the others are in it by birth; a process group lives inside
+/// one session, so the members of a group join the stub that made it (a stub can only
+/// join a group of its own session: where the original's session leader is not in the
+/// image, its processes share the root stub's session).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobPlan {
+    /// It led its session: `setsid` first.
+    pub leads_session: bool,
+    pub group: Group,
+    /// A session leader whose controlling terminal was a pty of the image: it takes the
+    /// restored slave (an image restore only; a graft's live pty still controls the
+    /// original's session).
+    pub ctty: Option<Ctty>,
+}
+
+/// A stub's process group.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Group {
+    /// Stays in the group it has (after `setsid` if it leads its session; the root
+    /// stub's, crd's own or its new session's); others of its old group join it.
+    #[default]
+    Keep,
+    /// Makes a group of its own (`setpgid(0, 0)`) that others of its old group join.
+    Create,
+    /// Joins the group of that stub (by plan index).
+    Join(usize),
+}
+
+/// The controlling terminal a session leader takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ctty {
+    /// A description of the pty slave (crd publishes it like any other).
+    pub file: ObjRef,
+    /// The stub whose group was the terminal's foreground group (None: not in the image).
+    pub foreground: Option<usize>,
 }
 
 /// The whole restore.
@@ -78,6 +122,8 @@ pub struct Plan {
     pub processes: Vec<ProcessPlan>,
     /// The highest fd number any stub needs (crd parks its own fds above it).
     pub max_fd: u32,
+    /// What of job control cannot be recreated, one line each, for warnings.
+    pub warnings: Vec<String>,
 }
 
 impl Plan {
@@ -89,6 +135,7 @@ impl Plan {
                 TablePlan::Own(fds) => fds.iter().map(|f| f.file).max(),
                 TablePlan::SharedWithParent => None,
             })
+            .chain(self.processes.iter().filter_map(|p| p.job.ctty.map(|c| c.file)))
             .max()
             .unwrap_or(ObjRef(0))
     }
@@ -104,6 +151,7 @@ pub fn plan(graph: &Graph, mode: Mode) -> Result<Plan, PlanError> {
     let mut processes: Vec<ProcessPlan> = Vec::new();
     let mut tables: HashMap<ObjRef, usize> = HashMap::new();
     let mut max_fd = 2;
+    let mut sessions: Vec<Session> = Vec::new();
     for task in &graph.tasks {
         if let Some(&i) = index.get(&task.tgid) {
             processes[i].threads.push((task.pid, task.comm.clone()));
@@ -143,9 +191,130 @@ pub fn plan(graph: &Graph, mode: Mode) -> Result<Plan, PlanError> {
             children: Vec::new(),
             threads: vec![(task.pid, task.comm.clone())],
             table,
+            job: JobPlan::default(),
+        });
+        sessions.push(task.session);
+    }
+    let warnings = plan_jobs(graph, mode, &sessions, &mut processes);
+    Ok(Plan { processes, max_fd, warnings })
+}
+
+/// Which session a stub is in: the one made by the stub of the old session's leader, or
+/// the root stub's (the old leader is not in the image).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum SessionKey {
+    Led(u32),
+    Root,
+}
+
+/// Fills in each stub's [`JobPlan`] from the old sessions (`sessions[i]` is process
+/// `i`'s); returns what cannot be recreated. An image without sessions (format 4 or
+/// older) leaves every stub as it is forked.
+fn plan_jobs(graph: &Graph, mode: Mode, sessions: &[Session], processes: &mut [ProcessPlan]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let known = |i: usize| sessions[i].sid != 0;
+    let mut keys: Vec<SessionKey> = Vec::with_capacity(processes.len());
+    for (i, p) in processes.iter_mut().enumerate() {
+        let leads = known(i) && sessions[i].leads_session(p.old_tgid);
+        p.job.leads_session = leads;
+        keys.push(match (leads, p.parent) {
+            (true, _) => SessionKey::Led(sessions[i].sid),
+            (false, Some(parent)) => keys[parent],
+            (false, None) => SessionKey::Root,
         });
     }
-    Ok(Plan { processes, max_fd })
+    // A session is only inherited: a process born outside its old leader's subtree (its
+    // parent left the session with setsid) cannot be put back in it.
+    let tgids: HashMap<u32, usize> = processes.iter().enumerate().map(|(i, p)| (p.old_tgid.0, i)).collect();
+    for (i, p) in processes.iter().enumerate() {
+        let sid = sessions[i].sid;
+        if known(i) && keys[i] != SessionKey::Led(sid) && tgids.contains_key(&sid) {
+            warnings.push(format!(
+                "PID {} cannot be put back in session {sid} (its parent had left it): it is restored in its parent's",
+                p.old_tgid
+            ));
+        }
+    }
+    // Each old group's maker in each new session: its old leader if in the image,
+    // else its first member in plan order.
+    let mut makers: HashMap<(SessionKey, u32), usize> = HashMap::new();
+    for (i, p) in processes.iter().enumerate() {
+        if known(i) && sessions[i].pgid == p.old_tgid.0 {
+            makers.entry((keys[i], sessions[i].pgid)).or_insert(i);
+        }
+    }
+    for i in 0..processes.len() {
+        if known(i) {
+            makers.entry((keys[i], sessions[i].pgid)).or_insert(i);
+        }
+    }
+    for i in 0..processes.len() {
+        if !known(i) {
+            continue;
+        }
+        let maker = makers.get(&(keys[i], sessions[i].pgid)).copied();
+        processes[i].job.group = match maker {
+            // The root and session leaders keep the group they have (their setsid's,
+            // or the one crd's caller put crd in).
+            _ if i == 0 || processes[i].job.leads_session => Group::Keep,
+            Some(maker) if maker == i => Group::Create,
+            Some(maker) => Group::Join(maker),
+            None => Group::Keep,
+        };
+    }
+    if !matches!(mode, Mode::Image { .. }) {
+        // Taking the live terminal would take it from the original's session, which a
+        // graft leaves running (stealing it needs CAP_SYS_ADMIN and harms the original).
+        for (i, p) in processes.iter().enumerate() {
+            if let (true, Some(tty)) = (p.job.leads_session, sessions[i].tty) {
+                warnings.push(format!(
+                    "PID {}'s controlling terminal ({tty}) stays the original's: a graft does not take it",
+                    p.old_tgid
+                ));
+            }
+        }
+        return warnings;
+    }
+    let index = graph.index();
+    for i in 0..processes.len() {
+        let (Some(tty), true) = (sessions[i].tty, processes[i].job.leads_session) else { continue };
+        let old = processes[i].old_tgid;
+        if processes[i].table == TablePlan::SharedWithParent {
+            // It would pull the terminal into the table its parent is filling.
+            warnings.push(format!(
+                "PID {old} shares its parent's fd table: its session is restored without its controlling terminal"
+            ));
+            continue;
+        }
+        // A description of the pty slave that was this session's terminal: one of the
+        // leader's own fds if it holds one, else any in the image.
+        let mut found = None;
+        for (task, slot) in graph.slots() {
+            let Some((_, _, object)) = index.open(slot.file.objref()) else { continue };
+            // Not one whose master is outside: made disconnected (--allow-external), it
+            // is hung up before the leader could take it.
+            let is_slave = !object.held_outside
+                && matches!(&object.state, Saved::Terminal(t) if t.end == End::Slave && !t.other_closed);
+            if is_slave && object.rdev == tty && (found.is_none() || task.tgid == old) {
+                found = Some(slot.file.objref());
+            }
+        }
+        let Some(file) = found else {
+            warnings.push(format!(
+                "PID {old}'s controlling terminal ({tty}) is not a pty held in the image: its session is restored without one"
+            ));
+            continue;
+        };
+        let fg = sessions[i].foreground;
+        let foreground = makers.get(&(keys[i], fg)).copied();
+        if foreground.is_none() && fg != 0 {
+            warnings.push(format!(
+                "the foreground process group {fg} of PID {old}'s terminal is not in the image: the session leader's group is put in the foreground"
+            ));
+        }
+        processes[i].job.ctty = Some(Ctty { file, foreground });
+    }
+    warnings
 }
 
 /// Every object an image restore must recreate: a kind crd can recreate, and no object
@@ -241,6 +410,7 @@ mod tests {
             parent: Tgid(parent),
             comm: format!("t{pid}"),
             fd_table: table,
+            session: Default::default(),
         }
     }
 
@@ -324,6 +494,43 @@ mod tests {
         assert_eq!(fds, &["PID 10 fd 3 (pipe #3)", "PID 10 fd 4 (pipe #3)", "PID 20 fd 7 (pipe #3)"]);
         assert!(plan(&graph(Kind::Pipe, true), Mode::Image { allow_external: true }).is_ok());
         assert!(plan(&graph(Kind::Pipe, true), Mode::Graft).is_ok());
+    }
+
+    fn with_sessions(sessions: &[(u32, u32, u32)]) -> Graph {
+        let mut g = graph(Kind::Pipe, false);
+        for t in &mut g.tasks {
+            let (_, sid, pgid) = *sessions.iter().find(|(tgid, ..)| *tgid == t.tgid.0).unwrap();
+            t.session = Session { sid, pgid, tty: None, foreground: 0 };
+        }
+        g
+    }
+
+    #[test]
+    fn session_leaders_make_sessions_and_groups_are_made_once_then_joined() {
+        // 10 leads session 10; 20 leads group 20, which 30 joined; 30 is 10's child.
+        let g = with_sessions(&[(10, 10, 10), (20, 10, 20), (30, 10, 20)]);
+        let plan = plan(&g, Mode::Image { allow_external: false }).unwrap();
+        let jobs: Vec<(bool, Group)> =
+            plan.processes.iter().map(|p| (p.job.leads_session, p.job.group)).collect();
+        assert_eq!(jobs, vec![(true, Group::Keep), (false, Group::Create), (false, Group::Join(1))]);
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+    }
+
+    #[test]
+    fn a_group_whose_leader_is_not_in_the_image_is_made_by_its_first_member() {
+        // The root's session leader (5) and group leader (6) are outside; 20 and 30
+        // are in the root's group, so they join the root, which keeps its group.
+        let g = with_sessions(&[(10, 5, 6), (20, 5, 6), (30, 5, 7)]);
+        let plan = plan(&g, Mode::Graft).unwrap();
+        let jobs: Vec<(bool, Group)> =
+            plan.processes.iter().map(|p| (p.job.leads_session, p.job.group)).collect();
+        assert_eq!(jobs, vec![(false, Group::Keep), (false, Group::Join(0)), (false, Group::Create)]);
+    }
+
+    #[test]
+    fn an_image_without_sessions_leaves_the_stubs_as_forked() {
+        let plan = plan(&graph(Kind::Pipe, false), Mode::Image { allow_external: false }).unwrap();
+        assert!(plan.processes.iter().all(|p| p.job == JobPlan::default()));
     }
 
     #[test]

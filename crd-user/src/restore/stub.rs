@@ -12,7 +12,7 @@
 use std::{
     ffi::CString,
     fmt::Write as _,
-    os::fd::{BorrowedFd, RawFd},
+    os::fd::{AsRawFd, BorrowedFd, RawFd},
     sync::mpsc,
 };
 
@@ -24,7 +24,7 @@ use nix::{
 use super::{
     exec::{self, Exec},
     handover::Handover,
-    plan::{Plan, TablePlan},
+    plan::{Ctty, Group, Plan, TablePlan},
 };
 use crate::sys;
 
@@ -99,12 +99,35 @@ fn setup(args: &mut StubArgs<'_>, index: usize, parent: unistd::Pid) -> Result<S
         }
         crate::sys::close_range(hi + 1, u32::MAX);
     }
-    if index == 0 && args.exec.is_none() {
+    // A session is inherited: it is made before the children, who are born in it.
+    if me.job.leads_session {
+        unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+    } else if index == 0 && args.exec.is_none() {
         // Out of the terminal's reach: a stub waits for an explicit SIGTERM or SIGINT.
         let _ = unistd::setsid();
     }
+    match me.job.group {
+        Group::Create => unistd::setpgid(unistd::Pid::from_raw(0), unistd::Pid::from_raw(0))
+            .map_err(|e| format!("setpgid(0, 0): {e}"))?,
+        Group::Keep | Group::Join(_) => {}
+    }
+    if !matches!(me.job.group, Group::Join(_)) {
+        args.handover.grouped(index);
+    }
+    // A controlling terminal is inherited at fork, never given to processes that exist
+    // already: the leader takes it before it forks its children.
+    let terminal = match me.job.ctty {
+        Some(ctty) => Some(take_terminal(args, ctty)?),
+        None => None,
+    };
     for &child in &me.children {
         spawn_child(*args, child)?;
+    }
+    // Joined only now: the stub that makes the group may be one of its own children,
+    // forked just above (and a maker never waits, so this cannot deadlock).
+    if let Group::Join(maker) = me.job.group {
+        let pgid = group_of(args, maker)?;
+        unistd::setpgid(unistd::Pid::from_raw(0), pgid).map_err(|e| format!("setpgid(0, {pgid}): {e}"))?;
     }
     if let TablePlan::Own(fds) = &me.table {
         // SAFETY: crd_pidfd is open in this process for as long as the setup runs.
@@ -117,6 +140,9 @@ fn setup(args: &mut StubArgs<'_>, index: usize, parent: unistd::Pid) -> Result<S
             place(pulled, f.fd.0 as RawFd, f.close_on_exec)
                 .map_err(|e| format!("fd {} ({}): {e}", f.fd, f.file))?;
         }
+    }
+    if let (Some(tty), Some(ctty)) = (terminal, me.job.ctty) {
+        give_foreground(args, tty, ctty)?;
     }
     #[cfg(feature = "testing")]
     if std::env::var(FAIL_STUB_ENV).ok().and_then(|v| v.parse::<usize>().ok()) == Some(index) {
@@ -138,6 +164,57 @@ fn setup(args: &mut StubArgs<'_>, index: usize, parent: unistd::Pid) -> Result<S
         let _ = write!(line, " {tid}");
     }
     Ok(line)
+}
+
+/// The process group stub `maker` is in, once it is in place.
+fn group_of(args: &StubArgs<'_>, maker: usize) -> Result<unistd::Pid, String> {
+    let old = args.plan.processes[maker].old_tgid;
+    if !args.handover.wait_grouped(maker, super::SETUP_TIMEOUT) {
+        return Err(format!("the stub for PID {old} did not make its process group in time"));
+    }
+    let pid = args.handover.pid_of(maker, super::SETUP_TIMEOUT).ok_or(format!("no stub for PID {old}"))?;
+    unistd::getpgid(Some(unistd::Pid::from_raw(pid.0 as i32))).map_err(|e| format!("getpgid({pid}): {e}"))
+}
+
+/// A session leader takes the restored pty slave as its controlling terminal
+/// (TIOCSCTTY). Returns the fd it pulled, moved above every fd number of the image (the
+/// stub's own fds are placed after this), for [`give_foreground`].
+fn take_terminal(args: &StubArgs<'_>, ctty: Ctty) -> Result<RawFd, String> {
+    // SAFETY: crd_pidfd is open in this process for as long as the setup runs.
+    let pidfd = unsafe { BorrowedFd::borrow_raw(args.crd_pidfd) };
+    let source =
+        args.handover.fd_of(ctty.file).ok_or(format!("its terminal {} was never made", ctty.file))?;
+    let pulled = sys::pidfd_getfd(pidfd, crate::types::Fd(source as u32))
+        .map_err(|e| format!("its terminal ({}): {e}", ctty.file))?;
+    // SAFETY: F_DUPFD_CLOEXEC on an fd we own: the copy lands above every fd number the
+    // image places (and below crd's parked handles, which are the two highest free).
+    let tty =
+        unsafe { libc::fcntl(pulled.as_raw_fd(), libc::F_DUPFD_CLOEXEC, args.plan.max_fd as RawFd + 1) };
+    if tty < 0 {
+        return Err(format!("fcntl(F_DUPFD_CLOEXEC): {}", std::io::Error::last_os_error()));
+    }
+    drop(pulled);
+    // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal the terminal).
+    if unsafe { libc::ioctl(tty, libc::TIOCSCTTY, 0) } < 0 {
+        return Err(format!("ioctl(TIOCSCTTY): {}", std::io::Error::last_os_error()));
+    }
+    Ok(tty)
+}
+
+/// The session leader gives its terminal its foreground group (TIOCSPGRP; the leader's
+/// own group is in the foreground meanwhile, so this raises no SIGTTOU), once that group
+/// exists, then closes its copy of the terminal.
+fn give_foreground(args: &StubArgs<'_>, tty: RawFd, ctty: Ctty) -> Result<(), String> {
+    // SAFETY: `tty` is the copy take_terminal made; nothing else owns it.
+    let tty = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(tty) };
+    if let Some(maker) = ctty.foreground {
+        let pgid: libc::pid_t = group_of(args, maker)?.as_raw();
+        // SAFETY: TIOCSPGRP reads one pid_t through the pointer we pass.
+        if unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSPGRP, &pgid) } < 0 {
+            return Err(format!("ioctl(TIOCSPGRP, {pgid}): {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 fn spawn_child(args: StubArgs<'_>, child: usize) -> Result<(), String> {
