@@ -182,7 +182,7 @@ impl Inode {
                     family: None,
                 };
                 match Kind::recognise(&r) {
-                    Kind::Terminal => Saved::Terminal(TerminalState::without_state(self.rdev)),
+                    Kind::Terminal => Saved::Terminal(Box::new(TerminalState::without_state(self.rdev))),
                     _ => Saved::CharDevice(ByPath),
                 }
             }

@@ -203,7 +203,7 @@ impl FileKind for Terminal {
     const NAME: &'static str = "pty";
     const STABLE_NAME: bool = false;
     type Live = TerminalLive;
-    type Saved = TerminalState;
+    type Saved = Box<TerminalState>;
 
     fn recognise(r: &Recognise<'_>) -> bool {
         let pair = (r.rdev.major, r.rdev.minor);
@@ -234,11 +234,11 @@ impl FileKind for Terminal {
         live.end == End::Outside
     }
 
-    fn sketch(live: &TerminalLive) -> TerminalState {
-        TerminalState { end: live.end, index: live.index, settings: None, other_closed: false }
+    fn sketch(live: &TerminalLive) -> Self::Saved {
+        Box::new(TerminalState { end: live.end, index: live.index, settings: None, other_closed: false })
     }
 
-    fn save(live: &TerminalLive, reach: &Reach<'_>) -> Result<TerminalState, KindError> {
+    fn save(live: &TerminalLive, reach: &Reach<'_>) -> Result<Self::Saved, KindError> {
         if !matches!(live.end, End::Master | End::Slave) {
             return Ok(Self::sketch(live));
         }
@@ -247,7 +247,12 @@ impl FileKind for Terminal {
         let master = live.end == End::Master;
         let other_closed = hung_up(fd)?;
         if other_closed && !master {
-            return Ok(TerminalState { end: live.end, index: live.index, settings: None, other_closed });
+            return Ok(Box::new(TerminalState {
+                end: live.end,
+                index: live.index,
+                settings: None,
+                other_closed,
+            }));
         }
         let index =
             if master { Some(get_int(fd, libc::TIOCGPTN, "ioctl(TIOCGPTN)")? as u32) } else { live.index };
@@ -268,10 +273,10 @@ impl FileKind for Terminal {
                 index.map_or("?".into(), |i| i.to_string()),
             );
         }
-        Ok(TerminalState { end: live.end, index, settings: Some(settings), other_closed })
+        Ok(Box::new(TerminalState { end: live.end, index, settings: Some(settings), other_closed }))
     }
 
-    fn detail(saved: &TerminalState) -> Option<String> {
+    fn detail(saved: &Self::Saved) -> Option<String> {
         let index = saved.index.map_or("?".into(), |i| i.to_string());
         let mut detail = match saved.end {
             End::Master => format!("pty {index} master"),
@@ -297,21 +302,21 @@ impl FileKind for Terminal {
         Some(detail)
     }
 
-    fn ties(saved: &TerminalState) -> Vec<Tie> {
+    fn ties(saved: &Self::Saved) -> Vec<Tie> {
         saved.pty().map(|me| Tie::Pty(PtyEnd { index: me.index, master: !me.master })).into_iter().collect()
     }
 
-    fn pty_end(saved: &TerminalState) -> Option<PtyEnd> {
+    fn pty_end(saved: &Self::Saved) -> Option<PtyEnd> {
         saved.pty()
     }
 
     /// A pty end whose other end is not in the image lives partly elsewhere, unless
     /// that end is closed everywhere.
-    fn outside_unless_tied(saved: &TerminalState, found: &[bool]) -> bool {
+    fn outside_unless_tied(saved: &Self::Saved, found: &[bool]) -> bool {
         saved.pty().is_some() && !found.first().copied().unwrap_or(false)
     }
 
-    fn refusal(saved: &TerminalState) -> Option<String> {
+    fn refusal(saved: &Self::Saved) -> Option<String> {
         match saved.end {
             End::Unknown => Some(
                 "this image was written by a crd that kept no terminal state (format 4 or older); checkpoint it again, or `crd graft` hands the live one over"
@@ -324,11 +329,7 @@ impl FileKind for Terminal {
         }
     }
 
-    fn open(
-        saved: &TerminalState,
-        args: &OpenArgs<'_>,
-        store: &mut ObjectStore,
-    ) -> Result<Opened, KindError> {
+    fn open(saved: &Self::Saved, args: &OpenArgs<'_>, store: &mut ObjectStore) -> Result<Opened, KindError> {
         if let Some(why) = Self::refusal(saved) {
             return Err(KindError::Other(why));
         }
@@ -398,7 +399,7 @@ impl FileKind for Terminal {
         }
     }
 
-    fn complete(saved: &TerminalState, stage: Stage, done: &Completion<'_>) -> Result<(), KindError> {
+    fn complete(saved: &Self::Saved, stage: Stage, done: &Completion<'_>) -> Result<(), KindError> {
         let (Stage::Seal, End::Master, Some(settings)) = (stage, saved.end, &saved.settings) else {
             return Ok(());
         };
@@ -415,7 +416,7 @@ impl FileKind for Terminal {
     /// The index comes back as the kernel chooses: compared are the end and the
     /// settings (the unread counts too: a restored pty starts empty, so a round trip
     /// of a pty that held unread bytes differs, and says so).
-    fn same(a: &TerminalState, b: &TerminalState) -> Result<(), String> {
+    fn same(a: &Self::Saved, b: &Self::Saved) -> Result<(), String> {
         if (a.end, a.other_closed) != (b.end, b.other_closed) {
             return Err(format!(
                 "pty end {:?} (other closed: {}) vs {:?} ({})",
@@ -618,7 +619,9 @@ mod tests {
         super::super::decoding::set_format(4);
         let (old, used): (TerminalState, usize) = bincode::serde::decode_from_slice(&[], config).unwrap();
         assert_eq!((old.end, used), (End::Unknown, 0));
-        assert!(Terminal::refusal(&old).is_some_and(|why| why.contains("checkpoint it again")));
+        assert!(
+            Terminal::refusal(&Box::new(old.clone())).is_some_and(|why| why.contains("checkpoint it again"))
+        );
         super::super::decoding::set_format(5);
         let new = TerminalState {
             end: End::Slave,
@@ -629,17 +632,22 @@ mod tests {
         let bytes = bincode::serde::encode_to_vec(&new, config).unwrap();
         let (back, _): (TerminalState, usize) = bincode::serde::decode_from_slice(&bytes, config).unwrap();
         assert_eq!(back, new);
-        assert_eq!(Terminal::detail(&back).as_deref(), Some("pty 3 slave size 80x24 unread 2 (not saved)"));
+        assert_eq!(
+            Terminal::detail(&Box::new(back)).as_deref(),
+            Some("pty 3 slave size 80x24 unread 2 (not saved)")
+        );
     }
 
     #[test]
     fn each_end_ties_to_the_other_end_of_its_pty() {
-        let master = TerminalState { end: End::Master, index: Some(4), settings: None, other_closed: false };
+        let master =
+            Box::new(TerminalState { end: End::Master, index: Some(4), settings: None, other_closed: false });
         assert_eq!(Terminal::ties(&master), vec![Tie::Pty(PtyEnd { index: 4, master: false })]);
         assert_eq!(Terminal::pty_end(&master), Some(PtyEnd { index: 4, master: true }));
         assert!(Terminal::outside_unless_tied(&master, &[false]));
         assert!(!Terminal::outside_unless_tied(&master, &[true]));
-        let tty = TerminalState { end: End::Outside, index: None, settings: None, other_closed: false };
+        let tty =
+            Box::new(TerminalState { end: End::Outside, index: None, settings: None, other_closed: false });
         assert!(Terminal::ties(&tty).is_empty());
     }
 }
