@@ -24,6 +24,13 @@ pub enum FieldGroup {
     /// `sock::sk_ino` ([`crate::KIND_SOCKET_SK_INO`]): without it a unix peer's inode
     /// is found through its `struct socket`, as `sock_i_ino` did before the field.
     SocketIno,
+    /// `eventpoll`, `epitem`, `rb_node` ([`crate::KIND_EPOLL`]): without them an epoll's
+    /// interest list is read from fdinfo.
+    Epoll,
+    /// `timerfd_ctx`, `hrtimer`, `hrtimer_clock_base` ([`crate::KIND_TIMERFD`]).
+    Timerfd,
+    /// `signalfd_ctx` ([`crate::KIND_SIGNALFD`]).
+    Signalfd,
 }
 
 /// One declared field.
@@ -160,5 +167,41 @@ offsets! {
     SocketIno {
         // What `sock_i_ino` returns on kernels that have it (6.18).
         sock_ino: "sock" ["sk_ino"] 8,
+    }
+    Epoll {
+        // `struct rb_root_cached rbr`: the tree of items and its cached leftmost node,
+        // where an in-order walk starts.
+        eventpoll_leftmost: "eventpoll" ["rbr.rb_leftmost"] 8,
+        // The parent pointer shares its word with the node's colour (the low 2 bits).
+        rb_parent_color: "rb_node" ["__rb_parent_color"] 8,
+        rb_right: "rb_node" ["rb_right"] 8,
+        rb_left: "rb_node" ["rb_left"] 8,
+        // `rbn` is in an anonymous union with the item's `rcu` head (the node's address
+        // minus this is the item's).
+        epitem_rbn: "epitem" ["rbn"] 0,
+        epitem_file: "epitem" ["ffd.file"] 8,
+        epitem_fd: "epitem" ["ffd.fd"] 4,
+        // `struct epoll_event` is packed on x86-64: `data` sits 4 bytes in.
+        epitem_events: "epitem" ["event.events"] 4,
+        epitem_data: "epitem" ["event.data"] 8,
+    }
+    Timerfd {
+        timerfd_clockid: "timerfd_ctx" ["clockid"] 4,
+        timerfd_ticks: "timerfd_ctx" ["ticks"] 8,
+        timerfd_settime_flags: "timerfd_ctx" ["settime_flags"] 2,
+        timerfd_expired: "timerfd_ctx" ["expired"] 2,
+        timerfd_tintv: "timerfd_ctx" ["tintv"] 8,
+        // `union { struct hrtimer tmr; struct alarm alarm; } t`: an alarm clock's timer
+        // is the alarm's own hrtimer, armed at the same expiry on the alarm's base clock.
+        timerfd_tmr_expires: "timerfd_ctx" ["t.tmr.node.expires"] 8,
+        timerfd_tmr_base: "timerfd_ctx" ["t.tmr.base"] 8,
+        timerfd_alarm_expires: "timerfd_ctx" ["t.alarm.timer.node.expires"] 8,
+        timerfd_alarm_base: "timerfd_ctx" ["t.alarm.timer.base"] 8,
+        // How far the timer's clock is from CLOCK_MONOTONIC (0 for MONOTONIC itself).
+        hrtimer_base_offset: "hrtimer_clock_base" ["offset"] 8,
+    }
+    Signalfd {
+        // `sigset_t`: one 64-bit word on x86-64.
+        signalfd_sigmask: "signalfd_ctx" ["sigmask"] 8,
     }
 }

@@ -33,6 +33,8 @@
 #![no_std]
 #![no_main]
 
+mod anon;
+
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -275,9 +277,26 @@ pub extern "C" fn crd_task(ctx: *const TaskCtx) -> i32 {
     emit(record)
 }
 
+/// The fd program for kernels with `bpf_loop` (5.17+): walks epolls of up to
+/// [`Config::epoll_max_items`](crd_common::Config) items.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task_file")]
 pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
+    task_file::<true>(ctx)
+}
+
+/// The fd program for kernels without `bpf_loop` (5.10-5.16), which reject a program
+/// that merely names a callback: walks epolls of up to
+/// [`EPOLL_BOUNDED_ITEMS`](crd_common::EPOLL_BOUNDED_ITEMS) items.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub extern "C" fn crd_task_file_bounded(ctx: *const TaskFileCtx) -> i32 {
+    task_file::<false>(ctx)
+}
+
+/// One fd's record. `LOOP`: walk epolls with `bpf_loop` (see [`anon`]).
+#[inline(always)]
+fn task_file<const LOOP: bool>(ctx: *const TaskFileCtx) -> i32 {
     // SAFETY: the kernel passes a valid context; `task` and `file` are NULL on the
     // final call.
     let (task, fd, file) = unsafe { ((*ctx).task, (*ctx).fd, (*ctx).file) };
@@ -337,6 +356,11 @@ pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
             let tail = eventfd_tail(&mut r, named, off);
             report(&r, ctx, tgid, fd);
             emit(FdWith { common, tail })
+        } else if let Some(pushed) = (sb_magic == ANON_INODE_FS_MAGIC)
+            .then(|| anon::emit_anon::<LOOP>(&mut r, common, named, off, ctx))
+            .flatten()
+        {
+            pushed
         } else {
             common.tail = TAIL_NAMED;
             report(&r, ctx, tgid, fd);

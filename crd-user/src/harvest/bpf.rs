@@ -15,9 +15,10 @@ use aya::{
     programs::Iter,
 };
 use crd_common::{
-    COMM_LEN, EventfdTail, FD_CLOEXEC, FdRecord, NamedTail, RECORD_FD, RECORD_TASK, STAT_READ_FAILED,
-    STAT_RING_FULL, STAT_SUBMITTED, SocketTail, TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TAIL_SOCKET,
-    TaskRecord,
+    COMM_LEN, EPOLL_MAX_ITEMS, EpollItemRecord, EpollTail, EventfdTail, FD_CLOEXEC, FdRecord, FdWith,
+    KIND_BPF_LOOP, NamedTail, RECORD_EPOLL_ITEM, RECORD_FD, RECORD_TASK, STAT_READ_FAILED, STAT_RING_FULL,
+    STAT_SUBMITTED, SignalfdTail, SocketTail, TAIL_EPOLL, TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE,
+    TAIL_SIGNALFD, TAIL_SOCKET, TAIL_TIMERFD, TaskRecord, TimerfdTail,
 };
 
 use super::{
@@ -26,7 +27,10 @@ use super::{
     offsets::{BtfBytes, KernelBtf, OffsetsError, kernel_btf_path},
 };
 use crate::{
-    kinds::{self, Identity, Kind, Live, Recognise},
+    kinds::{
+        self, Identity, Kind, Live, Recognise,
+        epoll::{EpollLive, WalkEnd, Walked},
+    },
     privilege::{self, Cap},
     types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid},
 };
@@ -127,6 +131,16 @@ fn load_error(e: impl std::error::Error) -> BpfError {
     }
 }
 
+/// The most items of one epoll a walk sends with a ring of `ring_bytes`: all of them, and
+/// the epoll's own record, must fit in the ring at once (a walk interrupted by a full
+/// ring starts over, on a drained ring).
+pub fn epoll_max_items(ring_bytes: u32) -> u32 {
+    // A ring record is an 8-byte header and the record, padded to 8 bytes.
+    let slot = |bytes: usize| (8 + bytes.next_multiple_of(8)) as u32;
+    let epoll_record = slot(size_of::<FdWith<EpollTail>>());
+    (ring_bytes.saturating_sub(epoll_record) / slot(size_of::<EpollItemRecord>())).min(EPOLL_MAX_ITEMS)
+}
+
 /// Loaded programs; one load can serve several harvests.
 pub struct BpfHarvester {
     ebpf: Ebpf,
@@ -136,6 +150,8 @@ pub struct BpfHarvester {
     ring: RingBuf<MapData>,
     /// See [`crd_common::Config::file_ref_bias`].
     file_ref_bias: i64,
+    /// The fd program loaded: with `bpf_loop` or without (see crd-ebpf).
+    task_file: &'static str,
 }
 
 impl BpfHarvester {
@@ -174,6 +190,7 @@ impl BpfHarvester {
         });
         let (btf, mut config) = (btf?, config?);
         config.match_all = match_all as u32;
+        config.epoll_max_items = epoll_max_items(ring_bytes);
         #[cfg(feature = "testing")]
         if let Some(clear) = std::env::var(CLEAR_KINDS_ENV).ok().and_then(|v| v.parse::<u32>().ok()) {
             config.kinds &= !clear;
@@ -188,7 +205,10 @@ impl BpfHarvester {
             .load(BPF_OBJECT)
             .map_err(load_error)?;
         log::debug!("load: object loaded at {:?}", started.elapsed());
-        for (name, iter_type) in [("crd_task", "task"), ("crd_task_file", "task_file")] {
+        // A kernel without bpf_loop refuses a program that names a callback, even one it
+        // would never call: the object has a second fd program without it.
+        let task_file = if config.kinds & KIND_BPF_LOOP != 0 { "crd_task_file" } else { "crd_task_file_bounded" };
+        for (name, iter_type) in [("crd_task", "task"), (task_file, "task_file")] {
             let program: &mut Iter = ebpf
                 .program_mut(name)
                 .ok_or_else(|| BpfError::Load(format!("program {name} missing from the object")))?
@@ -206,7 +226,7 @@ impl BpfHarvester {
             ebpf.take_map("crd_events").ok_or(BpfError::Load("map crd_events missing".into()))?,
         )
         .map_err(load_error)?;
-        Ok(Self { ebpf, logger, ring, file_ref_bias: config.file_ref_bias as i64 })
+        Ok(Self { ebpf, logger, ring, file_ref_bias: config.file_ref_bias as i64, task_file })
     }
 
     /// Runs both iterators over `scope` and decodes every record.
@@ -235,9 +255,12 @@ impl BpfHarvester {
         let mut stats = HarvestStats::default();
         let mut harvest = Harvest::default();
         let before = self.counters()?;
-        for (name, iterator) in [("crd_task", "task"), ("crd_task_file", "task_file")] {
-            self.run_iterator(name, iterator, &mut harvest, &mut stats, interrupted)?;
+        let mut decoder = Decoder::new(self.file_ref_bias);
+        for (name, iterator) in [("crd_task", "task"), (self.task_file, "task_file")] {
+            self.run_iterator(name, iterator, &mut decoder, &mut harvest, &mut stats, interrupted)?;
         }
+        stats.epoll_walks = decoder.epoll_walks;
+        stats.epoll_fallbacks = decoder.epoll_fallbacks;
         let after = self.counters()?;
         let submitted = after[STAT_SUBMITTED as usize] - before[STAT_SUBMITTED as usize];
         stats.ring_full = after[STAT_RING_FULL as usize] - before[STAT_RING_FULL as usize];
@@ -272,6 +295,7 @@ impl BpfHarvester {
         &mut self,
         name: &str,
         iterator: &'static str,
+        decoder: &mut Decoder,
         harvest: &mut Harvest,
         stats: &mut HarvestStats,
         interrupted: &dyn Fn() -> bool,
@@ -308,7 +332,7 @@ impl BpfHarvester {
             }
             while let Some(item) = self.ring.next() {
                 stats.records += 1;
-                decode(&item, self.file_ref_bias, harvest)?;
+                decoder.decode(&item, harvest)?;
             }
             if done {
                 return Ok(());
@@ -336,25 +360,90 @@ impl Harvester for BpfHarvester {
     }
 }
 
-/// Decodes one ring buffer record into the typed harvest.
+/// Decodes one ring buffer record into the typed harvest, on its own: an epoll item
+/// record is kept for an fd record that never comes (see [`Decoder`]).
 pub fn decode(bytes: &[u8], file_ref_bias: i64, harvest: &mut Harvest) -> Result<(), BpfError> {
-    let tag = bytes.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
-    match tag {
-        RECORD_TASK if bytes.len() >= size_of::<TaskRecord>() => {
-            // SAFETY: the length was checked; TaskRecord is plain old data, valid for
-            // any bytes, and read_unaligned needs no alignment.
-            let r: TaskRecord = unsafe { bytes.as_ptr().cast::<TaskRecord>().read_unaligned() };
-            harvest.tasks.push(task_info(&r));
-        }
-        RECORD_FD if bytes.len() >= size_of::<FdRecord>() => {
-            // SAFETY: as above, for FdRecord.
-            let r: FdRecord = unsafe { bytes.as_ptr().cast::<FdRecord>().read_unaligned() };
-            let tail = &bytes[size_of::<FdRecord>()..];
-            harvest.fds.push(fd_info(&r, tail, file_ref_bias).ok_or(BpfError::BadRecord(tag, bytes.len()))?);
-        }
-        _ => return Err(BpfError::BadRecord(tag, bytes.len())),
+    Decoder::new(file_ref_bias).decode(bytes, harvest)
+}
+
+/// Decodes the records of one harvest, in order: an epoll's items come as records of
+/// their own before the epoll's fd record, which says how many belong to it.
+pub struct Decoder {
+    file_ref_bias: i64,
+    /// Item records by epoll (`struct eventpoll *`), by index; a walk restarted after a
+    /// full ring overwrites its first attempt's.
+    epoll_items: std::collections::HashMap<u64, Vec<Option<EpollItemRecord>>>,
+    /// Epolls whose interest list came from BPF's walk.
+    pub epoll_walks: u64,
+    /// Epolls whose walk fell back to fdinfo.
+    pub epoll_fallbacks: u64,
+}
+
+impl Decoder {
+    pub fn new(file_ref_bias: i64) -> Self {
+        Self { file_ref_bias, epoll_items: Default::default(), epoll_walks: 0, epoll_fallbacks: 0 }
     }
-    Ok(())
+
+    pub fn decode(&mut self, bytes: &[u8], harvest: &mut Harvest) -> Result<(), BpfError> {
+        let tag = bytes.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
+        let bad = || BpfError::BadRecord(tag, bytes.len());
+        match tag {
+            RECORD_TASK if bytes.len() >= size_of::<TaskRecord>() => {
+                // SAFETY: the length was checked; TaskRecord is plain old data, valid for
+                // any bytes, and read_unaligned needs no alignment.
+                let r: TaskRecord = unsafe { bytes.as_ptr().cast::<TaskRecord>().read_unaligned() };
+                harvest.tasks.push(task_info(&r));
+            }
+            RECORD_FD if bytes.len() >= size_of::<FdRecord>() => {
+                // SAFETY: as above, for FdRecord.
+                let r: FdRecord = unsafe { bytes.as_ptr().cast::<FdRecord>().read_unaligned() };
+                let tail = &bytes[size_of::<FdRecord>()..];
+                let mut info = fd_info(&r, tail, self.file_ref_bias).ok_or_else(bad)?;
+                if let Live::Epoll(live) = &mut info.file.object.live {
+                    self.attach(live, &r, tail);
+                }
+                harvest.fds.push(info);
+            }
+            RECORD_EPOLL_ITEM => {
+                let item: EpollItemRecord = kinds::tail(bytes).ok_or_else(bad)?;
+                // The program sends at most EPOLL_MAX_ITEMS per walk: an index past it is
+                // not one of its records.
+                if item.index >= EPOLL_MAX_ITEMS {
+                    return Err(bad());
+                }
+                let sent = self.epoll_items.entry(item.epoll).or_default();
+                let index = item.index as usize;
+                if sent.len() <= index {
+                    sent.resize(index + 1, None);
+                }
+                sent[index] = Some(item);
+            }
+            _ => return Err(bad()),
+        }
+        Ok(())
+    }
+
+    /// Gives an epoll's record the items its walk sent, or marks it for fdinfo.
+    fn attach(&mut self, live: &mut EpollLive, r: &FdRecord, tail: &[u8]) {
+        let walk: Option<EpollTail> = (r.tail == TAIL_EPOLL).then(|| kinds::tail(tail)).flatten();
+        let sent = walk.and_then(|w| self.epoll_items.remove(&w.named.private_data)).unwrap_or_default();
+        *live = EpollLive::from_walk(walk.as_ref(), sent);
+        match live.walked {
+            Walked::Bpf => self.epoll_walks += 1,
+            Walked::FellBack(why) => {
+                self.epoll_fallbacks += 1;
+                // Expected without the kernel's fields, or on 5.10-5.16 for all but small
+                // epolls; worth a word otherwise.
+                let level = if matches!(why, WalkEnd::Torn | WalkEnd::Incomplete) {
+                    log::Level::Info
+                } else {
+                    log::Level::Debug
+                };
+                log::log!(level, "PID {} fd {}: epoll not walked by BPF ({why:?}): reading its fdinfo", r.tgid, r.fd);
+            }
+            Walked::Fdinfo => {}
+        }
+    }
 }
 
 fn task_info(r: &TaskRecord) -> TaskInfo {
@@ -377,6 +466,9 @@ fn fd_info(r: &FdRecord, tail: &[u8], file_ref_bias: i64) -> Option<FdInfo> {
     let named: Option<NamedTail> = match r.tail {
         TAIL_NAMED => Some(kinds::tail::<NamedTail>(tail)?),
         TAIL_EVENTFD => Some(kinds::tail::<EventfdTail>(tail)?.named),
+        TAIL_EPOLL => Some(kinds::tail::<EpollTail>(tail)?.named),
+        TAIL_TIMERFD => Some(kinds::tail::<TimerfdTail>(tail)?.named),
+        TAIL_SIGNALFD => Some(kinds::tail::<SignalfdTail>(tail)?.named),
         TAIL_NONE | TAIL_PIPE | TAIL_SOCKET => None,
         _ => return None,
     };
@@ -439,7 +531,7 @@ fn fd_info(r: &FdRecord, tail: &[u8], file_ref_bias: i64) -> Option<FdInfo> {
 
 #[cfg(test)]
 mod tests {
-    use crd_common::{EventfdTail, FdWith, NAME_LEN};
+    use crd_common::NAME_LEN;
 
     use super::*;
     use crate::kinds::socket::UnixName;
