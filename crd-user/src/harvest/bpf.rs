@@ -534,7 +534,10 @@ mod tests {
     use crd_common::NAME_LEN;
 
     use super::*;
-    use crate::kinds::socket::UnixName;
+    use crate::{
+        kinds::socket::UnixName,
+        types::{DeviceId, KernelPtr},
+    };
 
     fn bytes<T: Copy>(record: &T) -> Vec<u8> {
         // SAFETY: the records are plain old data; reading their bytes is always valid.
@@ -584,6 +587,130 @@ mod tests {
             .unwrap();
         assert_eq!(f.file.object.kind(), Kind::Anon);
         assert_eq!(f.file.object.id, KernelPtr(0xc7c));
+    }
+
+    fn item(epoll: u64, index: u32, fd: u32) -> EpollItemRecord {
+        EpollItemRecord {
+            kind: RECORD_EPOLL_ITEM,
+            index,
+            epoll,
+            file: 0xf11e_0000 + fd as u64,
+            data: 0xdead_0000_0000_0000 | fd as u64,
+            file_refs: 1,
+            ino: 100 + fd as u64,
+            fd,
+            events: libc::EPOLLIN as u32,
+            s_dev: 0xd,
+            _pad: 0,
+        }
+    }
+
+    fn epoll_record(items: u32, walk: u32) -> Vec<u8> {
+        let mut common = anon_record(TAIL_EPOLL);
+        common.fd = 7;
+        bytes(&FdWith { common, tail: EpollTail { named: named("[eventpoll]", 0xe9), items, walk } })
+    }
+
+    fn epoll_live(harvest: &Harvest) -> EpollLive {
+        match &harvest.fds.last().unwrap().file.object.live {
+            Live::Epoll(live) => live.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_epolls_items_come_before_it_and_a_restarted_walk_supersedes_the_first() {
+        let mut decoder = Decoder::new(1);
+        let mut harvest = Harvest::default();
+        // A first attempt cut short by a full ring (items 0 and 1 of what was then the
+        // tree), then the whole walk again.
+        for record in [item(0xe9, 0, 9), item(0xe9, 1, 9), item(0xe9, 0, 4), item(0xe9, 1, 5), item(0xe9, 2, 6)] {
+            decoder.decode(&bytes(&record), &mut harvest).unwrap();
+        }
+        // Another epoll's item, not this one's.
+        decoder.decode(&bytes(&item(0xe8, 0, 3)), &mut harvest).unwrap();
+        decoder.decode(&epoll_record(3, crd_common::EPOLL_WALK_COMPLETE), &mut harvest).unwrap();
+        let live = epoll_live(&harvest);
+        assert_eq!(live.walked, Walked::Bpf);
+        let items = live.items.unwrap();
+        assert_eq!(items.iter().map(|i| i.watch.tfd).collect::<Vec<_>>(), vec![4, 5, 6]);
+        assert_eq!(items[0].watch.data, 0xdead_0000_0000_0004);
+        assert_eq!(items[0].file.unwrap().id, KernelPtr(0xf11e_0004));
+        assert_eq!((items[0].ino, items[0].dev), (104, DeviceId::from_kernel(0xd)));
+        assert_eq!(harvest.fds.last().unwrap().file.object.id, KernelPtr(0xe9), "the eventpoll");
+        assert_eq!((decoder.epoll_walks, decoder.epoll_fallbacks), (1, 0));
+        // A second fd of the same epoll: its items are sent again.
+        decoder.decode(&epoll_record(3, crd_common::EPOLL_WALK_COMPLETE), &mut harvest).unwrap();
+        assert_eq!(epoll_live(&harvest).walked, Walked::FellBack(WalkEnd::Incomplete), "none came again");
+    }
+
+    #[test]
+    fn a_walk_that_did_not_finish_leaves_the_epoll_to_fdinfo() {
+        for (walk, end) in [
+            (crd_common::EPOLL_WALK_TRUNCATED, WalkEnd::Truncated),
+            (crd_common::EPOLL_WALK_TORN, WalkEnd::Torn),
+            (99, WalkEnd::Incomplete),
+        ] {
+            let mut decoder = Decoder::new(1);
+            let mut harvest = Harvest::default();
+            decoder.decode(&bytes(&item(0xe9, 0, 4)), &mut harvest).unwrap();
+            decoder.decode(&epoll_record(1, walk), &mut harvest).unwrap();
+            let live = epoll_live(&harvest);
+            assert_eq!((live.walked, live.items), (Walked::FellBack(end), None));
+            assert_eq!(decoder.epoll_fallbacks, 1);
+        }
+        // Fewer items than the record says.
+        let mut harvest = Harvest::default();
+        decode(&epoll_record(2, crd_common::EPOLL_WALK_COMPLETE), 1, &mut harvest).unwrap();
+        assert_eq!(epoll_live(&harvest).walked, Walked::FellBack(WalkEnd::Incomplete));
+        // No walk at all (the kernel's BTF lacks the fields): the name tail only.
+        let mut harvest = Harvest::default();
+        decode(&bytes(&FdWith { common: anon_record(TAIL_NAMED), tail: named("[eventpoll]", 0xe9) }), 1, &mut harvest)
+            .unwrap();
+        assert_eq!(epoll_live(&harvest).walked, Walked::FellBack(WalkEnd::NoFields));
+        // An item index past what any walk sends is no record of crd's.
+        let mut far = item(0xe9, EPOLL_MAX_ITEMS, 4);
+        assert!(matches!(decode(&bytes(&far), 1, &mut harvest), Err(BpfError::BadRecord(RECORD_EPOLL_ITEM, _))));
+        far.index = 0;
+        assert!(decode(&bytes(&far)[..20], 1, &mut harvest).is_err(), "cut short");
+    }
+
+    #[test]
+    fn timerfd_and_signalfd_tails_decode_without_fdinfo() {
+        // PID 10 fd 3 is not this process's: reading fdinfo would fail (opaque).
+        let tail = TimerfdTail {
+            named: named("[timerfd]", 0x71),
+            ticks: 2,
+            interval_ns: 50_000_000,
+            remaining_ns: 20_000_000,
+            clockid: libc::CLOCK_BOOTTIME,
+            settime_flags: 1,
+            expired: 0,
+        };
+        let f = decoded(&bytes(&FdWith { common: anon_record(TAIL_TIMERFD), tail })).unwrap();
+        assert_eq!(f.file.object.id, KernelPtr(0x71));
+        let Live::Timerfd(live) = &f.file.object.live else { panic!("{:?}", f.file.object.live) };
+        assert_eq!(
+            (live.clock, live.ticks, live.settime_flags, live.remaining_ns, live.interval_ns),
+            (libc::CLOCK_BOOTTIME, 2, 1, 20_000_000, 50_000_000)
+        );
+        // The kernel stores the mask inverted (SIGKILL and SIGSTOP set).
+        let wanted = 1u64 << (libc::SIGINT - 1);
+        let stored = !wanted;
+        let tail = SignalfdTail { named: named("[signalfd]", 0x51), sigmask_inverted: stored };
+        let f = decoded(&bytes(&FdWith { common: anon_record(TAIL_SIGNALFD), tail })).unwrap();
+        assert_eq!(f.file.object.live, Live::Signalfd(crate::kinds::signalfd::SignalfdState { mask: wanted }));
+    }
+
+    #[test]
+    fn an_epoll_walk_fits_the_ring_it_is_sized_for() {
+        assert_eq!(epoll_max_items(1 << 20), EPOLL_MAX_ITEMS);
+        let small = epoll_max_items(4096);
+        assert!((40..100).contains(&small), "{small}");
+        let slot = |bytes: usize| 8 + bytes.next_multiple_of(8);
+        let needed = small as usize * slot(size_of::<EpollItemRecord>()) + slot(size_of::<FdWith<EpollTail>>());
+        assert!(needed <= 4096, "{needed}");
+        assert_eq!(epoll_max_items(64), 0);
     }
 
     fn socket_record(tail: u32) -> FdRecord {
