@@ -372,8 +372,8 @@ for _ in range({epolls}):
     for i in range({n}):
         ev = os.eventfd(0, os.EFD_CLOEXEC)
         add(ep.fileno(), ev, select.EPOLLIN, 0x5eed000000000000 | ev)
-    eps.append(ep.fileno())
-print(json.dumps(dict(pid=os.getpid(), eps=eps)), flush=True)
+    eps.append(ep)  # kept: a collected epoll object closes its fd
+print(json.dumps(dict(pid=os.getpid(), eps=[ep.fileno() for ep in eps])), flush=True)
 forever()
 "#
     ))

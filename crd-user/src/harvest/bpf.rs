@@ -427,7 +427,7 @@ impl Decoder {
     fn attach(&mut self, live: &mut EpollLive, r: &FdRecord, tail: &[u8]) {
         let walk: Option<EpollTail> = (r.tail == TAIL_EPOLL).then(|| kinds::tail(tail)).flatten();
         let sent = walk.and_then(|w| self.epoll_items.remove(&w.named.private_data)).unwrap_or_default();
-        *live = EpollLive::from_walk(walk.as_ref(), sent);
+        *live = EpollLive::from_walk(walk.as_ref(), sent, self.file_ref_bias);
         match live.walked {
             Walked::Bpf => self.epoll_walks += 1,
             Walked::FellBack(why) => {

@@ -128,8 +128,13 @@ pub struct EpollLive {
 impl EpollLive {
     /// From a BPF epoll record: its tail says how the walk went, `sent` holds the item
     /// records that came before it (by index; a walk restarted after a full ring
-    /// overwrote its first attempt's).
-    pub fn from_walk(tail: Option<&crd_common::EpollTail>, sent: Vec<Option<crd_common::EpollItemRecord>>) -> Self {
+    /// overwrote its first attempt's). `file_ref_bias`: see
+    /// [`crd_common::Config::file_ref_bias`].
+    pub fn from_walk(
+        tail: Option<&crd_common::EpollTail>,
+        sent: Vec<Option<crd_common::EpollItemRecord>>,
+        file_ref_bias: i64,
+    ) -> Self {
         use crd_common::{EPOLL_WALK_COMPLETE, EPOLL_WALK_TORN, EPOLL_WALK_TRUNCATED};
         let fell_back = |end| EpollLive { items: None, walked: Walked::FellBack(end) };
         let Some(tail) = tail else { return fell_back(WalkEnd::NoFields) };
@@ -151,7 +156,11 @@ impl EpollLive {
                 watch: Watch { tfd: r.fd, events: r.events, data: r.data },
                 ino: r.ino,
                 dev: DeviceId::from_kernel(r.s_dev),
-                file: Some(WatchedFile { id: KernelPtr(r.file), refs: r.file_refs.max(0) as u64 }),
+                file: Some(WatchedFile {
+                    id: KernelPtr(r.file),
+                    // Saturating: a damaged record must not overflow.
+                    refs: r.file_refs.saturating_add(file_ref_bias).max(0) as u64,
+                }),
             })
             .collect();
         EpollLive { items: Some(items), walked: Walked::Bpf }
@@ -249,7 +258,7 @@ impl FileKind for Epoll {
         let tail = (record.tail == crd_common::TAIL_EPOLL)
             .then(|| super::tail::<crd_common::EpollTail>(tail))
             .flatten();
-        Some(EpollLive::from_walk(tail.as_ref(), Vec::new()))
+        Some(EpollLive::from_walk(tail.as_ref(), Vec::new(), 0))
     }
 
     fn from_proc(slot: &ProcSlot<'_>) -> EpollLive {
