@@ -3,7 +3,12 @@
 //!
 //! - `crd_task` (`iter/task`): one [`TaskRecord`] per thread: identity, real parent, comm,
 //!   and the `files_struct` pointer that tells which threads share one fd table.
-//! - `crd_task_file` (`iter/task_file`): one [`FdRecord`] per fd of each fd table.
+//! - `crd_task_file` (`iter/task_file`): one [`FdRecord`] per fd of each fd table, and
+//!   before an epoll's record one [`EpollItemRecord`](crd_common::EpollItemRecord) per
+//!   item of its interest list, walked with `bpf_loop` (5.17+).
+//! - `crd_task_file_bounded`: the same for kernels without `bpf_loop` (5.10-5.16), which
+//!   refuse a program that merely names a callback; its epoll walk is an unrolled loop of
+//!   a few items. Userspace loads one of the two.
 //!
 //! Rust eBPF emits no CO-RE relocations, so every field is read at an offset that
 //! userspace resolved from the running kernel's BTF and froze into `.rodata`
@@ -16,18 +21,25 @@
 //! the kernel's BTF at load time and turns it into a fault-safe load. Only what BTF
 //! cannot type is copied with `bpf_probe_read_kernel`: the close-on-exec bitmap (one
 //! copy per 64 fds, cached per CPU), for a pipe holding data its buffer lengths, the
-//! name, eventfd counter or memfd seals of the kinds that have them, and everything of a
-//! socket past its `file` (`private_data` is untyped).
+//! name, eventfd counter or memfd seals of the kinds that have them, and everything past
+//! a `file`'s untyped `private_data`: a socket's, a timerfd's `timerfd_ctx`, a signalfd's
+//! mask, an epoll's tree of items ([`anon`]).
 //!
 //! **Kinds**: each fd record is a common part plus a tail for its kind (crd-common):
 //! pipes and FIFOs carry their `pipe_inode_info`, anon-inode and shmem files their
-//! dentry name and private object, eventfds their counter, sockets their `struct sock`
-//! (unix: peer and bound name; inet: addresses and ports). A kind's fields are read only
-//! for that kind, and only if userspace found them in this kernel's BTF (`Config::kinds`).
+//! dentry name and private object, eventfds their counter, timerfds their settings and
+//! time left, signalfds their mask, epolls how the walk of their items went, sockets
+//! their `struct sock` (unix: peer and bound name; inet: addresses and ports). A kind's
+//! fields are read only for that kind, and only if userspace found them in this kernel's
+//! BTF (`Config::kinds`); without them the kind is sent with its name tail and userspace
+//! reads its fdinfo (epoll, timerfd, signalfd) or lists it as opaque.
 //!
 //! **No silent loss**: when the ring buffer is full the program returns 1. The kernel then
 //! ends the current `read()` of the iterator and retries the same (task, fd) on the next
-//! `read()`, after userspace has drained the ring. Nothing is ever dropped. (Userspace
+//! `read()`, after userspace has drained the ring. Nothing is ever dropped. (An epoll's
+//! walk cut short this way starts over; its item records carry their index, so the
+//! second attempt's supersede the first's, and userspace sizes the walk's bound so that
+//! one whole walk fits in the ring.) (Userspace
 //! logs each such pause; the programs themselves log only failed reads, with aya-log:
 //! every log statement is code the verifier walks at every load.)
 #![no_std]
