@@ -98,7 +98,8 @@ fn bpf_harvest(pids: &[u32], ring_bytes: u32) -> (Harvest, HarvestStats) {
     let tgids: Vec<Tgid> = pids.iter().copied().map(Tgid).collect();
     let frozen: Vec<_> =
         tgids.iter().map(|&t| crd::freeze::Frozen::freeze(t, false, &|| false).expect("frozen")).collect();
-    let mut harvester = BpfHarvester::load_with_ring(false, &Default::default(), ring_bytes).expect("BPF loads");
+    let mut harvester =
+        BpfHarvester::load_with_ring(false, &Default::default(), ring_bytes).expect("BPF loads");
     let harvested = harvester.harvest(Scope::Processes(&tgids), &|| false).expect("BPF harvest");
     drop(frozen);
     harvested

@@ -250,7 +250,10 @@ fn bpf_reads_an_alarm_timerfd_as_fdinfo_shows_it() {
     let (Live::Timerfd(a), Live::Timerfd(b)) = (live_of(&bpf, pid, 3), live_of(&proc, pid, 3)) else {
         panic!("not a timerfd");
     };
-    assert_eq!((a.clock, a.settime_flags, a.interval_ns, a.ticks), (b.clock, b.settime_flags, b.interval_ns, b.ticks));
+    assert_eq!(
+        (a.clock, a.settime_flags, a.interval_ns, a.ticks),
+        (b.clock, b.settime_flags, b.interval_ns, b.ticks)
+    );
     assert_eq!(a.clock, libc::CLOCK_BOOTTIME_ALARM);
     for t in [&a, &b] {
         assert!(t.remaining_ns > 0 && t.remaining_ns <= 900 * NS, "{t:?}");

@@ -207,7 +207,8 @@ impl BpfHarvester {
         log::debug!("load: object loaded at {:?}", started.elapsed());
         // A kernel without bpf_loop refuses a program that names a callback, even one it
         // would never call: the object has a second fd program without it.
-        let task_file = if config.kinds & KIND_BPF_LOOP != 0 { "crd_task_file" } else { "crd_task_file_bounded" };
+        let task_file =
+            if config.kinds & KIND_BPF_LOOP != 0 { "crd_task_file" } else { "crd_task_file_bounded" };
         for (name, iter_type) in [("crd_task", "task"), (task_file, "task_file")] {
             let program: &mut Iter = ebpf
                 .program_mut(name)
@@ -439,7 +440,12 @@ impl Decoder {
                 } else {
                     log::Level::Debug
                 };
-                log::log!(level, "PID {} fd {}: epoll not walked by BPF ({why:?}): reading its fdinfo", r.tgid, r.fd);
+                log::log!(
+                    level,
+                    "PID {} fd {}: epoll not walked by BPF ({why:?}): reading its fdinfo",
+                    r.tgid,
+                    r.fd
+                );
             }
             Walked::Fdinfo => {}
         }
@@ -624,7 +630,9 @@ mod tests {
         let mut harvest = Harvest::default();
         // A first attempt cut short by a full ring (items 0 and 1 of what was then the
         // tree), then the whole walk again.
-        for record in [item(0xe9, 0, 9), item(0xe9, 1, 9), item(0xe9, 0, 4), item(0xe9, 1, 5), item(0xe9, 2, 6)] {
+        for record in
+            [item(0xe9, 0, 9), item(0xe9, 1, 9), item(0xe9, 0, 4), item(0xe9, 1, 5), item(0xe9, 2, 6)]
+        {
             decoder.decode(&bytes(&record), &mut harvest).unwrap();
         }
         // Another epoll's item, not this one's.
@@ -665,12 +673,19 @@ mod tests {
         assert_eq!(epoll_live(&harvest).walked, Walked::FellBack(WalkEnd::Incomplete));
         // No walk at all (the kernel's BTF lacks the fields): the name tail only.
         let mut harvest = Harvest::default();
-        decode(&bytes(&FdWith { common: anon_record(TAIL_NAMED), tail: named("[eventpoll]", 0xe9) }), 1, &mut harvest)
-            .unwrap();
+        decode(
+            &bytes(&FdWith { common: anon_record(TAIL_NAMED), tail: named("[eventpoll]", 0xe9) }),
+            1,
+            &mut harvest,
+        )
+        .unwrap();
         assert_eq!(epoll_live(&harvest).walked, Walked::FellBack(WalkEnd::NoFields));
         // An item index past what any walk sends is no record of crd's.
         let mut far = item(0xe9, EPOLL_MAX_ITEMS, 4);
-        assert!(matches!(decode(&bytes(&far), 1, &mut harvest), Err(BpfError::BadRecord(RECORD_EPOLL_ITEM, _))));
+        assert!(matches!(
+            decode(&bytes(&far), 1, &mut harvest),
+            Err(BpfError::BadRecord(RECORD_EPOLL_ITEM, _))
+        ));
         far.index = 0;
         assert!(decode(&bytes(&far)[..20], 1, &mut harvest).is_err(), "cut short");
     }
@@ -699,7 +714,10 @@ mod tests {
         let stored = !wanted;
         let tail = SignalfdTail { named: named("[signalfd]", 0x51), sigmask_inverted: stored };
         let f = decoded(&bytes(&FdWith { common: anon_record(TAIL_SIGNALFD), tail })).unwrap();
-        assert_eq!(f.file.object.live, Live::Signalfd(crate::kinds::signalfd::SignalfdState { mask: wanted }));
+        assert_eq!(
+            f.file.object.live,
+            Live::Signalfd(crate::kinds::signalfd::SignalfdState { mask: wanted })
+        );
     }
 
     #[test]
@@ -708,7 +726,8 @@ mod tests {
         let small = epoll_max_items(4096);
         assert!((40..100).contains(&small), "{small}");
         let slot = |bytes: usize| 8 + bytes.next_multiple_of(8);
-        let needed = small as usize * slot(size_of::<EpollItemRecord>()) + slot(size_of::<FdWith<EpollTail>>());
+        let needed =
+            small as usize * slot(size_of::<EpollItemRecord>()) + slot(size_of::<FdWith<EpollTail>>());
         assert!(needed <= 4096, "{needed}");
         assert_eq!(epoll_max_items(64), 0);
     }

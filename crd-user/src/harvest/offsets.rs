@@ -444,7 +444,8 @@ mod tests {
         let without_names = config_with(&btf, &|s| s == "dentry", &|_| None).expect("still loads");
         assert_eq!(
             without_names.kinds,
-            full.kinds & !(KIND_NAMED | KIND_EVENTFD | KIND_SHMEM | KIND_EPOLL | KIND_TIMERFD | KIND_SIGNALFD),
+            full.kinds
+                & !(KIND_NAMED | KIND_EVENTFD | KIND_SHMEM | KIND_EPOLL | KIND_TIMERFD | KIND_SIGNALFD),
             "eventfd, shmem, epoll, timerfd and signalfd reads start from the name; sockets do not"
         );
         // A core field missing, or loaded at the wrong width, is no BPF harvester at all.
