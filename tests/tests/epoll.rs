@@ -358,6 +358,9 @@ forever()
         err.contains(&format!("fd {} (epoll)", fd("ep"))) && err.contains(&format!("tfd {}", fd("r"))),
         "{err}"
     );
+    // The checkpoint harvested with BPF (the default where it runs), whose walk found
+    // the file and counts what keeps it open.
+    assert!(err.contains("BPF found it registered, kept open by 1 reference(s) outside them"), "{err}");
     assert!(!image.exists(), "no image is written");
     crd_tests::assert_running_untraced(pid);
     drop(program);
