@@ -228,6 +228,21 @@ fn an_epoll_over_a_pipe_an_eventfd_and_a_socket_round_trips_with_all_64_bits_and
     };
     let json = listing("bpf");
     assert_eq!(json, listing("procfs"), "BPF and /proc list the same");
+    // As on a kernel whose BTF lacks the walk's fields (fdinfo instead), and with the
+    // program for kernels without bpf_loop (its bounded walk).
+    for clear in [crd_common::KIND_EPOLL, crd_common::KIND_BPF_LOOP] {
+        let out = std::process::Command::new(crd_tests::crd_bin())
+            .args(["ls", &pid.to_string(), "--json", "--source", "bpf"])
+            .env("CRD_TEST_CLEAR_KINDS", clear.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
+            json,
+            "{clear:#x} cleared"
+        );
+    }
     let entry =
         json["processes"][0]["fds"].as_array().unwrap().iter().find(|f| f["fd"] == ep).unwrap().clone();
     assert_eq!(entry["kind"], "Epoll");
