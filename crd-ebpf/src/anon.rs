@@ -223,17 +223,16 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
 #[inline(always)]
 fn step(state: &mut EpollWalk, off: &Offsets) -> bool {
     let mut r = Reader { failed: 0 };
-    // SAFETY (all volatile accesses below): `state` points into this CPU's map slot.
-    let node = unsafe { core::ptr::read_volatile(&state.node) };
-    let mode = unsafe { core::ptr::read_volatile(&state.mode) };
+    let node = get(&state.node);
+    let mode = get(&state.mode);
     let (next, next_mode, status) = if mode == VISIT {
-        let count = unsafe { core::ptr::read_volatile(&state.count) };
-        if count >= unsafe { core::ptr::read_volatile(&state.max) } {
+        let count = get(&state.count);
+        if count >= get(&state.max) {
             (node, mode, EPOLL_WALK_TRUNCATED)
-        } else if !emit_item(&mut r, node, count, unsafe { core::ptr::read_volatile(&state.epoll) }, off) {
+        } else if !emit_item(&mut r, node, count, get(&state.epoll), off) {
             (node, mode, RING_FULL)
         } else {
-            unsafe { core::ptr::write_volatile(&mut state.count, count + 1) };
+            set(&mut state.count, count + 1);
             let right: u64 = r.get(node, off.rb_right);
             if right != 0 { (right, DOWN, 0) } else { (node, UP, 0) }
         }
@@ -254,12 +253,24 @@ fn step(state: &mut EpollWalk, off: &Offsets) -> bool {
         }
     };
     let status = if r.failed != 0 && status != RING_FULL { EPOLL_WALK_TORN } else { status };
-    unsafe {
-        core::ptr::write_volatile(&mut state.node, next);
-        core::ptr::write_volatile(&mut state.mode, next_mode);
-        core::ptr::write_volatile(&mut state.status, status);
-    }
+    set(&mut state.node, next);
+    set(&mut state.mode, next_mode);
+    set(&mut state.status, status);
     status == 0
+}
+
+/// Reads a field of the walk's state (see [`step`] for why volatile).
+#[inline(always)]
+fn get<T: Copy>(field: &T) -> T {
+    // SAFETY: a reference is valid and aligned for reads.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+/// Writes a field of the walk's state (see [`step`] for why volatile).
+#[inline(always)]
+fn set<T: Copy>(field: &mut T, value: T) {
+    // SAFETY: a mutable reference is valid and aligned for writes.
+    unsafe { core::ptr::write_volatile(field, value) }
 }
 
 /// Sends the item of `node` (its `epitem::rbn`) as record number `index`. False: the
