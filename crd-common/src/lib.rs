@@ -19,6 +19,9 @@ pub use offsets::{Field, FieldGroup, Offsets};
 pub const RECORD_TASK: u32 = 1;
 /// Tag of an [`FdRecord`] (and its tail) in the ring buffer.
 pub const RECORD_FD: u32 = 2;
+/// Tag of an [`EpollItemRecord`]: one item of an epoll's interest list, sent before the
+/// record of the fd it belongs to.
+pub const RECORD_EPOLL_ITEM: u32 = 3;
 
 /// Length of `task_struct::comm` (TASK_COMM_LEN).
 pub const COMM_LEN: usize = 16;
@@ -40,6 +43,14 @@ pub const TAIL_EVENTFD: u32 = 3;
 /// [`FdRecord::tail`]: a [`SocketTail`] follows (every socket whose `struct sock` was
 /// read; a socket sent without it is listed as an opaque socket).
 pub const TAIL_SOCKET: u32 = 4;
+
+/// [`FdRecord::tail`]: an [`EpollTail`] follows (its items came before, as
+/// [`EpollItemRecord`]s).
+pub const TAIL_EPOLL: u32 = 5;
+/// [`FdRecord::tail`]: a [`TimerfdTail`] follows.
+pub const TAIL_TIMERFD: u32 = 6;
+/// [`FdRecord::tail`]: a [`SignalfdTail`] follows.
+pub const TAIL_SIGNALFD: u32 = 7;
 
 /// [`PipeTail::flags`]: the pipe had more occupied buffers than the program walks, so
 /// `queued` is a lower bound (userspace measures the queue itself with FIONREAD).
@@ -63,7 +74,38 @@ pub const KIND_SOCKET: u32 = 1 << 3;
 /// `bpf_skc_to_unix_sock` (5.16), which hand back BTF-typed `struct socket *` and
 /// `struct unix_sock *`: a socket's fields are then direct loads, not one
 /// `bpf_probe_read_kernel` call each (a helper call costs ~20 loads).
-pub const KIND_SOCKET_TYPED: u32 = 1 << 8;
+pub const KIND_SOCKET_TYPED: u32 = 1 << 4;
+
+/// [`Config::kinds`]: `eventpoll`, `epitem` and `rb_node` fields resolved: the BPF
+/// program walks each epoll's interest list ([`EpollTail`]).
+pub const KIND_EPOLL: u32 = 1 << 5;
+/// [`Config::kinds`]: `timerfd_ctx` and `hrtimer` fields resolved ([`TimerfdTail`]).
+pub const KIND_TIMERFD: u32 = 1 << 6;
+/// [`Config::kinds`]: `signalfd_ctx::sigmask` resolved ([`SignalfdTail`]).
+pub const KIND_SIGNALFD: u32 = 1 << 7;
+/// [`Config::kinds`]: this kernel has `bpf_loop` (5.17+), so the program that walks
+/// epolls with it is the one loaded; without it, the program with a small fixed bound.
+pub const KIND_BPF_LOOP: u32 = 1 << 8;
+
+/// The most items of one epoll the BPF program walks with `bpf_loop`; the ring's size
+/// lowers it ([`Config::epoll_max_items`]): every item of one walk must fit in the ring
+/// at once, since a walk interrupted by a full ring starts over.
+pub const EPOLL_MAX_ITEMS: u32 = 4096;
+/// The most items of one epoll the program without `bpf_loop` walks (5.10-5.16): each
+/// step is verified once per iteration of an unrolled loop.
+pub const EPOLL_BOUNDED_ITEMS: u32 = 8;
+/// Steps of the walk per item at most: descend into it, find it has no left child, visit
+/// it, climb out of it.
+pub const EPOLL_STEPS_PER_ITEM: u32 = 4;
+
+/// [`EpollTail::walk`]: every item was sent, in the kernel's order.
+pub const EPOLL_WALK_COMPLETE: u32 = 1;
+/// [`EpollTail::walk`]: the epoll has more items than the program walks: userspace reads
+/// the interest list from fdinfo instead.
+pub const EPOLL_WALK_TRUNCATED: u32 = 2;
+/// [`EpollTail::walk`]: the tree changed under the walk (a NULL where a node must be, a
+/// node that is not its parent's child, a failed read): fdinfo instead.
+pub const EPOLL_WALK_TORN: u32 = 3;
 
 /// Bytes of a unix socket's bound name the BPF program copies (`sun_path`, 108 bytes).
 pub const UNIX_PATH_LEN: usize = 108;
@@ -199,6 +241,77 @@ pub struct EventfdTail {
     pub _pad: u32,
 }
 
+/// The tail of an epoll: how the walk of its interest list (`eventpoll::rbr`) went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpollTail {
+    pub named: NamedTail,
+    /// Items sent before this record, as [`EpollItemRecord`]s with `index` 0..items
+    /// (a walk cut short by a full ring is started over, so earlier copies with the same
+    /// index are superseded by the last ones).
+    pub items: u32,
+    /// `EPOLL_WALK_*`.
+    pub walk: u32,
+}
+
+/// One item of an epoll's interest list (`struct epitem`), in the kernel's order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpollItemRecord {
+    /// Always [`RECORD_EPOLL_ITEM`].
+    pub kind: u32,
+    /// Position in the walk (the kernel's order: by file, then fd number).
+    pub index: u32,
+    /// The `struct eventpoll *` (the epoll's `private_data`) the item belongs to.
+    pub epoll: u64,
+    /// `epitem::ffd.file`: the watched open file description, even when no fd holds it.
+    pub file: u64,
+    /// `epitem::event.data`, all 64 bits.
+    pub data: u64,
+    /// Raw reference count of the watched file (as [`FdRecord::file_refs`]).
+    pub file_refs: i64,
+    /// `i_ino` of the watched file's inode.
+    pub ino: u64,
+    /// `epitem::ffd.fd`: the fd number it was registered under.
+    pub fd: u32,
+    /// `epitem::event.events`.
+    pub events: u32,
+    /// `s_dev` of the watched file's superblock (kernel encoding).
+    pub s_dev: u32,
+    pub _pad: u32,
+}
+
+/// The tail of a timerfd: its `timerfd_ctx`, and the time left on its timer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimerfdTail {
+    pub named: NamedTail,
+    /// `timerfd_ctx::ticks`: expirations not yet read.
+    pub ticks: u64,
+    /// `timerfd_ctx::tintv`: the interval, in ns.
+    pub interval_ns: i64,
+    /// Time to the next expiry, in ns, as fdinfo computes it (the timer's expiry minus
+    /// its clock's current time, 0 if past): `hrtimer::node.expires` minus the clock
+    /// base's offset from CLOCK_MONOTONIC minus `bpf_ktime_get_ns()`.
+    pub remaining_ns: i64,
+    /// `timerfd_ctx::clockid`.
+    pub clockid: i32,
+    /// `timerfd_ctx::settime_flags` (TFD_TIMER_*).
+    pub settime_flags: u16,
+    /// `timerfd_ctx::expired`.
+    pub expired: u16,
+}
+
+/// The tail of a signalfd.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SignalfdTail {
+    pub named: NamedTail,
+    /// `signalfd_ctx::sigmask` as the kernel stores it: **inverted** (bit N-1 *clear*
+    /// for each signal N the signalfd reads).
+    pub sigmask_inverted: u64,
+}
+
 /// The tail of a socket: its `struct socket` and `struct sock`, for every family, plus
 /// the family's own fields (unix: peer and bound name; inet: addresses and ports).
 /// Socket options restore needs are read by userspace with getsockopt while the targets
@@ -296,13 +409,23 @@ pub struct Config {
     pub kinds: u32,
     /// Non-zero: report every task on the system, ignoring the tgid filter map.
     pub match_all: u32,
+    /// The most items of one epoll the program walks (at most [`EPOLL_MAX_ITEMS`], and
+    /// few enough that one walk fits in the ring); more: the walk says
+    /// [`EPOLL_WALK_TRUNCATED`].
+    pub epoll_max_items: u32,
 }
 
 impl Config {
     /// The placeholder the BPF object is built with (userspace sets the real values
     /// before load).
-    pub const ZERO: Self =
-        Self { offsets: Offsets::ZERO, pipe_buffer_size: 0, file_ref_bias: 0, kinds: 0, match_all: 0 };
+    pub const ZERO: Self = Self {
+        offsets: Offsets::ZERO,
+        pipe_buffer_size: 0,
+        file_ref_bias: 0,
+        kinds: 0,
+        match_all: 0,
+        epoll_max_items: 0,
+    };
 }
 
 /// Indices into the `crd_stats` array map.

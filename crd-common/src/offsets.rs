@@ -21,6 +21,13 @@ pub enum FieldGroup {
     Shmem,
     /// `socket`, `sock`, `unix_sock`, `unix_address` ([`crate::KIND_SOCKET`]).
     Socket,
+    /// `eventpoll`, `epitem`, `rb_node` ([`crate::KIND_EPOLL`]): without them an epoll's
+    /// interest list is read from fdinfo.
+    Epoll,
+    /// `timerfd_ctx`, `hrtimer`, `hrtimer_clock_base` ([`crate::KIND_TIMERFD`]).
+    Timerfd,
+    /// `signalfd_ctx` ([`crate::KIND_SIGNALFD`]).
+    Signalfd,
 }
 
 /// One declared field.
@@ -150,5 +157,41 @@ offsets! {
         unix_address_len: "unix_address" ["len"] 4,
         // `struct sockaddr_un name[]`: a flexible array, only its address is used.
         unix_address_name: "unix_address" ["name"] 0,
+    }
+    Epoll {
+        // `struct rb_root_cached rbr`: the tree of items and its cached leftmost node,
+        // where an in-order walk starts.
+        eventpoll_leftmost: "eventpoll" ["rbr.rb_leftmost"] 8,
+        // The parent pointer shares its word with the node's colour (the low 2 bits).
+        rb_parent_color: "rb_node" ["__rb_parent_color"] 8,
+        rb_right: "rb_node" ["rb_right"] 8,
+        rb_left: "rb_node" ["rb_left"] 8,
+        // `rbn` is in an anonymous union with the item's `rcu` head (the node's address
+        // minus this is the item's).
+        epitem_rbn: "epitem" ["rbn"] 0,
+        epitem_file: "epitem" ["ffd.file"] 8,
+        epitem_fd: "epitem" ["ffd.fd"] 4,
+        // `struct epoll_event` is packed on x86-64: `data` sits 4 bytes in.
+        epitem_events: "epitem" ["event.events"] 4,
+        epitem_data: "epitem" ["event.data"] 8,
+    }
+    Timerfd {
+        timerfd_clockid: "timerfd_ctx" ["clockid"] 4,
+        timerfd_ticks: "timerfd_ctx" ["ticks"] 8,
+        timerfd_settime_flags: "timerfd_ctx" ["settime_flags"] 2,
+        timerfd_expired: "timerfd_ctx" ["expired"] 2,
+        timerfd_tintv: "timerfd_ctx" ["tintv"] 8,
+        // `union { struct hrtimer tmr; struct alarm alarm; } t`: an alarm clock's timer
+        // is the alarm's own hrtimer, armed at the same expiry on the alarm's base clock.
+        timerfd_tmr_expires: "timerfd_ctx" ["t.tmr.node.expires"] 8,
+        timerfd_tmr_base: "timerfd_ctx" ["t.tmr.base"] 8,
+        timerfd_alarm_expires: "timerfd_ctx" ["t.alarm.timer.node.expires"] 8,
+        timerfd_alarm_base: "timerfd_ctx" ["t.alarm.timer.base"] 8,
+        // How far the timer's clock is from CLOCK_MONOTONIC (0 for MONOTONIC itself).
+        hrtimer_base_offset: "hrtimer_clock_base" ["offset"] 8,
+    }
+    Signalfd {
+        // `sigset_t`: one 64-bit word on x86-64.
+        signalfd_sigmask: "signalfd_ctx" ["sigmask"] 8,
     }
 }

@@ -3,7 +3,12 @@
 //!
 //! - `crd_task` (`iter/task`): one [`TaskRecord`] per thread: identity, real parent, comm,
 //!   and the `files_struct` pointer that tells which threads share one fd table.
-//! - `crd_task_file` (`iter/task_file`): one [`FdRecord`] per fd of each fd table.
+//! - `crd_task_file` (`iter/task_file`): one [`FdRecord`] per fd of each fd table, and
+//!   before an epoll's record one [`EpollItemRecord`](crd_common::EpollItemRecord) per
+//!   item of its interest list, walked with `bpf_loop` (5.17+).
+//! - `crd_task_file_bounded`: the same for kernels without `bpf_loop` (5.10-5.16), which
+//!   refuse a program that merely names a callback; its epoll walk is an unrolled loop of
+//!   a few items. Userspace loads one of the two.
 //!
 //! Rust eBPF emits no CO-RE relocations, so every field is read at an offset that
 //! userspace resolved from the running kernel's BTF and froze into `.rodata`
@@ -16,24 +21,34 @@
 //! the kernel's BTF at load time and turns it into a fault-safe load. Only what BTF
 //! cannot type is copied with `bpf_probe_read_kernel`: the close-on-exec bitmap (one
 //! copy per 64 fds, cached per CPU), for a pipe holding data its buffer lengths, the
-//! name, eventfd counter or memfd seals of the kinds that have them, and a unix socket's
-//! bound name. A socket's `struct socket` (`private_data` is untyped) is typed by the
-//! helpers `bpf_sock_from_file` and `bpf_skc_to_unix_sock` where the kernel has them
-//! (5.16+); before that, every field of a socket is copied.
+//! name, eventfd counter or memfd seals of the kinds that have them, a unix socket's
+//! bound name, and what lies past a `file`'s untyped `private_data`: a timerfd's
+//! `timerfd_ctx`, a signalfd's mask, an epoll's tree of items ([`anon`]). A socket's
+//! `struct socket` is typed by the helpers `bpf_sock_from_file` and
+//! `bpf_skc_to_unix_sock` where the kernel has them (5.16+); before that, every field
+//! of a socket is copied.
 //!
 //! **Kinds**: each fd record is a common part plus a tail for its kind (crd-common):
 //! pipes and FIFOs carry their `pipe_inode_info`, anon-inode and shmem files their
-//! dentry name and private object, eventfds their counter, sockets their `struct sock`
-//! (unix: peer and bound name; inet: addresses and ports). A kind's fields are read only
-//! for that kind, and only if userspace found them in this kernel's BTF (`Config::kinds`).
+//! dentry name and private object, eventfds their counter, timerfds their settings and
+//! time left, signalfds their mask, epolls how the walk of their items went, sockets
+//! their `struct sock` (unix: peer and bound name; inet: addresses and ports). A kind's
+//! fields are read only for that kind, and only if userspace found them in this kernel's
+//! BTF (`Config::kinds`); without them the kind is sent with its name tail and userspace
+//! reads its fdinfo (epoll, timerfd, signalfd) or lists it as opaque.
 //!
 //! **No silent loss**: when the ring buffer is full the program returns 1. The kernel then
 //! ends the current `read()` of the iterator and retries the same (task, fd) on the next
-//! `read()`, after userspace has drained the ring. Nothing is ever dropped. (Userspace
+//! `read()`, after userspace has drained the ring. Nothing is ever dropped. (An epoll's
+//! walk cut short this way starts over; its item records carry their index, so the
+//! second attempt's supersede the first's, and userspace sizes the walk's bound so that
+//! one whole walk fits in the ring.) (Userspace
 //! logs each such pause; the programs themselves log only failed reads, with aya-log:
 //! every log statement is code the verifier walks at every load.)
 #![no_std]
 #![no_main]
+
+mod anon;
 
 use aya_ebpf::{
     helpers::generated::{bpf_skc_to_unix_sock, bpf_sock_from_file},
@@ -278,9 +293,26 @@ pub extern "C" fn crd_task(ctx: *const TaskCtx) -> i32 {
     emit(record)
 }
 
+/// The fd program for kernels with `bpf_loop` (5.17+): walks epolls of up to
+/// [`Config::epoll_max_items`](crd_common::Config) items.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task_file")]
 pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
+    task_file::<true>(ctx)
+}
+
+/// The fd program for kernels without `bpf_loop` (5.10-5.16), which reject a program
+/// that merely names a callback: walks epolls of up to
+/// [`EPOLL_BOUNDED_ITEMS`](crd_common::EPOLL_BOUNDED_ITEMS) items.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub extern "C" fn crd_task_file_bounded(ctx: *const TaskFileCtx) -> i32 {
+    task_file::<false>(ctx)
+}
+
+/// One fd's record. `LOOP`: walk epolls with `bpf_loop` (see [`anon`]).
+#[inline(always)]
+fn task_file<const LOOP: bool>(ctx: *const TaskFileCtx) -> i32 {
     // SAFETY: the kernel passes a valid context; `task` and `file` are NULL on the
     // final call.
     let (task, fd, file) = unsafe { ((*ctx).task, (*ctx).fd, (*ctx).file) };
@@ -340,6 +372,11 @@ pub extern "C" fn crd_task_file(ctx: *const TaskFileCtx) -> i32 {
             let tail = eventfd_tail(&mut r, named, off);
             report(&r, ctx, tgid, fd);
             emit(FdWith { common, tail })
+        } else if let Some(pushed) = (sb_magic == ANON_INODE_FS_MAGIC)
+            .then(|| anon::emit_anon::<LOOP>(&mut r, common, named, off, ctx))
+            .flatten()
+        {
+            pushed
         } else {
             common.tail = TAIL_NAMED;
             report(&r, ctx, tgid, fd);

@@ -128,6 +128,38 @@ fn bpf_and_procfs_agree_on_new_kinds() {
     assert_eq!(String::from_utf8_lossy(&by_bpf.stdout), String::from_utf8_lossy(&by_procfs.stdout));
 }
 
+/// `crd ls --json --source SOURCE PIDS`, with these `KIND_*` bits cleared from the BPF
+/// programs' configuration (the testing build's `CRD_TEST_CLEAR_KINDS`), as on a kernel
+/// whose BTF lacks those fields.
+fn listing_without(source: &str, pids: &[String], clear: u32) -> String {
+    let out = Command::new(crd_bin())
+        .args(["ls", "--json", "--source", source])
+        .args(pids)
+        .env("CRD_TEST_CLEAR_KINDS", clear.to_string())
+        .output()
+        .expect("crd runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn bpf_lists_timers_signalfds_and_epolls_as_proc_does_with_or_without_their_fields() {
+    require_root!();
+    use crd_common::{KIND_BPF_LOOP, KIND_EPOLL, KIND_SIGNALFD, KIND_TIMERFD};
+    // Settings `ls` shows the same at any moment: a disarmed timer, a lapsed interval
+    // timer (its next expiry an interval away until read), a mask, an empty epoll.
+    let fixture = spawn(&["epoll:5", "timerfd:6", "timerfd:3:monotonic:50:50:n", "signalfd:7:INT,USR2"], 1);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pids = [fixture.root().to_string()];
+    let by_procfs = listing_without("procfs", &pids, 0);
+    assert!(by_procfs.contains("SIGINT,SIGUSR2") && by_procfs.contains("interval=0.050s"), "{by_procfs}");
+    // BPF's own reads; fdinfo where the kernel lacks the fields; the program without
+    // bpf_loop.
+    for clear in [0, KIND_EPOLL | KIND_TIMERFD | KIND_SIGNALFD, KIND_BPF_LOOP] {
+        assert_eq!(listing_without("bpf", &pids, clear), by_procfs, "KIND_* bits {clear:#x} cleared");
+    }
+}
+
 #[test]
 fn anon_inode_files_are_objects_of_their_own_named_by_their_kind() {
     require_root!();

@@ -163,6 +163,103 @@ fn timers_and_signalfds_keep_their_state_through_a_restore() {
     assert_eq!(Index::new(&again.graph).file_ref(stub, 8), Index::new(&again.graph).file_ref(stub, 7));
 }
 
+/// The harvests of `pid` by BPF and by /proc, made while it is frozen.
+fn both_harvests(pid: u32) -> (crd::harvest::Harvest, crd::harvest::Harvest) {
+    use crd::harvest::{Harvester, Scope, bpf::BpfHarvester, procfs::ProcfsHarvester};
+    let tgids = [crd::types::Tgid(pid)];
+    let mut bpf = BpfHarvester::load(false, &Default::default()).expect("BPF loads");
+    let frozen = crd::freeze::Frozen::freeze(tgids[0], false, &|| false).expect("frozen");
+    let (by_bpf, _) = bpf.harvest(Scope::Processes(&tgids), &|| false).expect("BPF harvest");
+    let (by_proc, _) = ProcfsHarvester.harvest(Scope::Processes(&tgids), &|| false).expect("/proc harvest");
+    drop(frozen);
+    (by_bpf, by_proc)
+}
+
+fn live_of(harvest: &crd::harvest::Harvest, pid: u32, fd: u32) -> crd::kinds::Live {
+    harvest
+        .fds
+        .iter()
+        .find(|f| f.tgid.0 == pid && f.fd.0 == fd)
+        .unwrap_or_else(|| panic!("PID {pid} fd {fd} not harvested"))
+        .file
+        .object
+        .live
+        .clone()
+}
+
+/// BPF reads `timerfd_ctx` and `signalfd_ctx` itself (no fdinfo): what it reads must be
+/// what fdinfo shows. The time left is read at two moments, so only bounds are compared:
+/// both at most what was set, both zero or both not.
+#[test]
+fn bpf_reads_timers_and_signal_masks_as_fdinfo_shows_them() {
+    require_root!();
+    use crd::kinds::{Live, timerfd::TimerfdLive};
+    let fixture = spawn(
+        &[
+            "timerfd:3:monotonic:8000:0:",
+            "timerfd:4:realtime:3600000:0:ac",
+            "timerfd:5:monotonic:50:50:n",
+            "timerfd:6:boottime",
+            "timerfd:9:boottime:600000:1000:",
+            "signalfd:7:INT,USR2",
+            "dup:7:8",
+        ],
+        1,
+    );
+    let pid = fixture.root();
+    // The interval timer lapses: its first expiration counted, not yet forwarded.
+    std::thread::sleep(Duration::from_millis(300));
+    let (bpf, proc) = both_harvests(pid);
+    let timer = |harvest, fd| match live_of(harvest, pid, fd) {
+        Live::Timerfd(t) => t,
+        other => panic!("fd {fd} is not a timerfd: {other:?}"),
+    };
+    for (fd, set_ms) in [(3, 8000u64), (4, 3_600_000), (5, 50), (6, 0), (9, 600_000)] {
+        let (a, b): (TimerfdLive, TimerfdLive) = (timer(&bpf, fd), timer(&proc, fd));
+        let settings = |t: &TimerfdLive| (t.clock, t.settime_flags, t.interval_ns, t.ticks);
+        assert_eq!(settings(&a), settings(&b), "fd {fd}: BPF {a:?} vs /proc {b:?}");
+        for t in [&a, &b] {
+            assert!(t.remaining_ns <= set_ms * 1_000_000, "fd {fd}: {t:?}");
+        }
+        assert_eq!(a.remaining_ns == 0, b.remaining_ns == 0, "fd {fd}: BPF {a:?} vs /proc {b:?}");
+    }
+    assert!(timer(&bpf, 3).remaining_ns > 0 && timer(&bpf, 4).remaining_ns > 0);
+    assert_eq!(timer(&bpf, 4).settime_flags, 3, "TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET");
+    assert_eq!((timer(&bpf, 5).ticks, timer(&bpf, 5).remaining_ns), (1, 0), "lapsed, not forwarded");
+    assert_eq!(timer(&bpf, 9).interval_ns, NS);
+    let mask = (1u64 << (libc::SIGINT - 1)) | (1 << (libc::SIGUSR2 - 1));
+    for fd in [7, 8] {
+        assert_eq!(live_of(&bpf, pid, fd), Live::Signalfd(SignalfdState { mask }), "fd {fd}");
+        assert_eq!(live_of(&proc, pid, fd), live_of(&bpf, pid, fd), "fd {fd}");
+    }
+}
+
+/// An alarm timerfd keeps its timer in `timerfd_ctx::t.alarm`, not `t.tmr`: BPF reads
+/// the other member for it.
+#[test]
+fn bpf_reads_an_alarm_timerfd_as_fdinfo_shows_it() {
+    require_root!();
+    use crd::kinds::Live;
+    let Ok(fixture) = crd::fixture::spawn(&crd_tests::crd_bin(), &["timerfd:3:boottime_alarm:900000:0:"], 1)
+    else {
+        eprintln!("no alarm timers on this machine (CLOCK_BOOTTIME_ALARM refused); skipped");
+        return;
+    };
+    let pid = fixture.root();
+    let (bpf, proc) = both_harvests(pid);
+    let (Live::Timerfd(a), Live::Timerfd(b)) = (live_of(&bpf, pid, 3), live_of(&proc, pid, 3)) else {
+        panic!("not a timerfd");
+    };
+    assert_eq!(
+        (a.clock, a.settime_flags, a.interval_ns, a.ticks),
+        (b.clock, b.settime_flags, b.interval_ns, b.ticks)
+    );
+    assert_eq!(a.clock, libc::CLOCK_BOOTTIME_ALARM);
+    for t in [&a, &b] {
+        assert!(t.remaining_ns > 0 && t.remaining_ns <= 900 * NS, "{t:?}");
+    }
+}
+
 #[test]
 fn a_restored_signalfd_reads_a_signal_sent_to_the_restored_process() {
     require_root!();

@@ -15,9 +15,10 @@ use aya::{
     programs::Iter,
 };
 use crd_common::{
-    COMM_LEN, EventfdTail, FD_CLOEXEC, FdRecord, NamedTail, RECORD_FD, RECORD_TASK, STAT_READ_FAILED,
-    STAT_RING_FULL, STAT_SUBMITTED, SocketTail, TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TAIL_SOCKET,
-    TaskRecord,
+    COMM_LEN, EPOLL_MAX_ITEMS, EpollItemRecord, EpollTail, EventfdTail, FD_CLOEXEC, FdRecord, FdWith,
+    KIND_BPF_LOOP, NamedTail, RECORD_EPOLL_ITEM, RECORD_FD, RECORD_TASK, STAT_READ_FAILED, STAT_RING_FULL,
+    STAT_SUBMITTED, SignalfdTail, SocketTail, TAIL_EPOLL, TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE,
+    TAIL_SIGNALFD, TAIL_SOCKET, TAIL_TIMERFD, TaskRecord, TimerfdTail,
 };
 
 use super::{
@@ -26,7 +27,10 @@ use super::{
     offsets::{BtfBytes, KernelBtf, OffsetsError, kernel_btf_path},
 };
 use crate::{
-    kinds::{self, Identity, Kind, Live, Recognise},
+    kinds::{
+        self, Identity, Kind, Live, Recognise,
+        epoll::{EpollLive, WalkEnd, Walked},
+    },
     privilege::{self, Cap},
     types::{Access, DeviceId, Fd, KernelPtr, Pid, Tgid},
 };
@@ -127,6 +131,16 @@ fn load_error(e: impl std::error::Error) -> BpfError {
     }
 }
 
+/// The most items of one epoll a walk sends with a ring of `ring_bytes`: all of them, and
+/// the epoll's own record, must fit in the ring at once (a walk interrupted by a full
+/// ring starts over, on a drained ring).
+pub fn epoll_max_items(ring_bytes: u32) -> u32 {
+    // A ring record is an 8-byte header and the record, padded to 8 bytes.
+    let slot = |bytes: usize| (8 + bytes.next_multiple_of(8)) as u32;
+    let epoll_record = slot(size_of::<FdWith<EpollTail>>());
+    (ring_bytes.saturating_sub(epoll_record) / slot(size_of::<EpollItemRecord>())).min(EPOLL_MAX_ITEMS)
+}
+
 /// Loaded programs; one load can serve several harvests.
 pub struct BpfHarvester {
     ebpf: Ebpf,
@@ -136,6 +150,8 @@ pub struct BpfHarvester {
     ring: RingBuf<MapData>,
     /// See [`crd_common::Config::file_ref_bias`].
     file_ref_bias: i64,
+    /// The fd program loaded: with `bpf_loop` or without (see crd-ebpf).
+    task_file: &'static str,
 }
 
 impl BpfHarvester {
@@ -174,6 +190,7 @@ impl BpfHarvester {
         });
         let (btf, mut config) = (btf?, config?);
         config.match_all = match_all as u32;
+        config.epoll_max_items = epoll_max_items(ring_bytes);
         #[cfg(feature = "testing")]
         if let Some(clear) = std::env::var(CLEAR_KINDS_ENV).ok().and_then(|v| v.parse::<u32>().ok()) {
             config.kinds &= !clear;
@@ -188,7 +205,11 @@ impl BpfHarvester {
             .load(BPF_OBJECT)
             .map_err(load_error)?;
         log::debug!("load: object loaded at {:?}", started.elapsed());
-        for (name, iter_type) in [("crd_task", "task"), ("crd_task_file", "task_file")] {
+        // A kernel without bpf_loop refuses a program that names a callback, even one it
+        // would never call: the object has a second fd program without it.
+        let task_file =
+            if config.kinds & KIND_BPF_LOOP != 0 { "crd_task_file" } else { "crd_task_file_bounded" };
+        for (name, iter_type) in [("crd_task", "task"), (task_file, "task_file")] {
             let program: &mut Iter = ebpf
                 .program_mut(name)
                 .ok_or_else(|| BpfError::Load(format!("program {name} missing from the object")))?
@@ -206,7 +227,7 @@ impl BpfHarvester {
             ebpf.take_map("crd_events").ok_or(BpfError::Load("map crd_events missing".into()))?,
         )
         .map_err(load_error)?;
-        Ok(Self { ebpf, logger, ring, file_ref_bias: config.file_ref_bias as i64 })
+        Ok(Self { ebpf, logger, ring, file_ref_bias: config.file_ref_bias as i64, task_file })
     }
 
     /// Runs both iterators over `scope` and decodes every record.
@@ -234,11 +255,13 @@ impl BpfHarvester {
         }
         let mut stats = HarvestStats::default();
         let mut harvest = Harvest::default();
-        let mut peers = UnixPeers::default();
         let before = self.counters()?;
-        for (name, iterator) in [("crd_task", "task"), ("crd_task_file", "task_file")] {
-            self.run_iterator(name, iterator, &mut harvest, &mut peers, &mut stats, interrupted)?;
+        let mut decoder = Decoder::new(self.file_ref_bias);
+        for (name, iterator) in [("crd_task", "task"), (self.task_file, "task_file")] {
+            self.run_iterator(name, iterator, &mut decoder, &mut harvest, &mut stats, interrupted)?;
         }
+        stats.epoll_walks = decoder.epoll_walks;
+        stats.epoll_fallbacks = decoder.epoll_fallbacks;
         let after = self.counters()?;
         let submitted = after[STAT_SUBMITTED as usize] - before[STAT_SUBMITTED as usize];
         stats.ring_full = after[STAT_RING_FULL as usize] - before[STAT_RING_FULL as usize];
@@ -249,7 +272,7 @@ impl BpfHarvester {
         if failed != 0 {
             return Err(BpfError::ReadFailed(failed));
         }
-        peers.resolve(&mut harvest);
+        decoder.peers.resolve(&mut harvest);
         let mut harvest = harvest.drop_repeated_tables();
         if let Scope::All = scope {
             // The iterators see every task; list what /proc would (see all_processes).
@@ -280,8 +303,8 @@ impl BpfHarvester {
         &mut self,
         name: &str,
         iterator: &'static str,
+        decoder: &mut Decoder,
         harvest: &mut Harvest,
-        peers: &mut UnixPeers,
         stats: &mut HarvestStats,
         interrupted: &dyn Fn() -> bool,
     ) -> Result<(), BpfError> {
@@ -317,7 +340,7 @@ impl BpfHarvester {
             }
             while let Some(item) = self.ring.next() {
                 stats.records += 1;
-                decode_with_peers(&item, self.file_ref_bias, harvest, peers)?;
+                decoder.decode(&item, harvest)?;
             }
             if done {
                 return Ok(());
@@ -345,9 +368,10 @@ impl Harvester for BpfHarvester {
     }
 }
 
-/// Decodes one ring buffer record into the typed harvest.
+/// Decodes one ring buffer record into the typed harvest, on its own: an epoll item
+/// record is kept for an fd record that never comes (see [`Decoder`]).
 pub fn decode(bytes: &[u8], file_ref_bias: i64, harvest: &mut Harvest) -> Result<(), BpfError> {
-    decode_with_peers(bytes, file_ref_bias, harvest, &mut UnixPeers::default())
+    Decoder::new(file_ref_bias).decode(bytes, harvest)
 }
 
 /// unix sockets' peers as the BPF records name them, by the peer's `struct sock`
@@ -393,35 +417,102 @@ impl UnixPeers {
     }
 }
 
-/// [`decode`], noting sockets' peers in `peers`.
-fn decode_with_peers(
-    bytes: &[u8],
+/// Decodes the records of one harvest, in order: an epoll's items come as records of
+/// their own before the epoll's fd record, which says how many belong to it.
+pub struct Decoder {
     file_ref_bias: i64,
-    harvest: &mut Harvest,
-    peers: &mut UnixPeers,
-) -> Result<(), BpfError> {
-    let tag = bytes.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
-    match tag {
-        RECORD_TASK if bytes.len() >= size_of::<TaskRecord>() => {
-            // SAFETY: the length was checked; TaskRecord is plain old data, valid for
-            // any bytes, and read_unaligned needs no alignment.
-            let r: TaskRecord = unsafe { bytes.as_ptr().cast::<TaskRecord>().read_unaligned() };
-            harvest.tasks.push(task_info(&r));
+    /// Item records by epoll (`struct eventpoll *`), by index; a walk restarted after a
+    /// full ring overwrites its first attempt's.
+    epoll_items: std::collections::HashMap<u64, Vec<Option<EpollItemRecord>>>,
+    /// Epolls whose interest list came from BPF's walk.
+    pub epoll_walks: u64,
+    /// Epolls whose walk fell back to fdinfo.
+    pub epoll_fallbacks: u64,
+    /// unix sockets' peers, mapped to inodes once the harvest is in.
+    pub peers: UnixPeers,
+}
+
+impl Decoder {
+    pub fn new(file_ref_bias: i64) -> Self {
+        Self {
+            file_ref_bias,
+            epoll_items: Default::default(),
+            epoll_walks: 0,
+            epoll_fallbacks: 0,
+            peers: UnixPeers::default(),
         }
-        RECORD_FD if bytes.len() >= size_of::<FdRecord>() => {
-            // SAFETY: as above, for FdRecord.
-            let r: FdRecord = unsafe { bytes.as_ptr().cast::<FdRecord>().read_unaligned() };
-            let tail = &bytes[size_of::<FdRecord>()..];
-            harvest.fds.push(fd_info(&r, tail, file_ref_bias).ok_or(BpfError::BadRecord(tag, bytes.len()))?);
-            if r.tail == TAIL_SOCKET
-                && let Some(socket) = kinds::tail::<SocketTail>(tail)
-            {
-                peers.note(harvest.fds.len() - 1, &r, &socket);
-            }
-        }
-        _ => return Err(BpfError::BadRecord(tag, bytes.len())),
     }
-    Ok(())
+
+    pub fn decode(&mut self, bytes: &[u8], harvest: &mut Harvest) -> Result<(), BpfError> {
+        let tag = bytes.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
+        let bad = || BpfError::BadRecord(tag, bytes.len());
+        match tag {
+            RECORD_TASK if bytes.len() >= size_of::<TaskRecord>() => {
+                // SAFETY: the length was checked; TaskRecord is plain old data, valid for
+                // any bytes, and read_unaligned needs no alignment.
+                let r: TaskRecord = unsafe { bytes.as_ptr().cast::<TaskRecord>().read_unaligned() };
+                harvest.tasks.push(task_info(&r));
+            }
+            RECORD_FD if bytes.len() >= size_of::<FdRecord>() => {
+                // SAFETY: as above, for FdRecord.
+                let r: FdRecord = unsafe { bytes.as_ptr().cast::<FdRecord>().read_unaligned() };
+                let tail = &bytes[size_of::<FdRecord>()..];
+                let mut info = fd_info(&r, tail, self.file_ref_bias).ok_or_else(bad)?;
+                if let Live::Epoll(live) = &mut info.file.object.live {
+                    self.attach(live, &r, tail);
+                }
+                harvest.fds.push(info);
+                if r.tail == TAIL_SOCKET
+                    && let Some(socket) = kinds::tail::<SocketTail>(tail)
+                {
+                    self.peers.note(harvest.fds.len() - 1, &r, &socket);
+                }
+            }
+            RECORD_EPOLL_ITEM => {
+                let item: EpollItemRecord = kinds::tail(bytes).ok_or_else(bad)?;
+                // The program sends at most EPOLL_MAX_ITEMS per walk: an index past it is
+                // not one of its records.
+                if item.index >= EPOLL_MAX_ITEMS {
+                    return Err(bad());
+                }
+                let sent = self.epoll_items.entry(item.epoll).or_default();
+                let index = item.index as usize;
+                if sent.len() <= index {
+                    sent.resize(index + 1, None);
+                }
+                sent[index] = Some(item);
+            }
+            _ => return Err(bad()),
+        }
+        Ok(())
+    }
+
+    /// Gives an epoll's record the items its walk sent, or marks it for fdinfo.
+    fn attach(&mut self, live: &mut EpollLive, r: &FdRecord, tail: &[u8]) {
+        let walk: Option<EpollTail> = (r.tail == TAIL_EPOLL).then(|| kinds::tail(tail)).flatten();
+        let sent = walk.and_then(|w| self.epoll_items.remove(&w.named.private_data)).unwrap_or_default();
+        *live = EpollLive::from_walk(walk.as_ref(), sent, self.file_ref_bias);
+        match live.walked {
+            Walked::Bpf => self.epoll_walks += 1,
+            Walked::FellBack(why) => {
+                self.epoll_fallbacks += 1;
+                // Expected without the kernel's fields, or on 5.10-5.16 for all but small
+                // epolls; worth a word otherwise.
+                let level = if matches!(why, WalkEnd::Torn | WalkEnd::Incomplete) {
+                    log::Level::Info
+                } else {
+                    log::Level::Debug
+                };
+                log::log!(
+                    level,
+                    "PID {} fd {}: epoll not walked by BPF ({why:?}): reading its fdinfo",
+                    r.tgid,
+                    r.fd
+                );
+            }
+            Walked::Fdinfo => {}
+        }
+    }
 }
 
 fn task_info(r: &TaskRecord) -> TaskInfo {
@@ -446,6 +537,9 @@ fn fd_info(r: &FdRecord, tail: &[u8], file_ref_bias: i64) -> Option<FdInfo> {
     let named: Option<NamedTail> = match r.tail {
         TAIL_NAMED => Some(kinds::tail::<NamedTail>(tail)?),
         TAIL_EVENTFD => Some(kinds::tail::<EventfdTail>(tail)?.named),
+        TAIL_EPOLL => Some(kinds::tail::<EpollTail>(tail)?.named),
+        TAIL_TIMERFD => Some(kinds::tail::<TimerfdTail>(tail)?.named),
+        TAIL_SIGNALFD => Some(kinds::tail::<SignalfdTail>(tail)?.named),
         TAIL_NONE | TAIL_PIPE | TAIL_SOCKET => None,
         _ => return None,
     };
@@ -508,10 +602,13 @@ fn fd_info(r: &FdRecord, tail: &[u8], file_ref_bias: i64) -> Option<FdInfo> {
 
 #[cfg(test)]
 mod tests {
-    use crd_common::{EventfdTail, FdWith, NAME_LEN};
+    use crd_common::NAME_LEN;
 
     use super::*;
-    use crate::kinds::socket::UnixName;
+    use crate::{
+        kinds::socket::UnixName,
+        types::{DeviceId, KernelPtr},
+    };
 
     fn bytes<T: Copy>(record: &T) -> Vec<u8> {
         // SAFETY: the records are plain old data; reading their bytes is always valid.
@@ -563,6 +660,143 @@ mod tests {
         assert_eq!(f.file.object.id, KernelPtr(0xc7c));
     }
 
+    fn item(epoll: u64, index: u32, fd: u32) -> EpollItemRecord {
+        EpollItemRecord {
+            kind: RECORD_EPOLL_ITEM,
+            index,
+            epoll,
+            file: 0xf11e_0000 + fd as u64,
+            data: 0xdead_0000_0000_0000 | fd as u64,
+            file_refs: 1,
+            ino: 100 + fd as u64,
+            fd,
+            events: libc::EPOLLIN as u32,
+            s_dev: 0xd,
+            _pad: 0,
+        }
+    }
+
+    fn epoll_record(items: u32, walk: u32) -> Vec<u8> {
+        let mut common = anon_record(TAIL_EPOLL);
+        common.fd = 7;
+        bytes(&FdWith { common, tail: EpollTail { named: named("[eventpoll]", 0xe9), items, walk } })
+    }
+
+    fn epoll_live(harvest: &Harvest) -> EpollLive {
+        match &harvest.fds.last().unwrap().file.object.live {
+            Live::Epoll(live) => live.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_epolls_items_come_before_it_and_a_restarted_walk_supersedes_the_first() {
+        let mut decoder = Decoder::new(1);
+        let mut harvest = Harvest::default();
+        // A first attempt cut short by a full ring (items 0 and 1 of what was then the
+        // tree), then the whole walk again.
+        for record in
+            [item(0xe9, 0, 9), item(0xe9, 1, 9), item(0xe9, 0, 4), item(0xe9, 1, 5), item(0xe9, 2, 6)]
+        {
+            decoder.decode(&bytes(&record), &mut harvest).unwrap();
+        }
+        // Another epoll's item, not this one's.
+        decoder.decode(&bytes(&item(0xe8, 0, 3)), &mut harvest).unwrap();
+        decoder.decode(&epoll_record(3, crd_common::EPOLL_WALK_COMPLETE), &mut harvest).unwrap();
+        let live = epoll_live(&harvest);
+        assert_eq!(live.walked, Walked::Bpf);
+        let items = live.items.unwrap();
+        assert_eq!(items.iter().map(|i| i.watch.tfd).collect::<Vec<_>>(), vec![4, 5, 6]);
+        assert_eq!(items[0].watch.data, 0xdead_0000_0000_0004);
+        assert_eq!(items[0].file.unwrap().id, KernelPtr(0xf11e_0004));
+        assert_eq!((items[0].ino, items[0].dev), (104, DeviceId::from_kernel(0xd)));
+        assert_eq!(harvest.fds.last().unwrap().file.object.id, KernelPtr(0xe9), "the eventpoll");
+        assert_eq!((decoder.epoll_walks, decoder.epoll_fallbacks), (1, 0));
+        // A second fd of the same epoll: its items are sent again.
+        decoder.decode(&epoll_record(3, crd_common::EPOLL_WALK_COMPLETE), &mut harvest).unwrap();
+        assert_eq!(epoll_live(&harvest).walked, Walked::FellBack(WalkEnd::Incomplete), "none came again");
+    }
+
+    #[test]
+    fn a_walk_that_did_not_finish_leaves_the_epoll_to_fdinfo() {
+        for (walk, end) in [
+            (crd_common::EPOLL_WALK_TRUNCATED, WalkEnd::Truncated),
+            (crd_common::EPOLL_WALK_TORN, WalkEnd::Torn),
+            (99, WalkEnd::Incomplete),
+        ] {
+            let mut decoder = Decoder::new(1);
+            let mut harvest = Harvest::default();
+            decoder.decode(&bytes(&item(0xe9, 0, 4)), &mut harvest).unwrap();
+            decoder.decode(&epoll_record(1, walk), &mut harvest).unwrap();
+            let live = epoll_live(&harvest);
+            assert_eq!((live.walked, live.items), (Walked::FellBack(end), None));
+            assert_eq!(decoder.epoll_fallbacks, 1);
+        }
+        // Fewer items than the record says.
+        let mut harvest = Harvest::default();
+        decode(&epoll_record(2, crd_common::EPOLL_WALK_COMPLETE), 1, &mut harvest).unwrap();
+        assert_eq!(epoll_live(&harvest).walked, Walked::FellBack(WalkEnd::Incomplete));
+        // No walk at all (the kernel's BTF lacks the fields): the name tail only.
+        let mut harvest = Harvest::default();
+        decode(
+            &bytes(&FdWith { common: anon_record(TAIL_NAMED), tail: named("[eventpoll]", 0xe9) }),
+            1,
+            &mut harvest,
+        )
+        .unwrap();
+        assert_eq!(epoll_live(&harvest).walked, Walked::FellBack(WalkEnd::NoFields));
+        // An item index past what any walk sends is no record of crd's.
+        let mut far = item(0xe9, EPOLL_MAX_ITEMS, 4);
+        assert!(matches!(
+            decode(&bytes(&far), 1, &mut harvest),
+            Err(BpfError::BadRecord(RECORD_EPOLL_ITEM, _))
+        ));
+        far.index = 0;
+        assert!(decode(&bytes(&far)[..20], 1, &mut harvest).is_err(), "cut short");
+    }
+
+    #[test]
+    fn timerfd_and_signalfd_tails_decode_without_fdinfo() {
+        // PID 10 fd 3 is not this process's: reading fdinfo would fail (opaque).
+        let tail = TimerfdTail {
+            named: named("[timerfd]", 0x71),
+            ticks: 2,
+            interval_ns: 50_000_000,
+            remaining_ns: 20_000_000,
+            clockid: libc::CLOCK_BOOTTIME,
+            settime_flags: 1,
+            expired: 0,
+        };
+        let f = decoded(&bytes(&FdWith { common: anon_record(TAIL_TIMERFD), tail })).unwrap();
+        assert_eq!(f.file.object.id, KernelPtr(0x71));
+        let Live::Timerfd(live) = &f.file.object.live else { panic!("{:?}", f.file.object.live) };
+        assert_eq!(
+            (live.clock, live.ticks, live.settime_flags, live.remaining_ns, live.interval_ns),
+            (libc::CLOCK_BOOTTIME, 2, 1, 20_000_000, 50_000_000)
+        );
+        // The kernel stores the mask inverted (SIGKILL and SIGSTOP set).
+        let wanted = 1u64 << (libc::SIGINT - 1);
+        let stored = !wanted;
+        let tail = SignalfdTail { named: named("[signalfd]", 0x51), sigmask_inverted: stored };
+        let f = decoded(&bytes(&FdWith { common: anon_record(TAIL_SIGNALFD), tail })).unwrap();
+        assert_eq!(
+            f.file.object.live,
+            Live::Signalfd(crate::kinds::signalfd::SignalfdState { mask: wanted })
+        );
+    }
+
+    #[test]
+    fn an_epoll_walk_fits_the_ring_it_is_sized_for() {
+        assert_eq!(epoll_max_items(1 << 20), EPOLL_MAX_ITEMS);
+        let small = epoll_max_items(4096);
+        assert!((40..100).contains(&small), "{small}");
+        let slot = |bytes: usize| 8 + bytes.next_multiple_of(8);
+        let needed =
+            small as usize * slot(size_of::<EpollItemRecord>()) + slot(size_of::<FdWith<EpollTail>>());
+        assert!(needed <= 4096, "{needed}");
+        assert_eq!(epoll_max_items(64), 0);
+    }
+
     fn socket_record(tail: u32) -> FdRecord {
         FdRecord {
             kind: RECORD_FD,
@@ -612,16 +846,16 @@ mod tests {
         };
         let peer_record = FdRecord { fd: 5, ino: 4243, inode: 0x60c, ..socket_record(TAIL_SOCKET) };
         let mut harvest = Harvest::default();
-        let mut peers = UnixPeers::default();
+        let mut decoder = Decoder::new(1);
         for record in [
             bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail }),
             bytes(&FdWith { common: peer_record, tail: peer_tail }),
         ] {
-            decode_with_peers(&record, 1, &mut harvest, &mut peers).unwrap();
+            decoder.decode(&record, &mut harvest).unwrap();
         }
         let Live::Unix(before) = &harvest.fds[0].file.object.live else { panic!() };
         assert_eq!(before.peer, None, "a record alone does not know its peer's inode");
-        peers.resolve(&mut harvest);
+        decoder.peers.resolve(&mut harvest);
         let Live::Unix(other) = &harvest.fds[1].file.object.live else { panic!() };
         assert_eq!(other.peer, Some(4242));
         let f = harvest.fds.remove(0);

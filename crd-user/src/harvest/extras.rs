@@ -101,6 +101,7 @@ fn holders<'f>(harvest: &Harvest, frozen: &'f Frozen) -> Holders<'f> {
     let mut holders = Holders::default();
     for f in &harvest.fds {
         holders.by_inode.entry((f.file.object.dev, f.file.object.ino)).or_default().push((f.tgid, f.fd));
+        holders.by_file.entry(f.file.id).or_default().push((f.tgid, f.fd));
         if let Some(pidfd) = frozen.pidfd(f.tgid) {
             holders.pidfds.insert(f.tgid, pidfd);
         }
@@ -194,8 +195,9 @@ fn identify_in_flight(
 /// from /proc/PID/fd/N; pipes and sockets have no useful name and cost nothing. Then the
 /// state BPF left to fdinfo ([`crate::kinds::FileKind::fdinfo_pending`]: a pidfd's
 /// process, an inotify's watches) is read from /proc/PID/fdinfo/N, through the kind's
-/// own /proc reader. A process gone meanwhile leaves it pending (sketched as unknown). Each epoll's interest list
-/// is read the same way (a BPF record has no room for it).
+/// own /proc reader. A process gone meanwhile leaves it pending (sketched as unknown).
+/// Each epoll's interest list that BPF's walk did not give (see
+/// [`crate::kinds::epoll::Walked`]) is read the same way.
 pub fn fill_links(harvest: &mut Harvest) {
     for f in &mut harvest.fds {
         if f.link.is_none() && f.file.object.kind().has_path() {

@@ -79,6 +79,11 @@ pub struct HarvestStats {
     /// Time inside those calls: the kernel running the iterators and crd's programs
     /// (the rest of a harvest is draining and decoding in userspace).
     pub kernel_time: std::time::Duration,
+    /// Epolls whose interest list BPF walked (each item naming its file).
+    pub epoll_walks: u64,
+    /// Epolls whose walk could not be used (see [`crate::kinds::epoll::WalkEnd`]): their
+    /// interest list was read from fdinfo.
+    pub epoll_fallbacks: u64,
 }
 
 /// A loaded harvester; one load serves many harvests.

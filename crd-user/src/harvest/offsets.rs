@@ -8,7 +8,8 @@ use std::path::Path;
 
 use btf_rs::{Backend, Btf, Type};
 use crd_common::{
-    Config, FieldGroup, KIND_EVENTFD, KIND_NAMED, KIND_SHMEM, KIND_SOCKET, KIND_SOCKET_TYPED, Offsets,
+    Config, FieldGroup, KIND_BPF_LOOP, KIND_EPOLL, KIND_EVENTFD, KIND_NAMED, KIND_SHMEM, KIND_SIGNALFD,
+    KIND_SOCKET, KIND_SOCKET_TYPED, KIND_TIMERFD, Offsets,
 };
 
 /// Where the kernel publishes its own BTF.
@@ -231,16 +232,26 @@ impl KernelBtf {
     /// the BPF harvester unsupported; a missing field of a kind leaves that kind's bit
     /// clear (its fds are then listed as opaque) with a warning.
     pub fn config(&self) -> Result<Config, OffsetsError> {
-        config_from(
+        let mut config = config_from(
             |structure, path| self.member(structure, path),
             self.size_of("pipe_buffer")?,
             self.has_helpers(TYPED_SOCKET_HELPERS),
-        )
+        )?;
+        if self.has_bpf_loop() {
+            config.kinds |= KIND_BPF_LOOP;
+        }
+        Ok(config)
+    }
+
+    /// Whether the kernel has the `bpf_loop` helper (5.17+).
+    pub fn has_bpf_loop(&self) -> bool {
+        self.has_helpers(&["BPF_FUNC_loop"])
     }
 
     /// Whether this kernel knows every helper in `names` (`enum bpf_func_id`'s
-    /// `BPF_FUNC_*` values): the verifier rejects a call to one it does not know, even
-    /// where the program would never make it.
+    /// `BPF_FUNC_*` values, as libbpf's `bpf_core_enum_value_exists` would check): the
+    /// verifier rejects a call to one it does not know, even where the program would
+    /// never make it.
     fn has_helpers(&self, names: &[&str]) -> bool {
         let Ok(types) = self.btf.resolve_types_by_name("bpf_func_id") else { return false };
         let Some(values) = types.into_iter().find_map(|t| match t {
@@ -310,13 +321,17 @@ fn config_from(
             *slot = offset;
         }
     }
-    let mut kinds = KIND_NAMED | KIND_EVENTFD | KIND_SHMEM | KIND_SOCKET;
+    let mut kinds =
+        KIND_NAMED | KIND_EVENTFD | KIND_SHMEM | KIND_SOCKET | KIND_EPOLL | KIND_TIMERFD | KIND_SIGNALFD;
     for (group, what) in &missing {
         let (bit, consequence) = match group {
             FieldGroup::Named => (KIND_NAMED, "anon-inode files and memfds are listed as opaque"),
             FieldGroup::Eventfd => (KIND_EVENTFD, "eventfds are listed as opaque anon files"),
             FieldGroup::Shmem => (KIND_SHMEM, "memfd seals are not read by BPF"),
             FieldGroup::Socket => (KIND_SOCKET, "sockets are listed as opaque sockets"),
+            FieldGroup::Epoll => (KIND_EPOLL, "epoll interest lists are read from fdinfo"),
+            FieldGroup::Timerfd => (KIND_TIMERFD, "timerfds are read from fdinfo"),
+            FieldGroup::Signalfd => (KIND_SIGNALFD, "signalfd masks are read from fdinfo"),
             FieldGroup::Core => continue,
         };
         if kinds & bit != 0 {
@@ -325,13 +340,14 @@ fn config_from(
         kinds &= !bit;
     }
     if kinds & KIND_NAMED == 0 {
-        // The eventfd and shmem reads start from the name's tail.
-        kinds &= !(KIND_EVENTFD | KIND_SHMEM);
+        // The eventfd, shmem, epoll, timerfd and signalfd reads start from the name's
+        // tail.
+        kinds &= !(KIND_EVENTFD | KIND_SHMEM | KIND_EPOLL | KIND_TIMERFD | KIND_SIGNALFD);
     }
     if kinds & KIND_SOCKET != 0 && typed_socket_helpers {
         kinds |= KIND_SOCKET_TYPED;
     }
-    Ok(Config { offsets, pipe_buffer_size, file_ref_bias, kinds, match_all: 0 })
+    Ok(Config { offsets, pipe_buffer_size, file_ref_bias, kinds, match_all: 0, epoll_max_items: 0 })
 }
 
 /// Copies a BTF file into an anonymous memory file and maps that.
@@ -424,15 +440,17 @@ mod tests {
     #[test]
     fn a_kind_whose_fields_are_missing_degrades_alone() {
         let Ok(btf) = KernelBtf::from_sys_fs() else { return };
-        let full = btf.config().unwrap();
+        // What `config` gives but the bpf_loop probe, which `config_with` does not make.
+        let full = config_with(&btf, &|_| false, &|_| None).unwrap();
         let without_eventfd = config_with(&btf, &|s| s == "eventfd_ctx", &|_| None).expect("still loads");
         assert_eq!(without_eventfd.kinds, full.kinds & !KIND_EVENTFD, "only eventfds degrade");
         assert_eq!(without_eventfd.offsets.task_tgid, full.offsets.task_tgid);
         let without_names = config_with(&btf, &|s| s == "dentry", &|_| None).expect("still loads");
         assert_eq!(
             without_names.kinds,
-            full.kinds & !(KIND_NAMED | KIND_EVENTFD | KIND_SHMEM),
-            "eventfd and shmem reads start from the name; sockets do not"
+            full.kinds
+                & !(KIND_NAMED | KIND_EVENTFD | KIND_SHMEM | KIND_EPOLL | KIND_TIMERFD | KIND_SIGNALFD),
+            "eventfd, shmem, epoll, timerfd and signalfd reads start from the name; sockets do not"
         );
         // A core field missing, or loaded at the wrong width, is no BPF harvester at all.
         assert!(matches!(
@@ -447,9 +465,38 @@ mod tests {
     }
 
     #[test]
+    fn epoll_timerfd_and_signalfd_fields_missing_degrade_their_kind_alone() {
+        let Ok(btf) = KernelBtf::from_sys_fs() else { return };
+        let full = config_with(&btf, &|_| false, &|_| None).unwrap();
+        for (hidden, bit) in [
+            ("eventpoll", KIND_EPOLL),
+            ("epitem.ffd.file", KIND_EPOLL),
+            ("rb_node", KIND_EPOLL),
+            ("timerfd_ctx", KIND_TIMERFD),
+            ("timerfd_ctx.t.alarm.timer.base", KIND_TIMERFD),
+            ("hrtimer_clock_base", KIND_TIMERFD),
+            ("signalfd_ctx", KIND_SIGNALFD),
+        ] {
+            let config = config_with(&btf, &|what| what == hidden, &|_| None).expect("still loads");
+            assert_eq!(config.kinds, full.kinds & !bit, "without {hidden}");
+        }
+        // `struct epoll_event` is packed on x86-64: the data follows the events at once.
+        assert_eq!(full.offsets.epitem_data, full.offsets.epitem_events + 4);
+        assert_eq!(full.offsets.epitem_rbn, 0, "the node opens the item (in a union with its rcu head)");
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let (major, minor) = release
+            .split(['.', '-'])
+            .take(2)
+            .filter_map(|n| n.parse::<u32>().ok())
+            .fold((0, 0), |(a, _), n| if a == 0 { (n, 0) } else { (a, n) });
+        assert_eq!(btf.has_bpf_loop(), (major, minor) >= (5, 17), "bpf_loop came in 5.17 ({release})");
+    }
+
+    #[test]
     fn sockets_degrade_to_opaque_when_any_of_their_fields_is_missing() {
         let Ok(btf) = KernelBtf::from_sys_fs() else { return };
-        let full = btf.config().unwrap();
+        // What `config` gives but the bpf_loop probe, which `config_with` does not make.
+        let full = config_with(&btf, &|_| false, &|_| None).unwrap();
         assert_ne!(full.kinds & KIND_SOCKET, 0);
         let socket_fields: Vec<String> = Offsets::FIELDS
             .iter()

@@ -3,19 +3,29 @@
 //!
 //! - Recognised by its anon-inode name `[eventpoll]`; its object is the `eventpoll`
 //!   (`file->private_data`), as an eventfd's is its `eventfd_ctx`.
-//! - Both harvesters read the interest list from `/proc/PID/fdinfo/EPFD`
-//!   (`tfd: N events: X data: Y pos: P ino: I sdev: D`, one line per item): the /proc
-//!   harvester with the rest of fdinfo, the BPF harvester afterwards
-//!   ([`crate::harvest::extras::fill_links`]), while the targets are still frozen.
+//! - The BPF harvester walks the interest list itself (`eventpoll::rbr`, crd-ebpf's
+//!   `anon` module): one record per item with the watched file's `struct file *`, its
+//!   inode and its reference count, then the epoll's record saying how the walk went
+//!   ([`Walked`]). Where the walk could not be made (a kernel without `bpf_loop` and an
+//!   epoll of more than a few items, more items than the ring holds at once, a tree that
+//!   changed under the walk, fields missing from the kernel's BTF) it falls back, and
+//!   says so, to what the /proc harvester reads: `/proc/PID/fdinfo/EPFD`
+//!   (`tfd: N events: X data: Y pos: P ino: I sdev: D`, one line per item), read after
+//!   the harvest ([`crate::harvest::extras::fill_links`]) while the targets are still
+//!   frozen.
 //! - Save: each watched file is carried by the epoll (`Reach::carried`): the very open
-//!   file description the item watches, taken with `pidfd_getfd` from the epoll's own
-//!   process at the registered number when kcmp (`KCMP_EPOLL_TFD`) says that number
-//!   still holds it, else from any checkpointed fd on the same inode that kcmp matches
-//!   (the registered fd was closed after a `dup`, or the epoll was inherited by a process
-//!   whose table differs). The graph nests it in the epoll's record, so the image names
-//!   it once, shared with the fds that hold it. A watched file no checkpointed fd holds
-//!   fails the save, naming the epoll and the number: only a BPF walk of
-//!   `eventpoll.rbr` (whose items point at the files) could reach it — not done yet.
+//!   file description the item watches, taken with `pidfd_getfd` from a checkpointed fd
+//!   that holds it. After a BPF walk that fd is found by the file's address (the fd at
+//!   the registered number in the epoll's own process if it still holds it, else any).
+//!   From fdinfo, kcmp (`KCMP_EPOLL_TFD`) says whether the registered number still holds
+//!   it, else which checkpointed fd on the same inode does (the registered fd was closed
+//!   after a `dup`, or the epoll was inherited by a process whose table differs). The
+//!   graph nests it in the epoll's record, so the image names it once, shared with the
+//!   fds that hold it. A watched file no checkpointed fd holds (its fd closed, the file
+//!   kept open by a process outside the checkpoint or by a message in flight) fails the
+//!   save, naming the epoll and the number; after a BPF walk the error also says how many
+//!   references keep the file open elsewhere. crd cannot make an fd of a file no fd
+//!   holds, so it cannot do better than refuse.
 //! - The data is kept whole: asyncio leaves garbage in its upper 32 bits.
 //! - Restore: `epoll_create1(EPOLL_CLOEXEC)`; once every description exists (the Fill
 //!   stage; a watched epoll is a carried file, made by then too), each target is added
@@ -41,7 +51,7 @@ use super::{
 };
 use crate::{
     sys::{self, SyscallError},
-    types::{DeviceId, Fd, Pid, Tgid},
+    types::{DeviceId, Fd, KernelPtr, Pid, Tgid},
 };
 
 pub struct Epoll;
@@ -57,20 +67,104 @@ pub struct Watch {
     pub data: u64,
 }
 
-/// One item as fdinfo shows it: the watch and the inode of the file it watches.
+/// One item: the watch and the inode of the file it watches (what fdinfo shows), and
+/// after a BPF walk the file itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Item {
     pub watch: Watch,
     pub ino: u64,
     pub dev: DeviceId,
+    /// The watched open file description (`epitem::ffd.file`), from a BPF walk; None from
+    /// fdinfo.
+    pub file: Option<WatchedFile>,
+}
+
+/// The watched file as BPF found it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WatchedFile {
+    /// Its `struct file *`: the harvested fds holding it have the same
+    /// [`crate::model::FileInfo::id`].
+    pub id: KernelPtr,
+    /// References to it, as the kernel counts them.
+    pub refs: u64,
+}
+
+/// How a harvest came by an epoll's interest list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Walked {
+    /// From fdinfo: the /proc harvester.
+    #[default]
+    Fdinfo,
+    /// BPF walked the tree: every item names its file.
+    Bpf,
+    /// BPF could not walk it, for this reason; fdinfo instead.
+    FellBack(WalkEnd),
+}
+
+/// Why a BPF walk of an interest list was not used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WalkEnd {
+    /// The kernel's BTF lacks the fields the walk reads.
+    NoFields,
+    /// More items than the program walks (see `crd_common::EPOLL_MAX_ITEMS`,
+    /// `EPOLL_BOUNDED_ITEMS` before 5.17).
+    Truncated,
+    /// The tree changed under the walk, or a read failed.
+    Torn,
+    /// The record says more items than arrived, or a walk state crd does not know.
+    Incomplete,
 }
 
 /// What a harvest reads of an epoll.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EpollLive {
     /// The interest list in the kernel's order (by file, then fd number). None: not read
-    /// yet (a BPF record; filled from fdinfo after the harvest), or fdinfo was unreadable.
+    /// yet (a BPF record whose walk fell back; filled from fdinfo after the harvest), or
+    /// fdinfo was unreadable.
     pub items: Option<Vec<Item>>,
+    pub walked: Walked,
+}
+
+impl EpollLive {
+    /// From a BPF epoll record: its tail says how the walk went, `sent` holds the item
+    /// records that came before it (by index; a walk restarted after a full ring
+    /// overwrote its first attempt's). `file_ref_bias`: see
+    /// [`crd_common::Config::file_ref_bias`].
+    pub fn from_walk(
+        tail: Option<&crd_common::EpollTail>,
+        sent: Vec<Option<crd_common::EpollItemRecord>>,
+        file_ref_bias: i64,
+    ) -> Self {
+        use crd_common::{EPOLL_WALK_COMPLETE, EPOLL_WALK_TORN, EPOLL_WALK_TRUNCATED};
+        let fell_back = |end| EpollLive { items: None, walked: Walked::FellBack(end) };
+        let Some(tail) = tail else { return fell_back(WalkEnd::NoFields) };
+        match tail.walk {
+            EPOLL_WALK_COMPLETE => {}
+            EPOLL_WALK_TRUNCATED => return fell_back(WalkEnd::Truncated),
+            EPOLL_WALK_TORN => return fell_back(WalkEnd::Torn),
+            _ => return fell_back(WalkEnd::Incomplete),
+        }
+        let count = tail.items as usize;
+        if sent.len() < count || sent[..count].iter().any(Option::is_none) {
+            return fell_back(WalkEnd::Incomplete);
+        }
+        let items = sent
+            .into_iter()
+            .take(count)
+            .flatten()
+            .map(|r| Item {
+                watch: Watch { tfd: r.fd, events: r.events, data: r.data },
+                ino: r.ino,
+                dev: DeviceId::from_kernel(r.s_dev),
+                file: Some(WatchedFile {
+                    id: KernelPtr(r.file),
+                    // Saturating: a damaged record must not overflow.
+                    refs: r.file_refs.saturating_add(file_ref_bias).max(0) as u64,
+                }),
+            })
+            .collect();
+        EpollLive { items: Some(items), walked: Walked::Bpf }
+    }
 }
 
 /// What an image holds of an epoll.
@@ -105,6 +199,7 @@ pub fn parse_fdinfo(fdinfo: &str) -> Option<Vec<Item>> {
             },
             ino: hex("ino")?,
             dev: DeviceId::from_kernel(u32::try_from(hex("sdev")?).ok()?),
+            file: None,
         });
     }
     Some(items)
@@ -157,13 +252,17 @@ impl FileKind for Epoll {
         r.fs_magic == Some(crd_common::ANON_INODE_FS_MAGIC) && r.name == Some("[eventpoll]")
     }
 
-    fn from_bpf(_record: &crd_common::FdRecord, _tail: &[u8]) -> Option<EpollLive> {
-        // The record has no room for an interest list: fdinfo is read after the harvest.
-        Some(EpollLive { items: None })
+    /// The walk's outcome only: the items came in records of their own, which the
+    /// harvester's decoder attaches ([`EpollLive::from_walk`]).
+    fn from_bpf(record: &crd_common::FdRecord, tail: &[u8]) -> Option<EpollLive> {
+        let tail = (record.tail == crd_common::TAIL_EPOLL)
+            .then(|| super::tail::<crd_common::EpollTail>(tail))
+            .flatten();
+        Some(EpollLive::from_walk(tail.as_ref(), Vec::new(), 0))
     }
 
     fn from_proc(slot: &ProcSlot<'_>) -> EpollLive {
-        EpollLive { items: parse_fdinfo(slot.fdinfo) }
+        EpollLive { items: parse_fdinfo(slot.fdinfo), walked: Walked::Fdinfo }
     }
 
     fn sketch(live: &EpollLive) -> EpollState {
@@ -181,9 +280,20 @@ impl FileKind for Epoll {
             // Which of the items registered under this number it is (kcmp counts them
             // in the kernel's order, which fdinfo shows).
             let toff = items[..i].iter().filter(|o| o.watch.tfd == item.watch.tfd).count() as u32;
-            let file = target(reach, item, toff)?.ok_or_else(|| {
+            let reached = match item.file {
+                Some(watched) => held(reach, item.watch.tfd, watched.id)?,
+                None => target(reach, item, toff)?,
+            };
+            let file = reached.ok_or_else(|| {
+                let elsewhere = match item.file {
+                    Some(watched) => format!(
+                        "BPF found it registered, kept open by {} reference(s) outside them: a process not checkpointed, or a message in flight",
+                        watched.refs
+                    ),
+                    None => "crd cannot reach a file through an epoll alone".into(),
+                };
                 KindError::Other(format!(
-                    "tfd {} (inode {}): the file it watches is held by no fd of the checkpointed processes (crd cannot reach a file through an epoll alone yet)",
+                    "tfd {} (inode {}): the file it watches is held by no fd of the checkpointed processes ({elsewhere})",
                     item.watch.tfd, item.ino
                 ))
             })?;
@@ -254,7 +364,24 @@ impl FileKind for Epoll {
     }
 }
 
-/// The very description `item` watches, or None if no checkpointed fd holds it.
+/// A copy of the description at `file` (as a BPF walk named it) from a checkpointed fd
+/// holding it, preferring the registered number `tfd` in the epoll's own process; None
+/// if no checkpointed fd holds it.
+fn held(reach: &Reach<'_>, tfd: u32, file: KernelPtr) -> Result<Option<OwnedFd>, KindError> {
+    let holders = reach.holders.by_file.get(&file).map(Vec::as_slice).unwrap_or_default();
+    let own = (reach.tgid, Fd(tfd));
+    let Some(&(tgid, fd)) = holders.iter().find(|&&h| h == own).or_else(|| holders.first()) else {
+        return Ok(None);
+    };
+    let pidfd = if tgid == reach.tgid { Some(reach.pidfd) } else { reach.holders.pidfds.get(&tgid).copied() };
+    match pidfd {
+        Some(pidfd) => Ok(Some(sys::pidfd_getfd(pidfd, fd)?)),
+        None => Ok(None),
+    }
+}
+
+/// The very description `item` (from fdinfo) watches, or None if no checkpointed fd
+/// holds it.
 fn target(reach: &Reach<'_>, item: &Item, toff: u32) -> Result<Option<OwnedFd>, KindError> {
     let tfd = item.watch.tfd;
     let me = Pid(reach.tgid.0);

@@ -211,6 +211,9 @@ pub struct Reach<'a> {
 #[derive(Clone, Debug, Default)]
 pub struct Holders<'a> {
     pub by_inode: HashMap<(DeviceId, u64), Vec<(Tgid, Fd)>>,
+    /// By open file description (`FileInfo::id`), for the files a BPF walk of an epoll
+    /// named by address.
+    pub by_file: HashMap<crate::types::KernelPtr, Vec<(Tgid, Fd)>>,
     pub pidfds: HashMap<Tgid, BorrowedFd<'a>>,
 }
 

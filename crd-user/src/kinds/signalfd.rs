@@ -4,10 +4,10 @@
 //! - Recognised by its anon-inode name `[signalfd]`; its object is the `signalfd_ctx`
 //!   (`file->private_data`).
 //! - The whole state is the mask: fdinfo `sigmask:` (hexadecimal, bit N-1 for signal N),
-//!   which the kernel prints un-inverted (`signalfd_ctx.sigmask` itself is stored
-//!   inverted, so a BPF read would have to invert it back). Both harvesters read fdinfo:
-//!   the BPF harvester gives the identity (the named tail) and this module reads
-//!   `/proc/TGID/fdinfo/FD` for the record, so the two agree by construction.
+//!   which the kernel prints un-inverted: `signalfd_ctx.sigmask` itself is stored
+//!   inverted. The /proc harvester reads fdinfo; the BPF harvester reads the stored mask
+//!   ([`crd_common::SignalfdTail`]) and inverts it back, or reads fdinfo where this
+//!   kernel's BTF lacks `signalfd_ctx`.
 //!   SFD_NONBLOCK is the description's O_NONBLOCK, restored with its flags.
 //! - The queued signals are not the fd's: they are pending on the process or its threads
 //!   (a signalfd only reports them, and only those the reading thread blocks). crd saves
@@ -41,6 +41,13 @@ pub fn parse_fdinfo(slot: &ProcSlot<'_>) -> Option<u64> {
     u64::from_str_radix(slot.field("sigmask")?, 16).ok()
 }
 
+/// The mask fdinfo shows from the one `signalfd_ctx` stores: the kernel keeps the
+/// complement (`signotset` in signalfd4), so that SIGKILL and SIGSTOP, never readable,
+/// are set there and clear here.
+pub fn uninvert(stored: u64) -> u64 {
+    !stored
+}
+
 /// The signals of `mask` by name (`SIGINT,SIGTERM`), numbers for those without one.
 pub fn signal_names(mask: u64) -> String {
     (1..=64)
@@ -63,9 +70,13 @@ impl FileKind for Signalfd {
         r.fs_magic == Some(crd_common::ANON_INODE_FS_MAGIC) && r.name == Some("[signalfd]")
     }
 
-    /// Reads the fd's fdinfo (see the module doc); None: gone since, or unreadable (the
-    /// fd is then listed as an opaque anon file).
-    fn from_bpf(record: &crd_common::FdRecord, _tail: &[u8]) -> Option<SignalfdState> {
+    /// From the signalfd tail; without one, from the fd's fdinfo (see the module doc),
+    /// None if gone since or unreadable (the fd is then listed as an opaque anon file).
+    fn from_bpf(record: &crd_common::FdRecord, tail: &[u8]) -> Option<SignalfdState> {
+        if record.tail == crd_common::TAIL_SIGNALFD {
+            let tail: crd_common::SignalfdTail = super::tail(tail)?;
+            return Some(SignalfdState { mask: uninvert(tail.sigmask_inverted) });
+        }
         let fdinfo = super::timerfd::read_fdinfo(record.tgid, record.fd)?;
         let slot = ProcSlot {
             tgid: crate::types::Tgid(record.tgid),

@@ -3,12 +3,13 @@
 //!
 //! - Recognised by its anon-inode name `[timerfd]`; its object is the `timerfd_ctx`
 //!   (`file->private_data`), as an eventfd's is its `eventfd_ctx`.
-//! - Read from fdinfo (`clockid:`, `ticks:`, `settime flags:`, `it_value: (s, ns)`,
-//!   `it_interval: (s, ns)`), by both harvesters: the BPF harvester gives the identity
-//!   (the named tail) and this module reads `/proc/TGID/fdinfo/FD` for the record in
-//!   userspace. The remaining time needs the timer's expiry *and* the clock's current
-//!   time, which BPF cannot read for every clock, so a `timerfd_ctx` tail would save
-//!   little; reading one fdinfo keeps the two harvests in agreement by construction.
+//! - The BPF harvester reads `timerfd_ctx` itself ([`crd_common::TimerfdTail`]: clock,
+//!   ticks, settime flags, interval, and the time left: the hrtimer's expiry minus its
+//!   clock's current time, which BPF gets as CLOCK_MONOTONIC plus the clock base's
+//!   offset, the sum the hrtimer code itself compares expiries with). The /proc harvester
+//!   reads fdinfo (`clockid:`, `ticks:`, `settime flags:`, `it_value: (s, ns)`,
+//!   `it_interval: (s, ns)`), which the kernel computes the same way. Where this
+//!   kernel's BTF lacks a field BPF reads, the BPF harvester reads fdinfo too.
 //! - `save` (targets frozen) reads again, through a `pidfd_getfd` copy: a
 //!   `timerfd_gettime` first, because an interval timer that expired counts only its
 //!   first expiration (fdinfo `ticks: 1`, `it_value: (0, 0)`) until someone reads or
@@ -191,9 +192,20 @@ impl FileKind for Timerfd {
         r.fs_magic == Some(crd_common::ANON_INODE_FS_MAGIC) && r.name == Some("[timerfd]")
     }
 
-    /// Reads the fd's fdinfo (see the module doc); None: gone since, or unreadable (the
-    /// fd is then listed as an opaque anon file).
-    fn from_bpf(record: &crd_common::FdRecord, _tail: &[u8]) -> Option<TimerfdLive> {
+    /// From the timerfd tail; without one (fields missing from this kernel's BTF), from
+    /// the fd's fdinfo, None if gone since or unreadable (the fd is then listed as an
+    /// opaque anon file).
+    fn from_bpf(record: &crd_common::FdRecord, tail: &[u8]) -> Option<TimerfdLive> {
+        if record.tail == crd_common::TAIL_TIMERFD {
+            let tail: crd_common::TimerfdTail = super::tail(tail)?;
+            return Some(TimerfdLive {
+                clock: tail.clockid,
+                ticks: tail.ticks,
+                settime_flags: tail.settime_flags as u32,
+                remaining_ns: tail.remaining_ns.max(0) as u64,
+                interval_ns: tail.interval_ns.max(0) as u64,
+            });
+        }
         let fdinfo = read_fdinfo(record.tgid, record.fd)?;
         parse_fdinfo(&slot_of(record.tgid, record.fd, &fdinfo))
     }
