@@ -358,14 +358,23 @@ pub mod programs {
 
     /// A copy of `fd` of process `pid` (the very same open file description).
     pub fn grab(pid: u32, fd: u32) -> OwnedFd {
+        try_grab(pid, fd).unwrap_or_else(|e| panic!("pidfd_getfd {pid} {fd}: {e}"))
+    }
+
+    /// [`grab`], or why not (the process or the fd is gone).
+    pub fn try_grab(pid: u32, fd: u32) -> std::io::Result<OwnedFd> {
         // SAFETY: plain syscalls with integer arguments; the results are checked.
         unsafe {
             let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
-            assert!(pidfd >= 0, "pidfd_open {pid}: {}", std::io::Error::last_os_error());
+            if pidfd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
             let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd as i32, 0);
-            assert!(copy >= 0, "pidfd_getfd {pid} {fd}: {}", std::io::Error::last_os_error());
-            OwnedFd::from_raw_fd(copy as RawFd)
+            if copy < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(OwnedFd::from_raw_fd(copy as RawFd))
         }
     }
 
@@ -414,17 +423,22 @@ pub mod kernel {
         os::fd::{AsFd, AsRawFd, BorrowedFd},
     };
 
-    use crate::{proc_fds, programs::grab};
+    use crate::{proc_fds, programs::try_grab};
 
     /// What `/proc/PID/fd/N` says the file is: `pipe`, `socket`, `anon_inode:[eventfd]`,
     /// a path...
     pub fn link_kind(pid: u32, fd: u32) -> String {
-        let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap().to_string_lossy().into_owned();
-        if link.starts_with("anon_inode:") || link.starts_with('/') {
+        try_link_kind(pid, fd).unwrap_or_else(|| panic!("no fd {fd} in {pid}"))
+    }
+
+    /// [`link_kind`]; None: the fd is gone.
+    fn try_link_kind(pid: u32, fd: u32) -> Option<String> {
+        let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?.to_string_lossy().into_owned();
+        Some(if link.starts_with("anon_inode:") || link.starts_with('/') {
             link
         } else {
             link.split(':').next().unwrap_or("").to_string()
-        }
+        })
     }
 
     /// Whether `fd` of `pid` is the file epoll `epfd` of `pid` watches as its `toff`-th
@@ -483,9 +497,10 @@ pub mod kernel {
         pub state: Vec<String>,
     }
 
-    /// The fd table of `pid`, fd by fd.
+    /// The fd table of `pid`, fd by fd (of a process that runs on, the fds that were
+    /// there both when listed and when read).
     pub fn fd_table(pid: u32) -> BTreeMap<u32, FdView> {
-        proc_fds(pid).into_iter().map(|fd| (fd, fd_view(pid, fd))).collect()
+        proc_fds(pid).into_iter().filter_map(|fd| Some((fd, fd_view(pid, fd)?))).collect()
     }
 
     /// The value of an fdinfo line `name: value`.
@@ -493,9 +508,10 @@ pub mod kernel {
         fdinfo.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(str::trim))
     }
 
-    pub fn fd_view(pid: u32, fd: u32) -> FdView {
-        let kind = link_kind(pid, fd);
-        let fdinfo = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+    /// One fd of `pid`; None: it is gone.
+    pub fn fd_view(pid: u32, fd: u32) -> Option<FdView> {
+        let kind = try_link_kind(pid, fd)?;
+        let fdinfo = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
         let lines_with = |prefixes: &[&str]| -> Vec<String> {
             fdinfo
                 .lines()
@@ -528,16 +544,16 @@ pub mod kernel {
                     l.split_whitespace().filter(|w| !w.starts_with("sdev:")).collect::<Vec<_>>().join(" ")
                 })
                 .collect(),
-            "socket" => socket_state(grab(pid, fd).as_fd()),
-            "pipe" => vec![format!("queued: {:?}", queued(grab(pid, fd).as_fd()))],
+            "socket" => socket_state(try_grab(pid, fd).ok()?.as_fd()),
+            "pipe" => vec![format!("queued: {:?}", queued(try_grab(pid, fd).ok()?.as_fd()))],
             _ => Vec::new(),
         };
-        FdView {
+        Some(FdView {
             kind,
             flags: field(&fdinfo, "flags").unwrap_or_default().to_string(),
             pos: field(&fdinfo, "pos").unwrap_or_default().to_string(),
             state,
-        }
+        })
     }
 
     /// Bytes queued for reading (FIONREAD), or the error.

@@ -11,7 +11,7 @@ use crd::Source;
 use crd_tests::{
     assert_round_trip, checkpoint,
     kernel::{self, FdView},
-    programs::{Program, grab, start_json},
+    programs::{Program, grab, own_network_namespace, start_json},
     require_root,
 };
 
@@ -43,7 +43,11 @@ fn assert_same_table(
     restored: &std::collections::BTreeMap<u32, FdView>,
     original: &std::collections::BTreeMap<u32, FdView>,
 ) {
-    assert_eq!(restored.keys().collect::<Vec<_>>(), original.keys().collect::<Vec<_>>(), "the same fds");
+    assert_eq!(
+        restored.keys().collect::<Vec<_>>(),
+        original.keys().collect::<Vec<_>>(),
+        "the same fds: {restored:#?} vs {original:#?}"
+    );
     for (fd, view) in original {
         assert_eq!(&restored[fd], view, "fd {fd} differs");
     }
@@ -52,6 +56,8 @@ fn assert_same_table(
 #[test]
 fn a_tokio_program_round_trips_with_the_same_fd_table_through_the_kernel() {
     require_root!();
+    // Loopback up wherever the test runs (a VM guest's is down), and ports of its own.
+    own_network_namespace();
     let dir = tempfile::tempdir().unwrap();
     let (program, info) = start_json(tokio_loop());
     let fd = |name: &str| info[name].as_i64().unwrap_or_else(|| panic!("{name} in {info}")) as u32;
