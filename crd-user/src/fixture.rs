@@ -33,6 +33,7 @@
 //! | `eventfd:FD:N:FLAGS`  | eventfd with counter N at FD; FLAGS letters s(emaphore) n(onblock) (may be empty) |
 //! | `memfd:FD:NAME:N:SEALS` | memfd NAME at FD holding N pattern bytes, then seals: letters s(hrink) g(row) w(rite) S(eal) |
 //! | `epoll:FD`            | epoll_create1 at FD                                          |
+//! | `epollctl:EP:FD:EVENTS:DATA` | EPOLL_CTL_ADD of FD to epoll EP with EVENTS (`EPOLL*` bits, hex) and all 64 bits of DATA (decimal, or hex with `0x`) |
 //! | `timerfd:FD[:CLOCK:VALUE_MS:INTERVAL_MS:FLAGS]` | timerfd_create at FD (CLOCK: monotonic (default), realtime, boottime, realtime_alarm, boottime_alarm or a number), armed with VALUE_MS (from now) and INTERVAL_MS; FLAGS letters a(bstime: the deadline is now + VALUE_MS) c(ancel on set) n(onblock) |
 //! | `signalfd:FD:SIGNALS` | signalfd at FD for SIGNALS (`INT,USR2`), which the process blocks |
 //! | `pty:M:S`             | a pty: master (/dev/ptmx) at M, its slave at S               |
@@ -43,6 +44,10 @@
 //! | `winsize:FD:ROWS:COLS` | TIOCSWINSZ                                                  |
 //! | `raw:FD`              | clear ECHO, ICANON and ICRNL on the terminal at FD           |
 //! | `packet:FD`           | TIOCPKT on the pty master at FD                              |
+//! | `inotify:FD:MASK:PATH` | inotify at FD watching PATH for MASK (`IN_*` bits, hex)     |
+//! | `fanotify:FD:FLAGS:MASK:PATH` | fanotify group at FD (`fanotify_init` FLAGS, hex; its events' fds O_RDONLY) with an inode mark on PATH for MASK (hex) |
+//! | `pidfd:FD[:p]`        | a pidfd of this process at FD (`p`: of its parent)           |
+//! | `tcplisten:FD`        | a TCP socket at FD listening on 127.0.0.1, port chosen by the kernel |
 //! | `fork`                | fork; the child runs the rest                               |
 //! | `clonefiles`          | a child *process* sharing this fd table (CLONE_FILES); it only waits, and reports no readiness (its table is the parent's) |
 use std::{
@@ -405,6 +410,26 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
                 }
                 move_fd(made, fd, step)?;
             }
+            "epollctl" => {
+                let mut parts = step.splitn(5, ':').skip(1);
+                let (ep, fd): (RawFd, RawFd) = (num(step, parts.next())?, num(step, parts.next())?);
+                let events = parts
+                    .next()
+                    .and_then(|e| u32::from_str_radix(e.trim_start_matches("0x"), 16).ok())
+                    .ok_or_else(|| FixtureError::BadStep(step.to_string()))?;
+                let data = parts
+                    .next()
+                    .and_then(|d| match d.strip_prefix("0x") {
+                        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+                        None => d.parse().ok(),
+                    })
+                    .ok_or_else(|| FixtureError::BadStep(step.to_string()))?;
+                let mut event = libc::epoll_event { events, u64: data };
+                // SAFETY: epoll_ctl reads one epoll_event from a valid pointer.
+                if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut event) } != 0 {
+                    return Err(failed(nix::Error::last()));
+                }
+            }
             "timerfd" => {
                 let mut parts = step.splitn(6, ':').skip(1);
                 let fd: RawFd = num(step, parts.next())?;
@@ -487,6 +512,76 @@ pub fn run(steps: &[String]) -> Result<(), FixtureError> {
                 drop((master, slave));
                 move_fd(high_m, m, step)?;
                 move_fd(high_s, s, step)?;
+            }
+            "inotify" => {
+                let fd: RawFd = num(step, parts.next())?;
+                let mask = parts
+                    .next()
+                    .and_then(|m| u32::from_str_radix(m, 16).ok())
+                    .ok_or_else(|| FixtureError::BadStep(step.to_string()))?;
+                let path = parts.next().ok_or_else(|| FixtureError::BadStep(step.to_string()))?;
+                let path =
+                    std::ffi::CString::new(path).map_err(|_| FixtureError::BadStep(step.to_string()))?;
+                // SAFETY: plain syscall with an integer argument.
+                let made = unsafe { libc::inotify_init1(0) };
+                if made < 0 {
+                    return Err(failed(nix::Error::last()));
+                }
+                // SAFETY: `path` is a NUL-terminated string alive for the call.
+                if unsafe { libc::inotify_add_watch(made, path.as_ptr(), mask) } < 0 {
+                    return Err(failed(nix::Error::last()));
+                }
+                move_fd(made, fd, step)?;
+            }
+            "fanotify" => {
+                let mut parts = step.splitn(5, ':').skip(1);
+                let fd: RawFd = num(step, parts.next())?;
+                let hex = |s: Option<&str>| {
+                    s.and_then(|v| u64::from_str_radix(v, 16).ok())
+                        .ok_or_else(|| FixtureError::BadStep(step.to_string()))
+                };
+                let (flags, mask) = (hex(parts.next())?, hex(parts.next())?);
+                let path = parts.next().ok_or_else(|| FixtureError::BadStep(step.to_string()))?;
+                let path =
+                    std::ffi::CString::new(path).map_err(|_| FixtureError::BadStep(step.to_string()))?;
+                // SAFETY: plain syscall with integer arguments.
+                let made =
+                    unsafe { libc::syscall(libc::SYS_fanotify_init, flags as libc::c_uint, libc::O_RDONLY) };
+                if made < 0 {
+                    return Err(failed(nix::Error::last()));
+                }
+                // SAFETY: `path` is a NUL-terminated string alive for the call;
+                // FAN_MARK_ADD (1) of an inode mark.
+                let marked = unsafe {
+                    libc::syscall(
+                        libc::SYS_fanotify_mark,
+                        made,
+                        1 as libc::c_uint,
+                        mask,
+                        libc::AT_FDCWD,
+                        path.as_ptr(),
+                    )
+                };
+                if marked < 0 {
+                    return Err(failed(nix::Error::last()));
+                }
+                move_fd(made as RawFd, fd, step)?;
+            }
+            "pidfd" => {
+                let fd: RawFd = num(step, parts.next())?;
+                let pid = if parts.next() == Some("p") { unistd::getppid() } else { unistd::getpid() };
+                // SAFETY: plain syscall with integer arguments.
+                let made = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+                if made < 0 {
+                    return Err(failed(nix::Error::last()));
+                }
+                move_fd(made as RawFd, fd, step)?;
+            }
+            "tcplisten" => {
+                let fd: RawFd = num(step, parts.next())?;
+                let listener = std::net::TcpListener::bind("127.0.0.1:0")
+                    .map_err(|e| failed(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+                move_fd(listener.into_raw_fd(), fd, step)?;
             }
             "clonefiles" => {
                 let stack: &'static mut [u8] = Box::leak(vec![0u8; 256 * 1024].into_boxed_slice());

@@ -307,30 +307,42 @@ pub mod programs {
         }
     }
 
-    /// Starts `python3 -c SCRIPT ARGS` in a process group of its own, with no stderr
+    /// Starts `python3 -c SCRIPT ARGS` (see [`start`]) and returns it with the first
+    /// line it prints.
+    pub fn python(script: &str, args: &[&str]) -> (Program, String) {
+        let mut command = Command::new("python3");
+        command.arg("-c").arg(script).args(args);
+        start(command)
+    }
+
+    /// Starts `command` in a process group of its own, with no stdin and no stderr
     /// (whatever the test runner's stderr is — a pipe to a terminal multiplexer... — is
     /// not the program's: a restore would refuse it as external), and returns it with the
     /// first line it prints.
-    pub fn python(script: &str, args: &[&str]) -> (Program, String) {
+    pub fn start(mut command: Command) -> (Program, String) {
         use std::{
             io::{BufRead, BufReader},
             os::unix::process::CommandExt,
             process::Stdio,
         };
-        let mut child = Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .args(args)
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .process_group(0)
             .spawn()
-            .expect("python3 runs");
+            .unwrap_or_else(|e| panic!("{command:?} runs: {e}"));
         let mut line = String::new();
         let stdout = child.stdout.take().expect("piped");
         BufReader::new(stdout).read_line(&mut line).expect("the program prints a line");
         (Program(child), line)
+    }
+
+    /// [`start`], with the first line parsed as JSON.
+    pub fn start_json(command: Command) -> (Program, serde_json::Value) {
+        let (program, line) = start(command);
+        let value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        (program, value)
     }
 
     /// [`python`], with the first line parsed as JSON.
@@ -346,14 +358,23 @@ pub mod programs {
 
     /// A copy of `fd` of process `pid` (the very same open file description).
     pub fn grab(pid: u32, fd: u32) -> OwnedFd {
+        try_grab(pid, fd).unwrap_or_else(|e| panic!("pidfd_getfd {pid} {fd}: {e}"))
+    }
+
+    /// [`grab`], or why not (the process or the fd is gone).
+    pub fn try_grab(pid: u32, fd: u32) -> std::io::Result<OwnedFd> {
         // SAFETY: plain syscalls with integer arguments; the results are checked.
         unsafe {
             let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
-            assert!(pidfd >= 0, "pidfd_open {pid}: {}", std::io::Error::last_os_error());
+            if pidfd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
             let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd as i32, 0);
-            assert!(copy >= 0, "pidfd_getfd {pid} {fd}: {}", std::io::Error::last_os_error());
-            OwnedFd::from_raw_fd(copy as RawFd)
+            if copy < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(OwnedFd::from_raw_fd(copy as RawFd))
         }
     }
 
@@ -390,5 +411,190 @@ pub mod programs {
         assert_eq!(ret, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
         let up = Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("ip runs");
         assert!(up.success(), "ip link set lo up");
+    }
+}
+
+/// An fd table as the kernel shows it, to compare a restored process with its original
+/// without going through crd: `/proc/PID/fd` links, fdinfo, kcmp, and what a
+/// `pidfd_getfd` copy of each socket says of itself.
+pub mod kernel {
+    use std::{
+        collections::{BTreeMap, HashMap},
+        os::fd::{AsFd, AsRawFd, BorrowedFd},
+    };
+
+    use crate::{proc_fds, programs::try_grab};
+
+    /// What `/proc/PID/fd/N` says the file is: `pipe`, `socket`, `anon_inode:[eventfd]`,
+    /// a path...
+    pub fn link_kind(pid: u32, fd: u32) -> String {
+        try_link_kind(pid, fd).unwrap_or_else(|| panic!("no fd {fd} in {pid}"))
+    }
+
+    /// [`link_kind`]; None: the fd is gone.
+    fn try_link_kind(pid: u32, fd: u32) -> Option<String> {
+        let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?.to_string_lossy().into_owned();
+        Some(if link.starts_with("anon_inode:") || link.starts_with('/') {
+            link
+        } else {
+            link.split(':').next().unwrap_or("").to_string()
+        })
+    }
+
+    /// Whether `fd` of `pid` is the file epoll `epfd` of `pid` watches as its `toff`-th
+    /// item registered under `tfd` (kcmp KCMP_EPOLL_TFD).
+    pub fn watches(pid: u32, fd: u32, epfd: u32, tfd: u32, toff: u32) -> bool {
+        #[repr(C)]
+        struct Slot {
+            efd: u32,
+            tfd: u32,
+            toff: u32,
+        }
+        let slot = Slot { efd: epfd, tfd, toff };
+        // SAFETY: the kernel reads one slot through the pointer, valid for the call.
+        let ret = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, 7, fd as libc::c_long, &raw const slot) };
+        ret == 0
+    }
+
+    /// One item of an interest list as the kernel shows it: (tfd, events, data, the fd
+    /// of the process holding the very file it watches, what that fd is).
+    pub type Item = (u32, u32, u64, Option<u32>, String);
+
+    /// The interest list of `epfd` of `pid` from its fdinfo, each item with the fd
+    /// holding its file (kcmp), sorted.
+    pub fn interest(pid: u32, epfd: u32) -> Vec<Item> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{epfd}")).unwrap();
+        let mut seen: HashMap<u32, u32> = HashMap::new();
+        let mut items = Vec::new();
+        for line in text.lines().filter(|l| l.starts_with("tfd:")) {
+            // tfd: N events: X data: Y pos:P ino:I sdev:D
+            let w: Vec<&str> = line.split_whitespace().collect();
+            let tfd: u32 = w[1].parse().unwrap();
+            let events = u32::from_str_radix(w[3], 16).unwrap();
+            let data = u64::from_str_radix(w[5], 16).unwrap();
+            let toff = seen.entry(tfd).or_default();
+            let holder = proc_fds(pid).into_iter().find(|&fd| watches(pid, fd, epfd, tfd, *toff));
+            *toff += 1;
+            let what = holder.map_or("none".to_string(), |fd| link_kind(pid, fd));
+            items.push((tfd, events, data, holder, what));
+        }
+        items.sort();
+        items
+    }
+
+    /// One fd as the kernel shows it, without what a restore cannot keep (inode
+    /// numbers, mount ids, a timer's remaining time).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct FdView {
+        /// [`link_kind`].
+        pub kind: String,
+        /// fdinfo `flags:` (octal; O_CLOEXEC is the fd's close-on-exec).
+        pub flags: String,
+        /// fdinfo `pos:`.
+        pub pos: String,
+        /// What the kind's fdinfo and a copy of the file say of its state, one fact a
+        /// line.
+        pub state: Vec<String>,
+    }
+
+    /// The fd table of `pid`, fd by fd (of a process that runs on, the fds that were
+    /// there both when listed and when read).
+    pub fn fd_table(pid: u32) -> BTreeMap<u32, FdView> {
+        proc_fds(pid).into_iter().filter_map(|fd| Some((fd, fd_view(pid, fd)?))).collect()
+    }
+
+    /// The value of an fdinfo line `name: value`.
+    fn field<'t>(fdinfo: &'t str, name: &str) -> Option<&'t str> {
+        fdinfo.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(str::trim))
+    }
+
+    /// One fd of `pid`; None: it is gone.
+    pub fn fd_view(pid: u32, fd: u32) -> Option<FdView> {
+        let kind = try_link_kind(pid, fd)?;
+        let fdinfo = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+        let lines_with = |prefixes: &[&str]| -> Vec<String> {
+            fdinfo
+                .lines()
+                .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect()
+        };
+        let state = match kind.as_str() {
+            "anon_inode:[eventpoll]" => interest(pid, fd)
+                .into_iter()
+                .map(|(tfd, events, data, holder, what)| {
+                    format!("tfd={tfd} events={events:#x} data={data:#x} held by {holder:?}: {what}")
+                })
+                .collect(),
+            // Not eventfd-id: a new eventfd gets a new one.
+            "anon_inode:[eventfd]" => lines_with(&["eventfd-count:", "eventfd-semaphore:"]),
+            // Not it_value: the time left runs on.
+            "anon_inode:[timerfd]" => {
+                let mut state = lines_with(&["clockid:", "it_interval:", "settime flags:", "ticks:"]);
+                state.push(format!(
+                    "armed: {}",
+                    field(&fdinfo, "it_value").is_some_and(|v| v.replace(' ', "") != "(0,0)")
+                ));
+                state
+            }
+            "anon_inode:[signalfd]" => lines_with(&["sigmask:"]),
+            "anon_inode:inotify" => lines_with(&["inotify "])
+                .into_iter()
+                .map(|l| {
+                    l.split_whitespace().filter(|w| !w.starts_with("sdev:")).collect::<Vec<_>>().join(" ")
+                })
+                .collect(),
+            "socket" => socket_state(try_grab(pid, fd).ok()?.as_fd()),
+            "pipe" => vec![format!("queued: {:?}", queued(try_grab(pid, fd).ok()?.as_fd()))],
+            _ => Vec::new(),
+        };
+        Some(FdView {
+            kind,
+            flags: field(&fdinfo, "flags").unwrap_or_default().to_string(),
+            pos: field(&fdinfo, "pos").unwrap_or_default().to_string(),
+            state,
+        })
+    }
+
+    /// Bytes queued for reading (FIONREAD), or the error.
+    fn queued(fd: BorrowedFd<'_>) -> Result<i32, i32> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int into our local.
+        let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD as libc::Ioctl, &mut n) };
+        if ret < 0 { Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)) } else { Ok(n) }
+    }
+
+    /// A socket's family, type, whether it listens, its local address (what
+    /// getsockname gives: an inet address, a unix path), and what is queued for reading.
+    fn socket_state(fd: BorrowedFd<'_>) -> Vec<String> {
+        use crate::programs::int_opt;
+        let domain = int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN);
+        let kind = int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE);
+        let listening = int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN);
+        let local = match nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd()) {
+            Ok(addr) => addr.to_string(),
+            Err(e) => format!("getsockname: {e}"),
+        };
+        let mut state =
+            vec![format!("domain={domain} type={kind} listening={listening}"), format!("local={local}")];
+        if listening == 0 {
+            state.push(format!("queued: {:?}", queued(fd)));
+        }
+        state
+    }
+
+    /// Whether the unix sockets `a` and `b` (copies) are each other's peer: a byte sent
+    /// on each comes out of the other. Both queues must be empty (the byte read back is
+    /// the one sent).
+    pub fn are_peers(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
+        use nix::sys::socket::{MsgFlags, recv, send};
+        let one_way = |from: BorrowedFd<'_>, to: BorrowedFd<'_>, byte: u8| {
+            if send(from.as_raw_fd(), &[byte], MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL) != Ok(1) {
+                return false;
+            }
+            let mut got = [0u8; 1];
+            recv(to.as_raw_fd(), &mut got, MsgFlags::MSG_DONTWAIT) == Ok(1) && got[0] == byte
+        };
+        one_way(a, b, b'a') && one_way(b, a, b'b')
     }
 }

@@ -15,7 +15,7 @@ use crd::{
     Graph,
     graph::{Encounter, FdSlot, FdTable, FileDesc, Object, Task},
     image::{self, Header, ImageBody, ImageError, Source},
-    kinds::{Saved, pipe::PipeState},
+    kinds::{Kind, Saved, pipe::PipeState},
     types::{Access, DeviceId, Fd, ObjRef, Pid, Tgid},
 };
 use crd_tests::crd;
@@ -301,4 +301,74 @@ fn the_command_line_rejects_each_bad_header_in_one_line() {
             assert!(out.stdout.is_empty(), "{command} {name}: no partial output");
         }
     }
+}
+
+/// The `image_decode` fuzz target's seed with one object of every kind crd saves state
+/// for: epolls (one watching the others, one watching an epoll), timers relative and
+/// absolute, a signalfd, an inotify, pidfds, a socketpair with data and an eventfd in
+/// flight, a TCP listener, a pipe with data, a memfd, a fanotify group.
+const KINDS_SEED: &str = "kinds.img";
+
+/// The kinds [`KINDS_SEED`] must hold.
+const SEED_KINDS: [Kind; 13] = [
+    Kind::Pipe,
+    Kind::Eventfd,
+    Kind::Memfd,
+    Kind::Epoll,
+    Kind::Timerfd,
+    Kind::Signalfd,
+    Kind::Inotify,
+    Kind::Pidfd,
+    Kind::Unix,
+    Kind::Inet,
+    Kind::Regular,
+    Kind::CharDevice,
+    Kind::Fanotify,
+];
+
+/// The image [`KINDS_SEED`] is: a checkpoint of a fixture with every kind.
+fn kinds_image() -> ImageBody {
+    let scratch = tempfile::tempdir().unwrap();
+    let watched = scratch.path().display().to_string();
+    let inotify = format!("inotify:13:300:{watched}");
+    let file = format!("open:19:rwc:{watched}/seed");
+    let fanotify = format!("fanotify:18:10:28:{watched}/seed");
+    #[rustfmt::skip]
+    let steps = [
+        "pipe:3:4", "write:4:queued", "socketpair:5:6", "fill:5:100", "eventfd:7:3:s",
+        "memfd:8:seed:64:s", "timerfd:9:monotonic:3600000:1500:", "timerfd:10:realtime:3600000:0:ac",
+        "signalfd:11:USR1,USR2", "pidfd:12", &inotify, "tcplisten:14", "epoll:15", "epoll:16",
+        "epollctl:15:3:80000001:0xdead000000000003", "epollctl:15:5:2001:5", "epollctl:15:7:1:0xffffffffffffffff",
+        "epollctl:15:9:1:9", "epollctl:15:10:40000001:10", "epollctl:15:11:1:11", "epollctl:15:12:1:12",
+        "epollctl:15:13:1:13", "epollctl:15:14:10000001:14", "epollctl:16:15:1:0x10",
+        "sendfd:6:7", &file, &fanotify, "open:20:r:/dev/null", "fork", "pidfd:17:p",
+    ];
+    let fixture = crd_tests::spawn(&steps, 2);
+    crd_tests::checkpoint(fixture.root(), true, crd::Source::Bpf)
+}
+
+fn kinds_of(body: &ImageBody) -> std::collections::BTreeSet<Kind> {
+    body.graph.index().objects.values().map(|o| o.state.kind()).collect()
+}
+
+#[test]
+fn the_image_fuzz_seed_of_every_kind_is_committed_and_holds_them() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/image_decode");
+    let seed = dir.join(KINDS_SEED);
+    if std::env::var_os("CRD_WRITE_FUZZ_SEEDS").is_some() {
+        crd_tests::require_root!();
+        let body = kinds_image();
+        assert!(kinds_of(&body).is_superset(&SEED_KINDS.into()), "{:?}", kinds_of(&body));
+        fs::write(&seed, image::encode(&body).unwrap()).unwrap();
+    }
+    // The VM matrix's guests see the test binaries, not the source tree.
+    if !dir.is_dir() {
+        return;
+    }
+    let committed = fs::read(&seed).unwrap_or_else(|e| {
+        panic!("{}: {e}: rerun this test as root with CRD_WRITE_FUZZ_SEEDS=1", seed.display())
+    });
+    let body = image::decode(&committed, KINDS_SEED).expect("the seed decodes");
+    let missing: Vec<&Kind> = SEED_KINDS.iter().filter(|k| !kinds_of(&body).contains(k)).collect();
+    assert!(missing.is_empty(), "{} lacks {missing:?}: rerun with CRD_WRITE_FUZZ_SEEDS=1", seed.display());
 }

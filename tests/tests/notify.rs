@@ -203,3 +203,97 @@ fn a_watched_path_deleted_before_restore_fails_it_naming_the_path() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains(&format!("{} no longer exists", b.display())), "{err}");
 }
+
+/// `fanotify flags:F event-flags:E` of an fdinfo, as numbers.
+fn fanotify_flags(pid: u32, fd: u32) -> (u32, u32) {
+    let info = fdinfo(pid, fd);
+    let line =
+        info.lines().find_map(|l| l.strip_prefix("fanotify flags:")).unwrap_or_else(|| panic!("{info}"));
+    let (flags, events) = line.split_once(" event-flags:").unwrap();
+    (u32::from_str_radix(flags.trim(), 16).unwrap(), u32::from_str_radix(events.trim(), 16).unwrap())
+}
+
+/// The `detail` `crd ls --json` gives fd `fd` of `pid` from `source`.
+fn listed_detail(pid: u32, fd: u32, source: &str) -> (String, String) {
+    let out = crd(&["ls", &pid.to_string(), "--json", "--source", source]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entry = json["processes"][0]["fds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["fd"] == fd)
+        .unwrap_or_else(|| panic!("no fd {fd}: {json}"))
+        .clone();
+    (entry["kind"].as_str().unwrap().to_string(), entry["detail"].as_str().unwrap_or_default().to_string())
+}
+
+#[test]
+fn a_fanotify_group_is_listed_with_its_flags_by_both_sources_and_refused_at_restore() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let watched = dir.path().join("watched");
+    std::fs::write(&watched, b"x").unwrap();
+    // FAN_CLASS_NOTIF | FAN_UNLIMITED_QUEUE, a mark for FAN_OPEN | FAN_CLOSE_WRITE.
+    let fixture = crd_tests::spawn(&[&format!("fanotify:3:10:28:{}", watched.display())], 1);
+    let pid = fixture.root();
+    let (flags, event_flags) = fanotify_flags(pid, 3);
+    assert_eq!(flags, 0x10, "the kernel shows the init flags");
+    for source in ["bpf", "procfs"] {
+        let (kind, detail) = listed_detail(pid, 3, source);
+        assert_eq!(kind, "Fanotify", "{source}");
+        assert_eq!(
+            detail,
+            format!("flags=FAN_CLASS_NOTIF|FAN_UNLIMITED_QUEUE event-flags={event_flags:#o} marks=1"),
+            "{source}"
+        );
+    }
+    let image = dir.path().join("fanotify.crd");
+    let out = crd(&["checkpoint", &pid.to_string(), "-o", image.to_str().unwrap()]);
+    let refused = if out.status.success() {
+        drop(fixture);
+        crd(&["restore", image.to_str().unwrap()])
+    } else {
+        out
+    };
+    let err = stderr(&refused);
+    assert!(!refused.status.success(), "{err}");
+    assert!(err.contains("fd 3") && err.contains("fanotify"), "{err}");
+}
+
+#[test]
+fn an_inotify_with_unread_events_lists_how_many_bytes_wait_and_the_checkpoint_warns() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    // IN_CREATE on the directory, then two files created in it: two events queued.
+    let fixture = crd_tests::spawn(&[&format!("inotify:3:100:{}", dir.path().display())], 1);
+    let pid = fixture.root();
+    std::fs::write(dir.path().join("one"), b"").unwrap();
+    std::fs::write(dir.path().join("two"), b"").unwrap();
+    let mut queued: libc::c_int = 0;
+    let copy = grab(pid, 3);
+    // SAFETY: FIONREAD writes one int into our local.
+    assert_eq!(unsafe { libc::ioctl(copy.as_raw_fd(), libc::FIONREAD as libc::Ioctl, &mut queued) }, 0);
+    assert!(queued > 0, "events wait");
+    for source in ["bpf", "procfs"] {
+        let (kind, detail) = listed_detail(pid, 3, source);
+        assert_eq!(kind, "Inotify", "{source}");
+        assert!(detail.ends_with(&format!(" queued={queued}")), "{source}: {detail}");
+    }
+    // The image goes elsewhere: its creation in the watched directory would be an event.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let image = elsewhere.path().join("inotify.crd");
+    let out = crd(&["checkpoint", &pid.to_string(), "-o", image.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("{queued} bytes of events queued and not read are not saved")),
+        "{}",
+        stderr(&out)
+    );
+    // Listing and checkpointing read nothing: the events still wait.
+    let mut after: libc::c_int = 0;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::ioctl(copy.as_raw_fd(), libc::FIONREAD as libc::Ioctl, &mut after) }, 0);
+    assert_eq!(after, queued);
+    drop(fixture);
+}

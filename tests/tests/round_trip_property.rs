@@ -1,22 +1,32 @@
 //! Property: for any process tree wired with pipes, dups, files, eventfds, memfds, ptys
-//! (in sessions of their own, as their terminals) and unix socketpairs (split across
-//! processes, with data and files queued in them), restoring its image and checkpointing
-//! the stubs gives the same graph. proptest shrinks a failure to a small tree.
+//! (in sessions of their own, as their terminals), unix socketpairs (split across
+//! processes, with data and files queued in them), epolls watching any of them (epolls
+//! among them), timerfds and signalfds, the BPF and /proc harvests give the same graph,
+//! and restoring its image and checkpointing the stubs gives the same graph again.
+//! proptest shrinks a failure to a small tree.
 use std::collections::{BTreeMap, BTreeSet};
 
-use crd_tests::{assert_round_trip, image_of_stopped, is_root, spawn};
+use crd::Source;
+use crd_tests::{assert_round_trip, checkpoint, image_of_stopped, is_root, spawn};
 use proptest::prelude::*;
 
+/// Which file an fd holds: each file has a number of its own (among files of its kind),
+/// so that two fds hold the same file exactly when their kinds are equal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     /// An end of pipe number N.
     PipeRead(usize),
     PipeWrite(usize),
-    File,
-    Eventfd,
-    Memfd,
+    File(usize),
+    Eventfd(usize),
+    Memfd(usize),
     /// End E (0 or 1) of unix socketpair number N.
     Sock(usize, u8),
+    /// Epoll number N: it may watch epolls with lower numbers only, so none watches
+    /// itself through others (the kernel refuses a loop).
+    Epoll(usize),
+    Timer(usize),
+    Signal(usize),
     /// The master, or a slave, of pty number N.
     PtyMaster(usize),
     PtySlave(usize),
@@ -44,6 +54,51 @@ struct Queues {
 
 const SOCKET_TYPES: [&str; 3] = ["s", "d", "q"];
 
+const EPOLLIN: u32 = 0x1;
+const EPOLLPRI: u32 = 0x2;
+const EPOLLOUT: u32 = 0x4;
+const EPOLLRDHUP: u32 = 0x2000;
+const EPOLLEXCLUSIVE: u32 = 1 << 28;
+const EPOLLONESHOT: u32 = 1 << 30;
+const EPOLLET: u32 = 1 << 31;
+
+/// Events an item may be registered with. EPOLLEXCLUSIVE only with IN, OUT, ERR, HUP,
+/// WAKEUP and ET, never ONESHOT, and never on an epoll (the kernel refuses the rest).
+const EVENTS: [u32; 10] = [
+    0,
+    EPOLLIN,
+    EPOLLOUT,
+    EPOLLIN | EPOLLOUT,
+    EPOLLIN | EPOLLET,
+    EPOLLIN | EPOLLRDHUP | EPOLLPRI,
+    EPOLLIN | EPOLLONESHOT,
+    EPOLLOUT | EPOLLET | EPOLLONESHOT,
+    EPOLLIN | EPOLLEXCLUSIVE,
+    EPOLLIN | EPOLLOUT | EPOLLET | EPOLLEXCLUSIVE,
+];
+
+/// Whether closing `fd` keeps every file that must have a holder held. A socket must
+/// (crd takes a socket whose peer has gone for one connected outside the set), and so
+/// must a file an epoll watches once it has been sent in flight: closing its last fd
+/// would leave an epoll watching a file no checkpointed fd holds, which crd refuses (a
+/// file nothing holds leaves every interest list by itself). So must the master of a
+/// pty some session has as its terminal (its last close would hang the session up,
+/// SIGHUP and all): `taken` are those ptys.
+fn closable(
+    open: &BTreeMap<u32, Kind>,
+    above: &BTreeSet<Kind>,
+    watched: &BTreeSet<Kind>,
+    in_flight: &BTreeSet<Kind>,
+    taken: &BTreeSet<usize>,
+    fd: u32,
+) -> bool {
+    let k = open[&fd];
+    let needs_holder = matches!(k, Kind::Sock(..))
+        || (watched.contains(&k) && in_flight.contains(&k))
+        || matches!(k, Kind::PtyMaster(n) if taken.contains(&n));
+    !needs_holder || above.contains(&k) || open.iter().any(|(other, o)| *other != fd && *o == k)
+}
+
 /// Decodes random bytes into a valid fixture script: every step applies to fds that
 /// are open and of the right kind, so any byte string is a tree worth restoring.
 /// Returns the steps and the number of processes.
@@ -60,16 +115,29 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
     let mut open: BTreeMap<u32, Kind> = BTreeMap::new();
     let mut steps = Vec::new();
     let (mut processes, mut threads, mut files) = (1usize, 0, 0);
-    // Bytes queued per pipe (kept well under 64 KiB so no write blocks), the queues of
-    // each socketpair, and what an ancestor still holds.
-    let mut queued: Vec<usize> = Vec::new();
-    let mut pairs: Vec<Queues> = Vec::new();
-    let mut above: BTreeSet<Kind> = BTreeSet::new();
+    // A fresh number for each file that is not a pipe or a socketpair.
+    let mut made = 0usize;
+    let mut fresh = move || {
+        made += 1;
+        made
+    };
+    // Epolls made; each item as (epoll, file, fd registered under): the kernel refuses
+    // a second item for one file under one fd. What any epoll watches, and what was
+    // ever sent in flight.
+    let mut epolls = 0usize;
     // Ptys made, those some session took as its terminal, and where the current
     // process stands: leading its session, leading its group, with a terminal.
     let mut ptys = 0;
     let mut taken: BTreeSet<usize> = BTreeSet::new();
     let (mut leader, mut group_leader, mut has_ctty) = (false, false, false);
+    let mut items: BTreeSet<(usize, Kind, u32)> = BTreeSet::new();
+    let mut watched: BTreeSet<Kind> = BTreeSet::new();
+    let mut in_flight: BTreeSet<Kind> = BTreeSet::new();
+    // Bytes queued per pipe (kept well under 64 KiB so no write blocks), the queues of
+    // each socketpair, and what an ancestor still holds.
+    let mut queued: Vec<usize> = Vec::new();
+    let mut pairs: Vec<Queues> = Vec::new();
+    let mut above: BTreeSet<Kind> = BTreeSet::new();
     let free = |open: &BTreeMap<u32, Kind>, pick: u8| -> u32 {
         let mut fd = 3 + (pick as u32 % 24);
         while open.contains_key(&fd) {
@@ -83,6 +151,7 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
     };
     let any = |_: Kind| true;
     let is_socket = |k: Kind| matches!(k, Kind::Sock(..));
+    let is_pty = |k: Kind| matches!(k, Kind::PtyMaster(_) | Kind::PtySlave(_));
     // A socket end whose peer is held here or above, and whose way to it is not shut
     // down: sending on it queues at the peer.
     let live = |open: &BTreeMap<u32, Kind>, above: &BTreeSet<Kind>, pairs: &[Queues], k: Kind| {
@@ -91,21 +160,12 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
             !pairs[n].shut[end as usize] && (above.contains(&p) || open.values().any(|o| *o == p))
         })
     };
-    // A socket end is closed only where another fd (or an ancestor) still holds it:
-    // crd takes a socket whose peer has gone for one connected outside the set. So is
-    // the master of a pty some session has as terminal (its last close would hang the
-    // session up, SIGHUP and all).
-    let closable = |open: &BTreeMap<u32, Kind>, above: &BTreeSet<Kind>, taken: &BTreeSet<usize>, fd: u32| {
-        let k = open[&fd];
-        let guarded = is_socket(k) || matches!(k, Kind::PtyMaster(n) if taken.contains(&n));
-        !guarded || above.contains(&k) || open.iter().any(|(other, o)| *other != fd && *o == k)
-    };
-    let is_pty = |k: Kind| matches!(k, Kind::PtyMaster(_) | Kind::PtySlave(_));
     for _ in 0..genome.len() / 2 {
         if open.len() > 20 {
             break;
         }
-        match next() % 18 {
+        let op = next() % 23;
+        match op {
             0 | 1 => {
                 let pipe = queued.len();
                 queued.push(0);
@@ -124,7 +184,7 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
             }
             3 => {
                 if let Some(a) = pick(&open, next(), &any)
-                    && closable(&open, &above, &taken, a)
+                    && closable(&open, &above, &watched, &in_flight, &taken, a)
                 {
                     open.remove(&a);
                     steps.push(format!("close:{a}"));
@@ -132,7 +192,7 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
             }
             4 => {
                 let fd = free(&open, next());
-                open.insert(fd, Kind::File);
+                open.insert(fd, Kind::File(fresh()));
                 let name = dir.join(format!("f{}", next() % 3));
                 steps.push(format!("open:{fd}:rwc:{}", name.display()));
                 files += 1;
@@ -179,13 +239,13 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
             }
             9 => {
                 let fd = free(&open, next());
-                open.insert(fd, Kind::Eventfd);
+                open.insert(fd, Kind::Eventfd(fresh()));
                 let flags = ["", "s", "n", "sn"][next() as usize % 4];
                 steps.push(format!("eventfd:{fd}:{}:{flags}", next()));
             }
             10 => {
                 let fd = free(&open, next());
-                open.insert(fd, Kind::Memfd);
+                open.insert(fd, Kind::Memfd(fresh()));
                 let seals = ["", "s", "sg", "S", "sgw"][next() as usize % 5];
                 steps.push(format!("memfd:{fd}:m{fd}:{}:{seals}", next() as usize * 61));
                 steps.push(format!("seek:{fd}:{}", next() % 5));
@@ -227,7 +287,8 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
                         q.bytes[end] += 1;
                         q.messages[end] += 1;
                         steps.push(format!("sendfd:{a}:{f}"));
-                        if next() % 2 == 0 {
+                        in_flight.insert(open[&f]);
+                        if next() % 2 == 0 && closable(&open, &above, &watched, &in_flight, &taken, f) {
                             open.remove(&f);
                             steps.push(format!("close:{f}"));
                         }
@@ -246,7 +307,74 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
                     steps.push(format!("shutdown:{a}:{how}"));
                 }
             }
-            15 => {
+            15 | 16 | 19 => {
+                // Often a new epoll first; then one to three items: any file that polls
+                // (not a regular file or a memfd) in any epoll, an epoll only in one made
+                // after it, under the fd it is registered with; later steps may dup and
+                // close that fd, or reuse its number.
+                // A new epoll often watches an older one first (an epoll of epolls).
+                let mut nest = None;
+                if op == 15 && epolls < 4 {
+                    let fd = free(&open, next());
+                    open.insert(fd, Kind::Epoll(epolls));
+                    epolls += 1;
+                    steps.push(format!("epoll:{fd}"));
+                    if next() % 2 == 0 {
+                        nest = pick(&open, next(), &|k| matches!(k, Kind::Epoll(e) if e + 1 < epolls))
+                            .map(|older| (fd, older));
+                    }
+                }
+                let polls = |k: Kind| !matches!(k, Kind::File(_) | Kind::Memfd(_));
+                for _ in 0..1 + next() % 3 {
+                    let item = nest.take().or_else(|| {
+                        let epoll = pick(&open, next(), &|k| matches!(k, Kind::Epoll(_)));
+                        epoll.zip(pick(&open, next(), &polls))
+                    });
+                    let Some((ep, t)) = item else { break };
+                    let (Kind::Epoll(e), k) = (open[&ep], open[&t]) else { unreachable!() };
+                    let nested = matches!(k, Kind::Epoll(inner) if inner >= e);
+                    if nested || !items.insert((e, k, t)) {
+                        continue;
+                    }
+                    let mut events = EVENTS[next() as usize % EVENTS.len()];
+                    if matches!(k, Kind::Epoll(_)) {
+                        events &= !EPOLLEXCLUSIVE;
+                    }
+                    let data = match next() % 4 {
+                        0 => u64::MAX,
+                        1 => t as u64,
+                        _ => (next() as u64) << 56 | (next() as u64) << 32 | (next() as u64) << 8 | t as u64,
+                    };
+                    watched.insert(k);
+                    steps.push(format!("epollctl:{ep}:{t}:{events:x}:{data:#x}"));
+                    // Often the fd it was registered under moves: a dup keeps the file,
+                    // the number is closed (and may be taken by another file later).
+                    if next() % 3 == 0 {
+                        let d = free(&open, next());
+                        open.insert(d, k);
+                        open.remove(&t);
+                        steps.push(format!("dup:{t}:{d}"));
+                        steps.push(format!("close:{t}"));
+                    }
+                }
+            }
+            17 => {
+                let fd = free(&open, next());
+                open.insert(fd, Kind::Timer(fresh()));
+                let clock = ["monotonic", "realtime", "boottime"][next() as usize % 3];
+                // Disarmed, in an hour, or soon (expiring while the test runs: ticks).
+                let value_ms = [0, 3_600_000 + next() as u64, 1 + next() as u64 % 50][next() as usize % 3];
+                let interval_ms = [0, 100 + next() as u64 * 7][next() as usize % 2];
+                let flags = ["", "a", "ac", "n"][next() as usize % 4];
+                steps.push(format!("timerfd:{fd}:{clock}:{value_ms}:{interval_ms}:{flags}"));
+            }
+            18 => {
+                let fd = free(&open, next());
+                open.insert(fd, Kind::Signal(fresh()));
+                let signals = ["USR1", "USR2,INT", "HUP,USR1,TERM"][next() as usize % 3];
+                steps.push(format!("signalfd:{fd}:{signals}"));
+            }
+            20 => {
                 let n = ptys;
                 ptys += 1;
                 let m = free(&open, next());
@@ -258,7 +386,7 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
                     steps.push(format!("winsize:{m}:{}:{}", 1 + next(), 1 + next()));
                 }
             }
-            16 => {
+            21 => {
                 // A new session (a process that leads no group may), or a new group.
                 if !leader && !group_leader && next() % 2 == 0 {
                     (leader, group_leader, has_ctty) = (true, true, false);
@@ -268,7 +396,7 @@ fn script(genome: &[u8], dir: &std::path::Path) -> (Vec<String>, usize) {
                     steps.push("setpgid".into());
                 }
             }
-            17 => {
+            22 => {
                 // A session leader without terminal takes a pty slave no session has,
                 // whose master is open (else the slave is hung up).
                 let usable = |k: Kind| match k {
@@ -313,7 +441,12 @@ proptest! {
         let (steps, processes) = script(&genome, dir.path());
         let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
         let fixture = spawn(&steps, processes);
+        // /proc first: a timer's time left only shrinks from one harvest to the next.
+        let by_procfs = checkpoint(fixture.root(), true, Source::Procfs);
         let (original, image, _log) = image_of_stopped(fixture, dir.path());
+        if let Err(difference) = by_procfs.graph.same_shape(&original.graph) {
+            panic!("BPF and /proc graphs differ: {difference}");
+        }
         // Panics (and so fails and shrinks) with the first difference.
         assert_round_trip(&original, &image);
     }

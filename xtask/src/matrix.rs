@@ -130,6 +130,10 @@ struct Build {
     product: PathBuf,
     /// Suite name → test binary.
     suites: BTreeMap<String, PathBuf>,
+    /// The programs the suites run (tests/src/bin: the tokio event loop), by name: the
+    /// guests find them in the share through `$CRD_TEST_PROGRAMS` (cargo's
+    /// `CARGO_BIN_EXE_*` paths are the host's).
+    programs: BTreeMap<String, PathBuf>,
 }
 
 /// Builds crd and every test binary for the musl target.
@@ -164,6 +168,7 @@ fn build(root: &Path, bpf_object: &Path) -> Result<Build> {
             .env("CRD_BPF_OBJECT", bpf_object),
     )?;
     let mut suites = BTreeMap::new();
+    let mut programs = BTreeMap::new();
     for line in json.lines() {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         let (Some(executable), Some(name)) =
@@ -171,15 +176,19 @@ fn build(root: &Path, bpf_object: &Path) -> Result<Build> {
         else {
             continue;
         };
+        let package = message["package_id"].as_str().unwrap_or_default();
+        let kind = message["target"]["kind"][0].as_str().unwrap_or_default();
+        let of_tests = package.contains("crd-tests") || package.contains("/tests#");
+        if message["profile"]["test"].as_bool() == Some(false) && kind == "bin" && of_tests {
+            programs.insert(name.to_string(), PathBuf::from(executable));
+        }
         if message["profile"]["test"].as_bool() == Some(true) {
-            let package = message["package_id"].as_str().unwrap_or_default();
-            let kind = message["target"]["kind"][0].as_str().unwrap_or_default();
             // crd's library unit tests (BTF offsets of the running kernel among them)
             // and every integration suite; binaries' and xtask's unit tests say nothing
             // about a kernel.
             if kind == "lib" && name == "crd" {
                 suites.insert("unit".to_string(), PathBuf::from(executable));
-            } else if kind == "test" && (package.contains("crd-tests") || package.contains("/tests#")) {
+            } else if kind == "test" && of_tests {
                 suites.insert(name.to_string(), PathBuf::from(executable));
             }
         }
@@ -191,6 +200,7 @@ fn build(root: &Path, bpf_object: &Path) -> Result<Build> {
         crd: testing_dir.join(TARGET).join("release/crd"),
         product: root.join("target").join(TARGET).join("release/crd"),
         suites,
+        programs,
     })
 }
 
@@ -222,7 +232,7 @@ fn smoke_script(crd: &str, product: &str) -> String {
 
 /// The shell snippet that runs every suite in a guest, from the 9p share at /mnt.
 fn guest_script(root: &Path, build: &Build) -> String {
-    let mut script = "export CRD_BIN=/mnt/crd CRD_PRODUCT_BIN=/mnt/crd-product CRD_IN_VM=1 PROPTEST_CASES="
+    let mut script = "export CRD_BIN=/mnt/crd CRD_PRODUCT_BIN=/mnt/crd-product CRD_TEST_PROGRAMS=/mnt/programs CRD_IN_VM=1 PROPTEST_CASES="
         .to_string()
         + PROPTEST_CASES_IN_VM
         + " RUST_BACKTRACE=0\n";
@@ -308,6 +318,11 @@ pub fn vm_test(root: &Path, bpf_object: &Path, kernels: &[String]) -> Result<boo
             .with_context(|| format!("copy {}", binary.display()))?;
     }
     copy_dir(&root.join("tests/data"), &share.join("tests-data"))?;
+    fs::create_dir_all(share.join("programs"))?;
+    for (name, program) in &build.programs {
+        fs::copy(program, share.join("programs").join(name))
+            .with_context(|| format!("copy {}", program.display()))?;
+    }
     let script = guest_script(root, &build);
     let host = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
     let mut columns: Vec<(String, Results)> = Vec::new();

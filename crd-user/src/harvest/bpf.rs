@@ -986,4 +986,61 @@ mod tests {
             );
         }
     }
+
+    /// The records of the other kinds for the `record_decode` seed corpus: an eventfd, a
+    /// memfd with seals, and the anon files whose state comes from fdinfo (epoll,
+    /// inotify, pidfd; timerfd and signalfd, of a process that does not exist, so they
+    /// decode as opaque anon files wherever the test runs). `CRD_WRITE_FUZZ_SEEDS=1`
+    /// (re)writes them.
+    fn kind_seeds() -> Vec<(&'static str, Vec<u8>, Kind)> {
+        let named_record = |name: &str, private: u64| {
+            bytes(&FdWith { common: anon_record(TAIL_NAMED), tail: named(name, private) })
+        };
+        let eventfd = EventfdTail { named: named("[eventfd]", 0xe7), count: u64::MAX - 1, flags: 1, _pad: 0 };
+        let mut memfd = named("memfd:seed", 0x3e3);
+        memfd.seals = (libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL) as u32;
+        let mut memfd_record = anon_record(TAIL_NAMED);
+        (memfd_record.sb_magic, memfd_record.size) = (crd_common::TMPFS_MAGIC, 4096);
+        let mut gone = anon_record(TAIL_NAMED);
+        gone.tgid = u32::MAX;
+        let gone_record = |name: &str| bytes(&FdWith { common: gone, tail: named(name, 0x71) });
+        vec![
+            (
+                "anon_eventfd",
+                bytes(&FdWith { common: anon_record(TAIL_EVENTFD), tail: eventfd }),
+                Kind::Eventfd,
+            ),
+            ("anon_memfd", bytes(&FdWith { common: memfd_record, tail: memfd }), Kind::Memfd),
+            ("anon_epoll", named_record("[eventpoll]", 0xe9), Kind::Epoll),
+            ("anon_inotify", named_record("inotify", 0x1f), Kind::Inotify),
+            ("anon_pidfd", named_record("[pidfd]", 0x9d), Kind::Pidfd),
+            ("anon_timerfd_gone", gone_record("[timerfd]"), Kind::Anon),
+            ("anon_signalfd_gone", gone_record("[signalfd]"), Kind::Anon),
+        ]
+    }
+
+    #[test]
+    fn the_kind_fuzz_seeds_are_committed_and_decode_to_their_kinds() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/record_decode");
+        let write = std::env::var_os("CRD_WRITE_FUZZ_SEEDS").is_some();
+        // The VM matrix's guests see the test binaries, not the source tree: there the
+        // seeds are only decoded.
+        let have_corpus = dir.is_dir();
+        for (name, record, kind) in kind_seeds() {
+            assert_eq!(decoded(&record).unwrap().file.object.kind(), kind, "{name}");
+            if !have_corpus {
+                continue;
+            }
+            let path = dir.join(name);
+            if write {
+                std::fs::write(&path, &record).unwrap();
+            }
+            let committed = std::fs::read(&path).unwrap_or_default();
+            assert!(
+                committed == record,
+                "{} is not the record this test builds: rerun it with CRD_WRITE_FUZZ_SEEDS=1",
+                path.display()
+            );
+        }
+    }
 }

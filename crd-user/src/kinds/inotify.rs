@@ -14,12 +14,15 @@
 //!   `INOTIFY_IOC_SETNEXTWD` (CONFIG_CHECKPOINT_RESTORE) so the watch gets its old wd,
 //!   and `inotify_add_watch(path, mask | IN_DONT_FOLLOW)` (the path is the watched inode
 //!   itself, never a link to follow). IN_NONBLOCK is the description's O_NONBLOCK.
-//! - Not kept: events queued and not yet read (the checkpoint warns when there are any);
+//! - Not kept: events queued and not yet read. Reading them would take them from the
+//!   target, so they cannot be copied; `FIONREAD` on a `pidfd_getfd` copy tells how many
+//!   bytes wait, which `ls` shows (`queued=N`) and the checkpoint warns about. The image
+//!   does not hold the count: a restored inotify starts with an empty queue;
 //!   a watch whose inode has no path any more (deleted) is refused at restore, and a path
 //!   that no longer exists at restore fails it, naming the path.
 use std::{
     ffi::CString,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
 };
 
 use serde::{Deserialize, Serialize};
@@ -53,6 +56,9 @@ pub struct Watch {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InotifyLive {
     pub watches: Option<Vec<Watch>>,
+    /// Bytes of events queued and not read (FIONREAD on a copy of the fd; None: the
+    /// copy could not be taken).
+    pub queued: Option<usize>,
 }
 
 /// What an image holds of an inotify.
@@ -60,6 +66,10 @@ pub struct InotifyLive {
 pub struct InotifyState {
     /// By wd.
     pub watches: Vec<Watch>,
+    /// Bytes of events queued at harvest time, for `ls`: not in the image, since
+    /// restore cannot queue them again (see the module doc).
+    #[serde(skip)]
+    pub queued: Option<usize>,
 }
 
 impl FileKind for Inotify {
@@ -73,7 +83,7 @@ impl FileKind for Inotify {
     }
 
     fn from_bpf(_record: &crd_common::FdRecord, _tail: &[u8]) -> Option<InotifyLive> {
-        Some(InotifyLive { watches: None })
+        Some(InotifyLive { watches: None, queued: None })
     }
 
     fn from_proc(slot: &ProcSlot<'_>) -> InotifyLive {
@@ -81,7 +91,13 @@ impl FileKind for Inotify {
         let mut watches: Vec<Watch> =
             slot.fdinfo.lines().filter_map(|l| parse_watch(l, slot.tgid, &mounts)).collect();
         watches.sort_by_key(|w| w.wd);
-        InotifyLive { watches: Some(watches) }
+        // Best effort, as `ls` freezes nothing: a process that is gone or not ours to
+        // reach shows no count.
+        let queued = sys::pidfd_open(crate::types::Pid(slot.tgid.0))
+            .and_then(|pidfd| sys::pidfd_getfd(pidfd.as_fd(), slot.fd))
+            .and_then(sys::pipe_queued)
+            .ok();
+        InotifyLive { watches: Some(watches), queued }
     }
 
     fn fdinfo_pending(live: &InotifyLive) -> bool {
@@ -89,7 +105,7 @@ impl FileKind for Inotify {
     }
 
     fn sketch(live: &InotifyLive) -> InotifyState {
-        InotifyState { watches: live.watches.clone().unwrap_or_default() }
+        InotifyState { watches: live.watches.clone().unwrap_or_default(), queued: live.queued }
     }
 
     fn save(live: &InotifyLive, reach: &Reach<'_>) -> Result<InotifyState, KindError> {
@@ -102,7 +118,7 @@ impl FileKind for Inotify {
                 reach.fd
             );
         }
-        Ok(Self::sketch(live))
+        Ok(InotifyState { queued: Some(queued), ..Self::sketch(live) })
     }
 
     fn detail(saved: &InotifyState) -> Option<String> {
@@ -114,7 +130,11 @@ impl FileKind for Inotify {
                 format!("wd={} {path} {}", w.wd, mask_names(w.mask))
             })
             .collect();
-        Some(if watches.is_empty() { "no watches".into() } else { watches.join(", ") })
+        let watches = if watches.is_empty() { "no watches".into() } else { watches.join(", ") };
+        Some(match saved.queued {
+            Some(n) if n > 0 => format!("{watches} queued={n}"),
+            _ => watches,
+        })
     }
 
     fn refusal(saved: &InotifyState) -> Option<String> {

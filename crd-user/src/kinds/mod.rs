@@ -100,6 +100,7 @@ pub mod device;
 pub mod directory;
 pub mod epoll;
 pub mod eventfd;
+pub mod fanotify;
 pub mod fifo;
 pub mod inet;
 pub mod inotify;
@@ -774,6 +775,7 @@ registry! {
     Unix => unix::Unix,
     Inet => inet::Inet,
     Socket => socket::OtherSocket,
+    Fanotify => fanotify::Fanotify,
     Anon => opaque::Anon,
     Other => opaque::Other,
 }

@@ -1,5 +1,5 @@
 //! Kinds crd lists but does not recreate yet: anon-inode files other than the
-//! kinds that have a module (fanotify...), and anything
+//! kinds that have a module (userfaultfd, io_uring...), and anything
 //! else (symlinks opened with O_PATH, unknown types). `ls` and `inspect` show them by
 //! their /proc name; an image restore refuses them, naming the fd; `graft` hands the
 //! live ones over.
@@ -12,7 +12,7 @@ pub struct Other;
 stateless_kind!(Anon, "anon",
     has_path: true, same_inode: false, identity: Identity::Private,
     recognise: |r| r.fs_magic == Some(crd_common::ANON_INODE_FS_MAGIC),
-    refusal: not_supported("this anon-inode kind (fanotify...)"),
+    refusal: not_supported("this anon-inode kind (userfaultfd, io_uring...)"),
     open: |_args| unreachable!("refused"),
 );
 
