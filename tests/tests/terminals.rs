@@ -38,8 +38,17 @@ fn tty_nr(fd: BorrowedFd<'_>) -> u64 {
     (major << 8) | (minor & 0xff) | ((minor & !0xff) << 12)
 }
 
-fn termios(fd: BorrowedFd<'_>) -> nix::sys::termios::Termios {
-    nix::sys::termios::tcgetattr(fd).unwrap()
+/// The termios the kernel keeps (TCGETS: the four flag words, the line discipline and
+/// 19 control characters); what libc's larger struct holds past them (musl's speeds and
+/// spare control characters) is whatever was in memory before, and not compared.
+fn termios(fd: BorrowedFd<'_>) -> (u32, u32, u32, u32, u8, [u8; 19]) {
+    // SAFETY: termios is plain old data; all zeroes is valid.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: tcgetattr fills the termios we pass.
+    assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0, "tcgetattr");
+    let mut cc = [0u8; 19];
+    cc.copy_from_slice(&t.c_cc[..19]);
+    (t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag, t.c_line, cc)
 }
 
 fn winsize(fd: BorrowedFd<'_>) -> (u16, u16) {
