@@ -21,6 +21,7 @@ use crd::{
     },
     types::{Fd, Tgid},
 };
+use crd_tests::kernel::{interest, link_kind, watches};
 use crd_tests::programs::{Program, grab, stderr};
 use crd_tests::{checkpoint, crd, proc_fds, require_root, restore_with};
 
@@ -45,53 +46,6 @@ ET = 1 << 31
 def forever():
     while True: time.sleep(3600)
 "#;
-
-/// Whether `fd` of `pid` is the file epoll `epfd` of `pid` watches as its `toff`-th item
-/// registered under `tfd` (kcmp KCMP_EPOLL_TFD).
-fn watches(pid: u32, fd: u32, epfd: u32, tfd: u32, toff: u32) -> bool {
-    #[repr(C)]
-    struct Slot {
-        efd: u32,
-        tfd: u32,
-        toff: u32,
-    }
-    let slot = Slot { efd: epfd, tfd, toff };
-    // SAFETY: the kernel reads one slot through the pointer, valid for the call.
-    let ret = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, 7, fd as libc::c_long, &raw const slot) };
-    ret == 0
-}
-
-/// One item of an interest list as the kernel shows it: (tfd, events, data, the fd of
-/// the process holding the very file it watches, what that fd is).
-type Item = (u32, u32, u64, Option<u32>, String);
-
-/// The interest list of `epfd` of `pid` from its fdinfo, each item with the fd holding
-/// its file (kcmp), sorted.
-fn interest(pid: u32, epfd: u32) -> Vec<Item> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{epfd}")).unwrap();
-    let mut seen: HashMap<u32, u32> = HashMap::new();
-    let mut items = Vec::new();
-    for line in text.lines().filter(|l| l.starts_with("tfd:")) {
-        // tfd: N events: X data: Y pos:P ino:I sdev:D
-        let w: Vec<&str> = line.split_whitespace().collect();
-        let tfd: u32 = w[1].parse().unwrap();
-        let events = u32::from_str_radix(w[3], 16).unwrap();
-        let data = u64::from_str_radix(w[5], 16).unwrap();
-        let toff = seen.entry(tfd).or_default();
-        let holder = proc_fds(pid).into_iter().find(|&fd| watches(pid, fd, epfd, tfd, *toff));
-        *toff += 1;
-        let what = holder.map_or("none".to_string(), |fd| link_kind(pid, fd));
-        items.push((tfd, events, data, holder, what));
-    }
-    items.sort();
-    items
-}
-
-/// What `/proc/PID/fd/N` says the file is: `pipe`, `socket`, `anon_inode:[eventfd]`...
-fn link_kind(pid: u32, fd: u32) -> String {
-    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap().to_string_lossy().into_owned();
-    if link.starts_with("anon_inode:") { link } else { link.split(':').next().unwrap_or("").to_string() }
-}
 
 /// Harvests `pids` (frozen) with a BPF harvester whose ring holds `ring_bytes`.
 fn bpf_harvest(pids: &[u32], ring_bytes: u32) -> (Harvest, HarvestStats) {
