@@ -96,19 +96,7 @@ impl Handover {
         if index >= self.stubs {
             return None;
         }
-        // SAFETY: word `index` lies inside the mapping (checked above), after the header
-        // and the `slots` objref slots (4-aligned), and is only ever accessed atomically.
-        Some(unsafe {
-            &*self
-                .base
-                .as_ptr()
-                .cast::<Header>()
-                .add(1)
-                .cast::<AtomicI32>()
-                .add(self.slots)
-                .cast::<AtomicU32>()
-                .add(index)
-        })
+        self.stub_word(index)
     }
 
     /// Stub `index`'s "my process group is in place" word, after the PID words.
@@ -116,8 +104,18 @@ impl Handover {
         if index >= self.stubs {
             return None;
         }
-        // SAFETY: word `stubs + index` lies inside the mapping (checked above), after
-        // the header, the objref slots and the PID words, and is only accessed atomically.
+        self.stub_word(self.stubs + index)
+    }
+
+    /// Word `word` of the per-stub words (the PID words, then the group words), which
+    /// follow the header and the objref slots.
+    fn stub_word(&self, word: usize) -> Option<&AtomicU32> {
+        if word >= 2 * self.stubs {
+            return None;
+        }
+        // SAFETY: the mapping holds the header, `slots` objref slots (4-aligned) and
+        // `2 * stubs` words after them; `word` is below `2 * stubs` (checked above). The
+        // words are only ever accessed atomically.
         Some(unsafe {
             &*self
                 .base
@@ -127,7 +125,7 @@ impl Handover {
                 .cast::<AtomicI32>()
                 .add(self.slots)
                 .cast::<AtomicU32>()
-                .add(self.stubs + index)
+                .add(word)
         })
     }
 
