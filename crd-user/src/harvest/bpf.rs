@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::{
-    Btf, Ebpf, EbpfLoader, Endianness,
+    Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
     programs::Iter,
 };
@@ -24,7 +24,7 @@ use crd_common::{
 use super::{
     FdInfo, FileInfo, Harvest, HarvestError, HarvestStats, Harvester, LoadOptions, ObjectInfo, Scope, Source,
     TaskInfo,
-    offsets::{BtfBytes, KernelBtf, OffsetsError, kernel_btf_path},
+    offsets::{BtfBytes, KernelBtf, OffsetsError},
 };
 use crate::{
     kinds::{
@@ -173,22 +173,17 @@ impl BpfHarvester {
             return Err(BpfError::NoObject);
         }
         let started = std::time::Instant::now();
-        // aya parses all of the kernel's BTF (to find the iterators' attach points) while
-        // this thread looks up the few struct offsets: the two take about as long.
+        // aya's loader parses all of the kernel's BTF when created (aya 0.14 has no way
+        // to hand it ours), while this thread looks up the few struct offsets and the
+        // iterators' attach points with btf-rs, which decodes only the types asked for.
         let bytes = BtfBytes::of_kernel(options.btf.as_deref())?;
-        let btf_path = kernel_btf_path(options.btf.as_deref());
-        // Three readers of the kernel's BTF, side by side: aya's loader parses it on its
-        // own when created (aya 0.14 has no way to hand it ours), `Iter::load` needs a
-        // parsed copy to find the iterators' attach points, and crd's offsets come from
-        // btf-rs, which decodes only the few structs asked for.
-        let (loader, btf, config) = std::thread::scope(|scope| {
+        let (loader, found) = std::thread::scope(|scope| {
             let loader = scope.spawn(EbpfLoader::new);
-            let btf = Btf::parse(&bytes, Endianness::default())
-                .map_err(|e| OffsetsError::Parse(format!("{}: {e}", btf_path.display())));
-            let config = KernelBtf::from_bytes(&bytes).and_then(|btf| btf.config());
-            (loader.join(), btf, config)
+            let found = KernelBtf::from_bytes(&bytes)
+                .and_then(|btf| Ok((btf.config()?, AttachPoints::find(&btf, &["task", "task_file"])?)));
+            (loader.join(), found)
         });
-        let (btf, mut config) = (btf?, config?);
+        let (mut config, attach) = found?;
         config.match_all = match_all as u32;
         config.epoll_max_items = epoll_max_items(ring_bytes);
         #[cfg(feature = "testing")]
@@ -205,17 +200,14 @@ impl BpfHarvester {
             .load(BPF_OBJECT)
             .map_err(load_error)?;
         log::debug!("load: object loaded at {:?}", started.elapsed());
-        // A kernel without bpf_loop refuses a program that names a callback, even one it
-        // would never call: the object has a second fd program without it.
-        let task_file =
-            if config.kinds & KIND_BPF_LOOP != 0 { "crd_task_file" } else { "crd_task_file_bounded" };
+        let task_file = task_file_program(&config);
         for (name, iter_type) in [("crd_task", "task"), (task_file, "task_file")] {
             let program: &mut Iter = ebpf
                 .program_mut(name)
                 .ok_or_else(|| BpfError::Load(format!("program {name} missing from the object")))?
                 .try_into()
                 .map_err(load_error)?;
-            program.load(iter_type, &btf).map_err(load_error)?;
+            program.load(iter_type, &attach.btf).map_err(load_error)?;
             // The verifier's effort: older kernels give up at 1M instructions.
             if let Some(n) = program.info().ok().and_then(|i| i.verified_instruction_count()) {
                 log::debug!("{name}: the verifier processed {n} instructions");
@@ -598,6 +590,53 @@ fn fd_info(r: &FdRecord, tail: &[u8], file_ref_bias: i64) -> Option<FdInfo> {
             },
         },
     })
+}
+
+/// The fd program to load: a kernel without bpf_loop refuses a program that names a
+/// callback, even one it would never call, so the object has a second fd program
+/// without it.
+fn task_file_program(config: &crd_common::Config) -> &'static str {
+    if config.kinds & KIND_BPF_LOOP != 0 { "crd_task_file" } else { "crd_task_file_bounded" }
+}
+
+/// The iterators' attach points, as a [`Btf`] for aya's [`Iter::load`], which looks each
+/// up by name (`bpf_iter_<type>`) and loads the program against its id. Done by aya, that
+/// would take the kernel's whole BTF parsed a second time (its loader parses one copy
+/// and keeps it private): btf-rs finds the ids in the mapped BTF, and this `Btf` holds
+/// just those functions, each at its kernel id. A BTF type id is the type's index, so
+/// unnamed functions fill the ids before them.
+struct AttachPoints {
+    btf: Btf,
+}
+
+impl AttachPoints {
+    fn find(kernel: &KernelBtf, iter_types: &[&str]) -> Result<Self, OffsetsError> {
+        use aya_obj::btf::{BtfType, Func, FuncLinkage};
+        let mut found: Vec<(u32, String)> = iter_types
+            .iter()
+            .map(|t| {
+                let name = format!("bpf_iter_{t}");
+                kernel.function_id(&name).map(|id| (id, name))
+            })
+            .collect::<Result<_, _>>()?;
+        found.sort();
+        found.dedup();
+        let mut btf = Btf::new();
+        // `Btf::new` holds type 0 (void).
+        let mut next = 1;
+        for (id, name) in found {
+            while next < id {
+                next = btf.add_type(BtfType::Func(Func::new(0, 0, FuncLinkage::Static))) + 1;
+            }
+            let name_offset = btf.add_string(&name);
+            let added = btf.add_type(BtfType::Func(Func::new(name_offset, 0, FuncLinkage::Static)));
+            if added != id {
+                return Err(OffsetsError::Parse(format!("{name}: BTF id {id}, placed at {added}")));
+            }
+            next = added + 1;
+        }
+        Ok(Self { btf })
+    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@ pub enum OffsetsError {
     BtfFile(String, std::io::Error),
     #[error("cannot parse kernel BTF: {0}")]
     Parse(String),
+    #[error("kernel BTF has no function {0}: this kernel has no such BPF iterator; use --source procfs")]
+    NoFunction(String),
     #[error(
         "kernel BTF has no struct {0}: this kernel is not supported by the BPF harvester; use --source procfs"
     )]
@@ -118,6 +120,15 @@ impl KernelBtf {
             .or_else(|_| std::fs::read(path).map_err(Into::into).and_then(|bytes| mapped_copy(&bytes)))
             .map_err(|e| OffsetsError::Parse(format!("{}: {e}", path.display())))?;
         Ok(Self { btf, structs: Default::default() })
+    }
+
+    /// The BTF id of the function `name` (a BPF iterator's attach point is the function
+    /// `bpf_iter_<type>`).
+    pub fn function_id(&self, name: &str) -> Result<u32, OffsetsError> {
+        let ids = self.btf.resolve_ids_by_name(name).unwrap_or_default();
+        ids.into_iter()
+            .find(|&id| matches!(self.btf.resolve_type_by_id(id), Ok(Type::Func(_))))
+            .ok_or_else(|| OffsetsError::NoFunction(name.to_string()))
     }
 
     fn structure(&self, name: &'static str) -> Result<btf_rs::Struct, OffsetsError> {
