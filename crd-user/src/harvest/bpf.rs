@@ -222,6 +222,12 @@ impl BpfHarvester {
         Ok(Self { ebpf, logger, ring, file_ref_bias: config.file_ref_bias as i64, task_file })
     }
 
+    /// The kernel's ids of the programs this harvester loaded (as `bpftool prog show`
+    /// lists them).
+    pub fn program_ids(&self) -> Vec<u32> {
+        self.ebpf.programs().filter_map(|(_, program)| program.info().ok()).map(|info| info.id()).collect()
+    }
+
     /// Runs both iterators over `scope` and decodes every record.
     pub fn harvest_bpf(
         &mut self,
