@@ -182,7 +182,14 @@ asyncio.run(main())
     let done = crd_tests::crd(&["checkpoint", &pid.to_string(), "-o", image.to_str().unwrap()]);
     assert!(done.status.success(), "{}", crd_tests::programs::stderr(&done));
     crd_tests::assert_running_untraced(pid);
-    std::net::TcpStream::connect(("127.0.0.1", port as u16)).expect("the server still accepts");
+    // It accepts and closes: the client reads end of file once the server's socket is
+    // closed (`connect` alone returns before the server has even accepted, and a table
+    // read then would miss the connection the next checkpoint could catch).
+    let mut client =
+        std::net::TcpStream::connect(("127.0.0.1", port as u16)).expect("the server still accepts");
+    client.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut client, &mut rest).expect("the server closes the connection");
     for _ in 0..500 {
         if kernel::fd_table(pid) == before {
             break;
