@@ -384,11 +384,15 @@ pub struct UnixPeers {
 }
 
 impl UnixPeers {
+    /// Only unix sockets: a unix socket's peer is always another.
     fn note(&mut self, index: usize, record: &FdRecord, tail: &SocketTail) {
+        if tail.family != crd_common::AF_UNIX {
+            return;
+        }
         if tail.sock != 0 {
             self.inode_of.insert(tail.sock, record.ino);
         }
-        if tail.family == crd_common::AF_UNIX && tail.peer != 0 {
+        if tail.peer != 0 {
             self.wanted.push((index, tail.peer));
         }
     }
