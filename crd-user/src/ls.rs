@@ -232,9 +232,12 @@ pub struct PipeEnds {
 impl Listing {
     /// Builds the listing of `harvest` through the objref graph; `unix_queues` is what
     /// [`harvest`] found in the unix sockets' queues.
-    pub fn new(harvest: &Harvest, unix_queues: &UnixQueues) -> Self {
+    /// Takes the harvest whole: it goes once the graph is built, before the listing is,
+    /// so that at most two of the three are in memory at once (at 100,000 fds each is
+    /// tens of megabytes).
+    pub fn new(harvest: Harvest, unix_queues: &UnixQueues) -> Self {
         let root = harvest.tasks.iter().map(|t| t.tgid).min().unwrap_or(Tgid(0));
-        let graph = Graph::build(root, harvest, SavedStates::default());
+        let graph = Graph::build(root, &harvest, SavedStates::default());
         // Pipes are keyed by inode: (dev, ino) names the same pipe in harvest and graph.
         let queued: HashMap<(DeviceId, u64), Option<u32>> = harvest
             .fds
@@ -244,6 +247,7 @@ impl Listing {
                 _ => None,
             })
             .collect();
+        drop(harvest);
         Self::from_graph(
             &graph,
             |object| queued.get(&(object.dev, object.ino)).copied().flatten().map(u64::from),
@@ -378,38 +382,72 @@ impl Listing {
         self
     }
 
+    /// Writes the listing as `crd ls` prints it (the table, or the JSON document with
+    /// `json`), buffered and as it goes: at 100,000 fds either is tens of megabytes,
+    /// which a `String` first would hold in memory twice over.
+    pub fn write(&self, out: impl std::io::Write, json: bool) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+        if json {
+            serde_json::to_writer_pretty(&mut out, self)?;
+            writeln!(out)?;
+        } else {
+            let mut text = IoText { out: &mut out, error: None };
+            if self.write_text(&mut text).is_err() {
+                return Err(text
+                    .error
+                    .unwrap_or_else(|| std::io::Error::other("the listing could not be formatted")));
+            }
+        }
+        out.flush()
+    }
+
     /// The lsof-like table, then the sharing.
     pub fn render_text(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(
+        let _ = self.write_text(&mut out);
+        out
+    }
+
+    /// [`render_text`](Self::render_text) into `out` as it goes (`crd ls` streams it to
+    /// stdout: at 100,000 fds the whole table is tens of megabytes). A row's padded
+    /// cells are formatted into buffers reused from row to row, not a `String` each.
+    pub fn write_text(&self, out: &mut impl std::fmt::Write) -> std::fmt::Result {
+        writeln!(
             out,
             "{:>7} {:<15} {:>6} {:<7} {:<5} {:>10} {:>6} NAME",
             "PID", "COMMAND", "FD", "TYPE", "FLAGS", "OFFSET", "OFD"
-        );
+        )?;
+        let (mut fd, mut kind, mut offset, mut ofd) =
+            (String::new(), String::new(), String::new(), String::new());
         for p in &self.processes {
             for f in &p.fds {
-                let offset = if f.kind.is_pipe_like() || f.kind.is_socket() {
-                    String::new()
-                } else {
-                    f.offset.to_string()
-                };
-                let detail = f.detail.as_deref().map(|d| format!(" {d}")).unwrap_or_default();
-                let _ = writeln!(
+                fd.clear();
+                write!(fd, "{}{}", f.fd, mode_letter(f.access))?;
+                kind.clear();
+                write!(kind, "{}", f.kind)?;
+                offset.clear();
+                if !(f.kind.is_pipe_like() || f.kind.is_socket()) {
+                    write!(offset, "{}", f.offset)?;
+                }
+                ofd.clear();
+                write!(ofd, "{}", f.description)?;
+                write!(
                     out,
-                    "{:>7} {:<15} {:>6} {:<7} {:<5} {:>10} {:>6} {}{detail}",
-                    p.pid.to_string(),
+                    "{:>7} {:<15} {fd:>6} {kind:<7} {:<5} {offset:>10} {ofd:>6} {}",
+                    p.pid.0,
                     p.comm,
-                    format!("{}{}", f.fd, mode_letter(f.access)),
-                    f.kind.to_string(),
                     flag_letters(f.close_on_exec, f.flags),
-                    offset,
-                    f.description.to_string(),
                     f.name
-                );
+                )?;
+                match &f.detail {
+                    Some(detail) => writeln!(out, " {detail}")?,
+                    None => writeln!(out)?,
+                }
             }
         }
         if !self.shared_fd_tables.is_empty() {
-            let _ = writeln!(out, "\nfd tables shared by several tasks:");
+            writeln!(out, "\nfd tables shared by several tasks:")?;
             for t in &self.shared_fd_tables {
                 let users: Vec<String> = t
                     .users
@@ -419,51 +457,52 @@ impl Listing {
                         n => format!("PID {pid} ({n} threads: {})", join(threads)),
                     })
                     .collect();
-                let _ = writeln!(out, "  table {}: {}", t.fd_table, users.join("; "));
+                writeln!(out, "  table {}: {}", t.fd_table, users.join("; "))?;
             }
         }
         if !self.shared_descriptions.is_empty() {
-            let _ = writeln!(out, "\nopen file descriptions shared by several fds (PID:FD):");
+            writeln!(out, "\nopen file descriptions shared by several fds (PID:FD):")?;
             for d in &self.shared_descriptions {
-                let _ =
-                    writeln!(out, "  ofd {} {} ({}): {}", d.description, d.name, d.access, join(&d.holders));
+                writeln!(out, "  ofd {} {} ({}): {}", d.description, d.name, d.access, join(&d.holders))?;
             }
         }
         if !self.pipes.is_empty() {
-            let _ = writeln!(out, "\npipes (PID:FD of each end):");
+            writeln!(out, "\npipes (PID:FD of each end):")?;
             for p in &self.pipes {
                 let outside = if p.held_outside { "; an end is also open elsewhere" } else { "" };
-                let queued = p.queued.map(|n| format!("; {n} bytes queued")).unwrap_or_default();
-                let _ = writeln!(
+                write!(
                     out,
-                    "  {}: read {}; write {}{outside}{queued}",
+                    "  {}: read {}; write {}{outside}",
                     p.name,
                     or_none(&p.readers),
                     or_none(&p.writers)
-                );
+                )?;
+                match p.queued {
+                    Some(n) => writeln!(out, "; {n} bytes queued")?,
+                    None => writeln!(out)?,
+                }
             }
         }
         if self.processes.iter().any(|p| p.ctty.is_some()) {
-            let _ = writeln!(out, "\ncontrolling terminals:");
+            writeln!(out, "\ncontrolling terminals:")?;
             for p in &self.processes {
                 if let Some(c) = &p.ctty {
-                    let _ = writeln!(
+                    writeln!(
                         out,
                         "  PID {} ({}): {}, session {}, foreground group {}",
                         p.pid, p.comm, c.name, c.session, c.foreground
-                    );
+                    )?;
                 }
             }
         }
         if !self.socket_pairs.is_empty() {
-            let _ =
-                writeln!(out, "\nunix socket pairs (PID:FD of each end; what is queued for each to read):");
+            writeln!(out, "\nunix socket pairs (PID:FD of each end; what is queued for each to read):")?;
             for pair in &self.socket_pairs {
                 let [a, b] = &pair.ends;
-                let _ = writeln!(out, "  {} <-> {}; {}; {}", end(a), end(b), queued_for(a), queued_for(b));
+                writeln!(out, "  {} <-> {}; {}; {}", end(a), end(b), queued_for(a), queued_for(b))?;
             }
         }
-        out
+        Ok(())
     }
 }
 
@@ -617,12 +656,55 @@ fn flag_letters(close_on_exec: bool, flags: u32) -> String {
     if letters.is_empty() { "-".into() } else { letters }
 }
 
-fn join<T: std::fmt::Display>(items: &[T]) -> String {
-    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+/// A `fmt::Write` onto an `io::Write`, keeping the I/O error that `fmt::Error` cannot
+/// carry.
+struct IoText<'a, W: std::io::Write> {
+    out: &'a mut W,
+    error: Option<std::io::Error>,
 }
 
-fn or_none(holders: &[Holder]) -> String {
-    if holders.is_empty() { "none listed".into() } else { join(holders) }
+impl<W: std::io::Write> std::fmt::Write for IoText<'_, W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.out.write_all(s.as_bytes()).map_err(|e| {
+            self.error = Some(e);
+            std::fmt::Error
+        })
+    }
+}
+
+fn join<T: std::fmt::Display>(items: &[T]) -> Joined<'_, T> {
+    Joined(items)
+}
+
+/// Items separated by spaces, formatted where they are written.
+struct Joined<'a, T>(&'a [T]);
+
+impl<T: std::fmt::Display> std::fmt::Display for Joined<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, item) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{item}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The holders, or `none listed`.
+struct OrNone<'a>(&'a [Holder]);
+
+impl std::fmt::Display for OrNone<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            [] => f.write_str("none listed"),
+            holders => write!(f, "{}", join(holders)),
+        }
+    }
+}
+
+fn or_none(holders: &[Holder]) -> OrNone<'_> {
+    OrNone(holders)
 }
 
 #[cfg(test)]
@@ -663,7 +745,7 @@ mod tests {
 
     #[test]
     fn lists_who_holds_which_end_and_what_shares() {
-        let listing = Listing::new(&harvest(), &UnixQueues::new());
+        let listing = Listing::new(harvest(), &UnixQueues::new());
         assert_eq!(listing.processes.len(), 2);
         assert_eq!(listing.processes[0].threads, vec![Pid(10), Pid(11)]);
         let fds: Vec<u32> = listing.processes[0].fds.iter().map(|f| f.fd.0).collect();
@@ -717,6 +799,40 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_streamed_listing_is_the_rendered_table_or_the_json_document() {
+        for harvest in [harvest(), sockets()] {
+            let listing = Listing::new(harvest, &UnixQueues::new());
+            let mut text = Vec::new();
+            listing.write(&mut text, false).unwrap();
+            assert_eq!(String::from_utf8(text).unwrap(), listing.render_text());
+            let mut json = Vec::new();
+            listing.write(&mut json, true).unwrap();
+            assert_eq!(
+                String::from_utf8(json).unwrap(),
+                serde_json::to_string_pretty(&listing).unwrap() + "\n"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_write_of_the_listing_is_the_write_error() {
+        struct Closed;
+        impl std::io::Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let listing = Listing::new(harvest(), &UnixQueues::new());
+        for json in [false, true] {
+            let e = listing.write(Closed, json).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "json {json}: {e}");
+        }
+    }
+
     /// 10:3 and 20:4 a socketpair, 10:5 and 20:6 a TCP connection over loopback, 10:7 a
     /// unix socket whose peer (inode 0x999) no listed process holds, 10:8 a TCP
     /// connection to elsewhere.
@@ -742,7 +858,7 @@ mod tests {
             (DeviceId { major: 0, minor: 8 }, 0x702),
             UnixQueue { bytes: Some(5006), fds_in_flight: Some(1) },
         );
-        let listing = Listing::new(&sockets(), &queues);
+        let listing = Listing::new(sockets(), &queues);
         let fd = |pid: usize, fd: u32| listing.processes[pid].fds.iter().find(|f| f.fd.0 == fd).unwrap();
         assert_eq!(fd(0, 3).peer, vec![h(20, 4)]);
         assert_eq!(fd(1, 4).peer, vec![h(10, 3)]);
@@ -779,7 +895,7 @@ mod tests {
         for f in &mut harvest.fds {
             testing::pipe_live(f).writers = 2;
         }
-        let listing = Listing::new(&harvest, &UnixQueues::new());
+        let listing = Listing::new(harvest, &UnixQueues::new());
         assert!(listing.pipes[0].held_outside);
         assert!(listing.render_text().contains("also open elsewhere"));
     }

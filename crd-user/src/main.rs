@@ -287,14 +287,16 @@ fn run(command: Command, load: &LoadOptions, interrupted: &dyn Fn() -> bool) -> 
         Command::Ls { pids, all, pipes, json, source } => {
             let targets = Targets::new(&pids, all)?;
             let (_, harvest, unix_queues) = ls::harvest(source.into(), load, &targets, interrupted)?;
-            let mut listing = Listing::new(&harvest, &unix_queues);
+            let mut listing = Listing::new(harvest, &unix_queues);
             if pipes {
                 listing = listing.only_pipes();
             }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&listing)?);
-            } else {
-                print!("{}", listing.render_text());
+            // What is no longer needed goes before the output is written.
+            drop(unix_queues);
+            match listing.write(std::io::stdout().lock(), json) {
+                // A reader that stopped reading (`crd ls | head`) is not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                written => written.context("cannot write the listing")?,
             }
         }
         #[cfg(feature = "testing")]

@@ -30,6 +30,34 @@ fn an_unknown_pid_is_a_one_line_error_and_writes_nothing() {
 }
 
 #[test]
+fn ls_into_a_reader_that_stops_early_exits_quietly() {
+    require_root!();
+    // Tables of a few hundred kilobytes: far more than the pipe holds before `head`
+    // closes it.
+    let fixture = spawn(&["pipes:3000"], 1);
+    for json in [false, true] {
+        let mut args = vec!["ls".to_string(), fixture.root().to_string()];
+        if json {
+            args.push("--json".into());
+        }
+        let mut child = Command::new(crd_tests::crd_bin())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first)
+            .unwrap();
+        assert!(!first.is_empty(), "json {json}: a first line");
+        // The reader is gone: crd's next write fails with EPIPE.
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "json {json}: {}", stderr(&out));
+        assert_eq!(stderr(&out), "", "json {json}: nothing said");
+    }
+}
+
+#[test]
 fn checkpoint_writes_a_private_image_that_inspect_reads_in_every_format() {
     require_root!();
     use std::os::unix::fs::PermissionsExt;
