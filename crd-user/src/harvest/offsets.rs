@@ -8,8 +8,8 @@ use std::path::Path;
 
 use btf_rs::{Backend, Btf, Type};
 use crd_common::{
-    Config, FieldGroup, KIND_BPF_LOOP, KIND_EPOLL, KIND_EVENTFD, KIND_NAMED, KIND_SHMEM, KIND_SIGNALFD,
-    KIND_SOCKET, KIND_SOCKET_TYPED, KIND_TIMERFD, Offsets,
+    Config, FieldGroup, KIND_BPF_LOOP, KIND_EPOLL, KIND_EVENTFD, KIND_ITER_TASK_FILTER, KIND_NAMED,
+    KIND_SHMEM, KIND_SIGNALFD, KIND_SOCKET, KIND_SOCKET_TYPED, KIND_TIMERFD, Offsets,
 };
 
 /// Where the kernel publishes its own BTF.
@@ -251,7 +251,20 @@ impl KernelBtf {
         if self.has_bpf_loop() {
             config.kinds |= KIND_BPF_LOOP;
         }
+        if self.has_task_iter_filter() {
+            config.kinds |= KIND_ITER_TASK_FILTER;
+        }
         Ok(config)
+    }
+
+    /// Whether the task iterators take a task filter: `union bpf_iter_link_info` has its
+    /// `task` member (6.1+).
+    pub fn has_task_iter_filter(&self) -> bool {
+        let Ok(types) = self.btf.resolve_types_by_name("bpf_iter_link_info") else { return false };
+        types.into_iter().any(|t| match t {
+            Type::Union(u) => self.find_member(&u, "task").is_some(),
+            _ => false,
+        })
     }
 
     /// Whether the kernel has the `bpf_loop` helper (5.17+).
