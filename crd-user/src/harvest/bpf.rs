@@ -24,7 +24,7 @@ use crd_common::{
 use super::{
     FdInfo, FileInfo, Harvest, HarvestError, HarvestStats, Harvester, LoadOptions, ObjectInfo, Scope, Source,
     TaskInfo,
-    offsets::{BtfBytes, KernelBtf, OffsetsError},
+    offsets::{BtfBytes, KernelBtf, OffsetsError, kernel_btf_path},
 };
 use crate::{
     kinds::{
@@ -183,6 +183,14 @@ impl BpfHarvester {
         let (loader, found) = std::thread::scope(|scope| {
             let loader = scope.spawn(EbpfLoader::new);
             let found = KernelBtf::from_bytes(&bytes)
+                .map_err(|e| match e {
+                    // The file read is named: it may be one given with --btf.
+                    OffsetsError::Parse(why) => OffsetsError::Parse(format!(
+                        "{}: {why}",
+                        kernel_btf_path(options.btf.as_deref()).display()
+                    )),
+                    e => e,
+                })
                 .and_then(|btf| Ok((btf.config()?, AttachPoints::find(&btf, &["task", "task_file"])?)));
             (loader.join(), found)
         });
