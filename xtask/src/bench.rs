@@ -168,6 +168,9 @@ fn harvest(
             if source == "bpf" {
                 row.bpf_ms.push(ms);
                 row.load_ms.push(runs.load_ms);
+                if let Some(floor) = median(&runs.floor_ms) {
+                    row.floor_ms.push(floor);
+                }
                 row.rss_bytes.push(measured.max_rss);
             } else {
                 row.procfs_ms.push(ms);

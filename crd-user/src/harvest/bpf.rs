@@ -257,40 +257,15 @@ impl BpfHarvester {
             return Err(BpfError::Interrupted(crate::interrupt::Interrupted));
         }
         if let Scope::Processes(tgids) = scope {
-            let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
-                self.ebpf.map_mut("crd_tgids").ok_or(BpfError::Load("map crd_tgids missing".into()))?,
-            )
-            .map_err(load_error)?;
-            let old: Vec<u32> = filter.keys().filter_map(Result::ok).collect();
-            for key in old {
-                let _ = filter.remove(&key);
-            }
-            for tgid in tgids {
-                filter.insert(tgid.0, 0, 0).map_err(load_error)?;
-            }
+            self.set_filter(tgids)?;
         }
         let mut stats = HarvestStats::default();
         let mut harvest = Harvest::default();
         let before = self.counters()?;
         let mut decoder = Decoder::new(self.file_ref_bias);
         let programs = [("crd_task", "task"), (self.task_file, "task_file")];
-        match scope {
-            // A few processes: the iterators visit their tasks and files alone, not every
-            // task's on the machine (whose fds the programs would skip one by one).
-            Scope::Processes(tgids) if self.task_filter && tgids.len() <= PER_PROCESS_ITERATION_MAX => {
-                for tgid in tgids {
-                    for (name, iterator) in programs {
-                        let run = Run { name, iterator, pid: Some(tgid.0) };
-                        self.run_iterator(run, &mut decoder, &mut harvest, &mut stats, interrupted)?;
-                    }
-                }
-            }
-            _ => {
-                for (name, iterator) in programs {
-                    let run = Run { name, iterator, pid: None };
-                    self.run_iterator(run, &mut decoder, &mut harvest, &mut stats, interrupted)?;
-                }
-            }
+        for run in self.runs(scope, &programs) {
+            self.run_iterator(run, &mut decoder, &mut harvest, &mut stats, interrupted)?;
         }
         stats.epoll_walks = decoder.epoll_walks;
         stats.epoll_fallbacks = decoder.epoll_fallbacks;
@@ -317,6 +292,65 @@ impl BpfHarvester {
             task.session = *sessions.entry(task.tgid).or_insert_with(|| crate::model::Session::of(task.tgid));
         }
         Ok((harvest, stats))
+    }
+
+    /// The thread groups the programs report (`crd_tgids`).
+    fn set_filter(&mut self, tgids: &[Tgid]) -> Result<(), BpfError> {
+        let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
+            self.ebpf.map_mut("crd_tgids").ok_or(BpfError::Load("map crd_tgids missing".into()))?,
+        )
+        .map_err(load_error)?;
+        let old: Vec<u32> = filter.keys().filter_map(Result::ok).collect();
+        for key in old {
+            let _ = filter.remove(&key);
+        }
+        for tgid in tgids {
+            filter.insert(tgid.0, 0, 0).map_err(load_error)?;
+        }
+        Ok(())
+    }
+
+    /// The iterator runs a harvest of `scope` takes: a few processes are iterated each
+    /// alone, not every task on the machine (whose fds the programs would skip one by
+    /// one); otherwise one run over every task.
+    fn runs(&self, scope: Scope<'_>, programs: &[(&'static str, &'static str)]) -> Vec<Run> {
+        match scope {
+            Scope::Processes(tgids) if self.task_filter && tgids.len() <= PER_PROCESS_ITERATION_MAX => tgids
+                .iter()
+                .flat_map(|tgid| {
+                    programs.iter().map(|&(name, iterator)| Run { name, iterator, pid: Some(tgid.0) })
+                })
+                .collect(),
+            _ => programs.iter().map(|&(name, iterator)| Run { name, iterator, pid: None }).collect(),
+        }
+    }
+
+    /// The floor of a harvest of `scope`: the fd program run over the same fds as a
+    /// harvest visits, with no process asked for, so that it returns at its first check
+    /// (the kernel's walk of the fds, a program call and one map look-up each). For the
+    /// bench: what a harvest costs per fd before it reads anything.
+    #[cfg(feature = "testing")]
+    pub fn time_visit_only(
+        &mut self,
+        scope: Scope<'_>,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<std::time::Duration, BpfError> {
+        self.set_filter(&[])?;
+        let mut stats = HarvestStats::default();
+        let mut harvest = Harvest::default();
+        let mut decoder = Decoder::new(self.file_ref_bias);
+        let started = std::time::Instant::now();
+        for run in self.runs(scope, &[(self.task_file, "task_file")]) {
+            self.run_iterator(run, &mut decoder, &mut harvest, &mut stats, interrupted)?;
+        }
+        let elapsed = started.elapsed();
+        if !harvest.fds.is_empty() {
+            return Err(BpfError::Load(format!(
+                "{} fds reported with no process asked for",
+                harvest.fds.len()
+            )));
+        }
+        Ok(elapsed)
     }
 
     fn counters(&self) -> Result<[u64; 3], BpfError> {
