@@ -218,6 +218,9 @@ fn socket_row(
             bail!("crd bench-harvest saw {} fds, not {expected}", runs.fds);
         }
         row.harvest_ms.push(median(&runs.runs_ms).unwrap_or(f64::NAN));
+        if let Some(floor) = median(&runs.floor_ms) {
+            row.floor_ms.push(floor);
+        }
         let ls = scratch.run(Command::new(crd).arg("ls").arg(&pid), &[0])?;
         // One line per fd, and a header: fewer means ls missed some.
         if (ls.stdout.lines().count() as u64) < expected {
