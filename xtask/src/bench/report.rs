@@ -309,7 +309,11 @@ pub fn render(
     let mut md = String::new();
     let w = &mut md;
     let _ = writeln!(w, "# Benchmarks\n");
-    let _ = writeln!(w, "Written by `cargo xtask bench` (release build); rerun it to refresh this page.\n");
+    let _ = writeln!(
+        w,
+        "Written by `cargo xtask bench` (release build); rerun it to refresh this page. What has \
+         been tried to make these faster, and where the floors are: [performance.md](performance.md).\n"
+    );
     let _ = writeln!(
         w,
         "Machine: {} cores ({}), {:.0} GiB, kernel {}; {}; crd {}.\n",
