@@ -36,9 +36,28 @@ pub struct Harvest {
     pub floor_ms: Vec<f64>,
     /// Peak RSS of the `crd bench-harvest --source bpf` processes.
     pub rss_bytes: Vec<u64>,
+    /// Whole commands over the whole machine (fork to exit): `crd ls --all`, with
+    /// `--json`, with `--source procfs`, and `lsof -n -P`.
+    pub ls_all_ms: Vec<f64>,
+    pub ls_all_json_ms: Vec<f64>,
+    pub ls_all_procfs_ms: Vec<f64>,
+    pub lsof_all_ms: Vec<f64>,
+    /// Peak RSS of the two BPF `crd ls --all` commands.
+    pub ls_all_rss: Vec<u64>,
 }
 
 impl Harvest {
+    /// lsof's whole command over crd's (`ls --all`, the slower of table and JSON),
+    /// repetition by repetition.
+    fn ls_lsof_ratio(&self) -> Option<f64> {
+        let crd: Vec<f64> = self.ls_all_ms.iter().zip(&self.ls_all_json_ms).map(|(a, b)| a.max(*b)).collect();
+        median(&self.lsof_all_ms.iter().zip(&crd).map(|(l, c)| l / c).collect::<Vec<_>>())
+    }
+    fn ls_procfs_ratio(&self) -> Option<f64> {
+        let crd: Vec<f64> = self.ls_all_ms.iter().zip(&self.ls_all_json_ms).map(|(a, b)| a.max(*b)).collect();
+        median(&self.ls_all_procfs_ms.iter().zip(&crd).map(|(p, c)| p / c).collect::<Vec<_>>())
+    }
+
     pub fn label(&self) -> String {
         format!("{} × {}", thousands(self.processes as u64), thousands(self.fds_per_process as u64))
     }
@@ -200,6 +219,24 @@ pub fn verdicts(harvests: &[Harvest], checkpoints: &[Checkpoint]) -> Vec<Verdict
             h.lsof_ratio(),
             |r| format!("{r:.1}×"),
             |r| r >= 20.0,
+        ));
+        out.push(verdict(
+            format!("`crd ls --all` (and `--json`) ≥ 20× faster than `lsof -n -P`, whole commands ({label})"),
+            h.ls_lsof_ratio(),
+            |r| format!("{r:.1}×"),
+            |r| r >= 20.0,
+        ));
+        out.push(verdict(
+            format!("`crd ls --all` ≥ 20× faster than `crd ls --all --source procfs` ({label})"),
+            h.ls_procfs_ratio(),
+            |r| format!("{r:.1}×"),
+            |r| r >= 20.0,
+        ));
+        out.push(verdict(
+            format!("`crd ls --all` peak RSS < 64 MiB ({label})"),
+            h.ls_all_rss.iter().copied().max().map(|b| b as f64),
+            |b| format!("{:.1} MiB", b / (1024.0 * 1024.0)),
+            |b| b < 64.0 * 1024.0 * 1024.0,
         ));
         out.push(verdict(
             format!("BPF harvest < 300 ns per fd ({label})"),
@@ -364,6 +401,34 @@ pub fn render(
             ms(median(&h.load_ms)),
             mib_of(&h.rss_bytes),
         );
+    }
+    if harvests.iter().any(|h| !h.ls_all_ms.is_empty()) {
+        let _ = writeln!(
+            w,
+            "\nWhole commands over the whole machine, fork to exit, as a user runs them (BPF load, \
+             graph and output included): `crd ls --all` (the table and `--json`), \
+             `crd ls --all --source procfs`, and `lsof -n -P`. The ratios take the slower of crd's \
+             table and JSON. Peak RSS is that of crd's BPF commands.\n"
+        );
+        let _ = writeln!(
+            w,
+            "| workload | ls --all ms | ls --all --json ms | peak RSS | --source procfs ms | lsof -n -P ms | lsof/crd | procfs/crd |"
+        );
+        let _ = writeln!(w, "|---|--:|--:|--:|--:|--:|--:|--:|");
+        for h in harvests.iter().filter(|h| !h.ls_all_ms.is_empty()) {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                h.label(),
+                ms(median(&h.ls_all_ms)),
+                ms(median(&h.ls_all_json_ms)),
+                mib_of(&h.ls_all_rss),
+                ms(median(&h.ls_all_procfs_ms)),
+                ms(median(&h.lsof_all_ms)),
+                ratio(h.ls_lsof_ratio()),
+                ratio(h.ls_procfs_ratio()),
+            );
+        }
     }
     let _ = writeln!(w, "\n## Checkpoint and restore\n");
     let _ = writeln!(
@@ -537,6 +602,11 @@ mod tests {
             load_ms: vec![20.0; 3],
             floor_ms: vec![bpf / 4.0; 3],
             rss_bytes: vec![10 << 20, 12 << 20, 11 << 20],
+            ls_all_ms: vec![bpf * 4.0; 3],
+            ls_all_json_ms: vec![bpf * 5.0; 3],
+            ls_all_procfs_ms: vec![procfs * 2.0; 3],
+            lsof_all_ms: vec![lsof * 2.0; 3],
+            ls_all_rss: vec![50 << 20, 70 << 20, 60 << 20],
         }
     }
 
@@ -718,5 +788,18 @@ mod tests {
             "| checkpoint of the {TREE_50} < 50 ms (whole command) | 51.0 ms | **missed** |"
         )));
         assert!(page.contains("| BPF harvest ≥ 20× faster than lsof (100 × 1,000) | 10.0× | **missed** |"));
+        // Whole commands: the slower of table (80) and JSON (100) against lsof (400) and
+        // procfs (1,200); the larger peak RSS.
+        assert!(
+            page.contains("| 100 × 1,000 | 80.0 | 100 | 70.0 MiB | 1200 | 400 | 4.0× | 12.0× |"),
+            "{page}"
+        );
+        assert!(page.contains(
+            "| `crd ls --all` (and `--json`) ≥ 20× faster than `lsof -n -P`, whole commands (100 × 1,000) | 4.0× | **missed** |"
+        ));
+        assert!(
+            page.contains("| `crd ls --all` peak RSS < 64 MiB (100 × 1,000) | 70.0 MiB | **missed** |"),
+            "{page}"
+        );
     }
 }
