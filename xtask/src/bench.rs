@@ -178,7 +178,7 @@ fn harvest(
         }
         let lsof = scratch.run(Command::new("lsof").args(["-n", "-P", "-p", &pids.join(",")]), &[0, 1])?;
         // One line per fd (plus cwd, txt, maps and the header): fewer means lsof missed some.
-        let lines = lsof.stdout.lines().count() as u64;
+        let lines = lsof.lines;
         if lines < expected {
             bail!("lsof listed {lines} lines for {expected} fds");
         }
@@ -187,8 +187,8 @@ fn harvest(
         let ls = |args: &[&str]| scratch.run(Command::new(crd).arg("ls").arg("--all").args(args), &[0]);
         let table = ls(&[])?;
         let json = ls(&["--json"])?;
-        if (table.stdout.lines().count() as u64) < expected {
-            bail!("crd ls --all listed {} lines for {expected} fds", table.stdout.lines().count());
+        if table.lines < expected {
+            bail!("crd ls --all listed {} lines for {expected} fds", table.lines);
         }
         row.ls_all_ms.push(table.wall_ms());
         row.ls_all_json_ms.push(json.wall_ms());
@@ -235,8 +235,8 @@ fn socket_row(
         }
         let ls = scratch.run(Command::new(crd).arg("ls").arg(&pid), &[0])?;
         // One line per fd, and a header: fewer means ls missed some.
-        if (ls.stdout.lines().count() as u64) < expected {
-            bail!("crd ls listed {} lines for {expected} fds", ls.stdout.lines().count());
+        if ls.lines < expected {
+            bail!("crd ls listed {} lines for {expected} fds", ls.lines);
         }
         row.ls_ms.push(ls.wall_ms());
         row.ls_rss.push(ls.max_rss);

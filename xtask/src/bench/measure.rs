@@ -64,7 +64,13 @@ pub struct Measured {
     pub wall: Duration,
     /// Peak resident set size, bytes.
     pub max_rss: u64,
+    /// The command's output when it is under [`KEPT_OUTPUT`]; a bigger one is only
+    /// counted ([`lines`](Self::lines)). Held, tens of megabytes of it would raise every
+    /// later measurement's peak RSS: a child's high-water mark counts its parent's memory
+    /// from the fork until the exec.
     pub stdout: String,
+    /// Lines of output.
+    pub lines: u64,
     /// `$CRD_TIMINGS_FILE`'s content, if the command wrote one.
     pub timings: BTreeMap<String, f64>,
 }
@@ -74,6 +80,9 @@ impl Measured {
         self.wall.as_secs_f64() * 1e3
     }
 }
+
+/// The most output of a command kept in memory (see [`Measured::stdout`]).
+pub const KEPT_OUTPUT: u64 = 1 << 20;
 
 /// Where measured commands leave their output.
 pub struct Scratch {
@@ -119,12 +128,21 @@ impl Scratch {
             return Err(Failed { command: shown, status, stderr: tail.join(" / ") }.into());
         }
         check_interrupted()?;
-        let stdout = fs::read_to_string(&out_path).context("reading the command's output")?;
+        let lines = std::io::BufRead::lines(std::io::BufReader::new(
+            fs::File::open(&out_path).context("reading the command's output")?,
+        ))
+        .count() as u64;
+        let stdout = match fs::metadata(&out_path) {
+            Ok(m) if m.len() <= KEPT_OUTPUT => {
+                fs::read_to_string(&out_path).context("reading the command's output")?
+            }
+            _ => String::new(),
+        };
         let timings = match fs::read_to_string(&timings_path) {
             Ok(text) => parse_timings(&text).context("crd's timings file")?,
             Err(_) => BTreeMap::new(),
         };
-        Ok(Measured { wall, max_rss, stdout, timings })
+        Ok(Measured { wall, max_rss, stdout, lines, timings })
     }
 }
 
