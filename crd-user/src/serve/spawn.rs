@@ -1,0 +1,132 @@
+//! Restore and graft run as a `crd` of the client's own: this binary, started with the
+//! client's credentials (uid, gid, groups), in the client's directory.
+//!
+//! Both make processes: stubs that hold the fds and, with `--exec`, the client's program.
+//! Those must be the client's, not root's (a user's `--exec` must not run as root), and
+//! they must not be children of the long-lived service (nobody would reap them). Forking
+//! them from the service itself would also fork a many-threaded process, after which
+//! only async-signal-safe code may run until exec. A subprocess gives each of these for
+//! free, and does exactly what the client's own `crd` would: the kernel checks its
+//! ptrace and file access as the client. (So a graft through the service loads the
+//! BPF programs as a client's crd would: an unprivileged client's reads /proc.)
+//!
+//! Cancelling (the client gone, a deadline, SIGTERM) sends the subprocess SIGINT, as
+//! Ctrl-C would: it resumes its targets and kills unfinished stubs, and the service
+//! waits for it.
+use std::{
+    ffi::{CString, OsString},
+    os::unix::{ffi::OsStrExt, process::ExitStatusExt},
+    path::PathBuf,
+    process::Stdio,
+};
+
+use tokio::io::AsyncReadExt;
+
+use super::{access::Peer, cancel::Cancel};
+
+/// What the subprocess said and how it ended.
+pub struct Ran {
+    pub exit: u8,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Why the subprocess could not be run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot start crd as the client: {0}")]
+    Start(#[source] std::io::Error),
+    #[error("the client's directory {0} is not a usable path")]
+    BadCwd(String),
+}
+
+/// Runs `crd ARGS` as `peer`, in `cwd`, until it ends or `cancel` is raised.
+pub async fn run_as(
+    peer: &Peer,
+    args: Vec<OsString>,
+    cwd: Option<PathBuf>,
+    cancel: &Cancel,
+) -> Result<Ran, SpawnError> {
+    let cwd = cwd
+        .map(|dir| {
+            CString::new(dir.as_os_str().as_bytes())
+                .map_err(|_| SpawnError::BadCwd(dir.display().to_string()))
+        })
+        .transpose()?;
+    let mut command = tokio::process::Command::new("/proc/self/exe");
+    command
+        .args(args)
+        .env_remove("CRD_SERVICE")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let me = nix::unistd::geteuid().as_raw();
+    let switch = (me == 0 && peer.uid != 0).then(|| (peer.uid, peer.gid, peer.groups.clone()));
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe system calls (setgroups, setresgid, setresuid, chdir) on data
+    // prepared before the fork; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if let Some((uid, gid, groups)) = &switch {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setresgid(*gid, *gid, *gid) != 0
+                    || libc::setresuid(*uid, *uid, *uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // As the client: a directory it cannot enter is refused to it.
+            if let Some(dir) = &cwd
+                && libc::chdir(dir.as_ptr()) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(SpawnError::Start)?;
+    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
+    let read_out = async {
+        let mut text = Vec::new();
+        if let Some(out) = out.as_mut() {
+            let _ = out.read_to_end(&mut text).await;
+        }
+        text
+    };
+    let read_err = async {
+        let mut text = Vec::new();
+        if let Some(err) = err.as_mut() {
+            let _ = err.read_to_end(&mut text).await;
+        }
+        text
+    };
+    let wait = async {
+        tokio::select! {
+            status = child.wait() => status,
+            () = cancel.raised() => {
+                if let Some(pid) = child.id() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGINT,
+                    );
+                }
+                child.wait().await
+            }
+        }
+    };
+    let (status, stdout, stderr) = tokio::join!(wait, read_out, read_err);
+    let status = status.map_err(SpawnError::Start)?;
+    let exit = match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(signal)) => 128u8.saturating_add(signal as u8),
+        (None, None) => 1,
+    };
+    Ok(Ran {
+        exit,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    })
+}
