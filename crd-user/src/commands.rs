@@ -356,6 +356,9 @@ pub struct Context<'a> {
     /// What relative paths are relative to (the client's directory, for the service);
     /// None: this process's.
     pub cwd: Option<&'a Path>,
+    /// The process that asked, when it is not this one (the service's client): `--all`
+    /// leaves it out, as crd leaves itself out.
+    pub caller: Option<Tgid>,
 }
 
 impl Context<'_> {
@@ -543,7 +546,8 @@ pub fn inspect(
 pub fn listing(args: &LsArgs, cx: &mut Context<'_>) -> Result<Listing, CommandError> {
     let targets = Targets::new(&args.pids, args.all)?;
     let harvester = cx.harvesters.get(args.source.into(), targets == Targets::All).map_err(LsError::from)?;
-    let (harvest, unix_queues) = ls::harvest_with(harvester, &targets, &cx.admission, cx.interrupted)?;
+    let (harvest, unix_queues) =
+        ls::harvest_with(harvester, &targets, &cx.admission, cx.caller, cx.interrupted)?;
     let listing = Listing::new(&harvest, &unix_queues);
     Ok(if args.pipes { listing.only_pipes() } else { listing })
 }

@@ -80,17 +80,20 @@ pub fn harvest(
     interrupted: &dyn Fn() -> bool,
 ) -> Result<(Source, Harvest, UnixQueues), LsError> {
     let mut harvester = harvest::harvester(source, *targets == Targets::All, load)?;
-    let (harvest, unix_queues) = harvest_with(harvester.as_mut(), targets, &Admission::Kernel, interrupted)?;
+    let (harvest, unix_queues) =
+        harvest_with(harvester.as_mut(), targets, &Admission::Kernel, None, interrupted)?;
     Ok((harvester.source(), harvest, unix_queues))
 }
 
 /// As [`harvest`], with a harvester already loaded (for [`Targets::All`], one loaded
 /// with `match_all`), listing only what `admission` admits: a named process it refuses
-/// is an error, and `--all` leaves out every process it refuses.
+/// is an error, and `--all` leaves out every process it refuses, and `caller` (the
+/// service's client, left out as crd leaves itself out).
 pub fn harvest_with(
     harvester: &mut dyn harvest::Harvester,
     targets: &Targets,
     admission: &Admission,
+    caller: Option<Tgid>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<(Harvest, UnixQueues), LsError> {
     if let Targets::Processes(tgids) = targets {
@@ -103,12 +106,13 @@ pub fn harvest_with(
         Targets::All => Scope::All,
     };
     let (mut harvest, _) = harvester.harvest(scope, interrupted)?;
-    if *targets == Targets::All && !admission.admits_everyone() {
+    if *targets == Targets::All && (caller.is_some() || !admission.admits_everyone()) {
         let mut admitted: HashMap<Tgid, bool> = HashMap::new();
         let keep: HashSet<Tgid> = harvest
             .tasks
             .iter()
             .map(|t| t.tgid)
+            .filter(|&tgid| Some(tgid) != caller)
             .filter(|&tgid| *admitted.entry(tgid).or_insert_with(|| admission.check(tgid).is_ok()))
             .collect();
         harvest.retain_processes(&keep);

@@ -185,6 +185,7 @@ fn main() -> ExitCode {
         admission: Default::default(),
         images: &AsThisProcess,
         cwd: None,
+        caller: None,
     };
     let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr());
     let mut out = Output { stdout: &mut stdout, stderr: &mut stderr };

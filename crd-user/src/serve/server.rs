@@ -371,7 +371,8 @@ fn in_context<T>(
     };
     let images = AsClient::new(FsIdentity { uid: peer.uid, gid: peer.gid, groups: peer.groups.clone() });
     let interrupted = || cancel.is_raised();
-    let mut cx = Context { harvesters, interrupted: &interrupted, admission, images: &images, cwd };
+    let caller = u32::try_from(peer.pid).ok().map(Tgid);
+    let mut cx = Context { harvesters, interrupted: &interrupted, admission, images: &images, cwd, caller };
     body(&mut cx)
 }
 
