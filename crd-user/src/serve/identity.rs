@@ -116,7 +116,7 @@ mod tests {
             return;
         }
         let body = ImageBody {
-            header: image::Header::now(crate::harvest::Source::Procfs, false),
+            header: image::Header::now(crate::harvest::Source::Procfs.into(), false),
             graph: crate::Graph::build(crate::types::Tgid(1), &Default::default(), Default::default()),
         };
         let nobody = FsIdentity { uid: 65534, gid: 65534, groups: vec![] };

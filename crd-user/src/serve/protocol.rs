@@ -125,10 +125,12 @@ pub fn parse(line: &str) -> Result<Envelope, BadRequest> {
     let Some(name) = value.get("request") else {
         return Err(BadRequest { id, message: "malformed request: no \"request\" field".into() });
     };
+    // serde would take a number as the variant's index: a request is named, by name.
+    let Some(name) = name.as_str() else {
+        return Err(BadRequest { id, message: "malformed request: \"request\" is not a name".into() });
+    };
     let known = ["ls", "checkpoint", "restore", "graft", "watch"];
-    if let Some(name) = name.as_str()
-        && !known.contains(&name)
-    {
+    if !known.contains(&name) {
         return Err(BadRequest {
             id,
             message: format!("unknown request {name:?}: expected one of {}", known.join(", ")),
@@ -177,7 +179,7 @@ mod tests {
             ),
             (r#"{"id": 6, "request": "ls", "pids": "all"}"#, Some(6), "bad request: "),
             (r#"{"id": 7, "request": "ls", "colour": true}"#, Some(7), "bad request: unknown field `colour`"),
-            (r#"{"id": 8, "request": 3}"#, Some(8), "bad request: "),
+            (r#"{"id": 8, "request": 3}"#, Some(8), "malformed request: \"request\" is not a name"),
         ];
         for (line, id, prefix) in cases {
             let bad = parse(line).expect_err(line);

@@ -70,13 +70,12 @@ pub async fn run_as(
     // prepared before the fork; it allocates nothing.
     unsafe {
         command.pre_exec(move || {
-            if let Some((uid, gid, groups)) = &switch {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+            if let Some((uid, gid, groups)) = &switch
+                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
                     || libc::setresgid(*gid, *gid, *gid) != 0
-                    || libc::setresuid(*uid, *uid, *uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+                    || libc::setresuid(*uid, *uid, *uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
             }
             // As the client: a directory it cannot enter is refused to it.
             if let Some(dir) = &cwd
