@@ -530,3 +530,42 @@ fn fifty_clients_listing_in_a_loop_get_no_error_and_leak_nothing() {
     assert_eq!(programs_after, programs_before, "no BPF program leaked or reloaded");
     assert!(rss_after < rss_before + 16 * 1024, "RSS flat: {rss_before} -> {rss_after} KiB");
 }
+
+#[test]
+fn a_socket_activated_service_serves_systemds_socket_and_leaves_it_in_place() {
+    require_root!();
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut command = Command::new("sh");
+    // LISTEN_PID must be the service's own PID: the shell's, which exec keeps.
+    command
+        .args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve --socket /nonexistent/unused.sock"])
+        .arg(crd_bin())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    // SAFETY: dup2 and fcntl are async-signal-safe; they put the listening socket at
+    // fd 3, as systemd does, without close-on-exec (dup2 of fd 3 onto itself would
+    // leave the flag set).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+            let placed = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
+            if placed < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    drop(listener);
+    let me = std::process::id().to_string();
+    let out = Command::new(crd_bin()).env("CRD_SERVICE", &socket).args(["ls", &me]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&me));
+    // SAFETY: plain kill(2) of the service this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert!(socket.exists(), "systemd's socket file is systemd's to remove");
+}
