@@ -314,12 +314,15 @@ impl ImageSink for SinkAt<'_> {
 /// (`match_all`) ignore the PID filter, so each (source, match_all) pair has its own.
 pub struct Harvesters {
     load: LoadOptions,
+    /// By the source each resolved to (never `Auto`) and `match_all`.
     loaded: Vec<((harvest::Source, bool), Box<dyn Harvester>)>,
+    /// `auto` fell back to /proc here (this kernel cannot run the BPF programs).
+    auto_is_procfs: bool,
 }
 
 impl Harvesters {
     pub fn new(load: LoadOptions) -> Self {
-        Self { load, loaded: Vec::new() }
+        Self { load, loaded: Vec::new(), auto_is_procfs: false }
     }
 
     pub fn load_options(&self) -> &LoadOptions {
@@ -332,15 +335,32 @@ impl Harvesters {
         source: harvest::Source,
         match_all: bool,
     ) -> Result<&mut dyn Harvester, HarvestError> {
-        let key = (source, match_all);
-        let at = match self.loaded.iter().position(|(k, _)| *k == key) {
-            Some(at) => at,
-            None => {
-                self.loaded.push((key, harvest::harvester(source, match_all, &self.load)?));
-                self.loaded.len() - 1
+        if self.find(source, match_all).is_none() {
+            let loaded = harvest::harvester(source, match_all, &self.load)?;
+            if source == harvest::Source::Auto && loaded.source() == harvest::Source::Procfs {
+                self.auto_is_procfs = true;
             }
-        };
+            self.loaded.push(((loaded.source(), match_all), loaded));
+        }
+        let at = self.find(source, match_all).unwrap_or(self.loaded.len() - 1);
         Ok(self.loaded[at].1.as_mut())
+    }
+
+    /// The harvester for `source` if one is loaded already.
+    pub fn loaded(&mut self, source: harvest::Source, match_all: bool) -> Option<&mut dyn Harvester> {
+        let at = self.find(source, match_all)?;
+        Some(self.loaded[at].1.as_mut())
+    }
+
+    /// Where the harvester `source` resolves to is kept: `auto` is BPF once BPF loaded,
+    /// /proc once BPF could not.
+    fn find(&self, source: harvest::Source, match_all: bool) -> Option<usize> {
+        let resolved = match source {
+            harvest::Source::Auto if self.auto_is_procfs => harvest::Source::Procfs,
+            harvest::Source::Auto => harvest::Source::Bpf,
+            source => source,
+        };
+        self.loaded.iter().position(|(key, _)| *key == (resolved, match_all))
     }
 }
 
@@ -442,8 +462,10 @@ fn checkpoint_to(
 ) -> Result<(), CommandError> {
     let path = cx.resolve(shown);
     let sink = SinkAt { path: &path, writer: cx.images };
-    let harvester = cx.harvesters.get(options.source, false).map_err(CheckpointError::from)?;
-    let done = checkpoint_with(options, Some(harvester), Some(&sink), cx.interrupted)?;
+    // A harvester loaded already (the service's) is used; else the checkpoint loads one,
+    // timed as its `load` phase.
+    let harvester = cx.harvesters.loaded(options.source, false);
+    let done = checkpoint_with(options, harvester, Some(&sink), cx.interrupted)?;
     #[cfg(feature = "testing")]
     done.phases.write_if_requested();
     let graph = &done.body.graph;
