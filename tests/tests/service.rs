@@ -457,6 +457,16 @@ fn an_unprivileged_client_reaches_only_what_its_own_crd_could() {
     let err = text(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("crd: access denied: the image"), "{err}");
+    // An image in a directory the client cannot enter: the service looks as the client,
+    // so its answer says nothing of the file (not whose it is).
+    let private = dir.path().join("private");
+    fs::create_dir(&private).unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::copy(&root_image, private.join("root.img")).unwrap();
+    let out = as_nobody(&service, &open, &["restore", private.join("root.img").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("Permission denied") && !err.contains("uid 0"), "{err}");
     let _ = own.kill();
     let _ = own.wait();
 }

@@ -12,6 +12,7 @@
 //! ever narrows. A client may restore only an image it owns.
 use std::{fs, os::fd::AsFd, os::unix::fs::MetadataExt, path::Path};
 
+use super::identity::FsIdentity;
 use crate::{admission::Refused, types::Tgid};
 
 /// Who is on the other end of a connection.
@@ -46,12 +47,27 @@ impl Peer {
         decide(self, &facts, yama_scope()).map_err(|why| Refused(why.message(self, tgid, &facts)))
     }
 
+    /// The client's file-system identity (images are written with it).
+    pub fn identity(&self) -> FsIdentity {
+        FsIdentity { uid: self.uid, gid: self.gid, groups: self.groups.clone() }
+    }
+
     /// Whether the client may restore the image at `path`: it owns it (root with
-    /// CAP_SYS_PTRACE may restore any). A path that cannot be read is left to the
-    /// restore, which says why as the client.
+    /// CAP_SYS_PTRACE may restore any). The path is looked at as the client, so the
+    /// answer tells nothing of a file the client could not see; a path it cannot see is
+    /// left to the restore, which says why as the client.
     pub fn may_restore(&self, path: &Path) -> Result<(), Refused> {
-        match fs::metadata(path) {
-            Ok(meta) if !self.privileged && meta.uid() != self.uid => Err(Refused(format!(
+        if self.privileged {
+            return Ok(());
+        }
+        let identity = self.identity();
+        let meta = if identity.differs_from_this_process() {
+            identity.run(|| fs::metadata(path)).map_err(std::io::Error::from).and_then(|m| m)
+        } else {
+            fs::metadata(path)
+        };
+        match meta {
+            Ok(meta) if meta.uid() != self.uid => Err(Refused(format!(
                 "access denied: the image {} belongs to uid {}, not to uid {}: the service restores only a client's own images",
                 path.display(),
                 meta.uid(),

@@ -24,6 +24,23 @@ pub struct FsIdentity {
     pub groups: Vec<u32>,
 }
 
+impl FsIdentity {
+    /// Runs `f` on this thread with this file-system identity, and the thread's own
+    /// identity back afterwards. `f` must not yield to other work on the thread (no
+    /// `.await` inside): it runs as the client until it returns.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, nix::errno::Errno> {
+        let _as = Assumed::take(self)?;
+        Ok(f())
+    }
+
+    /// Whether this process must take on the identity to act as the client: it is
+    /// root and the client is not.
+    pub fn differs_from_this_process(&self) -> bool {
+        let me = nix::unistd::geteuid().as_raw();
+        me == 0 && self.uid != me
+    }
+}
+
 /// Writes images as the client: with its file-system identity, or as the service is when
 /// the client is the service's own user (or the service cannot change identity: it is
 /// not root, and then only its own user can reach its socket).
@@ -32,8 +49,7 @@ pub struct AsClient(pub Option<FsIdentity>);
 impl AsClient {
     /// How to write for a client with these ids.
     pub fn new(identity: FsIdentity) -> Self {
-        let me = nix::unistd::geteuid().as_raw();
-        Self((me == 0 && identity.uid != me).then_some(identity))
+        Self(identity.differs_from_this_process().then_some(identity))
     }
 }
 
@@ -41,9 +57,9 @@ impl ImageWriter for AsClient {
     fn write(&self, path: &Path, body: &ImageBody) -> Result<(), ImageError> {
         let Some(identity) = &self.0 else { return image::write(path, body) };
         let name = path.display().to_string();
-        let _as = Assumed::take(identity)
-            .map_err(|e| ImageError::Write { path: name, source: std::io::Error::from(e) })?;
-        image::write(path, body)
+        identity
+            .run(|| image::write(path, body))
+            .map_err(|e| ImageError::Write { path: name, source: std::io::Error::from(e) })?
     }
 }
 

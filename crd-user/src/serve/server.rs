@@ -29,7 +29,7 @@ use super::{
     access::Peer,
     activation::{Listening, SocketError},
     cancel::Cancel,
-    identity::{AsClient, FsIdentity},
+    identity::AsClient,
     protocol::{self, EXIT_BAD_REQUEST, EXIT_DEADLINE, MAX_REQUEST_BYTES, Reply, Request},
     spawn,
     worker::Worker,
@@ -369,7 +369,7 @@ fn in_context<T>(
         let peer = peer.clone();
         Admission::Only(Arc::new(move |tgid| peer.may_trace(tgid)))
     };
-    let images = AsClient::new(FsIdentity { uid: peer.uid, gid: peer.gid, groups: peer.groups.clone() });
+    let images = AsClient::new(peer.identity());
     let interrupted = || cancel.is_raised();
     let caller = u32::try_from(peer.pid).ok().map(Tgid);
     let mut cx = Context { harvesters, interrupted: &interrupted, admission, images: &images, cwd, caller };
