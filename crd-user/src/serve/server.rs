@@ -20,7 +20,6 @@ use serde_json::value::RawValue;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixStream, unix::OwnedReadHalf},
-    signal::unix::{SignalKind, signal},
     sync::mpsc,
     task::JoinSet,
 };
@@ -94,8 +93,7 @@ pub fn run(options: ServeOptions) -> Result<(), ServeError> {
 async fn serve(listening: &Listening, state: Arc<State>) -> Result<(), ServeError> {
     let std_listener = listening.listener.try_clone().map_err(ServeError::Start)?;
     let listener = tokio::net::UnixListener::from_std(std_listener).map_err(ServeError::Start)?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(ServeError::Start)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(ServeError::Start)?;
+    on_signals(state.shutdown.clone()).map_err(ServeError::Start)?;
     eprintln!("crd: serving on {}", listening.describe());
     let mut connections = JoinSet::new();
     loop {
@@ -111,20 +109,31 @@ async fn serve(listening: &Listening, state: Arc<State>) -> Result<(), ServeErro
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            () = state.shutdown.raised() => break,
         }
     }
     eprintln!("crd: stopping: cancelling {} connection(s)' requests", connections.len());
     // No new client; every request in flight is cancelled and resumes its targets.
     drop(listener);
     listening.remove();
-    state.shutdown.raise();
     let drained =
         tokio::time::timeout(DRAIN, async { while connections.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         log::warn!("requests still running after {DRAIN:?}; stopping anyway");
     }
+    Ok(())
+}
+
+/// SIGTERM and SIGINT raise `shutdown`, from a thread of signal-hook's (see Cargo.toml
+/// for why not tokio's signals).
+fn on_signals(shutdown: Cancel) -> std::io::Result<()> {
+    let mut signals =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+    std::thread::Builder::new().name("crd-signals".into()).spawn(move || {
+        if signals.forever().next().is_some() {
+            shutdown.raise();
+        }
+    })?;
     Ok(())
 }
 

@@ -15,12 +15,13 @@
 //! waits for it.
 use std::{
     ffi::{CString, OsString},
-    os::unix::{ffi::OsStrExt, process::ExitStatusExt},
+    os::unix::{
+        ffi::OsStrExt,
+        process::{CommandExt, ExitStatusExt},
+    },
     path::PathBuf,
     process::Stdio,
 };
-
-use tokio::io::AsyncReadExt;
 
 use super::{access::Peer, cancel::Cancel};
 
@@ -53,7 +54,7 @@ pub async fn run_as(
                 .map_err(|_| SpawnError::BadCwd(dir.display().to_string()))
         })
         .transpose()?;
-    let mut command = tokio::process::Command::new("/proc/self/exe");
+    let mut command = std::process::Command::new("/proc/self/exe");
     command
         .args(args)
         .env_remove("CRD_SERVICE")
@@ -86,38 +87,21 @@ pub async fn run_as(
             Ok(())
         });
     }
-    let mut child = command.spawn().map_err(SpawnError::Start)?;
-    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
-    let read_out = async {
-        let mut text = Vec::new();
-        if let Some(out) = out.as_mut() {
-            let _ = out.read_to_end(&mut text).await;
-        }
-        text
-    };
-    let read_err = async {
-        let mut text = Vec::new();
-        if let Some(err) = err.as_mut() {
-            let _ = err.read_to_end(&mut text).await;
-        }
-        text
-    };
-    let wait = async {
-        tokio::select! {
-            status = child.wait() => status,
-            () = cancel.raised() => {
-                if let Some(pid) = child.id() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGINT,
-                    );
-                }
-                child.wait().await
-            }
+    let child = command.spawn().map_err(SpawnError::Start)?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    // Waited for on tokio's blocking pool (see Cargo.toml for why not tokio's process).
+    // Until it is reaped there, the PID stays the child's: SIGINT cannot reach another.
+    let mut waited = tokio::task::spawn_blocking(move || child.wait_with_output());
+    let output = tokio::select! {
+        output = &mut waited => output,
+        () = cancel.raised() => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            waited.await
         }
     };
-    let (status, stdout, stderr) = tokio::join!(wait, read_out, read_err);
-    let status = status.map_err(SpawnError::Start)?;
+    let output =
+        output.map_err(|e| SpawnError::Start(std::io::Error::other(e)))?.map_err(SpawnError::Start)?;
+    let (status, stdout, stderr) = (output.status, output.stdout, output.stderr);
     let exit = match (status.code(), status.signal()) {
         (Some(code), _) => code as u8,
         (None, Some(signal)) => 128u8.saturating_add(signal as u8),
