@@ -66,15 +66,16 @@ pub async fn run_as(
         .stderr(Stdio::piped());
     let me = nix::unistd::geteuid().as_raw();
     let switch = (me == 0 && peer.uid != 0).then(|| (peer.uid, peer.gid, peer.groups.clone()));
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe system calls (setgroups, setresgid, setresuid, chdir) on data
-    // prepared before the fork; it allocates nothing.
+    // SAFETY: the closure runs in the forked child before exec and makes only raw system
+    // calls (setgroups, setresgid, setresuid: not glibc's wrappers, which would signal
+    // threads this child does not have; and chdir) on data prepared before the fork; it
+    // allocates nothing.
     unsafe {
         command.pre_exec(move || {
             if let Some((uid, gid, groups)) = &switch
-                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setresgid(*gid, *gid, *gid) != 0
-                    || libc::setresuid(*uid, *uid, *uid) != 0)
+                && (libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0
+                    || libc::syscall(libc::SYS_setresgid, *gid, *gid, *gid) != 0
+                    || libc::syscall(libc::SYS_setresuid, *uid, *uid, *uid) != 0)
             {
                 return Err(std::io::Error::last_os_error());
             }
