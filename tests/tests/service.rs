@@ -14,6 +14,8 @@ use crd_tests::{assert_running_untraced, crd, crd_bin, require_root, spawn, stat
 use serde_json::Value;
 
 /// A `crd serve` on a socket in a directory of its own, stopped (SIGTERM) when dropped.
+/// Its stderr goes to `serve.log` there, not into the test's output (libtest's
+/// `test NAME ... ok` lines must stay whole: the VM matrix reads them).
 struct Service {
     child: Child,
     dir: tempfile::TempDir,
@@ -24,6 +26,7 @@ impl Service {
     fn start(env: &[(&str, &str)], args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("crd.sock");
+        let log = fs::File::create(dir.path().join("serve.log")).unwrap();
         let mut command = Command::new(crd_bin());
         command
             .arg("serve")
@@ -31,7 +34,8 @@ impl Service {
             .arg(&socket)
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .stdout(Stdio::null())
+            .stderr(log);
         for (key, value) in env {
             command.env(key, value);
         }
@@ -555,7 +559,8 @@ fn a_socket_activated_service_serves_systemds_socket_and_leaves_it_in_place() {
         .args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve --socket /nonexistent/unused.sock"])
         .arg(crd_bin())
         .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     // SAFETY: dup2 and fcntl are async-signal-safe; they put the listening socket at
     // fd 3, as systemd does, without close-on-exec (dup2 of fd 3 onto itself would
     // leave the flag set).
