@@ -86,6 +86,10 @@ pub const KIND_SIGNALFD: u32 = 1 << 7;
 /// [`Config::kinds`]: this kernel has `bpf_loop` (5.17+), so the program that walks
 /// epolls with it is the one loaded; without it, the program with a small fixed bound.
 pub const KIND_BPF_LOOP: u32 = 1 << 8;
+/// The kernel's task and task_file iterators take a task filter (`bpf_iter_link_info.task`,
+/// 6.1+): userspace runs them over each asked-for process alone. (Userspace only: the
+/// programs do not look at it.)
+pub const KIND_ITER_TASK_FILTER: u32 = 1 << 9;
 
 /// The most items of one epoll the BPF program walks with `bpf_loop`; the ring's size
 /// lowers it ([`Config::epoll_max_items`]): every item of one walk must fit in the ring

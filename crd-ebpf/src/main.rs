@@ -321,6 +321,7 @@ fn task_file<const LOOP: bool>(ctx: *const TaskFileCtx) -> i32 {
     if file.is_null() {
         return 0;
     }
+    let sock = early_sock(file, off);
     let files: *const u8 = load(task, off.task_files);
     let inode: *const u8 = load(file, off.file_f_inode);
     let sb: *const u8 = load(inode, off.inode_i_sb);
@@ -357,7 +358,7 @@ fn task_file<const LOOP: bool>(ctx: *const TaskFileCtx) -> i32 {
         // Only sockfs: a socket file bound in another filesystem, opened with O_PATH,
         // has no `struct socket` behind it.
         common.tail = TAIL_SOCKET;
-        emit_socket(&mut r, common, file, off, ctx)
+        emit_socket(&mut r, common, file, sock, off, ctx)
     } else if i_mode & S_IFMT == S_IFIFO {
         // `i_pipe` shares a union with `i_cdev`, `i_link` and `i_dir_seq`: it means a
         // pipe only when the inode is a FIFO.
@@ -450,6 +451,7 @@ fn emit_socket(
     r: &mut Reader,
     common: FdRecord,
     file: *const u8,
+    sock: *const u8,
     off: &Offsets,
     ctx: *const TaskFileCtx,
 ) -> i32 {
@@ -473,7 +475,7 @@ fn emit_socket(
         &mut *slot
     };
     if kind_enabled(KIND_SOCKET_TYPED) {
-        typed_socket_tail(r, &mut record.tail, file, off);
+        typed_socket_tail(r, &mut record.tail, sock, off);
     } else {
         socket_tail(r, &mut record.tail, file, off);
     }
@@ -487,6 +489,25 @@ fn emit_socket(
 const SOCKET_FIELD_WORDS: usize = core::mem::offset_of!(SocketTail, name_len) / 8;
 const _: () = assert!(core::mem::offset_of!(SocketTail, name_len) % 8 == 0);
 
+/// A socket file's `struct sock` (NULL for any other file, or where the kernel lacks the
+/// typed socket helpers), asked for first thing: the `struct socket` sits on a cache
+/// line of its own, and its load depends only on the file (already in cache), so issued
+/// before the inode's fields its miss overlaps theirs instead of following them. For any
+/// other file it costs one helper call that compares `f_op`.
+#[inline(always)]
+fn early_sock(file: *const u8, off: &Offsets) -> *const u8 {
+    if !kind_enabled(KIND_SOCKET_TYPED) {
+        return core::ptr::null();
+    }
+    // SAFETY: `file` is the iterator's BTF-typed, non-NULL `struct file *`, the helper's
+    // one argument; it returns the file's `struct socket` or NULL, and reads nothing else.
+    let socket = unsafe { bpf_sock_from_file(file as *mut _) } as *const u8;
+    if socket.is_null() {
+        return core::ptr::null();
+    }
+    load(socket, off.socket_sk)
+}
+
 /// A socket's `struct sock` and its family's fields, through the BTF-typed pointers
 /// `bpf_sock_from_file` and `bpf_skc_to_unix_sock` return (5.11, 5.16): every field of
 /// the `socket`, `sock` and `unix_sock` is then a direct load, checked against BTF at
@@ -499,15 +520,8 @@ const _: () = assert!(core::mem::offset_of!(SocketTail, name_len) % 8 == 0);
 /// (`KIND_SOCKET_TYPED`): on other kernels the branch is dead, and the verifier removes
 /// it before it would reject the unknown helpers.
 #[inline(always)]
-fn typed_socket_tail(r: &mut Reader, tail: &mut SocketTail, file: *const u8, off: &Offsets) {
-    // SAFETY: `file` is the iterator's BTF-typed, non-NULL `struct file *`, the helper's
-    // one argument; it returns the file's `struct socket` or NULL, and reads nothing else.
-    let socket = unsafe { bpf_sock_from_file(file as *mut _) } as *const u8;
-    if socket.is_null() {
-        return;
-    }
-    let sk: *const u8 = load(socket, off.socket_sk);
-    // NULL only for a socket being released: its record says no more than TAIL_NONE.
+fn typed_socket_tail(r: &mut Reader, tail: &mut SocketTail, sk: *const u8, off: &Offsets) {
+    // NULL for a socket being released: its record says no more than TAIL_NONE.
     if sk.is_null() {
         return;
     }

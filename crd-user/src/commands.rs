@@ -570,20 +570,18 @@ pub fn listing(args: &LsArgs, cx: &mut Context<'_>) -> Result<Listing, CommandEr
     let harvester = cx.harvesters.get(args.source.into(), targets == Targets::All).map_err(LsError::from)?;
     let (harvest, unix_queues) =
         ls::harvest_with(harvester, &targets, &cx.admission, cx.caller, cx.interrupted)?;
-    let listing = Listing::new(&harvest, &unix_queues);
+    let listing = Listing::new(harvest, &unix_queues);
     Ok(if args.pipes { listing.only_pipes() } else { listing })
 }
 
 /// `crd ls`.
 pub fn ls(args: &LsArgs, cx: &mut Context<'_>, out: &mut Output<'_>) -> Result<(), CommandError> {
     let listing = listing(args, cx)?;
-    if args.json {
-        let json = serde_json::to_string_pretty(&listing).map_err(io::Error::other)?;
-        writeln!(out.stdout, "{json}")?;
-    } else {
-        write!(out.stdout, "{}", listing.render_text())?;
+    match listing.write(&mut *out.stdout, args.json) {
+        // A reader that stopped reading (`crd ls | head`) is not an error.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        written => Ok(written?),
     }
-    Ok(())
 }
 
 /// `crd watch`: a listing every `interval_ms`, one JSON line each (see [`Watcher`]).

@@ -120,7 +120,9 @@ pub struct FileDesc {
     /// Also referenced from outside the checkpointed set (an fd of another process, an
     /// mmap...): the kernel counts more references than the set holds.
     pub held_outside: bool,
-    pub object: Encounter<Object>,
+    /// Boxed: an object is encountered once, and a slot that only names it again (the
+    /// other end of a pipe, every dup) then costs 16 bytes, not an object's size.
+    pub object: Encounter<Box<Object>>,
 }
 
 /// The object a description opens: an inode, or an anon file's private object.
@@ -143,7 +145,7 @@ pub struct Object {
     /// peer, its listener), nested here on their first encounter as linux-cr nests a
     /// socket's peer; None: not in the checkpointed set. (Format 3.)
     #[serde(deserialize_with = "decoding::since_v3")]
-    pub tied: Vec<Option<Encounter<Object>>>,
+    pub tied: Vec<Option<Encounter<Box<Object>>>>,
     /// The files it carries (fds in flight in a socket's queue), in the order its state
     /// names them. (Format 3.)
     #[serde(deserialize_with = "decoding::since_v3")]
@@ -270,9 +272,9 @@ impl<'g> GraphIndex<'g> {
         self.add_object(&file.object);
     }
 
-    fn add_object(&mut self, object: &'g Encounter<Object>) {
+    fn add_object(&mut self, object: &'g Encounter<Box<Object>>) {
         let Encounter::First { objref, object } = object else { return };
-        self.objects.insert(*objref, object);
+        self.objects.insert(*objref, &**object);
         for tied in object.tied.iter().flatten() {
             self.add_object(tied);
         }
@@ -487,7 +489,7 @@ fn same_file(a: &FileDesc, b: &FileDesc) -> Result<(), String> {
             a.flags, a.access, a.pos, b.flags, b.access, b.pos
         ));
     }
-    a.object.same_as(&b.object, "object", same_object)
+    a.object.same_as(&b.object, "object", |a, b| same_object(a, b))
 }
 
 fn same_object(a: &Object, b: &Object) -> Result<(), String> {
@@ -520,9 +522,9 @@ fn same_object(a: &Object, b: &Object) -> Result<(), String> {
     for (i, (x, y)) in a.tied.iter().zip(&b.tied).enumerate() {
         match (x, y) {
             (None, None) => {}
-            (Some(x), Some(y)) => {
-                x.same_as(y, "tied object", same_object).map_err(|e| format!("tied object {i}: {e}"))?
-            }
+            (Some(x), Some(y)) => x
+                .same_as(y, "tied object", |a, b| same_object(a, b))
+                .map_err(|e| format!("tied object {i}: {e}"))?,
             _ => return Err(format!("tied object {i}: inside the set in one graph only")),
         }
     }
@@ -617,7 +619,7 @@ impl<'h> Walk<'h> {
                             .link
                             .clone()
                     });
-                self.object(&file.object, link, objhash)
+                Box::new(self.object(&file.object, link, objhash))
             }),
         }
     }
@@ -651,7 +653,7 @@ impl<'h> Walk<'h> {
                             }
                         }
                     };
-                    self.object(&info, link, objhash)
+                    Box::new(self.object(&info, link, objhash))
                 }))
             })
             .collect();

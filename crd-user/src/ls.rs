@@ -267,9 +267,12 @@ pub struct PipeEnds {
 impl Listing {
     /// Builds the listing of `harvest` through the objref graph; `unix_queues` is what
     /// [`harvest`] found in the unix sockets' queues.
-    pub fn new(harvest: &Harvest, unix_queues: &UnixQueues) -> Self {
+    /// Takes the harvest whole: it goes once the graph is built, before the listing is,
+    /// so that at most two of the three are in memory at once (at 100,000 fds each is
+    /// tens of megabytes).
+    pub fn new(harvest: Harvest, unix_queues: &UnixQueues) -> Self {
         let root = harvest.tasks.iter().map(|t| t.tgid).min().unwrap_or(Tgid(0));
-        let graph = Graph::build(root, harvest, SavedStates::default());
+        let graph = Graph::build(root, &harvest, SavedStates::default());
         // Pipes are keyed by inode: (dev, ino) names the same pipe in harvest and graph.
         let queued: HashMap<(DeviceId, u64), Option<u32>> = harvest
             .fds
@@ -279,6 +282,7 @@ impl Listing {
                 _ => None,
             })
             .collect();
+        drop(harvest);
         Self::from_graph(
             &graph,
             |object| queued.get(&(object.dev, object.ino)).copied().flatten().map(u64::from),
@@ -310,10 +314,10 @@ impl Listing {
             }
         }
         let mut by_table: BTreeMap<ObjRef, Vec<(Tgid, Vec<Pid>)>> = BTreeMap::new();
-        let mut by_description: BTreeMap<ObjRef, Vec<Holder>> = BTreeMap::new();
+        let mut by_description = Vec::new();
         let mut pipe_ends: BTreeMap<ObjRef, (Vec<Holder>, Vec<Holder>)> = BTreeMap::new();
         // Every listed fd of each object, to name a socket's other end by.
-        let mut by_object: BTreeMap<ObjRef, Vec<Holder>> = BTreeMap::new();
+        let mut by_object = Vec::new();
         for process in processes.values_mut() {
             by_table.entry(process.fd_table).or_default().push((process.pid, process.threads.clone()));
             let Some(table) = index.tables.get(&process.fd_table) else { continue };
@@ -321,8 +325,8 @@ impl Listing {
                 let description = slot.file.objref();
                 let Some((file, inode_ref, object)) = index.open(description) else { continue };
                 let holder = Holder { pid: process.pid, fd: slot.fd };
-                by_description.entry(description).or_default().push(holder);
-                by_object.entry(inode_ref).or_default().push(holder);
+                by_description.push((description, holder));
+                by_object.push((inode_ref, holder));
                 if object.kind().is_pipe_like() {
                     let (readers, writers) = pipe_ends.entry(inode_ref).or_default();
                     if file.access.read {
@@ -347,10 +351,11 @@ impl Listing {
                 });
             }
         }
+        let (by_description, by_object) = (HoldersBy::new(by_description), HoldersBy::new(by_object));
         let peers = peers(&index, &by_object);
         for f in processes.values_mut().flat_map(|p| p.fds.iter_mut()) {
             if let Some(holders) = peers.get(&f.inode).and_then(|peer| by_object.get(peer)) {
-                f.peer = holders.clone();
+                f.peer = holders.to_vec();
                 let arrow =
                     format!("->{}", holders.iter().map(Holder::to_string).collect::<Vec<_>>().join(","));
                 f.detail = Some(match f.detail.take() {
@@ -365,9 +370,10 @@ impl Listing {
             .map(|(fd_table, users)| SharedTable { fd_table, users })
             .collect();
         let shared_descriptions = by_description
-            .into_iter()
+            .groups()
             .filter(|(_, holders)| holders.len() > 1)
             .filter_map(|(description, holders)| {
+                let holders = holders.to_vec();
                 let (file, inode_ref, object) = index.open(description)?;
                 Some(SharedDescription {
                     description,
@@ -413,38 +419,72 @@ impl Listing {
         self
     }
 
+    /// Writes the listing as `crd ls` prints it (the table, or the JSON document with
+    /// `json`), buffered and as it goes: at 100,000 fds either is tens of megabytes,
+    /// which a `String` first would hold in memory twice over.
+    pub fn write(&self, out: impl std::io::Write, json: bool) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+        if json {
+            serde_json::to_writer_pretty(&mut out, self)?;
+            writeln!(out)?;
+        } else {
+            let mut text = IoText { out: &mut out, error: None };
+            if self.write_text(&mut text).is_err() {
+                return Err(text
+                    .error
+                    .unwrap_or_else(|| std::io::Error::other("the listing could not be formatted")));
+            }
+        }
+        out.flush()
+    }
+
     /// The lsof-like table, then the sharing.
     pub fn render_text(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(
+        let _ = self.write_text(&mut out);
+        out
+    }
+
+    /// [`render_text`](Self::render_text) into `out` as it goes (`crd ls` streams it to
+    /// stdout: at 100,000 fds the whole table is tens of megabytes). A row's padded
+    /// cells are formatted into buffers reused from row to row, not a `String` each.
+    pub fn write_text(&self, out: &mut impl std::fmt::Write) -> std::fmt::Result {
+        writeln!(
             out,
             "{:>7} {:<15} {:>6} {:<7} {:<5} {:>10} {:>6} NAME",
             "PID", "COMMAND", "FD", "TYPE", "FLAGS", "OFFSET", "OFD"
-        );
+        )?;
+        let (mut fd, mut kind, mut offset, mut ofd) =
+            (String::new(), String::new(), String::new(), String::new());
         for p in &self.processes {
             for f in &p.fds {
-                let offset = if f.kind.is_pipe_like() || f.kind.is_socket() {
-                    String::new()
-                } else {
-                    f.offset.to_string()
-                };
-                let detail = f.detail.as_deref().map(|d| format!(" {d}")).unwrap_or_default();
-                let _ = writeln!(
+                fd.clear();
+                write!(fd, "{}{}", f.fd, mode_letter(f.access))?;
+                kind.clear();
+                write!(kind, "{}", f.kind)?;
+                offset.clear();
+                if !(f.kind.is_pipe_like() || f.kind.is_socket()) {
+                    write!(offset, "{}", f.offset)?;
+                }
+                ofd.clear();
+                write!(ofd, "{}", f.description)?;
+                write!(
                     out,
-                    "{:>7} {:<15} {:>6} {:<7} {:<5} {:>10} {:>6} {}{detail}",
-                    p.pid.to_string(),
+                    "{:>7} {:<15} {fd:>6} {kind:<7} {:<5} {offset:>10} {ofd:>6} {}",
+                    p.pid.0,
                     p.comm,
-                    format!("{}{}", f.fd, mode_letter(f.access)),
-                    f.kind.to_string(),
                     flag_letters(f.close_on_exec, f.flags),
-                    offset,
-                    f.description.to_string(),
                     f.name
-                );
+                )?;
+                match &f.detail {
+                    Some(detail) => writeln!(out, " {detail}")?,
+                    None => writeln!(out)?,
+                }
             }
         }
         if !self.shared_fd_tables.is_empty() {
-            let _ = writeln!(out, "\nfd tables shared by several tasks:");
+            writeln!(out, "\nfd tables shared by several tasks:")?;
             for t in &self.shared_fd_tables {
                 let users: Vec<String> = t
                     .users
@@ -454,51 +494,89 @@ impl Listing {
                         n => format!("PID {pid} ({n} threads: {})", join(threads)),
                     })
                     .collect();
-                let _ = writeln!(out, "  table {}: {}", t.fd_table, users.join("; "));
+                writeln!(out, "  table {}: {}", t.fd_table, users.join("; "))?;
             }
         }
         if !self.shared_descriptions.is_empty() {
-            let _ = writeln!(out, "\nopen file descriptions shared by several fds (PID:FD):");
+            writeln!(out, "\nopen file descriptions shared by several fds (PID:FD):")?;
             for d in &self.shared_descriptions {
-                let _ =
-                    writeln!(out, "  ofd {} {} ({}): {}", d.description, d.name, d.access, join(&d.holders));
+                writeln!(out, "  ofd {} {} ({}): {}", d.description, d.name, d.access, join(&d.holders))?;
             }
         }
         if !self.pipes.is_empty() {
-            let _ = writeln!(out, "\npipes (PID:FD of each end):");
+            writeln!(out, "\npipes (PID:FD of each end):")?;
             for p in &self.pipes {
                 let outside = if p.held_outside { "; an end is also open elsewhere" } else { "" };
-                let queued = p.queued.map(|n| format!("; {n} bytes queued")).unwrap_or_default();
-                let _ = writeln!(
+                write!(
                     out,
-                    "  {}: read {}; write {}{outside}{queued}",
+                    "  {}: read {}; write {}{outside}",
                     p.name,
                     or_none(&p.readers),
                     or_none(&p.writers)
-                );
+                )?;
+                match p.queued {
+                    Some(n) => writeln!(out, "; {n} bytes queued")?,
+                    None => writeln!(out)?,
+                }
             }
         }
         if self.processes.iter().any(|p| p.ctty.is_some()) {
-            let _ = writeln!(out, "\ncontrolling terminals:");
+            writeln!(out, "\ncontrolling terminals:")?;
             for p in &self.processes {
                 if let Some(c) = &p.ctty {
-                    let _ = writeln!(
+                    writeln!(
                         out,
                         "  PID {} ({}): {}, session {}, foreground group {}",
                         p.pid, p.comm, c.name, c.session, c.foreground
-                    );
+                    )?;
                 }
             }
         }
         if !self.socket_pairs.is_empty() {
-            let _ =
-                writeln!(out, "\nunix socket pairs (PID:FD of each end; what is queued for each to read):");
+            writeln!(out, "\nunix socket pairs (PID:FD of each end; what is queued for each to read):")?;
             for pair in &self.socket_pairs {
                 let [a, b] = &pair.ends;
-                let _ = writeln!(out, "  {} <-> {}; {}; {}", end(a), end(b), queued_for(a), queued_for(b));
+                writeln!(out, "  {} <-> {}; {}; {}", end(a), end(b), queued_for(a), queued_for(b))?;
             }
         }
-        out
+        Ok(())
+    }
+}
+
+/// The listed fds (PID:FD) holding each objref, in listing order: one sorted pair of
+/// arrays instead of a map of vectors (at 100,000 fds, 200,000 small allocations).
+struct HoldersBy {
+    refs: Vec<ObjRef>,
+    holders: Vec<Holder>,
+}
+
+impl HoldersBy {
+    fn new(mut pairs: Vec<(ObjRef, Holder)>) -> Self {
+        // Stable: each objref's holders stay in the order they were listed.
+        pairs.sort_by_key(|(objref, _)| *objref);
+        let (refs, holders) = pairs.into_iter().unzip();
+        Self { refs, holders }
+    }
+
+    /// The holders of `objref`; None: no listed fd holds it.
+    fn get(&self, objref: &ObjRef) -> Option<&[Holder]> {
+        let start = self.refs.partition_point(|r| r < objref);
+        let end = start + self.refs[start..].partition_point(|r| r == objref);
+        (end > start).then(|| &self.holders[start..end])
+    }
+
+    /// Each objref once, in order.
+    fn keys(&self) -> impl Iterator<Item = ObjRef> + '_ {
+        self.groups().map(|(objref, _)| objref)
+    }
+
+    /// Each objref with its holders, in order.
+    fn groups(&self) -> impl Iterator<Item = (ObjRef, &[Holder])> + '_ {
+        self.refs.chunk_by(|a, b| a == b).scan(0, |at, run| {
+            let start = *at;
+            *at += run.len();
+            Some((run[0], &self.holders[start..*at]))
+        })
     }
 }
 
@@ -534,25 +612,25 @@ fn queued_for(end: &SocketEnd) -> String {
 /// over an address pair that exactly one other listed socket mirrors (both ends of a
 /// loopback connection). Mirrored addresses in two network namespaces would pair wrongly;
 /// crd does not know namespaces here, so two candidates pair neither.
-fn peers(index: &GraphIndex<'_>, listed: &BTreeMap<ObjRef, Vec<Holder>>) -> HashMap<ObjRef, ObjRef> {
+fn peers(index: &GraphIndex<'_>, listed: &HoldersBy) -> HashMap<ObjRef, ObjRef> {
     let mut peers = HashMap::new();
     let mut inet: HashMap<(bool, std::net::SocketAddr, std::net::SocketAddr), Vec<ObjRef>> = HashMap::new();
     for objref in listed.keys() {
-        let Some(object) = index.objects.get(objref) else { continue };
+        let Some(object) = index.objects.get(&objref) else { continue };
         match &object.state {
             Saved::Unix(_) | Saved::Terminal(_) => {
                 let peer = object.ties().into_iter().find_map(|(tie, found)| match tie {
                     Tie::Peer(_) | Tie::Pty(_) => found,
                     _ => None,
                 });
-                if let Some(peer) = peer.filter(|p| listed.contains_key(p)) {
-                    peers.insert(*objref, peer);
+                if let Some(peer) = peer.filter(|p| listed.get(p).is_some()) {
+                    peers.insert(objref, peer);
                 }
             }
             Saved::Inet(state) => {
                 if let InetState { transport, local: Some(local), remote: Some(remote), .. } = &**state {
                     let tcp = *transport == crate::kinds::inet::Transport::Tcp;
-                    inet.entry((tcp, *local, *remote)).or_default().push(*objref);
+                    inet.entry((tcp, *local, *remote)).or_default().push(objref);
                 }
             }
             _ => {}
@@ -574,7 +652,7 @@ fn peers(index: &GraphIndex<'_>, listed: &BTreeMap<ObjRef, Vec<Holder>>) -> Hash
 /// its fd's `peer` says where it sends.)
 fn socket_pairs(
     index: &GraphIndex<'_>,
-    listed: &BTreeMap<ObjRef, Vec<Holder>>,
+    listed: &HoldersBy,
     unix_queue: &impl Fn(&Object) -> UnixQueue,
 ) -> Vec<SocketPair> {
     let listed_end = |objref: ObjRef, object: &Object| {
@@ -582,7 +660,7 @@ fn socket_pairs(
         SocketEnd {
             inode: Some(objref),
             name: name(object),
-            holders: listed.get(&objref).cloned().unwrap_or_default(),
+            holders: listed.get(&objref).map(<[Holder]>::to_vec).unwrap_or_default(),
             queued: queue.bytes,
             fds_in_flight: queue.fds_in_flight,
         }
@@ -595,14 +673,14 @@ fn socket_pairs(
     };
     let mut pairs = Vec::new();
     for objref in listed.keys() {
-        let Some(object) = index.objects.get(objref).filter(|o| o.kind() == Kind::Unix) else { continue };
+        let Some(object) = index.objects.get(&objref).filter(|o| o.kind() == Kind::Unix) else { continue };
         match peer_of(object) {
-            Some((_, Some(peer))) if peer > *objref => {
+            Some((_, Some(peer))) if peer > objref => {
                 let Some(other) = index.objects.get(&peer) else { continue };
-                if peer_of(other).and_then(|(_, back)| back) != Some(*objref) {
+                if peer_of(other).and_then(|(_, back)| back) != Some(objref) {
                     continue;
                 }
-                pairs.push(SocketPair { ends: [listed_end(*objref, object), listed_end(peer, other)] });
+                pairs.push(SocketPair { ends: [listed_end(objref, object), listed_end(peer, other)] });
             }
             Some((ino, None)) => {
                 let outside = SocketEnd {
@@ -612,7 +690,7 @@ fn socket_pairs(
                     queued: None,
                     fds_in_flight: None,
                 };
-                pairs.push(SocketPair { ends: [listed_end(*objref, object), outside] });
+                pairs.push(SocketPair { ends: [listed_end(objref, object), outside] });
             }
             _ => {}
         }
@@ -652,12 +730,55 @@ fn flag_letters(close_on_exec: bool, flags: u32) -> String {
     if letters.is_empty() { "-".into() } else { letters }
 }
 
-fn join<T: std::fmt::Display>(items: &[T]) -> String {
-    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+/// A `fmt::Write` onto an `io::Write`, keeping the I/O error that `fmt::Error` cannot
+/// carry.
+struct IoText<'a, W: std::io::Write> {
+    out: &'a mut W,
+    error: Option<std::io::Error>,
 }
 
-fn or_none(holders: &[Holder]) -> String {
-    if holders.is_empty() { "none listed".into() } else { join(holders) }
+impl<W: std::io::Write> std::fmt::Write for IoText<'_, W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.out.write_all(s.as_bytes()).map_err(|e| {
+            self.error = Some(e);
+            std::fmt::Error
+        })
+    }
+}
+
+fn join<T: std::fmt::Display>(items: &[T]) -> Joined<'_, T> {
+    Joined(items)
+}
+
+/// Items separated by spaces, formatted where they are written.
+struct Joined<'a, T>(&'a [T]);
+
+impl<T: std::fmt::Display> std::fmt::Display for Joined<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, item) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{item}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The holders, or `none listed`.
+struct OrNone<'a>(&'a [Holder]);
+
+impl std::fmt::Display for OrNone<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            [] => f.write_str("none listed"),
+            holders => write!(f, "{}", join(holders)),
+        }
+    }
+}
+
+fn or_none(holders: &[Holder]) -> OrNone<'_> {
+    OrNone(holders)
 }
 
 #[cfg(test)]
@@ -698,7 +819,7 @@ mod tests {
 
     #[test]
     fn lists_who_holds_which_end_and_what_shares() {
-        let listing = Listing::new(&harvest(), &UnixQueues::new());
+        let listing = Listing::new(harvest(), &UnixQueues::new());
         assert_eq!(listing.processes.len(), 2);
         assert_eq!(listing.processes[0].threads, vec![Pid(10), Pid(11)]);
         let fds: Vec<u32> = listing.processes[0].fds.iter().map(|f| f.fd.0).collect();
@@ -752,6 +873,40 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_streamed_listing_is_the_rendered_table_or_the_json_document() {
+        for harvest in [harvest(), sockets()] {
+            let listing = Listing::new(harvest, &UnixQueues::new());
+            let mut text = Vec::new();
+            listing.write(&mut text, false).unwrap();
+            assert_eq!(String::from_utf8(text).unwrap(), listing.render_text());
+            let mut json = Vec::new();
+            listing.write(&mut json, true).unwrap();
+            assert_eq!(
+                String::from_utf8(json).unwrap(),
+                serde_json::to_string_pretty(&listing).unwrap() + "\n"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_write_of_the_listing_is_the_write_error() {
+        struct Closed;
+        impl std::io::Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let listing = Listing::new(harvest(), &UnixQueues::new());
+        for json in [false, true] {
+            let e = listing.write(Closed, json).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "json {json}: {e}");
+        }
+    }
+
     /// 10:3 and 20:4 a socketpair, 10:5 and 20:6 a TCP connection over loopback, 10:7 a
     /// unix socket whose peer (inode 0x999) no listed process holds, 10:8 a TCP
     /// connection to elsewhere.
@@ -777,7 +932,7 @@ mod tests {
             (DeviceId { major: 0, minor: 8 }, 0x702),
             UnixQueue { bytes: Some(5006), fds_in_flight: Some(1) },
         );
-        let listing = Listing::new(&sockets(), &queues);
+        let listing = Listing::new(sockets(), &queues);
         let fd = |pid: usize, fd: u32| listing.processes[pid].fds.iter().find(|f| f.fd.0 == fd).unwrap();
         assert_eq!(fd(0, 3).peer, vec![h(20, 4)]);
         assert_eq!(fd(1, 4).peer, vec![h(10, 3)]);
@@ -814,7 +969,7 @@ mod tests {
         for f in &mut harvest.fds {
             testing::pipe_live(f).writers = 2;
         }
-        let listing = Listing::new(&harvest, &UnixQueues::new());
+        let listing = Listing::new(harvest, &UnixQueues::new());
         assert!(listing.pipes[0].held_outside);
         assert!(listing.render_text().contains("also open elsewhere"));
     }

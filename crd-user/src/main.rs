@@ -281,6 +281,15 @@ fn bench_harvest(
     let Targets::Processes(tgids) = Targets::new(pids, false)? else {
         anyhow::bail!("name the processes to harvest");
     };
+    // The floor under the BPF harvest: the same fds visited with nothing read (measured
+    // first, with a harvester of its own, gone before the measured one loads).
+    let mut floor_ns = Vec::new();
+    if matches!(source, SourceArg::Bpf) {
+        let mut bpf = crd::harvest::bpf::BpfHarvester::load(false, load)?;
+        for _ in 0..runs {
+            floor_ns.push(bpf.time_visit_only(Scope::Processes(&tgids), interrupted)?.as_nanos() as u64);
+        }
+    }
     let started = Instant::now();
     let mut harvester = harvesting::harvester(source.into(), false, load)?;
     let source = harvester.source();
@@ -306,6 +315,7 @@ fn bench_harvest(
         "load_ns": load_ns,
         "runs_ns": runs_ns,
         "kernel_ns": kernel_ns,
+        "floor_ns": floor_ns,
         "graph_ns": graph_ns,
     });
     println!("{report}");

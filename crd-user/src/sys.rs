@@ -50,6 +50,37 @@ pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: Fd) -> Result<OwnedFd, SyscallErro
     owned_fd("pidfd_getfd", ret)
 }
 
+/// A BPF iterator link over the tasks (threads) of process `pid` only, as
+/// `BPF_LINK_CREATE` makes it with `bpf_iter_link_info.task.pid` (6.1+), then the
+/// iterator fd that runs it (`BPF_ITER_CREATE`): reading it runs `program` over that
+/// process alone, where an unfiltered link visits every task on the machine. (aya 0.14's
+/// `Iter::attach` takes no link info.) The link lives as long as the iterator fd.
+pub fn bpf_task_iterator(program: BorrowedFd<'_>, pid: u32) -> Result<std::fs::File, SyscallError> {
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_ITER_CREATE: libc::c_long = 33;
+    const BPF_TRACE_ITER: u32 = 28;
+    // `union bpf_iter_link_info`: its `task` member is { tid, pid, pid_fd }; the union
+    // is 16 bytes (its `cgroup` member).
+    let mut info = [0u32; 4];
+    info[1] = pid;
+    // `union bpf_attr` for BPF_LINK_CREATE: prog_fd, target_fd, attach_type, flags,
+    // then iter_info (a u64 address) and iter_info_len; the rest zero.
+    let mut attr = [0u8; 64];
+    attr[0..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&BPF_TRACE_ITER.to_ne_bytes());
+    attr[16..24].copy_from_slice(&(info.as_ptr() as u64).to_ne_bytes());
+    attr[24..28].copy_from_slice(&(std::mem::size_of_val(&info) as u32).to_ne_bytes());
+    // SAFETY: bpf(2) reads `attr` (its size passed) and, through it, the 16 bytes of
+    // `info`; both outlive the call. It returns a new fd or -1.
+    let link = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_CREATE, attr.as_ptr(), attr.len()) };
+    let link = owned_fd("bpf(BPF_LINK_CREATE)", link)?;
+    let mut attr = [0u8; 16];
+    attr[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    // SAFETY: as above; BPF_ITER_CREATE reads link_fd and flags.
+    let iter = unsafe { libc::syscall(libc::SYS_bpf, BPF_ITER_CREATE, attr.as_ptr(), attr.len()) };
+    Ok(std::fs::File::from(owned_fd("bpf(BPF_ITER_CREATE)", iter)?))
+}
+
 /// Whether the process behind `pidfd` has exited (its pidfd polls readable).
 pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
     let mut poll = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };

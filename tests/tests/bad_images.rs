@@ -104,7 +104,7 @@ fn body(tasks: usize, pipe_data: &[u8]) -> ImageBody {
             access: Access { read: true, write: false },
             pos: 0,
             held_outside: false,
-            object: Encounter::First { objref: ObjRef(base + 2), object: inode },
+            object: Encounter::First { objref: ObjRef(base + 2), object: Box::new(inode) },
         };
         graph.tasks.push(Task {
             pid: Pid(pid),

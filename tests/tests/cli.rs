@@ -30,6 +30,34 @@ fn an_unknown_pid_is_a_one_line_error_and_writes_nothing() {
 }
 
 #[test]
+fn ls_into_a_reader_that_stops_early_exits_quietly() {
+    require_root!();
+    // Tables of a few hundred kilobytes, far more than the pipe holds before the reader
+    // closes it (3,000 fds: under the default hard limit of 4,096 a VM guest has).
+    let fixture = spawn(&["pipes:1500"], 1);
+    for json in [false, true] {
+        let mut args = vec!["ls".to_string(), fixture.root().to_string()];
+        if json {
+            args.push("--json".into());
+        }
+        let mut child = Command::new(crd_tests::crd_bin())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first)
+            .unwrap();
+        assert!(!first.is_empty(), "json {json}: a first line");
+        // The reader is gone: crd's next write fails with EPIPE.
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "json {json}: {}", stderr(&out));
+        assert_eq!(stderr(&out), "", "json {json}: nothing said");
+    }
+}
+
+#[test]
 fn checkpoint_writes_a_private_image_that_inspect_reads_in_every_format() {
     require_root!();
     use std::os::unix::fs::PermissionsExt;
@@ -111,15 +139,18 @@ fn bpftool_lists_crd_programs_and_maps_while_they_are_loaded() {
         panic!("bpftool missing: `cargo xtask test` installs it");
     }
     let harvester = crd::harvest::bpf::BpfHarvester::load(false, &Default::default()).expect("BPF loads");
+    // Its own programs, by id: another crd (a test beside this one, a `crd serve`) may
+    // have programs of the same names loaded.
+    let ids = harvester.program_ids();
     let progs = Command::new("bpftool").args(["prog", "show"]).output().unwrap();
     let progs = String::from_utf8_lossy(&progs.stdout);
-    let ids: Vec<String> = progs
+    let names: Vec<&str> = progs
         .lines()
-        .filter(|l| l.contains("name crd_task"))
-        .map(|l| l.split(':').next().unwrap().to_string())
+        .filter(|l| ids.iter().any(|id| l.starts_with(&format!("{id}:"))))
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "name").nth(1))
         .collect();
-    assert!(progs.contains("name crd_task_file"), "{progs}");
-    assert!(progs.contains("name crd_task "), "{progs}");
+    assert!(names.contains(&"crd_task"), "crd_task among {ids:?} in {progs}");
+    assert!(names.iter().any(|n| n.starts_with("crd_task_file")), "crd_task_file among {ids:?} in {progs}");
     let maps = Command::new("bpftool").args(["map", "show"]).output().unwrap();
     let maps = String::from_utf8_lossy(&maps.stdout);
     for name in ["crd_events", "crd_tgids", "crd_stats"] {
@@ -128,7 +159,7 @@ fn bpftool_lists_crd_programs_and_maps_while_they_are_loaded() {
     drop(harvester);
     let after = Command::new("bpftool").args(["prog", "show"]).output().unwrap();
     let after = String::from_utf8_lossy(&after.stdout);
-    for id in ids {
+    for id in &ids {
         assert!(!after.lines().any(|l| l.starts_with(&format!("{id}:"))), "program {id} still loaded");
     }
 }

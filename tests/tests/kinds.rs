@@ -161,6 +161,46 @@ fn bpf_lists_timers_signalfds_and_epolls_as_proc_does_with_or_without_their_fiel
 }
 
 #[test]
+fn iterators_run_over_each_process_alone_list_what_one_run_over_every_task_lists() {
+    require_root!();
+    use crd_common::KIND_ITER_TASK_FILTER;
+    // Threads, a CLONE_FILES child sharing its table, a forked child with a table of
+    // its own, an epoll walked in BPF: what a per-process run (6.1+) must find as the
+    // unfiltered run does.
+    let steps = [
+        "pipe:3:4",
+        "epoll:5",
+        "epollctl:5:3:1:7",
+        "threads:2",
+        "clonefiles",
+        "fork",
+        "pipes:5",
+        "threads:1",
+    ];
+    let fixture = spawn(&steps, 2);
+    let mut pids: Vec<String> = fixture.pids.iter().map(u32::to_string).collect();
+    // The CLONE_FILES child reports no readiness: its PID is among the root's children.
+    let root = fixture.root();
+    let children = std::fs::read_to_string(format!("/proc/{root}/task/{root}/children")).unwrap();
+    let others: Vec<String> =
+        children.split_whitespace().map(str::to_string).filter(|c| !pids.contains(c)).collect();
+    pids.extend(others);
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    let everywhere = listing_without("bpf", &pids, KIND_ITER_TASK_FILTER);
+    assert!(everywhere.contains("Epoll") && everywhere.matches("\"pid\"").count() >= 3, "{everywhere}");
+    assert_eq!(listing_without("bpf", &pids, 0), everywhere);
+    // A process gone by the time its iterators run (a PID above pid_max has never
+    // been one) has nothing to report, and the others are harvested all the same.
+    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    let mut harvester = crd::harvest::bpf::BpfHarvester::load(false, &Default::default()).expect("BPF loads");
+    let tgids = [crd::types::Tgid(fixture.root()), crd::types::Tgid(max + 1)];
+    let (harvest, _) =
+        harvester.harvest_bpf(crd::harvest::Scope::Processes(&tgids), &|| false).expect("harvested");
+    assert!(harvest.tasks.iter().all(|t| t.tgid.0 == fixture.root()), "{:?}", harvest.tasks);
+    assert!(!harvest.fds.is_empty());
+}
+
+#[test]
 fn anon_inode_files_are_objects_of_their_own_named_by_their_kind() {
     require_root!();
     // Every anon file sits on the kernel's one anon inode: an eventfd, an epoll, another

@@ -503,3 +503,177 @@ c.close()
     assert!(reply.ends_with("restored listener"), "{reply}");
     drop(restored);
 }
+
+/// A process with queues of every unix type, each carrying a pipe's read end in flight,
+/// where it peeks on its own with SO_PEEK_OFF on two of them (its offsets moved past
+/// the first message); and a child with empty datagrams queued (datagram and seqpacket).
+const QUEUES_SCENARIO: &str = r#"
+import array, json, os, socket, time
+os.closerange(3, 4096)  # what the test runner leaked (its jobserver pipe) is not ours
+U = socket.AF_UNIX
+SO_PEEK_OFF = 42
+def rights(fd): return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+fds = {}
+for t, name in [(socket.SOCK_STREAM, "s"), (socket.SOCK_DGRAM, "d"), (socket.SOCK_SEQPACKET, "q")]:
+    a, b = socket.socketpair(U, t)
+    r, w = os.pipe()
+    os.write(w, b"in flight " + name.encode())
+    a.send(name.encode() + b"1 " * 300)
+    a.sendmsg([name.encode() + b"F"], rights(r))
+    os.close(r); os.close(w)
+    a.send(name.encode() + b"3")
+    fds[name + "a"], fds[name + "b"] = a.detach(), b.detach()
+# The program's own peeking: the stream at offset 5, the datagrams past the first.
+sb = socket.socket(fileno=os.dup(fds["sb"]))
+sb.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+assert sb.recv(5, socket.MSG_PEEK) == b"s1 1 "
+db = socket.socket(fileno=os.dup(fds["db"]))
+db.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+assert db.recv(4096, socket.MSG_PEEK) == b"d" + b"1 " * 300
+qb = socket.socket(fileno=os.dup(fds["qb"]))
+qb.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 7)
+for s in (sb, db, qb): s.close()
+ea, eb = socket.socketpair(U, socket.SOCK_DGRAM)
+za, zb = socket.socketpair(U, socket.SOCK_SEQPACKET)
+for m in [b"e1", b"", b"e3"]: ea.send(m)
+for m in [b"", b"z2", b""]: za.send(m)
+empty = dict(eb=eb.fileno(), zb=zb.fileno())
+child = os.fork()
+if child == 0:
+    while True: time.sleep(3600)
+for s in (ea, eb, za, zb): s.close()
+print(json.dumps(dict(pid=os.getpid(), child=child, fds=fds, empty=empty)), flush=True)
+while True: time.sleep(3600)
+"#;
+
+/// Receives messages for real until the queue is empty: each one's bytes, and the
+/// bytes of the pipe whose read end it carries (if it carries one).
+fn receive_all(s: BorrowedFd<'_>, sock_type: i32) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let mut out = Vec::new();
+    loop {
+        let mut pending = 0;
+        // SAFETY: FIONREAD writes one int into our local.
+        assert_eq!(unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut pending) }, 0);
+        // A datagram queue's FIONREAD is the first datagram's length, 0 for an empty
+        // one: receive until EAGAIN there instead.
+        if sock_type == libc::SOCK_STREAM && pending == 0 {
+            return out;
+        }
+        let mut buf = vec![0u8; 1 << 16];
+        let mut space = nix::cmsg_space!([RawFd; 4]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+        let Ok(msg) = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), flags) else { return out };
+        let n = msg.bytes;
+        let mut pipe = None;
+        for cmsg in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                for fd in fds {
+                    // SAFETY: the kernel installed this fd in the test for this message.
+                    let r = unsafe { OwnedFd::from_raw_fd(fd) };
+                    let mut bytes = [0u8; 64];
+                    let got = nix::unistd::read(&r, &mut bytes).unwrap();
+                    pipe = Some(bytes[..got].to_vec());
+                }
+            }
+        }
+        out.push((buf[..n].to_vec(), pipe));
+    }
+}
+
+fn peek_off(pid: u32, fd: u32) -> i32 {
+    int_opt(grab(pid, fd).as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF)
+}
+
+/// A checkpoint reads queues in place and changes nothing the process reads: after two
+/// checkpoints of a process with messages queued in stream, datagram and seqpacket
+/// sockets (with files in flight, and its own SO_PEEK_OFF set and moved), its peek
+/// offsets are where it left them, its next peeks go on from there, and it receives
+/// what was written, in order, with its files. Both checkpoints saved the same queues.
+/// An empty datagram is received too; but the kernel marks it once peeked and every
+/// later peek at an offset skips it, so a second checkpoint of it refuses (it cannot
+/// place the datagram) rather than saving a queue without it.
+#[test]
+fn two_checkpoints_leave_every_unix_queue_as_the_process_reads_it() {
+    require_root!();
+    crd_tests::require_tool!("python3");
+    let (program, info) = python_json(QUEUES_SCENARIO, &[]);
+    let pid = info["pid"].as_u64().unwrap() as u32;
+    let fd = |name: &str| info["fds"][name].as_u64().unwrap() as u32;
+    let offsets = || ["sb", "db", "qb"].map(|n| peek_off(pid, fd(n)));
+    let before = offsets();
+    assert_eq!(before, [5, 601, 7], "the program's own peek offsets");
+
+    let first = crd_tests::checkpoint(pid, false, crd::Source::Bpf);
+    let second = crd_tests::checkpoint(pid, false, crd::Source::Bpf);
+    if let Err(difference) = first.graph.same_shape(&second.graph) {
+        panic!("two checkpoints of one unchanged process differ: {difference}");
+    }
+    let by_procfs = crd_tests::checkpoint(pid, false, crd::Source::Procfs);
+    if let Err(difference) = first.graph.same_shape(&by_procfs.graph) {
+        panic!("BPF and /proc graphs differ: {difference}");
+    }
+    assert_eq!(offsets(), before, "the peek offsets are the program's own again");
+
+    // The program's next peeks go on where its offsets were.
+    let peek = |name: &str, len: usize| {
+        let s = grab(pid, fd(name));
+        let mut buf = vec![0u8; len];
+        // SAFETY: recv writes at most `len` bytes into our buffer.
+        let n = unsafe {
+            libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), len, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        };
+        assert!(n >= 0, "{name}: {}", std::io::Error::last_os_error());
+        buf.truncate(n as usize);
+        buf
+    };
+    assert_eq!(peek("sb", 4), b"1 1 ", "the stream's next peek");
+    assert_eq!(peek("db", 64), b"dF", "the datagrams' next peek");
+    assert_eq!(offsets(), [9, 603, 7]);
+
+    for (name, sock_type, letter) in
+        [("sb", libc::SOCK_STREAM, "s"), ("db", libc::SOCK_DGRAM, "d"), ("qb", libc::SOCK_SEQPACKET, "q")]
+    {
+        let s = grab(pid, fd(name));
+        let got = receive_all(s.as_fd(), sock_type);
+        let first = format!("{letter}{}", "1 ".repeat(300)).into_bytes();
+        let carrier = format!("{letter}F").into_bytes();
+        let flight = Some(format!("in flight {letter}").into_bytes());
+        let last = format!("{letter}3").into_bytes();
+        let want: Vec<(Vec<u8>, Option<Vec<u8>>)> = if sock_type == libc::SOCK_STREAM {
+            // A stream read stops after the message that carries files.
+            vec![([first, carrier].concat(), flight), (last, None)]
+        } else {
+            vec![(first, None), (carrier, flight), (last, None)]
+        };
+        assert_eq!(got, want, "{name}: what the process receives after two checkpoints");
+    }
+
+    // Empty datagrams: the first checkpoint reads them...
+    let child = info["child"].as_u64().unwrap() as u32;
+    let empty = |name: &str| info["empty"][name].as_u64().unwrap() as u32;
+    let saved = crd_tests::checkpoint(child, false, crd::Source::Bpf);
+    let index = crd_tests::Index::new(&saved.graph);
+    for (name, want) in [("eb", [&b"e1"[..], b"", b"e3"]), ("zb", [&b""[..], b"z2", b""])] {
+        let crd::kinds::Saved::Unix(state) = &index.inode(child, empty(name)).state else {
+            panic!("{name} is saved as a unix socket")
+        };
+        let queue: Vec<&[u8]> = state.queue.iter().map(|m| &m.data[..]).collect();
+        assert_eq!(queue, want, "{name}: the first checkpoint's queue");
+    }
+    // ...a second refuses, by the kernel's count of datagrams (BPF)...
+    let again =
+        crd::checkpoint(crd::Options::new(crd::types::Tgid(child), false, crd::Source::Bpf), &|| false);
+    let refusal = again.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(refusal.contains("empty datagram"), "a second checkpoint refuses: {refusal:?}");
+    // ...and the process receives every one of them.
+    for (name, sock_type, want) in [
+        ("eb", libc::SOCK_DGRAM, [&b"e1"[..], b"", b"e3"]),
+        ("zb", libc::SOCK_SEQPACKET, [&b""[..], b"z2", b""]),
+    ] {
+        let s = grab(child, empty(name));
+        let got: Vec<Vec<u8>> = receive_all(s.as_fd(), sock_type).into_iter().map(|m| m.0).collect();
+        assert_eq!(got, want, "{name}: what the process receives after the checkpoints");
+    }
+    drop(program);
+}

@@ -170,6 +170,9 @@ fn harvest(
             if source == "bpf" {
                 row.bpf_ms.push(ms);
                 row.load_ms.push(runs.load_ms);
+                if let Some(floor) = median(&runs.floor_ms) {
+                    row.floor_ms.push(floor);
+                }
                 row.rss_bytes.push(measured.max_rss);
             } else {
                 row.procfs_ms.push(ms);
@@ -182,6 +185,18 @@ fn harvest(
             bail!("lsof listed {lines} lines for {expected} fds");
         }
         row.lsof_ms.push(lsof.wall_ms());
+        // Whole commands over the whole machine, as a user runs them.
+        let ls = |args: &[&str]| scratch.run(Command::new(crd).arg("ls").arg("--all").args(args), &[0]);
+        let table = ls(&[])?;
+        let json = ls(&["--json"])?;
+        if (table.stdout.lines().count() as u64) < expected {
+            bail!("crd ls --all listed {} lines for {expected} fds", table.stdout.lines().count());
+        }
+        row.ls_all_ms.push(table.wall_ms());
+        row.ls_all_json_ms.push(json.wall_ms());
+        row.ls_all_rss.push(table.max_rss.max(json.max_rss));
+        row.ls_all_procfs_ms.push(ls(&["--source", "procfs"])?.wall_ms());
+        row.lsof_all_ms.push(scratch.run(Command::new("lsof").args(["-n", "-P"]), &[0, 1])?.wall_ms());
     }
     drop(workload);
     check_interrupted()?;
@@ -217,6 +232,9 @@ fn socket_row(
             bail!("crd bench-harvest saw {} fds, not {expected}", runs.fds);
         }
         row.harvest_ms.push(median(&runs.runs_ms).unwrap_or(f64::NAN));
+        if let Some(floor) = median(&runs.floor_ms) {
+            row.floor_ms.push(floor);
+        }
         let ls = scratch.run(Command::new(crd).arg("ls").arg(&pid), &[0])?;
         // One line per fd, and a header: fewer means ls missed some.
         if (ls.stdout.lines().count() as u64) < expected {

@@ -65,6 +65,11 @@ const NINEP_MODULES: &[&str] = &[
     "9p",
 ];
 
+/// sock_diag's families, which a real system loads on the first dump that asks for them
+/// (`request_module`); the guest has no modprobe to do that, and without them the /proc
+/// harvester cannot see a unix socket's peer or a TCP socket's addresses.
+const SOCK_DIAG_MODULES: &[&str] = &["unix_diag", "inet_diag", "tcp_diag", "udp_diag"];
+
 pub fn ensure_host_tools() -> Result<()> {
     crate::ensure_apt_packages(HOST_TOOLS)?;
     if !Path::new("/bin/busybox").exists() {
@@ -454,7 +459,7 @@ fn initramfs(cache: &Path, kernel: &Kernel, guest_script: &str) -> Result<PathBu
     cpio.entry("dev/console", 0o020600, (5, 1), &[]);
     cpio.file("bin/busybox", 0o755, &fs::read("/bin/busybox").context("read /bin/busybox")?);
     let mut loaded = Vec::new();
-    for name in NINEP_MODULES {
+    for name in NINEP_MODULES.iter().chain(SOCK_DIAG_MODULES) {
         if let Some(bytes) = module(kernel, name)? {
             cpio.file(&format!("lib/modules/{name}.ko"), 0o644, &bytes);
             loaded.push(*name);

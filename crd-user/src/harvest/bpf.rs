@@ -10,15 +10,15 @@ use std::{
 };
 
 use aya::{
-    Btf, Ebpf, EbpfLoader, Endianness,
+    Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
     programs::Iter,
 };
 use crd_common::{
     COMM_LEN, EPOLL_MAX_ITEMS, EpollItemRecord, EpollTail, EventfdTail, FD_CLOEXEC, FdRecord, FdWith,
-    KIND_BPF_LOOP, NamedTail, RECORD_EPOLL_ITEM, RECORD_FD, RECORD_TASK, STAT_READ_FAILED, STAT_RING_FULL,
-    STAT_SUBMITTED, SignalfdTail, SocketTail, TAIL_EPOLL, TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE,
-    TAIL_SIGNALFD, TAIL_SOCKET, TAIL_TIMERFD, TaskRecord, TimerfdTail,
+    KIND_BPF_LOOP, KIND_ITER_TASK_FILTER, NamedTail, RECORD_EPOLL_ITEM, RECORD_FD, RECORD_TASK,
+    STAT_READ_FAILED, STAT_RING_FULL, STAT_SUBMITTED, SignalfdTail, SocketTail, TAIL_EPOLL, TAIL_EVENTFD,
+    TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TAIL_SIGNALFD, TAIL_SOCKET, TAIL_TIMERFD, TaskRecord, TimerfdTail,
 };
 
 use super::{
@@ -152,6 +152,9 @@ pub struct BpfHarvester {
     file_ref_bias: i64,
     /// The fd program loaded: with `bpf_loop` or without (see crd-ebpf).
     task_file: &'static str,
+    /// The iterators can be run over one process at a time
+    /// ([`crd_common::KIND_ITER_TASK_FILTER`]).
+    task_filter: bool,
 }
 
 impl BpfHarvester {
@@ -173,22 +176,25 @@ impl BpfHarvester {
             return Err(BpfError::NoObject);
         }
         let started = std::time::Instant::now();
-        // aya parses all of the kernel's BTF (to find the iterators' attach points) while
-        // this thread looks up the few struct offsets: the two take about as long.
+        // aya's loader parses all of the kernel's BTF when created (aya 0.14 has no way
+        // to hand it ours), while this thread looks up the few struct offsets and the
+        // iterators' attach points with btf-rs, which decodes only the types asked for.
         let bytes = BtfBytes::of_kernel(options.btf.as_deref())?;
-        let btf_path = kernel_btf_path(options.btf.as_deref());
-        // Three readers of the kernel's BTF, side by side: aya's loader parses it on its
-        // own when created (aya 0.14 has no way to hand it ours), `Iter::load` needs a
-        // parsed copy to find the iterators' attach points, and crd's offsets come from
-        // btf-rs, which decodes only the few structs asked for.
-        let (loader, btf, config) = std::thread::scope(|scope| {
+        let (loader, found) = std::thread::scope(|scope| {
             let loader = scope.spawn(EbpfLoader::new);
-            let btf = Btf::parse(&bytes, Endianness::default())
-                .map_err(|e| OffsetsError::Parse(format!("{}: {e}", btf_path.display())));
-            let config = KernelBtf::from_bytes(&bytes).and_then(|btf| btf.config());
-            (loader.join(), btf, config)
+            let found = KernelBtf::from_bytes(&bytes)
+                .map_err(|e| match e {
+                    // The file read is named: it may be one given with --btf.
+                    OffsetsError::Parse(why) => OffsetsError::Parse(format!(
+                        "{}: {why}",
+                        kernel_btf_path(options.btf.as_deref()).display()
+                    )),
+                    e => e,
+                })
+                .and_then(|btf| Ok((btf.config()?, AttachPoints::find(&btf, &["task", "task_file"])?)));
+            (loader.join(), found)
         });
-        let (btf, mut config) = (btf?, config?);
+        let (mut config, attach) = found?;
         config.match_all = match_all as u32;
         config.epoll_max_items = epoll_max_items(ring_bytes);
         #[cfg(feature = "testing")]
@@ -205,17 +211,14 @@ impl BpfHarvester {
             .load(BPF_OBJECT)
             .map_err(load_error)?;
         log::debug!("load: object loaded at {:?}", started.elapsed());
-        // A kernel without bpf_loop refuses a program that names a callback, even one it
-        // would never call: the object has a second fd program without it.
-        let task_file =
-            if config.kinds & KIND_BPF_LOOP != 0 { "crd_task_file" } else { "crd_task_file_bounded" };
+        let task_file = task_file_program(&config);
         for (name, iter_type) in [("crd_task", "task"), (task_file, "task_file")] {
             let program: &mut Iter = ebpf
                 .program_mut(name)
                 .ok_or_else(|| BpfError::Load(format!("program {name} missing from the object")))?
                 .try_into()
                 .map_err(load_error)?;
-            program.load(iter_type, &btf).map_err(load_error)?;
+            program.load(iter_type, &attach.btf).map_err(load_error)?;
             // The verifier's effort: older kernels give up at 1M instructions.
             if let Some(n) = program.info().ok().and_then(|i| i.verified_instruction_count()) {
                 log::debug!("{name}: the verifier processed {n} instructions");
@@ -227,7 +230,20 @@ impl BpfHarvester {
             ebpf.take_map("crd_events").ok_or(BpfError::Load("map crd_events missing".into()))?,
         )
         .map_err(load_error)?;
-        Ok(Self { ebpf, logger, ring, file_ref_bias: config.file_ref_bias as i64, task_file })
+        Ok(Self {
+            ebpf,
+            logger,
+            ring,
+            file_ref_bias: config.file_ref_bias as i64,
+            task_file,
+            task_filter: config.kinds & KIND_ITER_TASK_FILTER != 0,
+        })
+    }
+
+    /// The kernel's ids of the programs this harvester loaded (as `bpftool prog show`
+    /// lists them).
+    pub fn program_ids(&self) -> Vec<u32> {
+        self.ebpf.programs().filter_map(|(_, program)| program.info().ok()).map(|info| info.id()).collect()
     }
 
     /// Runs both iterators over `scope` and decodes every record.
@@ -241,24 +257,15 @@ impl BpfHarvester {
             return Err(BpfError::Interrupted(crate::interrupt::Interrupted));
         }
         if let Scope::Processes(tgids) = scope {
-            let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
-                self.ebpf.map_mut("crd_tgids").ok_or(BpfError::Load("map crd_tgids missing".into()))?,
-            )
-            .map_err(load_error)?;
-            let old: Vec<u32> = filter.keys().filter_map(Result::ok).collect();
-            for key in old {
-                let _ = filter.remove(&key);
-            }
-            for tgid in tgids {
-                filter.insert(tgid.0, 0, 0).map_err(load_error)?;
-            }
+            self.set_filter(tgids)?;
         }
         let mut stats = HarvestStats::default();
         let mut harvest = Harvest::default();
         let before = self.counters()?;
         let mut decoder = Decoder::new(self.file_ref_bias);
-        for (name, iterator) in [("crd_task", "task"), (self.task_file, "task_file")] {
-            self.run_iterator(name, iterator, &mut decoder, &mut harvest, &mut stats, interrupted)?;
+        let programs = [("crd_task", "task"), (self.task_file, "task_file")];
+        for run in self.runs(scope, &programs) {
+            self.run_iterator(run, &mut decoder, &mut harvest, &mut stats, interrupted)?;
         }
         stats.epoll_walks = decoder.epoll_walks;
         stats.epoll_fallbacks = decoder.epoll_fallbacks;
@@ -287,6 +294,65 @@ impl BpfHarvester {
         Ok((harvest, stats))
     }
 
+    /// The thread groups the programs report (`crd_tgids`).
+    fn set_filter(&mut self, tgids: &[Tgid]) -> Result<(), BpfError> {
+        let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
+            self.ebpf.map_mut("crd_tgids").ok_or(BpfError::Load("map crd_tgids missing".into()))?,
+        )
+        .map_err(load_error)?;
+        let old: Vec<u32> = filter.keys().filter_map(Result::ok).collect();
+        for key in old {
+            let _ = filter.remove(&key);
+        }
+        for tgid in tgids {
+            filter.insert(tgid.0, 0, 0).map_err(load_error)?;
+        }
+        Ok(())
+    }
+
+    /// The iterator runs a harvest of `scope` takes: a few processes are iterated each
+    /// alone, not every task on the machine (whose fds the programs would skip one by
+    /// one); otherwise one run over every task.
+    fn runs(&self, scope: Scope<'_>, programs: &[(&'static str, &'static str)]) -> Vec<Run> {
+        match scope {
+            Scope::Processes(tgids) if self.task_filter && tgids.len() <= PER_PROCESS_ITERATION_MAX => tgids
+                .iter()
+                .flat_map(|tgid| {
+                    programs.iter().map(|&(name, iterator)| Run { name, iterator, pid: Some(tgid.0) })
+                })
+                .collect(),
+            _ => programs.iter().map(|&(name, iterator)| Run { name, iterator, pid: None }).collect(),
+        }
+    }
+
+    /// The floor of a harvest of `scope`: the fd program run over the same fds as a
+    /// harvest visits, with no process asked for, so that it returns at its first check
+    /// (the kernel's walk of the fds, a program call and one map look-up each). For the
+    /// bench: what a harvest costs per fd before it reads anything.
+    #[cfg(feature = "testing")]
+    pub fn time_visit_only(
+        &mut self,
+        scope: Scope<'_>,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<std::time::Duration, BpfError> {
+        self.set_filter(&[])?;
+        let mut stats = HarvestStats::default();
+        let mut harvest = Harvest::default();
+        let mut decoder = Decoder::new(self.file_ref_bias);
+        let started = std::time::Instant::now();
+        for run in self.runs(scope, &[(self.task_file, "task_file")]) {
+            self.run_iterator(run, &mut decoder, &mut harvest, &mut stats, interrupted)?;
+        }
+        let elapsed = started.elapsed();
+        if !harvest.fds.is_empty() {
+            return Err(BpfError::Load(format!(
+                "{} fds reported with no process asked for",
+                harvest.fds.len()
+            )));
+        }
+        Ok(elapsed)
+    }
+
     fn counters(&self) -> Result<[u64; 3], BpfError> {
         let stats: Array<_, u64> = Array::try_from(
             self.ebpf.map("crd_stats").ok_or(BpfError::Load("map crd_stats missing".into()))?,
@@ -301,22 +367,38 @@ impl BpfHarvester {
 
     fn run_iterator(
         &mut self,
-        name: &str,
-        iterator: &'static str,
+        run: Run,
         decoder: &mut Decoder,
         harvest: &mut Harvest,
         stats: &mut HarvestStats,
         interrupted: &dyn Fn() -> bool,
     ) -> Result<(), BpfError> {
+        let Run { name, iterator, pid } = run;
         let program: &mut Iter = self
             .ebpf
             .program_mut(name)
             .ok_or_else(|| BpfError::Load(format!("program {name} missing")))?
             .try_into()
             .map_err(load_error)?;
-        let link_id = program.attach().map_err(load_error)?;
-        let link = program.take_link(link_id).map_err(load_error)?;
-        let mut file = link.into_file().map_err(load_error)?;
+        let mut file = match pid {
+            None => {
+                let link_id = program.attach().map_err(load_error)?;
+                let link = program.take_link(link_id).map_err(load_error)?;
+                link.into_file().map_err(load_error)?
+            }
+            Some(pid) => {
+                let fd = program.fd().map_err(load_error)?;
+                match crate::sys::bpf_task_iterator(std::os::fd::AsFd::as_fd(fd), pid) {
+                    Ok(file) => file,
+                    // Gone since it was asked for: nothing of it to report, as the
+                    // unfiltered iterators would not have met it.
+                    Err(e) if e.errno() == Some(libc::ESRCH) || e.errno() == Some(libc::ENOENT) => {
+                        return Ok(());
+                    }
+                    Err(e) => return Err(BpfError::Load(format!("{name} over PID {pid}: {e}"))),
+                }
+            }
+        };
         // The programs write nothing to the seq_file: a read() runs the iteration until
         // it ends (0) or the ring fills (EAGAIN, or a short read), then we drain.
         let mut sink = [0u8; 64];
@@ -349,6 +431,20 @@ impl BpfHarvester {
             log::debug!("{name}: ring buffer full after {} records; drained, resuming", stats.records);
         }
     }
+}
+
+/// At most this many processes are harvested one iterator run each; more are harvested
+/// in one run over every task. A run costs two syscalls and a link (tens of
+/// microseconds); an unfiltered run costs a visit to each fd on the machine (~100 ns
+/// each even when the program skips it).
+const PER_PROCESS_ITERATION_MAX: usize = 64;
+
+/// One iterator run: which program, over which process (None: every task).
+#[derive(Clone, Copy)]
+struct Run {
+    name: &'static str,
+    iterator: &'static str,
+    pid: Option<u32>,
 }
 
 impl Harvester for BpfHarvester {
@@ -386,11 +482,15 @@ pub struct UnixPeers {
 }
 
 impl UnixPeers {
+    /// Only unix sockets: a unix socket's peer is always another.
     fn note(&mut self, index: usize, record: &FdRecord, tail: &SocketTail) {
+        if tail.family != crd_common::AF_UNIX {
+            return;
+        }
         if tail.sock != 0 {
             self.inode_of.insert(tail.sock, record.ino);
         }
-        if tail.family == crd_common::AF_UNIX && tail.peer != 0 {
+        if tail.peer != 0 {
             self.wanted.push((index, tail.peer));
         }
     }
@@ -598,6 +698,53 @@ fn fd_info(r: &FdRecord, tail: &[u8], file_ref_bias: i64) -> Option<FdInfo> {
             },
         },
     })
+}
+
+/// The fd program to load: a kernel without bpf_loop refuses a program that names a
+/// callback, even one it would never call, so the object has a second fd program
+/// without it.
+fn task_file_program(config: &crd_common::Config) -> &'static str {
+    if config.kinds & KIND_BPF_LOOP != 0 { "crd_task_file" } else { "crd_task_file_bounded" }
+}
+
+/// The iterators' attach points, as a [`Btf`] for aya's [`Iter::load`], which looks each
+/// up by name (`bpf_iter_<type>`) and loads the program against its id. Done by aya, that
+/// would take the kernel's whole BTF parsed a second time (its loader parses one copy
+/// and keeps it private): btf-rs finds the ids in the mapped BTF, and this `Btf` holds
+/// just those functions, each at its kernel id. A BTF type id is the type's index, so
+/// unnamed functions fill the ids before them.
+struct AttachPoints {
+    btf: Btf,
+}
+
+impl AttachPoints {
+    fn find(kernel: &KernelBtf, iter_types: &[&str]) -> Result<Self, OffsetsError> {
+        use aya_obj::btf::{BtfType, Func, FuncLinkage};
+        let mut found: Vec<(u32, String)> = iter_types
+            .iter()
+            .map(|t| {
+                let name = format!("bpf_iter_{t}");
+                kernel.function_id(&name).map(|id| (id, name))
+            })
+            .collect::<Result<_, _>>()?;
+        found.sort();
+        found.dedup();
+        let mut btf = Btf::new();
+        // `Btf::new` holds type 0 (void).
+        let mut next = 1;
+        for (id, name) in found {
+            while next < id {
+                next = btf.add_type(BtfType::Func(Func::new(0, 0, FuncLinkage::Static))) + 1;
+            }
+            let name_offset = btf.add_string(&name);
+            let added = btf.add_type(BtfType::Func(Func::new(name_offset, 0, FuncLinkage::Static)));
+            if added != id {
+                return Err(OffsetsError::Parse(format!("{name}: BTF id {id}, placed at {added}")));
+            }
+            next = added + 1;
+        }
+        Ok(Self { btf })
+    }
 }
 
 #[cfg(test)]

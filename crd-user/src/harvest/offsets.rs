@@ -8,8 +8,8 @@ use std::path::Path;
 
 use btf_rs::{Backend, Btf, Type};
 use crd_common::{
-    Config, FieldGroup, KIND_BPF_LOOP, KIND_EPOLL, KIND_EVENTFD, KIND_NAMED, KIND_SHMEM, KIND_SIGNALFD,
-    KIND_SOCKET, KIND_SOCKET_TYPED, KIND_TIMERFD, Offsets,
+    Config, FieldGroup, KIND_BPF_LOOP, KIND_EPOLL, KIND_EVENTFD, KIND_ITER_TASK_FILTER, KIND_NAMED,
+    KIND_SHMEM, KIND_SIGNALFD, KIND_SOCKET, KIND_SOCKET_TYPED, KIND_TIMERFD, Offsets,
 };
 
 /// Where the kernel publishes its own BTF.
@@ -27,6 +27,8 @@ pub enum OffsetsError {
     BtfFile(String, std::io::Error),
     #[error("cannot parse kernel BTF: {0}")]
     Parse(String),
+    #[error("kernel BTF has no function {0}: this kernel has no such BPF iterator; use --source procfs")]
+    NoFunction(String),
     #[error(
         "kernel BTF has no struct {0}: this kernel is not supported by the BPF harvester; use --source procfs"
     )]
@@ -118,6 +120,15 @@ impl KernelBtf {
             .or_else(|_| std::fs::read(path).map_err(Into::into).and_then(|bytes| mapped_copy(&bytes)))
             .map_err(|e| OffsetsError::Parse(format!("{}: {e}", path.display())))?;
         Ok(Self { btf, structs: Default::default() })
+    }
+
+    /// The BTF id of the function `name` (a BPF iterator's attach point is the function
+    /// `bpf_iter_<type>`).
+    pub fn function_id(&self, name: &str) -> Result<u32, OffsetsError> {
+        let ids = self.btf.resolve_ids_by_name(name).unwrap_or_default();
+        ids.into_iter()
+            .find(|&id| matches!(self.btf.resolve_type_by_id(id), Ok(Type::Func(_))))
+            .ok_or_else(|| OffsetsError::NoFunction(name.to_string()))
     }
 
     fn structure(&self, name: &'static str) -> Result<btf_rs::Struct, OffsetsError> {
@@ -240,7 +251,20 @@ impl KernelBtf {
         if self.has_bpf_loop() {
             config.kinds |= KIND_BPF_LOOP;
         }
+        if self.has_task_iter_filter() {
+            config.kinds |= KIND_ITER_TASK_FILTER;
+        }
         Ok(config)
+    }
+
+    /// Whether the task iterators take a task filter: `union bpf_iter_link_info` has its
+    /// `task` member (6.1+).
+    pub fn has_task_iter_filter(&self) -> bool {
+        let Ok(types) = self.btf.resolve_types_by_name("bpf_iter_link_info") else { return false };
+        types.into_iter().any(|t| match t {
+            Type::Union(u) => self.find_member(&u, "task").is_some(),
+            _ => false,
+        })
     }
 
     /// Whether the kernel has the `bpf_loop` helper (5.17+).

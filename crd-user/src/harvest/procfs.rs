@@ -150,6 +150,17 @@ fn is_tcp_or_udp(facts: &SocketFacts) -> bool {
     )
 }
 
+/// kcmp(2) between two tasks, where either may have exited since it was listed (a
+/// harvest that freezes nothing, such as `ls --all` on a busy machine): a task gone
+/// shares nothing any more (ESRCH is "not the same"), where failing would fail the whole
+/// listing for one process that ended. Frozen targets cannot end meanwhile.
+fn same_unless_gone(a: Pid, b: Pid, what: Kcmp) -> Result<bool, SyscallError> {
+    match kcmp_same(a, b, what) {
+        Err(e) if e.errno() == Some(libc::ESRCH) => Ok(false),
+        other => other,
+    }
+}
+
 /// One open file description found so far: where to kcmp it from, and its identity.
 struct Description {
     tid: Pid,
@@ -205,7 +216,7 @@ pub fn harvest(tgids: &[Tgid]) -> Result<Harvest, ProcfsError> {
             let parent = Tgid(field("PPid:").and_then(|v| v.parse().ok()).unwrap_or(0));
             let mut table = None;
             for (rep, id) in &tables {
-                if kcmp_same(*rep, tid, Kcmp::Files)? {
+                if same_unless_gone(*rep, tid, Kcmp::Files)? {
                     table = Some(*id);
                     break;
                 }
@@ -257,7 +268,7 @@ fn read_table(
         let same_inode = descriptions.entry(inode_id).or_default();
         let mut file_id = None;
         for d in same_inode.iter() {
-            if kcmp_same(d.tid, tid, Kcmp::File(d.fd, fd))? {
+            if same_unless_gone(d.tid, tid, Kcmp::File(d.fd, fd))? {
                 file_id = Some(d.id);
                 break;
             }
@@ -444,4 +455,21 @@ pub fn own_file(
         },
     };
     Ok(Some((slot.link, file)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_that_is_gone_shares_nothing_rather_than_failing_the_harvest() {
+        let me = Pid(std::process::id());
+        let max: u32 = fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+        // Above pid_max: never a task.
+        let gone = Pid(max + 1);
+        assert!(matches!(kcmp_same(me, gone, Kcmp::Files), Err(e) if e.errno() == Some(libc::ESRCH)));
+        assert!(!same_unless_gone(me, gone, Kcmp::Files).unwrap());
+        assert!(!same_unless_gone(gone, me, Kcmp::File(Fd(0), Fd(0))).unwrap());
+        assert!(same_unless_gone(me, me, Kcmp::Files).unwrap(), "a live task still compares");
+    }
 }

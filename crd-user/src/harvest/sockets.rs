@@ -106,6 +106,16 @@ impl Dump {
         }
     }
 
+    /// The module that answers this dump (the kernel loads it on the first request
+    /// where it can run modprobe).
+    fn module(self) -> &'static str {
+        match self {
+            Dump::Unix => "unix_diag",
+            Dump::Inet { protocol, .. } if i32::from(protocol) == libc::IPPROTO_TCP => "tcp_diag",
+            Dump::Inet { .. } => "udp_diag",
+        }
+    }
+
     fn request(self) -> SockDiagMessage {
         match self {
             Dump::Unix => SockDiagMessage::UnixRequest(UnixRequest {
@@ -184,10 +194,16 @@ fn dump_namespace(path: &str, own: bool) -> Result<Table, SockDiagError> {
     };
     let mut table = Table::new();
     for dump in DUMPS {
-        // One family failing (its diag module missing: ENOENT) leaves the others.
+        // One family failing (its diag module missing: ENOENT) leaves the others, and
+        // says so: without the dump, its sockets have no peer, name or address, and a
+        // connected pair would look held from outside.
         match dump_one(&socket, dump) {
             Ok(messages) => table.extend(messages.iter().filter_map(|m| facts_of(m, dump))),
-            Err(e) => log::debug!("{e}"),
+            Err(e) => log::warn!(
+                "{e}; {} sockets are listed by family only (no peer, name or address): load the {} module",
+                dump.what(),
+                dump.module()
+            ),
         }
     }
     Ok(table)

@@ -404,7 +404,7 @@ mod tests {
             access: Access { read: true, write: false },
             pos: 0,
             held_outside: false,
-            object: Encounter::First { objref: ObjRef(3), object },
+            object: Encounter::First { objref: ObjRef(3), object: Box::new(object) },
         };
         ImageBody {
             header: Header::now(Source::Bpf, false),

@@ -157,7 +157,7 @@ impl FileDesc {
             access: self.access,
             pos: self.pos,
             held_outside: self.held_outside,
-            object: encounter(self.inode, Inode::upgrade),
+            object: encounter(self.inode, |inode| Box::new(inode.upgrade())),
         }
     }
 }

@@ -186,10 +186,12 @@ impl FileKind for Unix {
         };
         // Each datagram is one buffer: the kernel's count must match what the walk read.
         // (A zero-length datagram someone peeked before is skipped by every peek at an
-        // offset: the kernel offers no way to read it in place.)
+        // offset: the kernel offers no way to read it in place. Any peek of it marks it
+        // so, crd's own walk too: a second checkpoint of a queue holding an empty
+        // datagram refuses here. What the process receives is unchanged.)
         if sock_type != SockType::Stream && !listening && live.rqueue as usize > queue.len() {
             return Err(KindError::Other(format!(
-                "its queue holds {} datagrams but only {} could be read in place (an empty datagram that was peeked before cannot be); nothing was written",
+                "its queue holds {} datagrams but only {} could be read in place (an empty datagram peeked before, by the process or by an earlier checkpoint, cannot be: the kernel skips it); nothing was written",
                 live.rqueue,
                 queue.len()
             )));

@@ -393,7 +393,7 @@ mod tests {
         }
     }
 
-    fn desc(object: Encounter<Object>) -> FileDesc {
+    fn desc(object: Encounter<Box<Object>>) -> FileDesc {
         FileDesc {
             flags: 0,
             access: Access { read: true, write: false },
@@ -423,7 +423,10 @@ mod tests {
     fn graph(kind: Kind, held_outside: bool) -> Graph {
         let first = Encounter::First {
             objref: ObjRef(2),
-            object: desc(Encounter::First { objref: ObjRef(3), object: object(kind, held_outside) }),
+            object: desc(Encounter::First {
+                objref: ObjRef(3),
+                object: Box::new(object(kind, held_outside)),
+            }),
         };
         Graph {
             root: Tgid(10),

@@ -169,6 +169,8 @@ pub struct HarvestRuns {
     pub processes: u64,
     pub load_ms: f64,
     pub runs_ms: Vec<f64>,
+    /// The same fds visited with nothing read (BPF only; empty otherwise).
+    pub floor_ms: Vec<f64>,
 }
 
 pub fn parse_harvest(stdout: &str) -> Result<HarvestRuns> {
@@ -187,11 +189,20 @@ pub fn parse_harvest(stdout: &str) -> Result<HarvestRuns> {
     if runs_ms.is_empty() {
         bail!("no runs in {line}");
     }
+    let floor_ms: Vec<f64> = value
+        .get("floor_ns")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_f64)
+        .map(|ns| ns / 1e6)
+        .collect();
     Ok(HarvestRuns {
         fds: number("fds")? as u64,
         processes: number("processes")? as u64,
         load_ms: number("load_ns")? / 1e6,
         runs_ms,
+        floor_ms,
     })
 }
 
@@ -215,7 +226,7 @@ mod tests {
                    \"load_ns\":15000000,\"runs_ns\":[1000000,3000000]}\n";
         assert_eq!(
             parse_harvest(out).unwrap(),
-            HarvestRuns { fds: 2000, processes: 2, load_ms: 15.0, runs_ms: vec![1.0, 3.0] }
+            HarvestRuns { fds: 2000, processes: 2, load_ms: 15.0, runs_ms: vec![1.0, 3.0], floor_ms: vec![] }
         );
         assert!(parse_harvest("{\"fds\":1,\"processes\":1,\"load_ns\":1,\"runs_ns\":[]}").is_err());
         assert!(parse_harvest("nothing").is_err());
