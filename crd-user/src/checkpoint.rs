@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use crate::{
+    admission::Admission,
     freeze::{FreezeError, Frozen},
     graph::Graph,
     harvest::{
@@ -63,11 +64,22 @@ pub struct Options {
     pub strict: bool,
     /// What to save beyond what every checkpoint saves (`--tcp-established`).
     pub save: SaveOptions,
+    /// Which processes may be frozen: the kernel's rule when crd runs as the user who
+    /// asked, the client's when the service runs it ([`crate::admission`]).
+    pub admission: Admission,
 }
 
 impl Options {
     pub fn new(root: Tgid, tree: bool, source: Source) -> Self {
-        Self { root, tree, source, load: LoadOptions::default(), save: SaveOptions::default(), strict: false }
+        Self {
+            root,
+            tree,
+            source,
+            load: LoadOptions::default(),
+            save: SaveOptions::default(),
+            strict: false,
+            admission: Admission::Kernel,
+        }
     }
 }
 
@@ -117,10 +129,11 @@ pub fn freeze_and_harvest_with(
     if interrupted() {
         return Err(CheckpointError::Interrupted(Interrupted));
     }
-    let frozen = Frozen::freeze(options.root, options.tree, interrupted).map_err(|e| match e {
-        FreezeError::Interrupted(i) => CheckpointError::Interrupted(i),
-        e => e.into(),
-    })?;
+    let frozen = Frozen::freeze_admitting(options.root, options.tree, &options.admission, interrupted)
+        .map_err(|e| match e {
+            FreezeError::Interrupted(i) => CheckpointError::Interrupted(i),
+            e => e.into(),
+        })?;
     phases.lap("freeze");
     let tgids: Vec<Tgid> = frozen.processes().collect();
     let (harvest, stats) = harvester.harvest(Scope::Processes(&tgids), interrupted)?;
@@ -134,12 +147,26 @@ pub fn checkpoint(options: Options, interrupted: &dyn Fn() -> bool) -> Result<Ch
     checkpoint_with(options, None, None, interrupted)
 }
 
+/// Where a checkpoint's image goes.
+///
+/// A path is written by [`image::write`]; the service wraps that write so it is made
+/// with its client's file-system identity (`crate::serve`).
+pub trait ImageSink {
+    fn write(&self, body: &ImageBody) -> Result<(), ImageError>;
+}
+
+impl ImageSink for &Path {
+    fn write(&self, body: &ImageBody) -> Result<(), ImageError> {
+        image::write(self, body)
+    }
+}
+
 /// As [`checkpoint`], with `loaded`, if given, as the harvester, and the image written
 /// to `output` (if given) before the targets are resumed when it streams their contents.
 pub fn checkpoint_with(
     options: Options,
     loaded: Option<&mut dyn Harvester>,
-    output: Option<&Path>,
+    output: Option<&dyn ImageSink>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Checkpoint, CheckpointError> {
     let check = || {
@@ -164,7 +191,7 @@ pub fn checkpoint_with(
     if let Some(output) = output
         && streams
     {
-        image::write(output, &body)?;
+        output.write(&body)?;
         phases.lap("write");
     }
     frozen.thaw();
@@ -173,7 +200,7 @@ pub fn checkpoint_with(
         && !streams
     {
         check()?;
-        image::write(output, &body)?;
+        output.write(&body)?;
         phases.lap("write");
     }
     Ok(Checkpoint { body, stats, phases })
@@ -207,7 +234,7 @@ pub fn checkpoint_to_file(
     output: &Path,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Checkpoint, CheckpointError> {
-    checkpoint_with(options, None, Some(output), interrupted)
+    checkpoint_with(options, None, Some(&output), interrupted)
 }
 
 /// Test hook (testing builds only): `CRD_TEST_HOLD_FROZEN_MS=N` keeps the targets frozen

@@ -28,6 +28,7 @@ use nix::{
 };
 
 use crate::{
+    admission::{Admission, Refused},
     privilege::PtraceRefusal,
     sys::{self, SyscallError},
     types::{Pid, Tgid},
@@ -56,6 +57,10 @@ pub enum FreezeError {
     AlreadyTraced(Tgid),
     #[error("interrupted; every task was resumed")]
     Interrupted(#[source] crate::interrupt::Interrupted),
+    /// The admission rule refused a process before crd seized it (see
+    /// [`crate::admission`]); every task already seized was resumed.
+    #[error("{0}; nothing was frozen or written")]
+    Refused(#[from] Refused),
     #[error(transparent)]
     Syscall(#[from] SyscallError),
 }
@@ -75,6 +80,19 @@ impl Frozen {
     /// the set stops growing: a thread or child created while crd was attaching is
     /// caught on the next round, and once every member is stopped none can be created.
     pub fn freeze(root: Tgid, tree: bool, interrupted: &dyn Fn() -> bool) -> Result<Self, FreezeError> {
+        Self::freeze_admitting(root, tree, &Admission::Kernel, interrupted)
+    }
+
+    /// As [`freeze`](Self::freeze), seizing only processes `admission` admits: each is
+    /// checked before any of its threads is seized, so a refused process is never
+    /// stopped, even for a moment.
+    pub fn freeze_admitting(
+        root: Tgid,
+        tree: bool,
+        admission: &Admission,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<Self, FreezeError> {
+        admission.check(root)?;
         let pidfd = sys::pidfd_open(Pid(root.0)).map_err(|e| match e.errno() {
             Some(libc::ESRCH) | Some(libc::EINVAL) => FreezeError::NoSuchProcess(root),
             _ => FreezeError::Syscall(e),
@@ -101,6 +119,7 @@ impl Frozen {
                         if frozen.processes.contains_key(&child) || is_zombie(child) {
                             continue;
                         }
+                        admission.check(child)?;
                         // A frozen parent cannot reap, so the child's PID cannot be
                         // recycled between the listing and this pidfd.
                         if let Ok(pidfd) = sys::pidfd_open(Pid(child.0)) {

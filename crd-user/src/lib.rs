@@ -16,7 +16,9 @@
 //!
 //! Test scaffolding (`fixture`, `stress`, `test_hooks` and the hooks' environment
 //! variables) exists only with the `testing` feature: the product reads no test hook.
+pub mod admission;
 pub mod checkpoint;
+pub mod commands;
 pub mod demo;
 #[cfg(feature = "testing")]
 pub mod fixture;
@@ -32,6 +34,7 @@ pub mod ls;
 pub mod model;
 pub mod privilege;
 pub mod restore;
+pub mod serve;
 #[cfg(feature = "testing")]
 pub mod stress;
 pub mod sys;

@@ -16,6 +16,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    admission::{Admission, Refused},
     graph::{Graph, GraphIndex, Object, SavedStates},
     harvest::{
         self, Harvest, HarvestError, LoadOptions, Scope, Source,
@@ -35,6 +36,8 @@ pub enum LsError {
     Harvest(#[from] HarvestError),
     #[error("interrupted; nothing was listed")]
     Interrupted(#[source] crate::interrupt::Interrupted),
+    #[error(transparent)]
+    Refused(#[from] Refused),
 }
 
 /// Which processes to list.
@@ -77,11 +80,43 @@ pub fn harvest(
     interrupted: &dyn Fn() -> bool,
 ) -> Result<(Source, Harvest, UnixQueues), LsError> {
     let mut harvester = harvest::harvester(source, *targets == Targets::All, load)?;
+    let (harvest, unix_queues) =
+        harvest_with(harvester.as_mut(), targets, &Admission::Kernel, None, interrupted)?;
+    Ok((harvester.source(), harvest, unix_queues))
+}
+
+/// As [`harvest`], with a harvester already loaded (for [`Targets::All`], one loaded
+/// with `match_all`), listing only what `admission` admits: a named process it refuses
+/// is an error, and `--all` leaves out every process it refuses, and `caller` (the
+/// service's client, left out as crd leaves itself out).
+pub fn harvest_with(
+    harvester: &mut dyn harvest::Harvester,
+    targets: &Targets,
+    admission: &Admission,
+    caller: Option<Tgid>,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<(Harvest, UnixQueues), LsError> {
+    if let Targets::Processes(tgids) = targets {
+        for tgid in tgids {
+            admission.check(*tgid)?;
+        }
+    }
     let scope = match targets {
         Targets::Processes(tgids) => Scope::Processes(tgids),
         Targets::All => Scope::All,
     };
     let (mut harvest, _) = harvester.harvest(scope, interrupted)?;
+    if *targets == Targets::All && (caller.is_some() || !admission.admits_everyone()) {
+        let mut admitted: HashMap<Tgid, bool> = HashMap::new();
+        let keep: HashSet<Tgid> = harvest
+            .tasks
+            .iter()
+            .map(|t| t.tgid)
+            .filter(|&tgid| Some(tgid) != caller)
+            .filter(|&tgid| *admitted.entry(tgid).or_insert_with(|| admission.check(tgid).is_ok()))
+            .collect();
+        harvest.retain_processes(&keep);
+    }
     extras::fill_links(&mut harvest);
     extras::count_queued(&mut harvest);
     let unix_queues = extras::unix_queues(&harvest);
@@ -89,7 +124,7 @@ pub fn harvest(
     if interrupted() {
         return Err(LsError::Interrupted(crate::interrupt::Interrupted));
     }
-    Ok((harvester.source(), harvest, unix_queues))
+    Ok((harvest, unix_queues))
 }
 
 /// What `crd ls` shows.

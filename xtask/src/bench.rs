@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 mod measure;
 mod plot;
 mod report;
+mod service;
 mod stats;
 mod workload;
 
@@ -104,11 +105,12 @@ pub fn run(crd: &Path, root: &Path, reps: Repetitions) -> Result<()> {
         eprintln!("bench: {name}");
         sockets.push(socket_row(crd, &scratch, name, wiring, no_restore, reps)?);
     }
+    let service = service::measure(crd, &scratch, reps.checkpoint)?;
     let repetitions = format!(
         "{} repetitions (BPF: the median of {} harvests in each), {} for checkpoint and restore",
         reps.harvest, reps.bpf_runs, reps.checkpoint
     );
-    let page = report::render(&machine, &harvests, &results, &sockets, &repetitions);
+    let page = report::render(&machine, &harvests, &results, &sockets, &service, &repetitions);
     let docs = root.join("docs");
     fs::create_dir_all(&docs)?;
     fs::write(docs.join("benchmarks.md"), &page).context("writing docs/benchmarks.md")?;

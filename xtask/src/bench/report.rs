@@ -164,6 +164,66 @@ impl SocketRow {
 pub const SOCKET_BASELINE: &str = "pipes";
 
 /// Which checkpoint rows the targets read: names are shared with the driver.
+/// One request through `crd serve` against crd alone.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceRow {
+    pub name: String,
+    pub fds: u64,
+    /// Request line sent to final reply read.
+    pub served_ms: Vec<f64>,
+    /// The same command by crd alone: fork to exit, BPF load included.
+    pub alone_ms: Vec<f64>,
+}
+
+/// The issue's service targets: checkpoint of 9,000 pipes < 15 ms, ls --all at 100,000
+/// fds < 60 ms, request to reply.
+pub fn service_verdicts(rows: &[ServiceRow]) -> Vec<Verdict> {
+    rows.iter()
+        .filter_map(|r| {
+            let limit = if r.name.starts_with("checkpoint") {
+                15.0
+            } else if r.name.starts_with("ls --all") {
+                60.0
+            } else {
+                return None;
+            };
+            Some(verdict(
+                format!("{} through the service < {limit:.0} ms, request to reply", r.name),
+                median(&r.served_ms),
+                |v| format!("{v:.1} ms"),
+                |v| v < limit,
+            ))
+        })
+        .collect()
+}
+
+fn service_table(w: &mut String, rows: &[ServiceRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(w, "\n## Service\n");
+    let _ = writeln!(
+        w,
+        "Requests to `crd serve` (docs/service.md), timed from the request line sent to the \
+         reply read, on one connection to a service that loaded its BPF programs when it \
+         started; against the same command by crd alone (fork to exit, BPF load included).\n"
+    );
+    let _ = writeln!(w, "| request | fds | through the service ms | crd alone ms | alone/service |");
+    let _ = writeln!(w, "|---|--:|--:|--:|--:|");
+    for r in rows {
+        let (served, alone) = (median(&r.served_ms), median(&r.alone_ms));
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} |",
+            r.name,
+            thousands(r.fds),
+            ms(served),
+            ms(alone),
+            ratio(alone.zip(served).map(|(a, s)| a / s)),
+        );
+    }
+}
+
 pub const PIPES_9000: &str = "1 process × 9,000 pipes";
 pub const TREE_50: &str = "tree of 50 × 100 pipes";
 pub const TREE_100K: &str = "tree of 100 × 500 pipes";
@@ -341,6 +401,7 @@ pub fn render(
     harvests: &[Harvest],
     checkpoints: &[Checkpoint],
     sockets: &[SocketRow],
+    service: &[ServiceRow],
     repetitions: &str,
 ) -> String {
     let mut md = String::new();
@@ -478,10 +539,15 @@ pub fn render(
         &c.restore_phases
     });
     socket_table(w, sockets);
+    service_table(w, service);
     let _ = writeln!(w, "\n## Targets\n");
     let _ = writeln!(w, "| target | measured | verdict |");
     let _ = writeln!(w, "|---|--:|---|");
-    for v in verdicts(harvests, checkpoints).into_iter().chain(socket_verdicts(sockets)) {
+    for v in verdicts(harvests, checkpoints)
+        .into_iter()
+        .chain(socket_verdicts(sockets))
+        .chain(service_verdicts(service))
+    {
         let verdict = match v.met {
             Some(true) => "met",
             Some(false) => "**missed**",
@@ -661,6 +727,7 @@ mod tests {
             &[],
             &[],
             &rows,
+            &[],
             "1",
         );
         assert!(
@@ -741,6 +808,7 @@ mod tests {
             &[],
             &[failed],
             &[],
+            &[],
             "1",
         );
         assert!(page.contains("| 51.0 | 25.5 | **failed** |"), "{page}");
@@ -764,8 +832,28 @@ mod tests {
             &[harvest(100, 1000, 20.0, 600.0, 200.0)],
             &[checkpoint(TREE_50, 51.0, 99.0, 740_000)],
             &[],
+            &[
+                ServiceRow {
+                    name: "checkpoint of 1 process × 9,000 pipes".into(),
+                    fds: 18_000,
+                    served_ms: vec![12.0, 11.0, 13.0],
+                    alone_ms: vec![60.0, 66.0, 55.0],
+                },
+                ServiceRow {
+                    name: "ls --all, 100 × 500 pipes".into(),
+                    fds: 100_000,
+                    served_ms: vec![70.0],
+                    alone_ms: vec![140.0],
+                },
+            ],
             "5 repetitions",
         );
+        assert!(
+            page.contains("| checkpoint of 1 process × 9,000 pipes | 18,000 | 12.0 | 60.0 | 5.0× |"),
+            "{page}"
+        );
+        assert!(page.contains("| checkpoint of 1 process × 9,000 pipes through the service < 15 ms, request to reply | 12.0 ms | met |"), "{page}");
+        assert!(page.contains("| ls --all, 100 × 500 pipes through the service < 60 ms, request to reply | 70.0 ms | **missed** |"), "{page}");
         assert!(
             page.contains("Machine: 2 cores (Test CPU), 24 GiB, kernel 6.18.0; 2026-01-01; crd abc1234.")
         );
