@@ -175,6 +175,31 @@ fn a_pty_comes_back_connected_with_its_settings_and_its_session() {
     assert_eq!(fg, new_member as i64, "the member's group is in the foreground");
 }
 
+/// A group made by a process that leads no session comes back made by the same stub and
+/// joined by the same member, in whatever session the original was: on a host that is
+/// the test's session; under an init that never called `setsid` (the VM matrix's
+/// guests, some containers) it is session 0, which crd once took for "no session known"
+/// and so left every stub in the root's group.
+#[test]
+fn a_group_made_outside_any_session_leader_comes_back() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = spawn(&["fork", "setpgid", "fork"], 3);
+    let [root, maker, member] = [fixture.pids[0], fixture.pids[1], fixture.pids[2]];
+    // What the kernel says of the original, so the test checks what it thinks it does.
+    let ((root_pgid, root_sid, ..), (maker_pgid, maker_sid, ..)) = (stat(root), stat(maker));
+    assert_eq!((maker_pgid, maker_sid), (maker, root_sid), "the maker leads a group in the root's session");
+    assert_ne!(root_pgid, maker);
+    assert_eq!(stat(member).0, maker, "the member is in the maker's group");
+    let (original, image, _log) = image_of_stopped(fixture, dir.path());
+    let restored = assert_round_trip(&original, &image);
+    let new = |old: u32| restored.tasks.iter().find(|(o, _)| *o == old).map(|(_, n)| *n).unwrap();
+    let (new_root, new_maker, new_member) = (new(root), new(maker), new(member));
+    assert_eq!(stat(new_maker).0, new_maker, "the restored maker leads its group");
+    assert_eq!(stat(new_member).0, new_maker, "the restored member is in the maker's group");
+    assert_ne!(stat(new_root).0, new_maker, "the root is not");
+}
+
 #[test]
 fn bpf_and_procfs_agree_on_ptys_and_sessions() {
     require_root!();

@@ -210,9 +210,15 @@ enum SessionKey {
 /// Fills in each stub's [`JobPlan`] from the old sessions (`sessions[i]` is process
 /// `i`'s); returns what cannot be recreated. An image without sessions (format 4 or
 /// older) leaves every stub as it is forked.
+///
+/// A session and a group are known apart: session 0 is real (the session of a boot's
+/// first process, and of every process under an init that never called `setsid`, as in
+/// a VM or a container whose session leader is outside its PID namespace), and a
+/// process there may still have made a group of its own.
 fn plan_jobs(graph: &Graph, mode: Mode, sessions: &[Session], processes: &mut [ProcessPlan]) -> Vec<String> {
     let mut warnings = Vec::new();
     let known = |i: usize| sessions[i].sid != 0;
+    let group_known = |i: usize| sessions[i].pgid != 0;
     let mut keys: Vec<SessionKey> = Vec::with_capacity(processes.len());
     for (i, p) in processes.iter_mut().enumerate() {
         let leads = known(i) && sessions[i].leads_session(p.old_tgid);
@@ -239,17 +245,17 @@ fn plan_jobs(graph: &Graph, mode: Mode, sessions: &[Session], processes: &mut [P
     // else its first member in plan order.
     let mut makers: HashMap<(SessionKey, u32), usize> = HashMap::new();
     for (i, p) in processes.iter().enumerate() {
-        if known(i) && sessions[i].pgid == p.old_tgid.0 {
+        if group_known(i) && sessions[i].pgid == p.old_tgid.0 {
             makers.entry((keys[i], sessions[i].pgid)).or_insert(i);
         }
     }
     for i in 0..processes.len() {
-        if known(i) {
+        if group_known(i) {
             makers.entry((keys[i], sessions[i].pgid)).or_insert(i);
         }
     }
     for i in 0..processes.len() {
-        if !known(i) {
+        if !group_known(i) {
             continue;
         }
         let maker = makers.get(&(keys[i], sessions[i].pgid)).copied();
@@ -528,6 +534,18 @@ mod tests {
         let jobs: Vec<(bool, Group)> =
             plan.processes.iter().map(|p| (p.job.leads_session, p.job.group)).collect();
         assert_eq!(jobs, vec![(false, Group::Keep), (false, Group::Join(0)), (false, Group::Create)]);
+    }
+
+    #[test]
+    fn groups_are_made_in_session_zero_too() {
+        // Under an init that never called setsid (a VM, some containers) every process
+        // is in session 0 and group 0; 20 made group 20, which 30 joined.
+        let g = with_sessions(&[(10, 0, 0), (20, 0, 20), (30, 0, 20)]);
+        let plan = plan(&g, Mode::Image { allow_external: false }).unwrap();
+        let jobs: Vec<(bool, Group)> =
+            plan.processes.iter().map(|p| (p.job.leads_session, p.job.group)).collect();
+        assert_eq!(jobs, vec![(false, Group::Keep), (false, Group::Create), (false, Group::Join(1))]);
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
     }
 
     #[test]
