@@ -8,6 +8,7 @@
 //! the targets are still frozen, what neither reads cheaply: paths, and each object's
 //! contents (through its kind's `save`).
 pub mod bpf;
+mod btf_names;
 pub mod extras;
 pub mod offsets;
 pub mod procfs;

@@ -7,6 +7,8 @@
 use std::path::Path;
 
 use btf_rs::{Backend, Btf, Type};
+
+use super::btf_names::NameIndex;
 use crd_common::{
     Config, FieldGroup, KIND_BPF_LOOP, KIND_EPOLL, KIND_EVENTFD, KIND_ITER_TASK_FILTER, KIND_NAMED,
     KIND_SHMEM, KIND_SIGNALFD, KIND_SOCKET, KIND_SOCKET_TYPED, KIND_TIMERFD, Offsets,
@@ -92,6 +94,9 @@ impl BtfBytes {
 /// A parsed kernel BTF, for offset look-ups.
 pub struct KernelBtf {
     btf: Btf,
+    /// The ids of every name crd asks for, found in one pass ([`NameIndex`]); None where
+    /// the BTF is not one that pass reads (btf-rs then scans for each name).
+    names: Option<NameIndex>,
     /// Structs already looked up: each name look-up scans every type of the kernel's
     /// BTF, and `offsets` asks for a few structs many times.
     structs: std::cell::RefCell<std::collections::HashMap<&'static str, btf_rs::Struct>>,
@@ -106,7 +111,7 @@ impl KernelBtf {
     /// From BTF already in memory (see [`BtfBytes`]).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, OffsetsError> {
         let btf = mapped_copy(bytes).map_err(|e| OffsetsError::Parse(e.to_string()))?;
-        Ok(Self { btf, structs: Default::default() })
+        Ok(Self { btf, names: NameIndex::build(bytes, &looked_up_names()), structs: Default::default() })
     }
 
     pub fn from_file(path: &Path) -> Result<Self, OffsetsError> {
@@ -114,19 +119,34 @@ impl KernelBtf {
             return Err(OffsetsError::NoBtf(path.display().to_string()));
         }
         // Mapping the BTF and decoding only the types asked for is ~10x faster than
-        // parsing all of it (0.3 s for vmlinux). btf-rs maps files shared, which sysfs
-        // refuses: map a copy in memory instead.
-        let btf = Btf::from_file_with_backend(path, Backend::Mmap)
-            .or_else(|_| std::fs::read(path).map_err(Into::into).and_then(|bytes| mapped_copy(&bytes)))
-            .map_err(|e| OffsetsError::Parse(format!("{}: {e}", path.display())))?;
-        Ok(Self { btf, structs: Default::default() })
+        // parsing all of it (0.3 s for vmlinux): from a mapped copy (btf-rs maps files
+        // shared, which sysfs refuses).
+        let bytes = BtfBytes::of_kernel(Some(path))?;
+        Self::from_bytes(&bytes).map_err(|e| match e {
+            OffsetsError::Parse(why) => OffsetsError::Parse(format!("{}: {why}", path.display())),
+            e => e,
+        })
+    }
+
+    /// The ids of the types named `name`: from the index if it has the name, else by a
+    /// scan of every type.
+    fn ids_by_name(&self, name: &str) -> Vec<u32> {
+        match self.names.as_ref().and_then(|index| index.ids(name)) {
+            Some(ids) => ids.to_vec(),
+            None => self.btf.resolve_ids_by_name(name).unwrap_or_default(),
+        }
+    }
+
+    /// The types named `name` (see [`ids_by_name`](Self::ids_by_name)).
+    fn types_by_name(&self, name: &str) -> Vec<Type> {
+        self.ids_by_name(name).into_iter().filter_map(|id| self.btf.resolve_type_by_id(id).ok()).collect()
     }
 
     /// The BTF id of the function `name` (a BPF iterator's attach point is the function
     /// `bpf_iter_<type>`).
     pub fn function_id(&self, name: &str) -> Result<u32, OffsetsError> {
-        let ids = self.btf.resolve_ids_by_name(name).unwrap_or_default();
-        ids.into_iter()
+        self.ids_by_name(name)
+            .into_iter()
             .find(|&id| matches!(self.btf.resolve_type_by_id(id), Ok(Type::Func(_))))
             .ok_or_else(|| OffsetsError::NoFunction(name.to_string()))
     }
@@ -135,8 +155,8 @@ impl KernelBtf {
         if let Some(found) = self.structs.borrow().get(name) {
             return Ok(found.clone());
         }
-        let types = self.btf.resolve_types_by_name(name).map_err(|_| OffsetsError::NoStruct(name))?;
-        let found = types
+        let found = self
+            .types_by_name(name)
             .into_iter()
             .find_map(|t| match t {
                 Type::Struct(s) if !s.members.is_empty() => Some(s),
@@ -260,8 +280,7 @@ impl KernelBtf {
     /// Whether the task iterators take a task filter: `union bpf_iter_link_info` has its
     /// `task` member (6.1+).
     pub fn has_task_iter_filter(&self) -> bool {
-        let Ok(types) = self.btf.resolve_types_by_name("bpf_iter_link_info") else { return false };
-        types.into_iter().any(|t| match t {
+        self.types_by_name(LINK_INFO).into_iter().any(|t| match t {
             Type::Union(u) => self.find_member(&u, "task").is_some(),
             _ => false,
         })
@@ -277,8 +296,7 @@ impl KernelBtf {
     /// verifier rejects a call to one it does not know, even where the program would
     /// never make it.
     fn has_helpers(&self, names: &[&str]) -> bool {
-        let Ok(types) = self.btf.resolve_types_by_name("bpf_func_id") else { return false };
-        let Some(values) = types.into_iter().find_map(|t| match t {
+        let Some(values) = self.types_by_name(HELPER_IDS).into_iter().find_map(|t| match t {
             Type::Enum(e) => Some(e),
             _ => None,
         }) else {
@@ -288,6 +306,22 @@ impl KernelBtf {
             values.members.iter().filter_map(|m| self.btf.resolve_name(m).ok()).collect();
         names.iter().all(|name| known.iter().any(|k| k == name))
     }
+}
+
+/// The union whose members say which iterators take a filter.
+const LINK_INFO: &str = "bpf_iter_link_info";
+/// The enum of the kernel's helpers.
+const HELPER_IDS: &str = "bpf_func_id";
+
+/// Every name crd looks up in the kernel's BTF, for [`NameIndex`]: the structs of
+/// [`Offsets::FIELDS`], `pipe_buffer`, the iterators' functions and the feature checks'
+/// types.
+fn looked_up_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = Offsets::FIELDS.iter().map(|f| f.structure).collect();
+    names.extend(["pipe_buffer", "bpf_iter_task", "bpf_iter_task_file", LINK_INFO, HELPER_IDS]);
+    names.sort_unstable();
+    names.dedup();
+    names
 }
 
 /// The helpers crd's typed socket reads call (see [`KIND_SOCKET_TYPED`]).
