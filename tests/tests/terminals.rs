@@ -23,6 +23,14 @@ use crd_tests::{
     restore_with, spawn,
 };
 
+/// Held by every test of this suite that makes or frees a pty: the restored pty takes
+/// its old index only where it is free when crd makes it, and the test that checks this
+/// must not see another test free that index meanwhile (libtest runs tests in parallel).
+fn pty_numbers() -> std::sync::MutexGuard<'static, ()> {
+    static PTY_NUMBERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    PTY_NUMBERS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Fields 5–8 of /proc/PID/stat: (pgrp, session, tty_nr, tpgid).
 fn stat(pid: u32) -> (u32, u32, u64, i64) {
     let line = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -127,6 +135,7 @@ const SESSION_STEPS: [&str; 10] = [
 #[test]
 fn a_pty_comes_back_connected_with_its_settings_and_its_session() {
     require_root!();
+    let _ptys = pty_numbers();
     let dir = tempfile::tempdir().unwrap();
     let fixture = spawn(&SESSION_STEPS, 3);
     let [root, leader, member] = [fixture.pids[0], fixture.pids[1], fixture.pids[2]];
@@ -183,6 +192,7 @@ fn a_pty_comes_back_connected_with_its_settings_and_its_session() {
 #[test]
 fn a_group_made_outside_any_session_leader_comes_back() {
     require_root!();
+    let _ptys = pty_numbers();
     let dir = tempfile::tempdir().unwrap();
     let fixture = spawn(&["fork", "setpgid", "fork"], 3);
     let [root, maker, member] = [fixture.pids[0], fixture.pids[1], fixture.pids[2]];
@@ -203,6 +213,7 @@ fn a_group_made_outside_any_session_leader_comes_back() {
 #[test]
 fn bpf_and_procfs_agree_on_ptys_and_sessions() {
     require_root!();
+    let _ptys = pty_numbers();
     let fixture = spawn(&SESSION_STEPS, 3);
     let bpf = checkpoint(fixture.root(), true, Source::Bpf);
     let procfs = checkpoint(fixture.root(), true, Source::Procfs);
@@ -241,6 +252,7 @@ fn bpf_and_procfs_agree_on_ptys_and_sessions() {
 #[test]
 fn a_pty_whose_master_is_outside_is_refused_by_fd_unless_allowed() {
     require_root!();
+    let _ptys = pty_numbers();
     let dir = tempfile::tempdir().unwrap();
     // The child keeps only the slave, its session's terminal; its parent, not
     // checkpointed, holds the master (a shell whose terminal emulator is not in the
@@ -269,6 +281,7 @@ fn a_pty_whose_master_is_outside_is_refused_by_fd_unless_allowed() {
 #[test]
 fn a_pty_end_whose_other_end_is_closed_everywhere_comes_back_so_and_is_no_external() {
     require_root!();
+    let _ptys = pty_numbers();
     let dir = tempfile::tempdir().unwrap();
     // A slave whose master was closed (hung up), and a master whose slave was closed.
     let fixture = spawn(&["pty:3:4", "close:3", "pty:5:6", "close:6"], 1);
@@ -295,6 +308,7 @@ fn a_pty_end_whose_other_end_is_closed_everywhere_comes_back_so_and_is_no_extern
 #[test]
 fn dev_tty_is_external_refused_by_fd() {
     require_root!();
+    let _ptys = pty_numbers();
     let dir = tempfile::tempdir().unwrap();
     // A session leader with a pty as terminal opens /dev/tty (which stands for it).
     let fixture = spawn(&["pty:3:4", "fork", "setsid", "ctty:4", "open:5:rw:/dev/tty"], 2);
@@ -312,6 +326,7 @@ fn dev_tty_is_external_refused_by_fd() {
 #[test]
 fn a_graft_hands_the_live_pty_over_and_leaves_the_session_its_terminal() {
     require_root!();
+    let _ptys = pty_numbers();
     let fixture = spawn(&SESSION_STEPS, 3);
     let [root, leader] = [fixture.pids[0], fixture.pids[1]];
     let grafted =
@@ -388,6 +403,7 @@ fn ask(master: &OwnedFd, command: &str, want: &str) -> String {
 #[test]
 fn an_interactive_bash_answers_on_its_restored_pty_with_job_control() {
     require_root!();
+    let _ptys = pty_numbers();
     require_tool!("bash");
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("bash.crd");
