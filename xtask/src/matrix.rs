@@ -65,6 +65,10 @@ struct Results {
     warnings: Vec<String>,
     /// How long the kernel's run took (a guest's: boot to power-off).
     elapsed: Duration,
+    /// Each failed test's first panic message (libtest's `---- NAME stdout ----`
+    /// section), shown under the table: a CI page that keeps only the ends of a long
+    /// log still says why.
+    why: BTreeMap<String, String>,
 }
 
 impl Results {
@@ -74,8 +78,26 @@ impl Results {
         let mut results = Results::default();
         let mut suite = String::new();
         let mut finished = false;
+        // The failed test whose `stdout` section is being read, and whether its panic
+        // line was seen (the message is the line after it).
+        let mut failure: Option<(String, bool)> = None;
         for line in log.lines() {
             let line = line.trim_end_matches('\r');
+            if let Some(name) = line.strip_prefix("---- ").and_then(|l| l.strip_suffix(" stdout ----")) {
+                failure = Some((format!("{suite}::{name}"), false));
+                continue;
+            }
+            if let Some((test, seen_panic)) = &mut failure {
+                if *seen_panic {
+                    if !line.trim().is_empty() {
+                        results.why.entry(test.clone()).or_insert_with(|| line.trim().to_string());
+                    }
+                    failure = None;
+                } else if line.contains("panicked at") {
+                    *seen_panic = true;
+                }
+                continue;
+            }
             if let Some(name) = line.strip_prefix("CRD-SUITE-START ") {
                 suite = name.trim().to_string();
                 finished = false;
@@ -420,6 +442,12 @@ fn render_table(columns: &[(String, Results)]) -> String {
         for suite in &results.broken_suites {
             out.push_str(&format!("\n{kernel}: suite {suite} did not finish"));
         }
+        for (test, outcome) in &results.tests {
+            if *outcome == Outcome::Fail {
+                let why = results.why.get(test).map_or("(no panic message in the log)", String::as_str);
+                out.push_str(&format!("\n{kernel}: {test} FAILED: {why}"));
+            }
+        }
     }
     let times: Vec<String> =
         columns.iter().map(|(kernel, r)| format!("{kernel} {:.0} s", r.elapsed.as_secs_f64())).collect();
@@ -442,6 +470,24 @@ mod tests {
         assert!(r.tests[&"cli::c".to_string()] == Outcome::Skip);
         assert_eq!(r.broken_suites, ["cli (exit 139)"]);
         assert!(r.failed());
+    }
+
+    #[test]
+    fn a_failed_test_is_shown_under_the_table_with_its_first_panic_message() {
+        let log = "CRD-SUITE-START terminals\nrunning 2 tests\ntest a ... ok\ntest b ... FAILED\n\n\
+                   failures:\n\n---- b stdout ----\n\nthread 'b' (12) panicked at tests/src/lib.rs:265:9:\n\
+                   the restored tree differs: task #1\nnote: run with `RUST_BACKTRACE=1`\n\n\
+                   thread 'b' (12) panicked at tests/src/lib.rs:265:9:\na later case's message\n\n\
+                   failures:\n    b\n\ntest result: FAILED. 1 passed; 1 failed\nCRD-SUITE-END terminals 101\n";
+        let r = Results::parse(log);
+        assert!(r.tests[&"terminals::b".to_string()] == Outcome::Fail);
+        let table = render_table(&[("6.1 (6.1.0)".into(), r)]);
+        assert!(
+            table.contains("\n6.1 (6.1.0): terminals::b FAILED: the restored tree differs: task #1\n"),
+            "{table}"
+        );
+        assert!(!table.contains("later case"), "{table}");
+        assert!(!table.contains("terminals::a FAILED"), "{table}");
     }
 
     #[test]
