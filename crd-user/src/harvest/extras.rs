@@ -12,7 +12,7 @@ use std::{
 use super::{FdInfo, Harvest, procfs};
 use crate::{
     freeze::Frozen,
-    kinds::{Holders, KindError, Live, Reach, SaveOptions, epoll},
+    kinds::{HolderIndex, Holders, KindError, Live, Reach, SaveOptions, epoll},
     model::{Carried, Saves},
     sys::{self, Kcmp, SyscallError},
     types::{DeviceId, Fd, KernelPtr, Pid, Tgid},
@@ -55,7 +55,7 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen, options: SaveOptions) -> 
             }
         }
     }
-    let holders = holders(harvest, frozen);
+    let holders = Holders::new(|| holders(harvest, frozen));
     let mut extras = Extras::default();
     // Files found in flight, to identify once every object is saved: (the object
     // carrying them, where it was reached, the fds received).
@@ -97,8 +97,8 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen, options: SaveOptions) -> 
 }
 
 /// Every harvested fd by the inode it opens, with the frozen processes' pidfds.
-fn holders<'f>(harvest: &Harvest, frozen: &'f Frozen) -> Holders<'f> {
-    let mut holders = Holders::default();
+fn holders<'f>(harvest: &Harvest, frozen: &'f Frozen) -> HolderIndex<'f> {
+    let mut holders = HolderIndex::default();
     for f in &harvest.fds {
         holders.by_inode.entry((f.file.object.dev, f.file.object.ino)).or_default().push((f.tgid, f.fd));
         holders.by_file.entry(f.file.id).or_default().push((f.tgid, f.fd));
@@ -120,6 +120,9 @@ fn identify_in_flight(
     options: SaveOptions,
     holders: &Holders<'_>,
 ) -> Result<(), ExtrasError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
     let me = Pid(std::process::id());
     let mut by_inode: HashMap<(DeviceId, u64), Vec<&FdInfo>> = HashMap::new();
     for f in &harvest.fds {

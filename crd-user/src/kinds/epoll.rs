@@ -368,12 +368,13 @@ impl FileKind for Epoll {
 /// holding it, preferring the registered number `tfd` in the epoll's own process; None
 /// if no checkpointed fd holds it.
 fn held(reach: &Reach<'_>, tfd: u32, file: KernelPtr) -> Result<Option<OwnedFd>, KindError> {
-    let holders = reach.holders.by_file.get(&file).map(Vec::as_slice).unwrap_or_default();
+    let holders = reach.holders.get().by_file.get(&file).map(Vec::as_slice).unwrap_or_default();
     let own = (reach.tgid, Fd(tfd));
     let Some(&(tgid, fd)) = holders.iter().find(|&&h| h == own).or_else(|| holders.first()) else {
         return Ok(None);
     };
-    let pidfd = if tgid == reach.tgid { Some(reach.pidfd) } else { reach.holders.pidfds.get(&tgid).copied() };
+    let pidfd =
+        if tgid == reach.tgid { Some(reach.pidfd) } else { reach.holders.get().pidfds.get(&tgid).copied() };
     match pidfd {
         Some(pidfd) => Ok(Some(sys::pidfd_getfd(pidfd, fd)?)),
         None => Ok(None),
@@ -390,8 +391,8 @@ fn target(reach: &Reach<'_>, item: &Item, toff: u32) -> Result<Option<OwnedFd>, 
     if watched(reach.tgid, Fd(tfd))? {
         return Ok(Some(sys::pidfd_getfd(reach.pidfd, Fd(tfd))?));
     }
-    for &(tgid, fd) in reach.holders.by_inode.get(&(item.dev, item.ino)).into_iter().flatten() {
-        let Some(pidfd) = reach.holders.pidfds.get(&tgid) else { continue };
+    for &(tgid, fd) in reach.holders.get().by_inode.get(&(item.dev, item.ino)).into_iter().flatten() {
+        let Some(pidfd) = reach.holders.get().pidfds.get(&tgid) else { continue };
         if watched(tgid, fd)? {
             return Ok(Some(sys::pidfd_getfd(pidfd.as_fd(), fd)?));
         }

@@ -201,7 +201,7 @@ pub struct Reach<'a> {
     pub options: SaveOptions,
     /// The checkpointed fds by inode, for a kind whose object names files by fd number
     /// when that number may no longer hold them (an epoll's targets).
-    pub holders: &'a Holders<'a>,
+    pub holders: &'a dyn HolderLookup,
 }
 
 /// Every fd of the checkpointed processes by the inode its file opens, and a pidfd of
@@ -209,8 +209,42 @@ pub struct Reach<'a> {
 /// registered under, which may have been closed since (the file living on in a `dup`)
 /// or belong to another process; save then finds the very description among these
 /// (kcmp) and takes it with `pidfd_getfd`.
-#[derive(Clone, Debug, Default)]
+///
+/// Built on first use: most checkpoints hold no epoll, and at 18,000 fds the maps cost
+/// a few milliseconds of a whole command that should take fifty.
 pub struct Holders<'a> {
+    build: Box<dyn Fn() -> HolderIndex<'a> + 'a>,
+    index: std::cell::OnceCell<HolderIndex<'a>>,
+}
+
+impl<'a> Holders<'a> {
+    /// Holders that `build` indexes when first asked for.
+    pub fn new(build: impl Fn() -> HolderIndex<'a> + 'a) -> Self {
+        Holders { build: Box::new(build), index: std::cell::OnceCell::new() }
+    }
+}
+
+/// [`Holders`] as a [`Reach`] sees them: the index, borrowed no longer than the reach
+/// (which lives shorter than the pidfds the index borrows).
+pub trait HolderLookup: std::fmt::Debug {
+    fn get(&self) -> &HolderIndex<'_>;
+}
+
+impl HolderLookup for Holders<'_> {
+    fn get(&self) -> &HolderIndex<'_> {
+        self.index.get_or_init(|| (self.build)())
+    }
+}
+
+impl std::fmt::Debug for Holders<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Holders").field("index", &self.index.get()).finish_non_exhaustive()
+    }
+}
+
+/// The maps of [`Holders`].
+#[derive(Clone, Debug, Default)]
+pub struct HolderIndex<'a> {
     pub by_inode: HashMap<(DeviceId, u64), Vec<(Tgid, Fd)>>,
     /// By open file description (`FileInfo::id`), for the files a BPF walk of an epoll
     /// named by address.
