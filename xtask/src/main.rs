@@ -121,13 +121,17 @@ fn run_task(task: Task) -> Result<()> {
             // The product too: a test checks that it holds no test scaffolding.
             let product = build(false, Flavor::Product)?;
             let crd = build(false, Flavor::Testing)?;
-            // python3: a test runs a real asyncio server (tests/tests/kinds.rs); lsof and
-            // ss check sockets against the kernel's own views (tests/tests/sockets_bpf.rs).
+            // python3: a test runs a real asyncio server (tests/tests/event_loops.rs);
+            // nginx and redis are the real servers of tests/tests/real_servers.rs; lsof
+            // and ss check sockets against the kernel's own views
+            // (tests/tests/sockets_bpf.rs).
             ensure_apt_packages(&[
                 ("bpftool", "bpftool"),
                 ("python3", "python3"),
                 ("lsof", "lsof"),
                 ("ss", "iproute2"),
+                ("nginx", "nginx"),
+                ("redis-server", "redis-server"),
             ])?;
             // The tests crate turns on crd-user's `testing` feature for the whole
             // workspace build: it goes to the testing target directory, with the same
@@ -262,10 +266,14 @@ pub(crate) fn ensure_apt_packages(tools: &[(&str, &str)]) -> Result<()> {
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    // RUNLEVEL=1: a server package (nginx, redis-server) is installed for the tests to
+    // run their own instances, not started as the machine's service (invoke-rc.d
+    // starts nothing in runlevel 1).
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("RUNLEVEL", "1"))
 }
 
 /// Where the BPF object is built, relative to the workspace.
