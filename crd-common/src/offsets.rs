@@ -93,6 +93,8 @@ offsets! {
         task_files: "task_struct" ["files"] 8,
         files_fdt: "files_struct" ["fdt"] 8,
         fdtable_close_on_exec: "fdtable" ["close_on_exec"] 8,
+        fdtable_max_fds: "fdtable" ["max_fds"] 4,
+        fdtable_fd: "fdtable" ["fd"] 8,
         file_f_flags: "file" ["f_flags"] 4,
         file_f_mode: "file" ["f_mode"] 4,
         file_f_pos: "file" ["f_pos"] 8,

@@ -49,6 +49,7 @@
 #![no_main]
 
 mod anon;
+mod floor;
 
 use aya_ebpf::{
     helpers::generated::{bpf_skc_to_unix_sock, bpf_sock_from_file},

@@ -59,6 +59,11 @@ pub const HOLD_HARVEST_ENV: &str = "CRD_TEST_HOLD_HARVEST_MS";
 #[cfg(feature = "testing")]
 pub const CLEAR_KINDS_ENV: &str = "CRD_TEST_CLEAR_KINDS";
 
+/// Test hook (testing builds only): `CRD_TEST_FLOOR_PROGRAMS=1` also loads the floor
+/// programs (crd-ebpf's `floor` module) for [`BpfHarvester::time_floor`].
+#[cfg(feature = "testing")]
+pub const FLOOR_PROGRAMS_ENV: &str = "CRD_TEST_FLOOR_PROGRAMS";
+
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
     #[error(
@@ -224,6 +229,19 @@ impl BpfHarvester {
                 log::debug!("{name}: the verifier processed {n} instructions");
             }
         }
+        #[cfg(feature = "testing")]
+        if std::env::var_os(FLOOR_PROGRAMS_ENV).is_some() {
+            for (name, iter_type) in
+                [("crd_floor_null", "task_file"), ("crd_floor_emit", "task_file"), ("crd_floor_walk", "task")]
+            {
+                let program: &mut Iter = ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| BpfError::Load(format!("program {name} missing from the object")))?
+                    .try_into()
+                    .map_err(load_error)?;
+                program.load(iter_type, &attach.btf).map_err(load_error)?;
+            }
+        }
         log::debug!("load: programs verified at {:?}", started.elapsed());
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
         let ring = RingBuf::try_from(
@@ -351,6 +369,62 @@ impl BpfHarvester {
             )));
         }
         Ok(elapsed)
+    }
+
+    /// The time one of the floor programs (crd-ebpf's `floor` module, loaded when
+    /// [`FLOOR_PROGRAMS_ENV`] is set) takes over `scope`, with the processes of `scope`
+    /// asked for; `mode` is the walk's (see `crd_floor_mode`).
+    #[cfg(feature = "testing")]
+    pub fn time_floor(
+        &mut self,
+        program: &'static str,
+        iterator: &'static str,
+        mode: u32,
+        scope: Scope<'_>,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<std::time::Duration, BpfError> {
+        if let Scope::Processes(tgids) = scope {
+            self.set_filter(tgids)?;
+        }
+        let mut modes: Array<_, u32> = Array::try_from(
+            self.ebpf.map_mut("crd_floor_mode").ok_or(BpfError::Load("map crd_floor_mode missing".into()))?,
+        )
+        .map_err(load_error)?;
+        modes.set(0, mode, 0).map_err(load_error)?;
+        let started = std::time::Instant::now();
+        for run in self.runs(scope, &[(program, iterator)]) {
+            let Some(pid) = run.pid else {
+                return Err(BpfError::Load("floors: one process at a time".into()));
+            };
+            let prog: &mut Iter = self
+                .ebpf
+                .program_mut(program)
+                .ok_or(BpfError::Load("no program".into()))?
+                .try_into()
+                .map_err(load_error)?;
+            let fd = prog.fd().map_err(load_error)?;
+            let mut file = crate::sys::bpf_task_iterator(std::os::fd::AsFd::as_fd(fd), pid)
+                .map_err(|e| BpfError::Load(e.to_string()))?;
+            let mut sink = [0u8; 64];
+            loop {
+                if interrupted() {
+                    return Err(BpfError::Interrupted(crate::interrupt::Interrupted));
+                }
+                let done = match file.read(&mut sink) {
+                    Ok(0) => true,
+                    Ok(_) => false,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                    Err(source) => return Err(BpfError::Read { iterator, source }),
+                };
+                while let Some(item) = self.ring.next() {
+                    std::hint::black_box(&*item);
+                }
+                if done {
+                    break;
+                }
+            }
+        }
+        Ok(started.elapsed())
     }
 
     fn counters(&self) -> Result<[u64; 3], BpfError> {
