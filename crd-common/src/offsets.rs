@@ -91,6 +91,7 @@ offsets! {
         task_real_parent: "task_struct" ["real_parent"] 8,
         task_comm: "task_struct" ["comm"] 16,
         task_files: "task_struct" ["files"] 8,
+        task_group_leader: "task_struct" ["group_leader"] 8,
         files_fdt: "files_struct" ["fdt"] 8,
         fdtable_close_on_exec: "fdtable" ["close_on_exec"] 8,
         fdtable_max_fds: "fdtable" ["max_fds"] 4,

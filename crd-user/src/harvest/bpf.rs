@@ -16,7 +16,7 @@ use aya::{
 };
 use crd_common::{
     COMM_LEN, EPOLL_MAX_ITEMS, EpollItemRecord, EpollTail, EventfdTail, FD_CLOEXEC, FdRecord, FdWith,
-    KIND_BPF_LOOP, KIND_ITER_TASK_FILTER, NamedTail, RECORD_EPOLL_ITEM, RECORD_FD, RECORD_TASK,
+    KIND_BPF_LOOP, KIND_FD_WALK, KIND_ITER_TASK_FILTER, NamedTail, RECORD_EPOLL_ITEM, RECORD_FD, RECORD_TASK,
     STAT_READ_FAILED, STAT_RING_FULL, STAT_SUBMITTED, SignalfdTail, SocketTail, TAIL_EPOLL, TAIL_EVENTFD,
     TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TAIL_SIGNALFD, TAIL_SOCKET, TAIL_TIMERFD, TaskRecord, TimerfdTail,
 };
@@ -155,8 +155,9 @@ pub struct BpfHarvester {
     ring: RingBuf<MapData>,
     /// See [`crd_common::Config::file_ref_bias`].
     file_ref_bias: i64,
-    /// The fd program loaded: with `bpf_loop` or without (see crd-ebpf).
-    task_file: &'static str,
+    /// The fd program loaded and its iterator: the walk from the task iterator, or the
+    /// task_file program with `bpf_loop` or without (see [`fd_program`]).
+    fd_program: (&'static str, &'static str),
     /// The iterators can be run over one process at a time
     /// ([`crd_common::KIND_ITER_TASK_FILTER`]).
     task_filter: bool,
@@ -216,8 +217,8 @@ impl BpfHarvester {
             .load(BPF_OBJECT)
             .map_err(load_error)?;
         log::debug!("load: object loaded at {:?}", started.elapsed());
-        let task_file = task_file_program(&config);
-        for (name, iter_type) in [("crd_task", "task"), (task_file, "task_file")] {
+        let fd_program = fd_program(&config);
+        for (name, iter_type) in [("crd_task", "task"), fd_program] {
             let program: &mut Iter = ebpf
                 .program_mut(name)
                 .ok_or_else(|| BpfError::Load(format!("program {name} missing from the object")))?
@@ -253,7 +254,7 @@ impl BpfHarvester {
             logger,
             ring,
             file_ref_bias: config.file_ref_bias as i64,
-            task_file,
+            fd_program,
             task_filter: config.kinds & KIND_ITER_TASK_FILTER != 0,
         })
     }
@@ -281,7 +282,8 @@ impl BpfHarvester {
         let mut harvest = Harvest::default();
         let before = self.counters()?;
         let mut decoder = Decoder::new(self.file_ref_bias);
-        let programs = [("crd_task", "task"), (self.task_file, "task_file")];
+        self.clear_walk_resume()?;
+        let programs = [("crd_task", "task"), self.fd_program];
         for run in self.runs(scope, &programs) {
             self.run_iterator(run, &mut decoder, &mut harvest, &mut stats, interrupted)?;
         }
@@ -358,7 +360,8 @@ impl BpfHarvester {
         let mut harvest = Harvest::default();
         let mut decoder = Decoder::new(self.file_ref_bias);
         let started = std::time::Instant::now();
-        for run in self.runs(scope, &[(self.task_file, "task_file")]) {
+        self.clear_walk_resume()?;
+        for run in self.runs(scope, &[self.fd_program]) {
             self.run_iterator(run, &mut decoder, &mut harvest, &mut stats, interrupted)?;
         }
         let elapsed = started.elapsed();
@@ -425,6 +428,27 @@ impl BpfHarvester {
             }
         }
         Ok(started.elapsed())
+    }
+
+    /// The name of the fd program loaded (`crd_task_walk`, `crd_task_file` or
+    /// `crd_task_file_bounded`).
+    pub fn fd_program_name(&self) -> &'static str {
+        self.fd_program.0
+    }
+
+    /// Forgets any walk a full ring cut short (see crd-ebpf's `walk`): each harvest
+    /// starts every table at its first fd.
+    fn clear_walk_resume(&mut self) -> Result<(), BpfError> {
+        if self.fd_program.0 != "crd_task_walk" {
+            return Ok(());
+        }
+        let mut resume: Array<_, [u8; 16]> = Array::try_from(
+            self.ebpf
+                .map_mut("crd_walk_resume")
+                .ok_or(BpfError::Load("map crd_walk_resume missing".into()))?,
+        )
+        .map_err(load_error)?;
+        resume.set(0, [0u8; 16], 0).map_err(load_error)
     }
 
     fn counters(&self) -> Result<[u64; 3], BpfError> {
@@ -774,11 +798,19 @@ fn fd_info(r: &FdRecord, tail: &[u8], file_ref_bias: i64) -> Option<FdInfo> {
     })
 }
 
-/// The fd program to load: a kernel without bpf_loop refuses a program that names a
-/// callback, even one it would never call, so the object has a second fd program
-/// without it.
-fn task_file_program(config: &crd_common::Config) -> &'static str {
-    if config.kinds & KIND_BPF_LOOP != 0 { "crd_task_file" } else { "crd_task_file_bounded" }
+/// The fd program to load and its iterator: from 6.2 on ([`KIND_FD_WALK`]), the walk of
+/// each fd table in one run of the task iterator's program, which spares the task_file
+/// iterator's cost per fd; before, the task_file program. A kernel without bpf_loop
+/// refuses a program that names a callback, even one it would never call, so the object
+/// has a task_file program without it.
+pub fn fd_program(config: &crd_common::Config) -> (&'static str, &'static str) {
+    if config.kinds & KIND_FD_WALK != 0 {
+        ("crd_task_walk", "task")
+    } else if config.kinds & KIND_BPF_LOOP != 0 {
+        ("crd_task_file", "task_file")
+    } else {
+        ("crd_task_file_bounded", "task_file")
+    }
 }
 
 /// The iterators' attach points, as a [`Btf`] for aya's [`Iter::load`], which looks each
