@@ -804,7 +804,7 @@ fn fd_info(r: &FdRecord, tail: &[u8], file_ref_bias: i64) -> Option<FdInfo> {
 /// refuses a program that names a callback, even one it would never call, so the object
 /// has a task_file program without it.
 pub fn fd_program(config: &crd_common::Config) -> (&'static str, &'static str) {
-    if config.kinds & KIND_FD_WALK != 0 {
+    if config.kinds & KIND_FD_WALK != 0 && config.kinds & KIND_BPF_LOOP != 0 {
         ("crd_task_walk", "task")
     } else if config.kinds & KIND_BPF_LOOP != 0 {
         ("crd_task_file", "task_file")
