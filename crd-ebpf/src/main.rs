@@ -377,7 +377,10 @@ fn fd_record<const LOOP: bool, const WALK: bool>(
         file: file as u64,
         inode: inode as u64,
         pos: field::<_, WALK>(r, windows, WINDOW_FILE, file, off.file_f_pos),
-        file_refs: field::<_, WALK>(r, windows, WINDOW_FILE, file, off.file_f_ref),
+        // The task_file iterator holds a reference to the file while its program runs,
+        // which its records count (and userspace takes off); the walk holds none, so it
+        // counts that one in: the records are the same.
+        file_refs: field::<i64, WALK>(r, windows, WINDOW_FILE, file, off.file_f_ref) + WALK as i64,
         ino: field::<_, WALK>(r, windows, WINDOW_INODE, inode, off.inode_i_ino),
         size: field::<_, WALK>(r, windows, WINDOW_INODE, inode, off.inode_i_size),
         sb_magic,

@@ -178,6 +178,31 @@ impl BpfHarvester {
     /// As [`load`](Self::load), with a ring buffer of `ring_bytes` (a power of two, at
     /// least a page).
     pub fn load_with_ring(match_all: bool, options: &LoadOptions, ring_bytes: u32) -> Result<Self, BpfError> {
+        #[cfg(feature = "testing")]
+        let clear = std::env::var(CLEAR_KINDS_ENV).ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+        #[cfg(not(feature = "testing"))]
+        let clear = 0;
+        Self::load_inner(match_all, options, ring_bytes, clear)
+    }
+
+    /// As [`load_with_ring`](Self::load_with_ring), with the `KIND_*` bits `clear` cleared
+    /// (for the tests: as [`CLEAR_KINDS_ENV`] does, within one process).
+    #[cfg(feature = "testing")]
+    pub fn load_clearing_kinds(
+        match_all: bool,
+        options: &LoadOptions,
+        ring_bytes: u32,
+        clear: u32,
+    ) -> Result<Self, BpfError> {
+        Self::load_inner(match_all, options, ring_bytes, clear)
+    }
+
+    fn load_inner(
+        match_all: bool,
+        options: &LoadOptions,
+        ring_bytes: u32,
+        clear: u32,
+    ) -> Result<Self, BpfError> {
         if BPF_OBJECT.is_empty() {
             return Err(BpfError::NoObject);
         }
@@ -203,10 +228,7 @@ impl BpfHarvester {
         let (mut config, attach) = found?;
         config.match_all = match_all as u32;
         config.epoll_max_items = epoll_max_items(ring_bytes);
-        #[cfg(feature = "testing")]
-        if let Some(clear) = std::env::var(CLEAR_KINDS_ENV).ok().and_then(|v| v.parse::<u32>().ok()) {
-            config.kinds &= !clear;
-        }
+        config.kinds &= !clear;
         let mut loader = loader.map_err(|_| BpfError::Load("aya's loader panicked".into()))?;
         log::debug!("load: kernel BTF parsed in {:?}", started.elapsed());
         let mut ebpf = loader
