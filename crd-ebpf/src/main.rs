@@ -8,14 +8,18 @@
 //!   item of its interest list, walked with `bpf_loop` (5.17+).
 //! - `crd_task_file_bounded`: the same for kernels without `bpf_loop` (5.10-5.16), which
 //!   refuse a program that merely names a callback; its epoll walk is an unrolled loop of
-//!   a few items. Userspace loads one of the two.
+//!   a few items.
+//! - `crd_task_walk` (`iter/task`, [`walk`]): the same records, from 6.2 on, each fd table
+//!   walked in one program run with `bpf_loop` instead of a program run and a file
+//!   reference per fd; its reads are copies (see below). Userspace loads one of the three.
 //!
 //! Rust eBPF emits no CO-RE relocations, so every field is read at an offset that
 //! userspace resolved from the running kernel's BTF and froze into `.rodata`
 //! ([`CRD_CONFIG`]); the verifier then sees the offsets as constants.
 //!
 //! **Speed**: a helper call costs far more than a load (every call and return pays for
-//! the CPU's speculation mitigations), and the iterator runs the program once per fd.
+//! the CPU's speculation mitigations), and the task_file iterator runs the program once
+//! per fd.
 //! So fields of the task, file, inode and superblock are read with *direct loads* from
 //! the BTF-typed pointers the iterator passes: the verifier checks each load against
 //! the kernel's BTF at load time and turns it into a fault-safe load. Only what BTF
@@ -37,12 +41,20 @@
 //! BTF (`Config::kinds`); without them the kind is sent with its name tail and userspace
 //! reads its fdinfo (epoll, timerfd, signalfd) or lists it as opaque.
 //!
+//! In `crd_task_walk` the file pointer comes out of the fd array as a plain number, so
+//! nothing past it can be loaded directly: the fields of the file, inode, superblock and
+//! pipe are copied a struct's span at a time (one `bpf_probe_read_kernel` each), and a
+//! socket's field by field as on 5.10. [`fd_record`] serves both paths with the same
+//! code, so the records are the same. Still, skipping the task_file iterator's work per
+//! fd (~100 ns) more than pays for the copies (docs/performance.md).
+//!
 //! **No silent loss**: when the ring buffer is full the program returns 1. The kernel then
 //! ends the current `read()` of the iterator and retries the same (task, fd) on the next
 //! `read()`, after userspace has drained the ring. Nothing is ever dropped. (An epoll's
 //! walk cut short this way starts over; its item records carry their index, so the
 //! second attempt's supersede the first's, and userspace sizes the walk's bound so that
-//! one whole walk fits in the ring.) (Userspace
+//! one whole walk fits in the ring.) `crd_task_walk` remembers the fd its walk stopped at
+//! and resumes there ([`walk`]). (Userspace
 //! logs each such pause; the programs themselves log only failed reads, with aya-log:
 //! every log statement is code the verifier walks at every load.)
 #![no_std]

@@ -274,7 +274,7 @@ fn the_fd_walk_from_the_task_iterator_lists_what_the_task_file_program_lists() {
         (harvest, stats, harvester.fd_program_name())
     };
     let (by_task_file, _, program) = harvest(KIND_FD_WALK, 256 * 1024);
-    assert_eq!(program, "crd_task_file");
+    assert!(program.starts_with("crd_task_file"), "{program}");
     assert!(by_task_file.fds.len() > 250, "{}", by_task_file.fds.len());
     let (by_walk, _, program) = harvest(0, 256 * 1024);
     // The walk wherever the kernel has it (6.2+); the task_file program on older ones
@@ -293,7 +293,7 @@ fn the_fd_walk_from_the_task_iterator_lists_what_the_task_file_program_lists() {
     assert_eq!((small.tasks, small.fds), (by_task_file.tasks, by_task_file.fds));
     // And through the command, as `ls` shows it.
     let (listed_by_task_file, log) = bpf_listing(&pids, KIND_FD_WALK, 256 * 1024);
-    assert!(log.contains("crd_task_file: the verifier"), "{log}");
+    assert!(log.contains("crd_task_file") && !log.contains("crd_task_walk: the verifier"), "{log}");
     for kind in ["Epoll", "Eventfd", "Memfd", "Timerfd", "Signalfd", "Inotify", "Pidfd", "Unix", "Inet"] {
         assert!(listed_by_task_file.contains(kind), "{kind}: {listed_by_task_file}");
     }

@@ -370,7 +370,10 @@ impl BpfHarvester {
     /// The floor of a harvest of `scope`: the fd program run over the same fds as a
     /// harvest visits, with no process asked for, so that it returns at its first check
     /// (the kernel's walk of the fds, a program call and one map look-up each). For the
-    /// bench: what a harvest costs per fd before it reads anything.
+    /// bench: what a harvest costs per fd before it reads anything. With `crd_task_walk`
+    /// (6.2+) the program returns before walking any fd: what is left is a program call
+    /// per thread, next to nothing per fd (the walk's own floor, ~15 ns per fd, is
+    /// measured with the floor programs, [`time_floor`](Self::time_floor)).
     #[cfg(feature = "testing")]
     pub fn time_visit_only(
         &mut self,
