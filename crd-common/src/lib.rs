@@ -450,8 +450,15 @@ pub const WINDOW_INODE: usize = 1;
 pub const WINDOW_SB: usize = 2;
 /// [`Config::windows`]: `struct pipe_inode_info`.
 pub const WINDOW_PIPE: usize = 3;
+/// [`Config::windows`]: the `struct sock_common` at the start of a `struct sock`
+/// (family, state, inet addresses and ports).
+pub const WINDOW_SOCK: usize = 4;
+/// [`Config::windows`]: a `struct sock`'s type, protocol and shutdown.
+pub const WINDOW_SOCK_TYPE: usize = 5;
+/// [`Config::windows`]: a `struct unix_sock`'s peer and address.
+pub const WINDOW_UNIX: usize = 6;
 /// Number of [`Config::windows`].
-pub const WINDOW_COUNT: usize = 4;
+pub const WINDOW_COUNT: usize = 7;
 /// The longest span copied at once: three cache lines.
 pub const WINDOW_BYTES: u32 = 192;
 

@@ -76,7 +76,8 @@ use crd_common::{
     MAX_PIPE_BUFS_WALKED, NAME_LEN, NamedTail, Offsets, PIPE_QUEUE_TRUNCATED, PipeTail, RECORD_FD,
     RECORD_TASK, SOCKFS_MAGIC, STAT_COUNT, STAT_READ_FAILED, STAT_RING_FULL, STAT_SUBMITTED, SocketTail,
     TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TAIL_SOCKET, TMPFS_MAGIC, TaskRecord, WINDOW_BYTES,
-    WINDOW_COUNT, WINDOW_FILE, WINDOW_INODE, WINDOW_PIPE, WINDOW_SB, Window,
+    WINDOW_COUNT, WINDOW_FILE, WINDOW_INODE, WINDOW_PIPE, WINDOW_SB, WINDOW_SOCK, WINDOW_SOCK_TYPE,
+    WINDOW_UNIX, Window,
 };
 
 /// Set by userspace before load (`EbpfLoader::set_global`); zero here only as a
@@ -748,13 +749,15 @@ fn socket_tail<const WALK: bool>(
     if sk == 0 {
         return;
     }
-    let family: u16 = r.get(sk, off.sock_family);
+    windows.fill(r, WINDOW_SOCK, sk as *const u8);
+    windows.fill(r, WINDOW_SOCK_TYPE, sk as *const u8);
+    let family: u16 = copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_family);
     tail.sock = sk;
     tail.family = family;
-    tail.state = r.get(sk, off.sock_state);
-    tail.sock_type = r.get(sk, off.sock_type);
-    tail.protocol = r.get(sk, off.sock_protocol);
-    tail.shutdown = r.get(sk, off.sock_shutdown);
+    tail.state = copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_state);
+    tail.sock_type = copied::<_, WALK>(r, windows, WINDOW_SOCK_TYPE, sk, off.sock_type);
+    tail.protocol = copied::<_, WALK>(r, windows, WINDOW_SOCK_TYPE, sk, off.sock_protocol);
+    tail.shutdown = copied::<_, WALK>(r, windows, WINDOW_SOCK_TYPE, sk, off.sock_shutdown);
     if tail.state == SK_STATE_LISTEN {
         tail.backlog = r.get(sk, off.sock_max_ack_backlog);
         tail.pending = r.get(sk, off.sock_ack_backlog);
@@ -764,9 +767,10 @@ fn socket_tail<const WALK: bool>(
     }
     if family == AF_UNIX {
         // `struct unix_sock` starts with its `struct sock`: the same pointer.
+        windows.fill(r, WINDOW_UNIX, sk as *const u8);
         // The peer's identity is its address; userspace maps it to the peer's inode.
-        tail.peer = r.get(sk, off.unix_peer);
-        let addr: u64 = r.get(sk, off.unix_addr);
+        tail.peer = copied::<_, WALK>(r, windows, WINDOW_UNIX, sk, off.unix_peer);
+        let addr: u64 = copied::<_, WALK>(r, windows, WINDOW_UNIX, sk, off.unix_addr);
         if addr != 0 {
             let len: u32 = r.get(addr, off.unix_address_len);
             tail.name_len = len;
@@ -775,18 +779,26 @@ fn socket_tail<const WALK: bool>(
             r.copy(&mut tail.name, path, len.saturating_sub(2));
         }
     } else if family == AF_INET || family == AF_INET6 {
-        tail.local_port = r.get(sk, off.sock_num);
-        tail.remote_port = u16::from_be(r.get(sk, off.sock_dport));
+        tail.local_port = copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_num);
+        tail.remote_port = u16::from_be(copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_dport));
         if family == AF_INET6 {
-            tail.local_addr = r.get(sk, off.sock_v6_rcv_saddr);
-            tail.remote_addr = r.get(sk, off.sock_v6_daddr);
+            tail.local_addr = copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_v6_rcv_saddr);
+            tail.remote_addr = copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_v6_daddr);
         } else {
-            let local: [u8; 4] = r.get(sk, off.sock_rcv_saddr);
-            let remote: [u8; 4] = r.get(sk, off.sock_daddr);
+            let local: [u8; 4] = copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_rcv_saddr);
+            let remote: [u8; 4] = copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_daddr);
             tail.local_addr[..4].copy_from_slice(&local);
             tail.remote_addr[..4].copy_from_slice(&remote);
         }
     }
+}
+
+/// A field of a socket's `sock` at `base + offset`, copied: with `WALK` from the span of
+/// `which` if it holds the field ([`field`]), else alone (the path of kernels without
+/// the typed socket helpers, which fills no spans).
+#[inline(always)]
+fn copied<T: Copy, const WALK: bool>(r: &mut Reader, windows: Windows, which: usize, base: u64, offset: u32) -> T {
+    if WALK { field::<T, true>(r, windows, which, base as *const u8, offset) } else { r.get(base, offset) }
 }
 
 /// Tests `fd`'s bit in `files->fdt->close_on_exec`, copying the bitmap word only when

@@ -10,7 +10,8 @@ use btf_rs::{Backend, Btf, Type};
 use crd_common::{
     Config, FieldGroup, KIND_BPF_LOOP, KIND_EPOLL, KIND_EVENTFD, KIND_FD_WALK, KIND_ITER_TASK_FILTER,
     KIND_NAMED, KIND_SHMEM, KIND_SIGNALFD, KIND_SOCKET, KIND_SOCKET_TYPED, KIND_TIMERFD, Offsets,
-    WINDOW_BYTES, WINDOW_COUNT, WINDOW_FILE, WINDOW_INODE, WINDOW_PIPE, WINDOW_SB, Window,
+    WINDOW_BYTES, WINDOW_COUNT, WINDOW_FILE, WINDOW_INODE, WINDOW_PIPE, WINDOW_SB, WINDOW_SOCK,
+    WINDOW_SOCK_TYPE, WINDOW_UNIX, Window,
 };
 
 /// Where the kernel publishes its own BTF.
@@ -428,6 +429,23 @@ const WINDOW_FIELDS: &[(usize, &[&str])] = &[
             "pipe_bufs",
         ],
     ),
+    (
+        WINDOW_SOCK,
+        &[
+            "sock_family",
+            "sock_state",
+            "sock_rcv_saddr",
+            "sock_daddr",
+            "sock_v6_rcv_saddr",
+            "sock_v6_daddr",
+            "sock_num",
+            "sock_dport",
+        ],
+    ),
+    // Only what every socket's record reads: a listener's backlog and a queue length
+    // lie a cache line or more away.
+    (WINDOW_SOCK_TYPE, &["sock_type", "sock_protocol", "sock_shutdown"]),
+    (WINDOW_UNIX, &["unix_peer", "unix_addr"]),
 ];
 
 /// The span of at most [`WINDOW_BYTES`] that holds the most of `fields` (offset, width),
