@@ -14,8 +14,9 @@ use crd_common::{FdRecord, FdWith, PipeTail};
 use crate::{TaskCtx, TaskFileCtx, config, emit, load, wanted};
 
 /// `crd_floor_walk`'s mode, set by userspace before each run: 0: copy `fd[i]` only;
-/// 1: and a chunk of the file; 2: and chunks of the inode, superblock and pipe (the
-/// reads of a pipe's record).
+/// 1: and the whole `struct file`; 2: and spans of the inode, superblock and pipe (the
+/// reads of a pipe's record, at 6.18's offsets); 3: and send a pipe-sized record per fd
+/// (not resumed when the ring fills: a measurement only).
 #[map]
 #[allow(non_upper_case_globals)]
 static crd_floor_mode: Array<u32> = Array::with_max_entries(1, 0);

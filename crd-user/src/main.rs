@@ -289,16 +289,21 @@ fn bench_harvest(
         for _ in 0..runs {
             floor_ns.push(bpf.time_visit_only(Scope::Processes(&tgids), interrupted)?.as_nanos() as u64);
         }
+        // With the floor programs loaded (crd-ebpf's `floor` module): each one's time over
+        // the same fds, as JSON on stderr: `visit` (the loaded fd program's floor, as
+        // above), `null`, `emit`, `walk0`...`walk3` (see the module; `walk3` sends
+        // records it does not resume, so it needs a ring that holds them all:
+        // CRD_RING_BYTES=4194304 for 18,000 fds).
         if std::env::var_os(crd::harvest::bpf::FLOOR_PROGRAMS_ENV).is_some() {
             let mut floors = serde_json::Map::new();
             for _ in 0..runs {
                 let scope = Scope::Processes(&tgids);
                 let mut push = |key: &str, ns: u128| {
-                    floors
-                        .entry(key)
-                        .or_insert_with(|| serde_json::json!([]))
-                        .as_array_mut()
-                        .map(|a| a.push((ns as u64).into()));
+                    if let Some(runs) =
+                        floors.entry(key).or_insert_with(|| serde_json::json!([])).as_array_mut()
+                    {
+                        runs.push((ns as u64).into());
+                    }
                 };
                 push("visit", bpf.time_visit_only(scope, interrupted)?.as_nanos());
                 push(
