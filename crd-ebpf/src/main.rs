@@ -42,11 +42,11 @@
 //! reads its fdinfo (epoll, timerfd, signalfd) or lists it as opaque.
 //!
 //! In `crd_task_walk` the file pointer comes out of the fd array as a plain number, so
-//! nothing past it can be loaded directly: the fields of the file, inode, superblock and
-//! pipe are copied a struct's span at a time (one `bpf_probe_read_kernel` each), and a
-//! socket's field by field as on 5.10. [`fd_record`] serves both paths with the same
-//! code, so the records are the same. Still, skipping the task_file iterator's work per
-//! fd (~100 ns) more than pays for the copies (docs/performance.md).
+//! nothing past it can be loaded directly: the fields of the file, inode, superblock,
+//! pipe and socket are copied a struct's span at a time (one `bpf_probe_read_kernel`
+//! each, [`Windows`]), the rest field by field as on 5.10. [`fd_record`] serves both
+//! paths with the same code, so the records are the same. Still, skipping the task_file
+//! iterator's work per fd (~100 ns) more than pays for the copies (docs/performance.md).
 //!
 //! **No silent loss**: when the ring buffer is full the program returns 1. The kernel then
 //! ends the current `read()` of the iterator and retries the same (task, fd) on the next

@@ -233,7 +233,7 @@ fn smoke_script(crd: &str, product: &str) -> String {
          if [ $? = 0 ]; then echo \"test kinds_$source ... ok\"; else echo \"test kinds_$source ... FAILED\"; smoke=101; fi\n\
          done\n\
          fd=$(RUST_LOG=debug timeout -s KILL 120 {product} ls --source bpf $probe 2>&1 >/dev/null \
-         | grep -o 'crd_task_[a-z_]*: the verifier' | head -n 1 | cut -d: -f1)\n\
+         | grep -o 'the fd program is crd_task_[a-z_]*' | head -n 1 | cut -d' ' -f5)\n\
          echo \"CRD-FD-PROGRAM ${{fd:-none}}\"\n\
          kill -9 $probe 2>/dev/null\nwait $probe 2>/dev/null\n\
          echo 'test result: smoke'\necho CRD-SUITE-END smoke $smoke\n[ $smoke = 0 ] || status=1\n"

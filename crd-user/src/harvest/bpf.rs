@@ -240,6 +240,9 @@ impl BpfHarvester {
             .map_err(load_error)?;
         log::debug!("load: object loaded at {:?}", started.elapsed());
         let fd_program = fd_program(&config);
+        // Said once per load: the VM matrix's table shows it (kernels before 5.16 report
+        // no verifier counts to name it by).
+        log::debug!("load: the fd program is {}", fd_program.0);
         for (name, iter_type) in [("crd_task", "task"), fd_program] {
             let program: &mut Iter = ebpf
                 .program_mut(name)
