@@ -24,6 +24,13 @@
 //! harvest cut short leaves nothing for the next. (An epoll's items are sent before its
 //! own record; cut short, that fd is walked again, as on the task_file path.)
 //!
+//! **No reference taken.** The task_file iterator takes a reference on each file while
+//! its program runs; the walk reads under the iterator's RCU read lock only (the fd
+//! array and the files it points to are freed after a grace period, and a copy never
+//! faults). A checkpoint's targets are frozen, so their tables hold still; for `ls` of a
+//! running process, an fd closed during the walk can give a record mixing the old file
+//! and a reused one, where task_file would have listed it or not.
+//!
 //! **Close-on-exec**: the bitmap's word is copied once per 64 fds and kept in the walk's
 //! state (`crd_walk_state`).
 use aya_ebpf::{
