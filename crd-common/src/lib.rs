@@ -90,6 +90,11 @@ pub const KIND_BPF_LOOP: u32 = 1 << 8;
 /// 6.1+): userspace runs them over each asked-for process alone. (Userspace only: the
 /// programs do not look at it.)
 pub const KIND_ITER_TASK_FILTER: u32 = 1 << 9;
+/// Userspace runs `crd_task_walk` (the task iterator, each fd table walked in one program
+/// run with `bpf_loop`) instead of `crd_task_file` (a program run and a file reference
+/// per fd): kernels with `bpf_loop` from 6.2 on. (Userspace only: the programs do not
+/// look at it.)
+pub const KIND_FD_WALK: u32 = 1 << 10;
 
 /// The most items of one epoll the BPF program walks with `bpf_loop`; the ring's size
 /// lowers it ([`Config::epoll_max_items`]): every item of one walk must fit in the ring
@@ -417,7 +422,45 @@ pub struct Config {
     /// few enough that one walk fits in the ring); more: the walk says
     /// [`EPOLL_WALK_TRUNCATED`].
     pub epoll_max_items: u32,
+    /// For `crd_task_walk`, the span of each struct ([`WINDOW_FILE`]...) copied with one
+    /// `bpf_probe_read_kernel`: it covers the fields of that struct a record needs that fit
+    /// in [`WINDOW_BYTES`] (the others are copied one by one).
+    pub windows: [Window; WINDOW_COUNT],
 }
+
+/// A span of a kernel struct, copied whole by `crd_task_walk` (see [`Config::windows`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Window {
+    /// Offset of the span in the struct.
+    pub start: u32,
+    /// Its length in bytes (at most [`WINDOW_BYTES`]; 0: nothing copied).
+    pub len: u32,
+}
+
+impl Window {
+    pub const ZERO: Self = Self { start: 0, len: 0 };
+}
+
+/// [`Config::windows`]: `struct file`.
+pub const WINDOW_FILE: usize = 0;
+/// [`Config::windows`]: `struct inode`.
+pub const WINDOW_INODE: usize = 1;
+/// [`Config::windows`]: `struct super_block`.
+pub const WINDOW_SB: usize = 2;
+/// [`Config::windows`]: `struct pipe_inode_info`.
+pub const WINDOW_PIPE: usize = 3;
+/// [`Config::windows`]: the `struct sock_common` at the start of a `struct sock`
+/// (family, state, inet addresses and ports).
+pub const WINDOW_SOCK: usize = 4;
+/// [`Config::windows`]: a `struct sock`'s type, protocol and shutdown.
+pub const WINDOW_SOCK_TYPE: usize = 5;
+/// [`Config::windows`]: a `struct unix_sock`'s peer and address.
+pub const WINDOW_UNIX: usize = 6;
+/// Number of [`Config::windows`].
+pub const WINDOW_COUNT: usize = 7;
+/// The longest span copied at once: three cache lines.
+pub const WINDOW_BYTES: u32 = 192;
 
 impl Config {
     /// The placeholder the BPF object is built with (userspace sets the real values
@@ -429,6 +472,7 @@ impl Config {
         kinds: 0,
         match_all: 0,
         epoll_max_items: 0,
+        windows: [Window::ZERO; WINDOW_COUNT],
     };
 }
 

@@ -8,14 +8,18 @@
 //!   item of its interest list, walked with `bpf_loop` (5.17+).
 //! - `crd_task_file_bounded`: the same for kernels without `bpf_loop` (5.10-5.16), which
 //!   refuse a program that merely names a callback; its epoll walk is an unrolled loop of
-//!   a few items. Userspace loads one of the two.
+//!   a few items.
+//! - `crd_task_walk` (`iter/task`, [`walk`]): the same records, from 6.2 on, each fd table
+//!   walked in one program run with `bpf_loop` instead of a program run and a file
+//!   reference per fd; its reads are copies (see below). Userspace loads one of the three.
 //!
 //! Rust eBPF emits no CO-RE relocations, so every field is read at an offset that
 //! userspace resolved from the running kernel's BTF and froze into `.rodata`
 //! ([`CRD_CONFIG`]); the verifier then sees the offsets as constants.
 //!
 //! **Speed**: a helper call costs far more than a load (every call and return pays for
-//! the CPU's speculation mitigations), and the iterator runs the program once per fd.
+//! the CPU's speculation mitigations), and the task_file iterator runs the program once
+//! per fd.
 //! So fields of the task, file, inode and superblock are read with *direct loads* from
 //! the BTF-typed pointers the iterator passes: the verifier checks each load against
 //! the kernel's BTF at load time and turns it into a fault-safe load. Only what BTF
@@ -37,18 +41,28 @@
 //! BTF (`Config::kinds`); without them the kind is sent with its name tail and userspace
 //! reads its fdinfo (epoll, timerfd, signalfd) or lists it as opaque.
 //!
+//! In `crd_task_walk` the file pointer comes out of the fd array as a plain number, so
+//! nothing past it can be loaded directly: the fields of the file, inode, superblock,
+//! pipe and socket are copied a struct's span at a time (one `bpf_probe_read_kernel`
+//! each, [`Windows`]), the rest field by field as on 5.10. [`fd_record`] serves both
+//! paths with the same code, so the records are the same. Still, skipping the task_file
+//! iterator's work per fd (~100 ns) more than pays for the copies (docs/performance.md).
+//!
 //! **No silent loss**: when the ring buffer is full the program returns 1. The kernel then
 //! ends the current `read()` of the iterator and retries the same (task, fd) on the next
 //! `read()`, after userspace has drained the ring. Nothing is ever dropped. (An epoll's
 //! walk cut short this way starts over; its item records carry their index, so the
 //! second attempt's supersede the first's, and userspace sizes the walk's bound so that
-//! one whole walk fits in the ring.) (Userspace
+//! one whole walk fits in the ring.) `crd_task_walk` remembers the fd its walk stopped at
+//! and resumes there ([`walk`]). (Userspace
 //! logs each such pause; the programs themselves log only failed reads, with aya-log:
 //! every log statement is code the verifier walks at every load.)
 #![no_std]
 #![no_main]
 
 mod anon;
+mod floor;
+mod walk;
 
 use aya_ebpf::{
     helpers::generated::{bpf_skc_to_unix_sock, bpf_sock_from_file},
@@ -61,7 +75,9 @@ use crd_common::{
     FdWith, HUGETLBFS_MAGIC, KIND_EVENTFD, KIND_NAMED, KIND_SHMEM, KIND_SOCKET, KIND_SOCKET_TYPED, SK_STATE_LISTEN, SOCK_STREAM,
     MAX_PIPE_BUFS_WALKED, NAME_LEN, NamedTail, Offsets, PIPE_QUEUE_TRUNCATED, PipeTail, RECORD_FD,
     RECORD_TASK, SOCKFS_MAGIC, STAT_COUNT, STAT_READ_FAILED, STAT_RING_FULL, STAT_SUBMITTED, SocketTail,
-    TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TAIL_SOCKET, TMPFS_MAGIC, TaskRecord,
+    TAIL_EVENTFD, TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TAIL_SOCKET, TMPFS_MAGIC, TaskRecord, WINDOW_BYTES,
+    WINDOW_COUNT, WINDOW_FILE, WINDOW_INODE, WINDOW_PIPE, WINDOW_SB, WINDOW_SOCK, WINDOW_SOCK_TYPE,
+    WINDOW_UNIX, Window,
 };
 
 /// Set by userspace before load (`EbpfLoader::set_global`); zero here only as a
@@ -321,36 +337,76 @@ fn task_file<const LOOP: bool>(ctx: *const TaskFileCtx) -> i32 {
     if file.is_null() {
         return 0;
     }
-    let sock = early_sock(file, off);
     let files: *const u8 = load(task, off.task_files);
-    let inode: *const u8 = load(file, off.file_f_inode);
-    let sb: *const u8 = load(inode, off.inode_i_sb);
-    let i_mode = load::<u16>(inode, off.inode_i_mode) as u32;
-    let sb_magic: u64 = load(sb, off.sb_s_magic);
+    let mut r = Reader { failed: 0 };
+    let cloexec = close_on_exec(&mut r, files, fd, off);
+    let table = Table { tgid, pid: load(task, off.task_pid), files: files as u64 };
+    fd_record::<LOOP, false>(&mut r, Windows::NONE, table, fd, file, cloexec, ctx)
+}
+
+/// The fd table a record belongs to, as [`FdRecord`] names it.
+#[derive(Clone, Copy)]
+struct Table {
+    tgid: u32,
+    pid: u32,
+    files: u64,
+}
+
+/// Sends the record of fd `fd` of `table`, open on `file`; returns 1 if the ring was full
+/// (the caller retries this fd later), else 0.
+///
+/// `WALK = false`: `file` is the task_file iterator's BTF-typed pointer, and every field
+/// of the file, inode, superblock and pipe is a direct load. `WALK = true` (from
+/// [`walk::crd_task_walk`]): `file` was copied out of the fd array, a plain number to the
+/// verifier, so every field is copied, those of the common structs from the spans of
+/// `windows` (one copy per struct), and nothing is logged (`ctx` is NULL); the kinds'
+/// reads are the same code either way, so the records are the same.
+#[inline(always)]
+fn fd_record<const LOOP: bool, const WALK: bool>(
+    r: &mut Reader,
+    windows: Windows,
+    table: Table,
+    fd: u32,
+    file: *const u8,
+    cloexec: bool,
+    ctx: *const TaskFileCtx,
+) -> i32 {
+    let off = config();
+    let Table { tgid, pid, files } = table;
+    let sock = if WALK { core::ptr::null() } else { early_sock(file, off) };
+    windows.fill(r, WINDOW_FILE, file);
+    let inode: *const u8 = field::<_, WALK>(r, windows, WINDOW_FILE, file, off.file_f_inode);
+    windows.fill(r, WINDOW_INODE, inode);
+    let sb: *const u8 = field::<_, WALK>(r, windows, WINDOW_INODE, inode, off.inode_i_sb);
+    windows.fill(r, WINDOW_SB, sb);
+    let i_mode = field::<u16, WALK>(r, windows, WINDOW_INODE, inode, off.inode_i_mode) as u32;
+    let sb_magic: u64 = field::<_, WALK>(r, windows, WINDOW_SB, sb, off.sb_s_magic);
     let mut common = FdRecord {
         kind: RECORD_FD,
         fd,
         tgid,
-        pid: load(task, off.task_pid),
-        files: files as u64,
+        pid,
+        files,
         file: file as u64,
         inode: inode as u64,
-        pos: load(file, off.file_f_pos),
-        file_refs: load(file, off.file_f_ref),
-        ino: load(inode, off.inode_i_ino),
-        size: load(inode, off.inode_i_size),
+        pos: field::<_, WALK>(r, windows, WINDOW_FILE, file, off.file_f_pos),
+        // The task_file iterator holds a reference to the file while its program runs,
+        // which its records count (and userspace takes off); the walk holds none, so it
+        // counts that one in: the records are the same.
+        file_refs: field::<i64, WALK>(r, windows, WINDOW_FILE, file, off.file_f_ref) + WALK as i64,
+        ino: field::<_, WALK>(r, windows, WINDOW_INODE, inode, off.inode_i_ino),
+        size: field::<_, WALK>(r, windows, WINDOW_INODE, inode, off.inode_i_size),
         sb_magic,
-        f_flags: load(file, off.file_f_flags),
-        f_mode: load(file, off.file_f_mode),
+        f_flags: field::<_, WALK>(r, windows, WINDOW_FILE, file, off.file_f_flags),
+        f_mode: field::<_, WALK>(r, windows, WINDOW_FILE, file, off.file_f_mode),
         i_mode,
-        s_dev: load(sb, off.sb_s_dev),
-        i_rdev: load(inode, off.inode_i_rdev),
+        s_dev: field::<_, WALK>(r, windows, WINDOW_SB, sb, off.sb_s_dev),
+        i_rdev: field::<_, WALK>(r, windows, WINDOW_INODE, inode, off.inode_i_rdev),
         flags: 0,
         tail: TAIL_NONE,
         _pad: 0,
     };
-    let mut r = Reader { failed: 0 };
-    if close_on_exec(&mut r, files, fd, off) {
+    if cloexec {
         common.flags |= FD_CLOEXEC;
     }
     // Each kind's tail: only the fields of that kind, read only for that kind.
@@ -358,42 +414,115 @@ fn task_file<const LOOP: bool>(ctx: *const TaskFileCtx) -> i32 {
         // Only sockfs: a socket file bound in another filesystem, opened with O_PATH,
         // has no `struct socket` behind it.
         common.tail = TAIL_SOCKET;
-        emit_socket(&mut r, common, file, sock, off, ctx)
+        emit_socket::<WALK>(r, windows, common, file, sock, off, ctx)
     } else if i_mode & S_IFMT == S_IFIFO {
         // `i_pipe` shares a union with `i_cdev`, `i_link` and `i_dir_seq`: it means a
         // pipe only when the inode is a FIFO.
         common.tail = TAIL_PIPE;
-        let tail = pipe_tail(&mut r, load(inode, off.inode_i_pipe), off);
-        report(&r, ctx, tgid, fd);
+        let pipe: *const u8 = field::<_, WALK>(r, windows, WINDOW_INODE, inode, off.inode_i_pipe);
+        windows.fill(r, WINDOW_PIPE, pipe);
+        let tail = pipe_tail::<WALK>(r, windows, pipe, off);
+        report(r, ctx, tgid, fd);
         emit(FdWith { common, tail })
     } else if kind_enabled(KIND_NAMED) && is_named(sb_magic, i_mode) {
-        let named = named_tail(&mut r, file, inode, sb_magic, off);
+        let named = named_tail::<WALK>(r, windows, file, inode, sb_magic, off);
         if sb_magic == ANON_INODE_FS_MAGIC && kind_enabled(KIND_EVENTFD) && is_eventfd(&named.name) {
             common.tail = TAIL_EVENTFD;
-            let tail = eventfd_tail(&mut r, named, off);
-            report(&r, ctx, tgid, fd);
+            let tail = eventfd_tail(r, named, off);
+            report(r, ctx, tgid, fd);
             emit(FdWith { common, tail })
         } else if let Some(pushed) = (sb_magic == ANON_INODE_FS_MAGIC)
-            .then(|| anon::emit_anon::<LOOP>(&mut r, common, named, off, ctx))
+            .then(|| anon::emit_anon::<LOOP>(r, common, named, off, ctx))
             .flatten()
         {
             pushed
         } else {
             common.tail = TAIL_NAMED;
-            report(&r, ctx, tgid, fd);
+            report(r, ctx, tgid, fd);
             emit(FdWith { common, tail: named })
         }
     } else {
-        report(&r, ctx, tgid, fd);
+        report(r, ctx, tgid, fd);
         emit(common)
     };
     pushed
 }
 
+/// Where [`fd_record`] with `WALK` finds the spans of the structs it copies whole
+/// ([`Config::windows`](crd_common::Config)): the slot of `crd_windows`.
+#[derive(Clone, Copy)]
+struct Windows {
+    slot: *mut [[u8; WINDOW_BYTES as usize]; WINDOW_COUNT],
+}
+
+impl Windows {
+    /// For the direct-load path, which copies nothing.
+    const NONE: Self = Self { slot: core::ptr::null_mut() };
+
+    /// The span of `which` of the config.
+    #[inline(always)]
+    fn span(which: usize) -> Window {
+        // SAFETY: CRD_CONFIG is a valid static; `which` < WINDOW_COUNT at every call
+        // (a constant); as in `config`.
+        unsafe { core::ptr::read_volatile(&raw const CRD_CONFIG.windows[which]) }
+    }
+
+    /// Copies the span of struct `which` at `base` into its slot (zeros for a NULL
+    /// `base`, as a direct load through NULL would read).
+    #[inline(always)]
+    fn fill(self, r: &mut Reader, which: usize, base: *const u8) {
+        if self.slot.is_null() {
+            return;
+        }
+        let span = Self::span(which);
+        // SAFETY: `slot` is the map value `crd_windows` gave (see `crd_task_walk`);
+        // `which` < WINDOW_COUNT.
+        let dst = unsafe { &mut (*self.slot)[which] };
+        if base.is_null() {
+            *dst = [0; WINDOW_BYTES as usize];
+            return;
+        }
+        r.copy(dst, base as u64 + span.start as u64, span.len);
+    }
+}
+
+/// The field of struct `which` (`WINDOW_*`, or [`NO_WINDOW`]) at `base + offset`: with
+/// `WALK`, from the copied span if it holds the field, else copied alone (0 for a NULL
+/// `base`); without, a direct load.
+#[inline(always)]
+fn field<T: Copy, const WALK: bool>(r: &mut Reader, windows: Windows, which: usize, base: *const u8, offset: u32) -> T {
+    if !WALK {
+        return load(base, offset);
+    }
+    let size = core::mem::size_of::<T>() as u32;
+    if which < WINDOW_COUNT && !windows.slot.is_null() {
+        let span = Windows::span(which);
+        if offset >= span.start && offset + size <= span.start + span.len && span.len <= WINDOW_BYTES {
+            // SAFETY: the slot holds WINDOW_BYTES bytes per struct, and the span's
+            // bytes from `offset - start` hold the field (checked just above); an
+            // unaligned read of an integer or pointer, any bytes of which are a value.
+            return unsafe {
+                core::ptr::read_unaligned(
+                    (*windows.slot)[which].as_ptr().add((offset - span.start) as usize).cast::<T>(),
+                )
+            };
+        }
+    }
+    if base.is_null() {
+        // SAFETY: only integers and pointers are read, for which zero is a value.
+        return unsafe { core::mem::zeroed() };
+    }
+    r.get(base as u64, offset)
+}
+
+/// [`field`] of a struct no window spans.
+const NO_WINDOW: usize = usize::MAX;
+
 /// Counts (and logs) a failed kernel read of this program run.
 #[inline(always)]
 fn report(r: &Reader, ctx: *const TaskFileCtx, tgid: u32, fd: u32) {
-    if r.report() {
+    // No `ctx` (the walk's callback): counted only; the count voids the harvest anyway.
+    if r.report() && !ctx.is_null() {
         warn!(ctx, "crd_task_file: a kernel read failed for pid {} fd {}", tgid, fd);
     }
 }
@@ -413,12 +542,19 @@ fn is_eventfd(name: &[u8; NAME_LEN]) -> bool {
 
 /// The name, private object and (for shmem) seals of an anon or shmem file.
 #[inline(always)]
-fn named_tail(r: &mut Reader, file: *const u8, inode: *const u8, sb_magic: u64, off: &Offsets) -> NamedTail {
-    let dentry: *const u8 = load(file, off.file_dentry);
+fn named_tail<const WALK: bool>(
+    r: &mut Reader,
+    windows: Windows,
+    file: *const u8,
+    inode: *const u8,
+    sb_magic: u64,
+    off: &Offsets,
+) -> NamedTail {
+    let dentry: *const u8 = field::<_, WALK>(r, windows, WINDOW_FILE, file, off.file_dentry);
     // `const unsigned char *`: BTF types the pointer, not the bytes, so they are copied.
-    let name = load::<*const u8>(dentry, off.dentry_name) as u64;
+    let name = field::<*const u8, WALK>(r, windows, NO_WINDOW, dentry, off.dentry_name) as u64;
     let mut tail = NamedTail {
-        private_data: load::<*const u8>(file, off.file_private_data) as u64,
+        private_data: field::<*const u8, WALK>(r, windows, WINDOW_FILE, file, off.file_private_data) as u64,
         name: r.get_str(name),
         seals: 0,
         _pad: 0,
@@ -447,8 +583,9 @@ fn eventfd_tail(r: &mut Reader, named: NamedTail, off: &Offsets) -> EventfdTail 
 /// a tail built on the stack and copied would take a good part of the program's 512.
 /// The one place sockets are emitted, so the verifier walks these reads once.
 #[inline(always)]
-fn emit_socket(
+fn emit_socket<const WALK: bool>(
     r: &mut Reader,
+    windows: Windows,
     common: FdRecord,
     file: *const u8,
     sock: *const u8,
@@ -474,10 +611,10 @@ fn emit_socket(
         (*slot).tail.name_len = 0;
         &mut *slot
     };
-    if kind_enabled(KIND_SOCKET_TYPED) {
+    if !WALK && kind_enabled(KIND_SOCKET_TYPED) {
         typed_socket_tail(r, &mut record.tail, sock, off);
     } else {
-        socket_tail(r, &mut record.tail, file, off);
+        socket_tail::<WALK>(r, windows, &mut record.tail, file, off);
     }
     report(r, ctx, common.tgid, common.fd);
     entry.submit(0);
@@ -596,8 +733,14 @@ fn in6_addr(base: *const u8, offset: u32) -> [u8; 16] {
 /// on). The family's fields are read only for that family: a `unix_sock` member read
 /// from another family's sock would be a pointer into nowhere.
 #[inline(always)]
-fn socket_tail(r: &mut Reader, tail: &mut SocketTail, file: *const u8, off: &Offsets) {
-    let socket = load::<*const u8>(file, off.file_socket) as u64;
+fn socket_tail<const WALK: bool>(
+    r: &mut Reader,
+    windows: Windows,
+    tail: &mut SocketTail,
+    file: *const u8,
+    off: &Offsets,
+) {
+    let socket = field::<*const u8, WALK>(r, windows, WINDOW_FILE, file, off.file_socket) as u64;
     if socket == 0 {
         return;
     }
@@ -606,13 +749,15 @@ fn socket_tail(r: &mut Reader, tail: &mut SocketTail, file: *const u8, off: &Off
     if sk == 0 {
         return;
     }
-    let family: u16 = r.get(sk, off.sock_family);
+    windows.fill(r, WINDOW_SOCK, sk as *const u8);
+    windows.fill(r, WINDOW_SOCK_TYPE, sk as *const u8);
+    let family: u16 = copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_family);
     tail.sock = sk;
     tail.family = family;
-    tail.state = r.get(sk, off.sock_state);
-    tail.sock_type = r.get(sk, off.sock_type);
-    tail.protocol = r.get(sk, off.sock_protocol);
-    tail.shutdown = r.get(sk, off.sock_shutdown);
+    tail.state = copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_state);
+    tail.sock_type = copied::<_, WALK>(r, windows, WINDOW_SOCK_TYPE, sk, off.sock_type);
+    tail.protocol = copied::<_, WALK>(r, windows, WINDOW_SOCK_TYPE, sk, off.sock_protocol);
+    tail.shutdown = copied::<_, WALK>(r, windows, WINDOW_SOCK_TYPE, sk, off.sock_shutdown);
     if tail.state == SK_STATE_LISTEN {
         tail.backlog = r.get(sk, off.sock_max_ack_backlog);
         tail.pending = r.get(sk, off.sock_ack_backlog);
@@ -622,9 +767,10 @@ fn socket_tail(r: &mut Reader, tail: &mut SocketTail, file: *const u8, off: &Off
     }
     if family == AF_UNIX {
         // `struct unix_sock` starts with its `struct sock`: the same pointer.
+        windows.fill(r, WINDOW_UNIX, sk as *const u8);
         // The peer's identity is its address; userspace maps it to the peer's inode.
-        tail.peer = r.get(sk, off.unix_peer);
-        let addr: u64 = r.get(sk, off.unix_addr);
+        tail.peer = copied::<_, WALK>(r, windows, WINDOW_UNIX, sk, off.unix_peer);
+        let addr: u64 = copied::<_, WALK>(r, windows, WINDOW_UNIX, sk, off.unix_addr);
         if addr != 0 {
             let len: u32 = r.get(addr, off.unix_address_len);
             tail.name_len = len;
@@ -633,18 +779,26 @@ fn socket_tail(r: &mut Reader, tail: &mut SocketTail, file: *const u8, off: &Off
             r.copy(&mut tail.name, path, len.saturating_sub(2));
         }
     } else if family == AF_INET || family == AF_INET6 {
-        tail.local_port = r.get(sk, off.sock_num);
-        tail.remote_port = u16::from_be(r.get(sk, off.sock_dport));
+        tail.local_port = copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_num);
+        tail.remote_port = u16::from_be(copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_dport));
         if family == AF_INET6 {
-            tail.local_addr = r.get(sk, off.sock_v6_rcv_saddr);
-            tail.remote_addr = r.get(sk, off.sock_v6_daddr);
+            tail.local_addr = copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_v6_rcv_saddr);
+            tail.remote_addr = copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_v6_daddr);
         } else {
-            let local: [u8; 4] = r.get(sk, off.sock_rcv_saddr);
-            let remote: [u8; 4] = r.get(sk, off.sock_daddr);
+            let local: [u8; 4] = copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_rcv_saddr);
+            let remote: [u8; 4] = copied::<_, WALK>(r, windows, WINDOW_SOCK, sk, off.sock_daddr);
             tail.local_addr[..4].copy_from_slice(&local);
             tail.remote_addr[..4].copy_from_slice(&remote);
         }
     }
+}
+
+/// A field of a socket's `sock` at `base + offset`, copied: with `WALK` from the span of
+/// `which` if it holds the field ([`field`]), else alone (the path of kernels without
+/// the typed socket helpers, which fills no spans).
+#[inline(always)]
+fn copied<T: Copy, const WALK: bool>(r: &mut Reader, windows: Windows, which: usize, base: u64, offset: u32) -> T {
+    if WALK { field::<T, true>(r, windows, which, base as *const u8, offset) } else { r.get(base, offset) }
 }
 
 /// Tests `fd`'s bit in `files->fdt->close_on_exec`, copying the bitmap word only when
@@ -675,20 +829,20 @@ fn close_on_exec(r: &mut Reader, files: *const u8, fd: u32, off: &Offsets) -> bo
 /// The pipe's bookkeeping and, if it holds data, the sum of its occupied buffers'
 /// lengths.
 #[inline(always)]
-fn pipe_tail(r: &mut Reader, pipe: *const u8, off: &Offsets) -> PipeTail {
+fn pipe_tail<const WALK: bool>(r: &mut Reader, windows: Windows, pipe: *const u8, off: &Offsets) -> PipeTail {
     let mut tail = PipeTail {
         pipe: pipe as u64,
-        max_usage: load(pipe, off.pipe_max_usage),
-        readers: load(pipe, off.pipe_readers),
-        writers: load(pipe, off.pipe_writers),
+        max_usage: field::<_, WALK>(r, windows, WINDOW_PIPE, pipe, off.pipe_max_usage),
+        readers: field::<_, WALK>(r, windows, WINDOW_PIPE, pipe, off.pipe_readers),
+        writers: field::<_, WALK>(r, windows, WINDOW_PIPE, pipe, off.pipe_writers),
         queued: 0,
         flags: 0,
         _pad: 0,
     };
-    let head: u32 = load(pipe, off.pipe_head);
-    let tail_index: u32 = load(pipe, off.pipe_tail);
-    let ring_size: u32 = load(pipe, off.pipe_ring_size);
-    let bufs = load::<*const u8>(pipe, off.pipe_bufs) as u64;
+    let head: u32 = field::<_, WALK>(r, windows, WINDOW_PIPE, pipe, off.pipe_head);
+    let tail_index: u32 = field::<_, WALK>(r, windows, WINDOW_PIPE, pipe, off.pipe_tail);
+    let ring_size: u32 = field::<_, WALK>(r, windows, WINDOW_PIPE, pipe, off.pipe_ring_size);
+    let bufs = field::<*const u8, WALK>(r, windows, WINDOW_PIPE, pipe, off.pipe_bufs) as u64;
     let used = head.wrapping_sub(tail_index);
     // An empty pipe (the common case) needs no walk: 0 bytes queued.
     if pipe.is_null() || used == 0 || ring_size == 0 || bufs == 0 {

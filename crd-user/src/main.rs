@@ -289,6 +289,38 @@ fn bench_harvest(
         for _ in 0..runs {
             floor_ns.push(bpf.time_visit_only(Scope::Processes(&tgids), interrupted)?.as_nanos() as u64);
         }
+        // With the floor programs loaded (crd-ebpf's `floor` module): each one's time over
+        // the same fds, as JSON on stderr: `visit` (the loaded fd program's floor, as
+        // above), `null`, `emit`, `walk0`...`walk3` (see the module; `walk3` sends
+        // records it does not resume, so it needs a ring that holds them all:
+        // CRD_RING_BYTES=4194304 for 18,000 fds).
+        if std::env::var_os(crd::harvest::bpf::FLOOR_PROGRAMS_ENV).is_some() {
+            let mut floors = serde_json::Map::new();
+            for _ in 0..runs {
+                let scope = Scope::Processes(&tgids);
+                let mut push = |key: &str, ns: u128| {
+                    if let Some(runs) =
+                        floors.entry(key).or_insert_with(|| serde_json::json!([])).as_array_mut()
+                    {
+                        runs.push((ns as u64).into());
+                    }
+                };
+                push("visit", bpf.time_visit_only(scope, interrupted)?.as_nanos());
+                push(
+                    "null",
+                    bpf.time_floor("crd_floor_null", "task_file", 0, scope, interrupted)?.as_nanos(),
+                );
+                push(
+                    "emit",
+                    bpf.time_floor("crd_floor_emit", "task_file", 0, scope, interrupted)?.as_nanos(),
+                );
+                for mode in 0..4 {
+                    let ns = bpf.time_floor("crd_floor_walk", "task", mode, scope, interrupted)?.as_nanos();
+                    push(&format!("walk{mode}"), ns);
+                }
+            }
+            eprintln!("{}", serde_json::Value::Object(floors));
+        }
     }
     let started = Instant::now();
     let mut harvester = harvesting::harvester(source.into(), false, load)?;

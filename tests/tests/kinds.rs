@@ -200,6 +200,108 @@ fn iterators_run_over_each_process_alone_list_what_one_run_over_every_task_lists
     assert!(!harvest.fds.is_empty());
 }
 
+/// `crd ls --json --source bpf PIDS` with the `KIND_*` bits `clear` cleared and a ring
+/// of `ring_bytes`, and its debug log.
+fn bpf_listing(pids: &[String], clear: u32, ring_bytes: u32) -> (String, String) {
+    let out = Command::new(crd_bin())
+        .args(["ls", "--json", "--source", "bpf"])
+        .args(pids)
+        .env("CRD_TEST_CLEAR_KINDS", clear.to_string())
+        .env("CRD_RING_BYTES", ring_bytes.to_string())
+        .env("RUST_LOG", "debug")
+        .output()
+        .expect("crd runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr(&out))
+}
+
+#[test]
+fn the_fd_walk_from_the_task_iterator_lists_what_the_task_file_program_lists() {
+    require_root!();
+    use crd_common::KIND_FD_WALK;
+    // Every kind the programs read, close-on-exec fds past the first bitmap word, a
+    // pipe holding data, threads (their table walked once), a CLONE_FILES child (its
+    // table walked again, as task_file does), a forked child with a table of its own.
+    let steps = [
+        "pipe:3:4",
+        "write:4:queued",
+        "cloexec:3",
+        "socketpair:5:6",
+        "sendfd:5:3",
+        "socketpair:7:8:d",
+        "eventfd:9:3:s",
+        "memfd:10:walk:100:sg",
+        "epoll:11",
+        "epollctl:11:3:1:7",
+        "epollctl:11:9:4:0x1234",
+        "timerfd:12",
+        "signalfd:13:INT,USR2",
+        "tcplisten:14",
+        "pidfd:15",
+        "open:16:r:/dev/null",
+        "inotify:17:2:/",
+        "pipes:120",
+        "cloexec:200",
+        "threads:2",
+        "clonefiles",
+        "fork",
+        "pipe:3:4",
+        "socketpair:20:21:q",
+        "threads:1",
+    ];
+    let fixture = spawn(&steps, 2);
+    let mut pids: Vec<String> = fixture.pids.iter().map(u32::to_string).collect();
+    let root = fixture.root();
+    let children = std::fs::read_to_string(format!("/proc/{root}/task/{root}/children")).unwrap();
+    pids.extend(
+        children.split_whitespace().map(str::to_string).filter(|c| !pids.contains(c)).collect::<Vec<_>>(),
+    );
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    // What each path harvests, decoded: every field of every record (references to each
+    // description among them: the fd sent over a socket is held by the message too).
+    let tgids: Vec<crd::types::Tgid> = pids.iter().map(|p| crd::types::Tgid(p.parse().unwrap())).collect();
+    let harvest = |clear: u32, ring_bytes: u32| {
+        let mut harvester = crd::harvest::bpf::BpfHarvester::load_clearing_kinds(
+            false,
+            &Default::default(),
+            ring_bytes,
+            clear,
+        )
+        .expect("BPF loads");
+        let (mut harvest, stats) =
+            harvester.harvest_bpf(crd::harvest::Scope::Processes(&tgids), &|| false).expect("harvested");
+        harvest.fds.sort_by_key(|f| (f.tgid, f.fd_table, f.fd));
+        (harvest, stats, harvester.fd_program_name())
+    };
+    let (by_task_file, _, program) = harvest(KIND_FD_WALK, 256 * 1024);
+    assert!(program.starts_with("crd_task_file"), "{program}");
+    assert!(by_task_file.fds.len() > 250, "{}", by_task_file.fds.len());
+    let (by_walk, _, program) = harvest(0, 256 * 1024);
+    // The walk wherever the kernel has it (6.2+); the task_file program on older ones
+    // (the VM matrix's 5.10 and 6.1), where the harvests are the same trivially.
+    let walks = program == "crd_task_walk";
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let (major, minor) = release.split_once('.').map(|(a, b)| (a.to_string(), b.to_string())).unwrap();
+    let minor: u32 = minor.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
+    let modern = (major.parse::<u32>().unwrap(), minor) >= (6, 2);
+    assert_eq!(walks, modern, "{release}: {program}");
+    assert_eq!((by_walk.tasks, by_walk.fds), (by_task_file.tasks.clone(), by_task_file.fds.clone()));
+    // A ring of a page fills many times in one table: each walk cut short resumes at
+    // the fd that did not fit, sending none twice and skipping none.
+    let (small, stats, _) = harvest(0, 4096);
+    assert!(stats.ring_full > 10, "{stats:?}");
+    assert_eq!((small.tasks, small.fds), (by_task_file.tasks, by_task_file.fds));
+    // And through the command, as `ls` shows it.
+    let (listed_by_task_file, log) = bpf_listing(&pids, KIND_FD_WALK, 256 * 1024);
+    assert!(log.contains("crd_task_file") && !log.contains("crd_task_walk: the verifier"), "{log}");
+    for kind in ["Epoll", "Eventfd", "Memfd", "Timerfd", "Signalfd", "Inotify", "Pidfd", "Unix", "Inet"] {
+        assert!(listed_by_task_file.contains(kind), "{kind}: {listed_by_task_file}");
+    }
+    let (listed, log) = bpf_listing(&pids, 0, 4096);
+    assert_eq!(log.contains("crd_task_walk: ring buffer full"), walks, "{log}");
+    assert_eq!(listed, listed_by_task_file);
+}
+
 #[test]
 fn anon_inode_files_are_objects_of_their_own_named_by_their_kind() {
     require_root!();

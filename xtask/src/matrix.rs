@@ -63,6 +63,10 @@ struct Results {
     fallback: Option<String>,
     /// crd's other warnings in the smoke test: what it cannot read on this kernel.
     warnings: Vec<String>,
+    /// The fd program the BPF harvester loaded in the smoke test (`crd_task_walk`: the
+    /// bpf_loop walk, 6.2+; `crd_task_file` or `crd_task_file_bounded`: one program run
+    /// per fd), or `none` where it loaded none.
+    fd_program: Option<String>,
     /// How long the kernel's run took (a guest's: boot to power-off).
     elapsed: Duration,
     /// Each failed test's first panic message (libtest's `---- NAME stdout ----`
@@ -108,6 +112,8 @@ impl Results {
                 if status != "0" && status != "101" || !finished {
                     results.broken_suites.push(format!("{name} (exit {status})"));
                 }
+            } else if let Some(program) = line.strip_prefix("CRD-FD-PROGRAM ") {
+                results.fd_program = Some(program.trim().to_string());
             } else if line.starts_with("test result:") {
                 finished = true;
             } else if suite == "smoke"
@@ -247,7 +253,11 @@ fn smoke_script(crd: &str, product: &str) -> String {
          for source in procfs bpf; do\n\
          timeout -s KILL 120 {product} ls --source $source $probe 2>&1 >/dev/null\n\
          if [ $? = 0 ]; then echo \"test kinds_$source ... ok\"; else echo \"test kinds_$source ... FAILED\"; smoke=101; fi\n\
-         done\nkill -9 $probe 2>/dev/null\nwait $probe 2>/dev/null\n\
+         done\n\
+         fd=$(RUST_LOG=debug timeout -s KILL 120 {product} ls --source bpf $probe 2>&1 >/dev/null \
+         | grep -o 'the fd program is crd_task_[a-z_]*' | head -n 1 | cut -d' ' -f5)\n\
+         echo \"CRD-FD-PROGRAM ${{fd:-none}}\"\n\
+         kill -9 $probe 2>/dev/null\nwait $probe 2>/dev/null\n\
          echo 'test result: smoke'\necho CRD-SUITE-END smoke $smoke\n[ $smoke = 0 ] || status=1\n"
     )
 }
@@ -410,6 +420,11 @@ fn render_table(columns: &[(String, Results)]) -> String {
     }
     out.push_str("\n|---|");
     out.push_str(&"---|".repeat(columns.len()));
+    // Which fd program harvested: the bpf_loop walk or one program run per fd.
+    out.push_str("\n| fd program (smoke) |");
+    for (_, results) in columns {
+        out.push_str(&format!(" {} |", results.fd_program.as_deref().unwrap_or("?")));
+    }
     for test in tests {
         out.push_str(&format!("\n| {test} |"));
         for (_, results) in columns {
@@ -524,7 +539,14 @@ mod tests {
         ), "{table}");
         assert!(!table.contains("/proc"), "{table}");
 
-        let bpf = Results::parse("CRD-SUITE-START smoke\ncrd image: root PID 9; source bpf, kernel 6.1\n");
+        let bpf = Results::parse(
+            "CRD-SUITE-START smoke\nCRD-FD-PROGRAM crd_task_file\ncrd image: root PID 9; source bpf, kernel 6.1\n",
+        );
+        assert!(render_table(&[("6.1".into(), Results::parse(""))]).contains("\n| fd program (smoke) | ? |"));
+        assert!(
+            render_table(&[("6.1".into(), Results::parse("CRD-FD-PROGRAM crd_task_file\n"))])
+                .contains("| fd program (smoke) | crd_task_file |")
+        );
         assert_eq!((bpf.source.as_deref(), bpf.fallback.as_deref()), (Some("bpf"), None));
         assert!(!render_table(&[("6.1".into(), bpf)]).contains("6.1:"));
     }

@@ -16,7 +16,7 @@ use aya::{
 };
 use crd_common::{
     COMM_LEN, EPOLL_MAX_ITEMS, EpollItemRecord, EpollTail, EventfdTail, FD_CLOEXEC, FdRecord, FdWith,
-    KIND_BPF_LOOP, KIND_ITER_TASK_FILTER, NamedTail, RECORD_EPOLL_ITEM, RECORD_FD, RECORD_TASK,
+    KIND_BPF_LOOP, KIND_FD_WALK, KIND_ITER_TASK_FILTER, NamedTail, RECORD_EPOLL_ITEM, RECORD_FD, RECORD_TASK,
     STAT_READ_FAILED, STAT_RING_FULL, STAT_SUBMITTED, SignalfdTail, SocketTail, TAIL_EPOLL, TAIL_EVENTFD,
     TAIL_NAMED, TAIL_NONE, TAIL_PIPE, TAIL_SIGNALFD, TAIL_SOCKET, TAIL_TIMERFD, TaskRecord, TimerfdTail,
 };
@@ -58,6 +58,11 @@ pub const HOLD_HARVEST_ENV: &str = "CRD_TEST_HOLD_HARVEST_MS";
 /// the degraded paths (opaque sockets; a unix peer found without `sk_ino`) here.
 #[cfg(feature = "testing")]
 pub const CLEAR_KINDS_ENV: &str = "CRD_TEST_CLEAR_KINDS";
+
+/// Test hook (testing builds only): `CRD_TEST_FLOOR_PROGRAMS=1` also loads the floor
+/// programs (crd-ebpf's `floor` module) for [`BpfHarvester::time_floor`].
+#[cfg(feature = "testing")]
+pub const FLOOR_PROGRAMS_ENV: &str = "CRD_TEST_FLOOR_PROGRAMS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
@@ -150,8 +155,9 @@ pub struct BpfHarvester {
     ring: RingBuf<MapData>,
     /// See [`crd_common::Config::file_ref_bias`].
     file_ref_bias: i64,
-    /// The fd program loaded: with `bpf_loop` or without (see crd-ebpf).
-    task_file: &'static str,
+    /// The fd program loaded and its iterator: the walk from the task iterator, or the
+    /// task_file program with `bpf_loop` or without (see [`fd_program`]).
+    fd_program: (&'static str, &'static str),
     /// The iterators can be run over one process at a time
     /// ([`crd_common::KIND_ITER_TASK_FILTER`]).
     task_filter: bool,
@@ -172,6 +178,31 @@ impl BpfHarvester {
     /// As [`load`](Self::load), with a ring buffer of `ring_bytes` (a power of two, at
     /// least a page).
     pub fn load_with_ring(match_all: bool, options: &LoadOptions, ring_bytes: u32) -> Result<Self, BpfError> {
+        #[cfg(feature = "testing")]
+        let clear = std::env::var(CLEAR_KINDS_ENV).ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+        #[cfg(not(feature = "testing"))]
+        let clear = 0;
+        Self::load_inner(match_all, options, ring_bytes, clear)
+    }
+
+    /// As [`load_with_ring`](Self::load_with_ring), with the `KIND_*` bits `clear` cleared
+    /// (for the tests: as [`CLEAR_KINDS_ENV`] does, within one process).
+    #[cfg(feature = "testing")]
+    pub fn load_clearing_kinds(
+        match_all: bool,
+        options: &LoadOptions,
+        ring_bytes: u32,
+        clear: u32,
+    ) -> Result<Self, BpfError> {
+        Self::load_inner(match_all, options, ring_bytes, clear)
+    }
+
+    fn load_inner(
+        match_all: bool,
+        options: &LoadOptions,
+        ring_bytes: u32,
+        clear: u32,
+    ) -> Result<Self, BpfError> {
         if BPF_OBJECT.is_empty() {
             return Err(BpfError::NoObject);
         }
@@ -197,10 +228,7 @@ impl BpfHarvester {
         let (mut config, attach) = found?;
         config.match_all = match_all as u32;
         config.epoll_max_items = epoll_max_items(ring_bytes);
-        #[cfg(feature = "testing")]
-        if let Some(clear) = std::env::var(CLEAR_KINDS_ENV).ok().and_then(|v| v.parse::<u32>().ok()) {
-            config.kinds &= !clear;
-        }
+        config.kinds &= !clear;
         let mut loader = loader.map_err(|_| BpfError::Load("aya's loader panicked".into()))?;
         log::debug!("load: kernel BTF parsed in {:?}", started.elapsed());
         let mut ebpf = loader
@@ -211,8 +239,11 @@ impl BpfHarvester {
             .load(BPF_OBJECT)
             .map_err(load_error)?;
         log::debug!("load: object loaded at {:?}", started.elapsed());
-        let task_file = task_file_program(&config);
-        for (name, iter_type) in [("crd_task", "task"), (task_file, "task_file")] {
+        let fd_program = fd_program(&config);
+        // Said once per load: the VM matrix's table shows it (kernels before 5.16 report
+        // no verifier counts to name it by).
+        log::debug!("load: the fd program is {}", fd_program.0);
+        for (name, iter_type) in [("crd_task", "task"), fd_program] {
             let program: &mut Iter = ebpf
                 .program_mut(name)
                 .ok_or_else(|| BpfError::Load(format!("program {name} missing from the object")))?
@@ -222,6 +253,19 @@ impl BpfHarvester {
             // The verifier's effort: older kernels give up at 1M instructions.
             if let Some(n) = program.info().ok().and_then(|i| i.verified_instruction_count()) {
                 log::debug!("{name}: the verifier processed {n} instructions");
+            }
+        }
+        #[cfg(feature = "testing")]
+        if std::env::var_os(FLOOR_PROGRAMS_ENV).is_some() {
+            for (name, iter_type) in
+                [("crd_floor_null", "task_file"), ("crd_floor_emit", "task_file"), ("crd_floor_walk", "task")]
+            {
+                let program: &mut Iter = ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| BpfError::Load(format!("program {name} missing from the object")))?
+                    .try_into()
+                    .map_err(load_error)?;
+                program.load(iter_type, &attach.btf).map_err(load_error)?;
             }
         }
         log::debug!("load: programs verified at {:?}", started.elapsed());
@@ -235,7 +279,7 @@ impl BpfHarvester {
             logger,
             ring,
             file_ref_bias: config.file_ref_bias as i64,
-            task_file,
+            fd_program,
             task_filter: config.kinds & KIND_ITER_TASK_FILTER != 0,
         })
     }
@@ -263,7 +307,8 @@ impl BpfHarvester {
         let mut harvest = Harvest::default();
         let before = self.counters()?;
         let mut decoder = Decoder::new(self.file_ref_bias);
-        let programs = [("crd_task", "task"), (self.task_file, "task_file")];
+        self.clear_walk_resume()?;
+        let programs = [("crd_task", "task"), self.fd_program];
         for run in self.runs(scope, &programs) {
             self.run_iterator(run, &mut decoder, &mut harvest, &mut stats, interrupted)?;
         }
@@ -328,7 +373,10 @@ impl BpfHarvester {
     /// The floor of a harvest of `scope`: the fd program run over the same fds as a
     /// harvest visits, with no process asked for, so that it returns at its first check
     /// (the kernel's walk of the fds, a program call and one map look-up each). For the
-    /// bench: what a harvest costs per fd before it reads anything.
+    /// bench: what a harvest costs per fd before it reads anything. With `crd_task_walk`
+    /// (6.2+) the program returns before walking any fd: what is left is a program call
+    /// per thread, next to nothing per fd (the walk's own floor, ~15 ns per fd, is
+    /// measured with the floor programs, [`time_floor`](Self::time_floor)).
     #[cfg(feature = "testing")]
     pub fn time_visit_only(
         &mut self,
@@ -340,7 +388,8 @@ impl BpfHarvester {
         let mut harvest = Harvest::default();
         let mut decoder = Decoder::new(self.file_ref_bias);
         let started = std::time::Instant::now();
-        for run in self.runs(scope, &[(self.task_file, "task_file")]) {
+        self.clear_walk_resume()?;
+        for run in self.runs(scope, &[self.fd_program]) {
             self.run_iterator(run, &mut decoder, &mut harvest, &mut stats, interrupted)?;
         }
         let elapsed = started.elapsed();
@@ -351,6 +400,83 @@ impl BpfHarvester {
             )));
         }
         Ok(elapsed)
+    }
+
+    /// The time one of the floor programs (crd-ebpf's `floor` module, loaded when
+    /// [`FLOOR_PROGRAMS_ENV`] is set) takes over `scope`, with the processes of `scope`
+    /// asked for; `mode` is the walk's (see `crd_floor_mode`).
+    #[cfg(feature = "testing")]
+    pub fn time_floor(
+        &mut self,
+        program: &'static str,
+        iterator: &'static str,
+        mode: u32,
+        scope: Scope<'_>,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<std::time::Duration, BpfError> {
+        if let Scope::Processes(tgids) = scope {
+            self.set_filter(tgids)?;
+        }
+        let mut modes: Array<_, u32> = Array::try_from(
+            self.ebpf.map_mut("crd_floor_mode").ok_or(BpfError::Load("map crd_floor_mode missing".into()))?,
+        )
+        .map_err(load_error)?;
+        modes.set(0, mode, 0).map_err(load_error)?;
+        let started = std::time::Instant::now();
+        for run in self.runs(scope, &[(program, iterator)]) {
+            let Some(pid) = run.pid else {
+                return Err(BpfError::Load("floors: one process at a time".into()));
+            };
+            let prog: &mut Iter = self
+                .ebpf
+                .program_mut(program)
+                .ok_or(BpfError::Load("no program".into()))?
+                .try_into()
+                .map_err(load_error)?;
+            let fd = prog.fd().map_err(load_error)?;
+            let mut file = crate::sys::bpf_task_iterator(std::os::fd::AsFd::as_fd(fd), pid)
+                .map_err(|e| BpfError::Load(e.to_string()))?;
+            let mut sink = [0u8; 64];
+            loop {
+                if interrupted() {
+                    return Err(BpfError::Interrupted(crate::interrupt::Interrupted));
+                }
+                let done = match file.read(&mut sink) {
+                    Ok(0) => true,
+                    Ok(_) => false,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                    Err(source) => return Err(BpfError::Read { iterator, source }),
+                };
+                while let Some(item) = self.ring.next() {
+                    std::hint::black_box(&*item);
+                }
+                if done {
+                    break;
+                }
+            }
+        }
+        Ok(started.elapsed())
+    }
+
+    /// The name of the fd program loaded (`crd_task_walk`, `crd_task_file` or
+    /// `crd_task_file_bounded`).
+    pub fn fd_program_name(&self) -> &'static str {
+        self.fd_program.0
+    }
+
+    /// Forgets any walk a full ring cut short (see crd-ebpf's `walk`): each harvest
+    /// starts every table at its first fd.
+    fn clear_walk_resume(&mut self) -> Result<(), BpfError> {
+        if self.fd_program.0 != "crd_task_walk" {
+            return Ok(());
+        }
+        let mut resume: Array<_, [u8; 16]> = Array::try_from(
+            self.ebpf
+                .map_mut("crd_walk_resume")
+                .ok_or(BpfError::Load("map crd_walk_resume missing".into()))?,
+        )
+        .map_err(load_error)?;
+        resume.set(0, [0u8; 16], 0).map_err(load_error)
     }
 
     fn counters(&self) -> Result<[u64; 3], BpfError> {
@@ -700,11 +826,19 @@ fn fd_info(r: &FdRecord, tail: &[u8], file_ref_bias: i64) -> Option<FdInfo> {
     })
 }
 
-/// The fd program to load: a kernel without bpf_loop refuses a program that names a
-/// callback, even one it would never call, so the object has a second fd program
-/// without it.
-fn task_file_program(config: &crd_common::Config) -> &'static str {
-    if config.kinds & KIND_BPF_LOOP != 0 { "crd_task_file" } else { "crd_task_file_bounded" }
+/// The fd program to load and its iterator: from 6.2 on ([`KIND_FD_WALK`]), the walk of
+/// each fd table in one run of the task iterator's program, which spares the task_file
+/// iterator's cost per fd; before, the task_file program. A kernel without bpf_loop
+/// refuses a program that names a callback, even one it would never call, so the object
+/// has a task_file program without it.
+pub fn fd_program(config: &crd_common::Config) -> (&'static str, &'static str) {
+    if config.kinds & KIND_FD_WALK != 0 && config.kinds & KIND_BPF_LOOP != 0 {
+        ("crd_task_walk", "task")
+    } else if config.kinds & KIND_BPF_LOOP != 0 {
+        ("crd_task_file", "task_file")
+    } else {
+        ("crd_task_file_bounded", "task_file")
+    }
 }
 
 /// The iterators' attach points, as a [`Btf`] for aya's [`Iter::load`], which looks each

@@ -10,8 +10,10 @@ use btf_rs::{Backend, Btf, Type};
 
 use super::btf_names::NameIndex;
 use crd_common::{
-    Config, FieldGroup, KIND_BPF_LOOP, KIND_EPOLL, KIND_EVENTFD, KIND_ITER_TASK_FILTER, KIND_NAMED,
-    KIND_SHMEM, KIND_SIGNALFD, KIND_SOCKET, KIND_SOCKET_TYPED, KIND_TIMERFD, Offsets,
+    Config, FieldGroup, KIND_BPF_LOOP, KIND_EPOLL, KIND_EVENTFD, KIND_FD_WALK, KIND_ITER_TASK_FILTER,
+    KIND_NAMED, KIND_SHMEM, KIND_SIGNALFD, KIND_SOCKET, KIND_SOCKET_TYPED, KIND_TIMERFD, Offsets,
+    WINDOW_BYTES, WINDOW_COUNT, WINDOW_FILE, WINDOW_INODE, WINDOW_PIPE, WINDOW_SB, WINDOW_SOCK,
+    WINDOW_SOCK_TYPE, WINDOW_UNIX, Window,
 };
 
 /// Where the kernel publishes its own BTF.
@@ -274,6 +276,9 @@ impl KernelBtf {
         if self.has_task_iter_filter() {
             config.kinds |= KIND_ITER_TASK_FILTER;
         }
+        if self.has_fd_walk() {
+            config.kinds |= KIND_FD_WALK;
+        }
         Ok(config)
     }
 
@@ -284,6 +289,14 @@ impl KernelBtf {
             Type::Union(u) => self.find_member(&u, "task").is_some(),
             _ => false,
         })
+    }
+
+    /// Whether `crd_task_walk` is the fd program ([`KIND_FD_WALK`]): the kernel has
+    /// `bpf_loop` and is 6.2 or later, told by the kfunc `bpf_rdonly_cast` (6.2). Before
+    /// 6.2 the task_file program stays: the issue that brought the walk asked for 6.2+,
+    /// and the VM matrix checks the task_file path on 5.10 and 6.1.
+    pub fn has_fd_walk(&self) -> bool {
+        self.has_bpf_loop() && self.function_id("bpf_rdonly_cast").is_ok()
     }
 
     /// Whether the kernel has the `bpf_loop` helper (5.17+).
@@ -338,6 +351,7 @@ fn config_from(
     let mut offsets = Offsets::ZERO;
     let mut missing: Vec<(FieldGroup, String)> = Vec::new();
     let mut file_ref_bias = 0;
+    let mut resolved_fields: Vec<(&str, u32, u32)> = Vec::new();
     for field in Offsets::FIELDS {
         let resolved = field
             .paths
@@ -378,6 +392,7 @@ fn config_from(
         if let Some(slot) = offsets.get_mut(field.name) {
             *slot = offset;
         }
+        resolved_fields.push((field.name, offset, field.width));
     }
     let mut kinds =
         KIND_NAMED | KIND_EVENTFD | KIND_SHMEM | KIND_SOCKET | KIND_EPOLL | KIND_TIMERFD | KIND_SIGNALFD;
@@ -405,7 +420,86 @@ fn config_from(
     if kinds & KIND_SOCKET != 0 && typed_socket_helpers {
         kinds |= KIND_SOCKET_TYPED;
     }
-    Ok(Config { offsets, pipe_buffer_size, file_ref_bias, kinds, match_all: 0, epoll_max_items: 0 })
+    let mut windows = [Window::ZERO; WINDOW_COUNT];
+    for (which, names) in WINDOW_FIELDS {
+        let fields: Vec<(u32, u32)> = resolved_fields
+            .iter()
+            .filter(|(name, _, _)| names.contains(name))
+            .map(|&(_, offset, width)| (offset, width))
+            .collect();
+        windows[*which] = window(&fields);
+    }
+    Ok(Config { offsets, pipe_buffer_size, file_ref_bias, kinds, match_all: 0, epoll_max_items: 0, windows })
+}
+
+/// The fields of each struct `crd_task_walk` copies as one span ([`Config::windows`]):
+/// those every fd's record reads, and a pipe's. (`inode::i_pipe` is left out: only a
+/// FIFO's record reads it, and it lies far from the others.)
+const WINDOW_FIELDS: &[(usize, &[&str])] = &[
+    (
+        WINDOW_FILE,
+        &[
+            "file_f_inode",
+            "file_f_flags",
+            "file_f_mode",
+            "file_f_pos",
+            "file_f_ref",
+            "file_private_data",
+            "file_dentry",
+            "file_socket",
+        ],
+    ),
+    (WINDOW_INODE, &["inode_i_mode", "inode_i_ino", "inode_i_size", "inode_i_sb", "inode_i_rdev"]),
+    (WINDOW_SB, &["sb_s_magic", "sb_s_dev"]),
+    (
+        WINDOW_PIPE,
+        &[
+            "pipe_head",
+            "pipe_tail",
+            "pipe_ring_size",
+            "pipe_max_usage",
+            "pipe_readers",
+            "pipe_writers",
+            "pipe_bufs",
+        ],
+    ),
+    (
+        WINDOW_SOCK,
+        &[
+            "sock_family",
+            "sock_state",
+            "sock_rcv_saddr",
+            "sock_daddr",
+            "sock_v6_rcv_saddr",
+            "sock_v6_daddr",
+            "sock_num",
+            "sock_dport",
+        ],
+    ),
+    // Only what every socket's record reads: a listener's backlog and a queue length
+    // lie a cache line or more away.
+    (WINDOW_SOCK_TYPE, &["sock_type", "sock_protocol", "sock_shutdown"]),
+    (WINDOW_UNIX, &["unix_peer", "unix_addr"]),
+];
+
+/// The span of at most [`WINDOW_BYTES`] that holds the most of `fields` (offset, width),
+/// the shortest of those: it starts at one field and ends with the last it holds, so it
+/// never reaches past the struct (a copy past a slab object's end could touch a guard
+/// page, which KFENCE would report).
+fn window(fields: &[(u32, u32)]) -> Window {
+    let mut best = (0, Window::ZERO);
+    for &(start, _) in fields {
+        let held: Vec<u32> = fields
+            .iter()
+            .filter(|&&(offset, width)| offset >= start && offset + width <= start + WINDOW_BYTES)
+            .map(|&(offset, width)| offset + width)
+            .collect();
+        let len = held.iter().max().map_or(0, |end| end - start);
+        if held.len() > best.0 || (held.len() == best.0 && len < best.1.len) {
+            best = (held.len(), Window { start, len });
+        }
+    }
+    best.1
 }
 
 /// Copies a BTF file into an anonymous memory file and maps that.

@@ -434,7 +434,10 @@ pub fn render(
          *Floor*: crd's fd program run over the same fds with no process asked for, so \
          that it returns at its first check: the kernel's walk (a reference taken and \
          dropped on each file), a program call and one map look-up per fd, what a harvest \
-         costs before it reads anything. Up to 64 processes are iterated each alone \
+         costs before it reads anything. From 6.2 on the fd program is the walk of each fd \
+         table from the task iterator (`crd_task_walk`), which returns before its walk: \
+         the column is then ~0 (the walk's own floor, ~15 ns per fd, is in \
+         [performance.md](performance.md)). Up to 64 processes are iterated each alone \
          (6.1+); more, in one run over every task on the machine.\n"
     );
     let _ = writeln!(w, "![harvest time per workload size](benchmarks.svg)\n");
