@@ -110,7 +110,7 @@ fn assert_listed(pids: &[u32], listener: &str, listener_at: &[u32]) -> serde_jso
         let names: Vec<&str> =
             process["fds"].as_array().unwrap().iter().filter_map(|f| f["name"].as_str()).collect();
         assert_eq!(
-            names.iter().any(|n| *n == listener),
+            names.contains(&listener),
             listener_at.contains(&pid),
             "PID {pid} and {listener}: {names:?}"
         );
