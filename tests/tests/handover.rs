@@ -25,14 +25,28 @@ fn listen_vars(pid: u32) -> Vec<String> {
     environ(pid).into_iter().filter(|v| v.starts_with("LISTEN_")).collect()
 }
 
-/// Waits until `pid` runs `comm` (the exec has happened) and returns its fd numbers.
+/// Waits until `pid` runs `comm` (the exec has happened) and has settled, and returns
+/// its fd numbers. Settled: sleeping, with the same fds twice 20 ms apart: right after
+/// the exec the dynamic loader opens the libraries (fd 3 for a moment), and that fd is
+/// the program's, not one handed over.
 fn fds_once_running(pid: u32, comm: &str) -> Vec<u32> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim() != comm {
-        assert!(Instant::now() < deadline, "PID {pid} does not run {comm}");
-        std::thread::sleep(Duration::from_millis(10));
+    let mut last: Option<Vec<u32>> = None;
+    loop {
+        assert!(Instant::now() < deadline, "PID {pid} does not run {comm} and settle");
+        std::thread::sleep(Duration::from_millis(20));
+        if fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim() != comm
+            || !crd_tests::status_field(pid, "State:").starts_with('S')
+        {
+            last = None;
+            continue;
+        }
+        let fds = proc_fds(pid);
+        if last.as_ref() == Some(&fds) {
+            return fds;
+        }
+        last = Some(fds);
     }
-    proc_fds(pid)
 }
 
 /// A child killed (and reaped) when dropped; a stopped one is continued first.
