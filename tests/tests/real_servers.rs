@@ -71,10 +71,11 @@ fn start_server(program: &str, args: &[String]) -> (Program, u32) {
     command.arg("-c").arg("echo $$; exec \"$@\"").arg("sh").arg(program).args(args);
     // As a service manager starts a server: with no fd beyond 0-2 (the test runner's
     // own, such as cargo's jobserver pipe, would be external to the image).
-    // SAFETY: close_range is async-signal-safe and touches only the child's fds.
+    // SAFETY: close_range (the raw system call: musl's libc has no wrapper) is
+    // async-signal-safe and touches only the child's fds.
     unsafe {
         command.pre_exec(|| {
-            libc::close_range(3, u32::MAX, 0);
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
             Ok(())
         })
     };

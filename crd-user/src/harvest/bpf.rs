@@ -113,6 +113,14 @@ fn not_permitted(detail: &str, missing: Option<&str>) -> String {
     }
 }
 
+/// The iterator program `name` of the object.
+fn iter_program<'e>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut Iter, BpfError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| BpfError::Load(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(load_error)
+}
+
 fn load_error(e: impl std::error::Error) -> BpfError {
     // aya's messages leave the kernel's answer to the error's sources: say them all.
     let mut text = e.to_string();
@@ -244,11 +252,7 @@ impl BpfHarvester {
         // no verifier counts to name it by).
         log::debug!("load: the fd program is {}", fd_program.0);
         for (name, iter_type) in [("crd_task", "task"), fd_program] {
-            let program: &mut Iter = ebpf
-                .program_mut(name)
-                .ok_or_else(|| BpfError::Load(format!("program {name} missing from the object")))?
-                .try_into()
-                .map_err(load_error)?;
+            let program = iter_program(&mut ebpf, name)?;
             program.load(iter_type, &attach.btf).map_err(load_error)?;
             // The verifier's effort: older kernels give up at 1M instructions.
             if let Some(n) = program.info().ok().and_then(|i| i.verified_instruction_count()) {
@@ -260,12 +264,7 @@ impl BpfHarvester {
             for (name, iter_type) in
                 [("crd_floor_null", "task_file"), ("crd_floor_emit", "task_file"), ("crd_floor_walk", "task")]
             {
-                let program: &mut Iter = ebpf
-                    .program_mut(name)
-                    .ok_or_else(|| BpfError::Load(format!("program {name} missing from the object")))?
-                    .try_into()
-                    .map_err(load_error)?;
-                program.load(iter_type, &attach.btf).map_err(load_error)?;
+                iter_program(&mut ebpf, name)?.load(iter_type, &attach.btf).map_err(load_error)?;
             }
         }
         log::debug!("load: programs verified at {:?}", started.elapsed());
@@ -500,12 +499,7 @@ impl BpfHarvester {
         interrupted: &dyn Fn() -> bool,
     ) -> Result<(), BpfError> {
         let Run { name, iterator, pid } = run;
-        let program: &mut Iter = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| BpfError::Load(format!("program {name} missing")))?
-            .try_into()
-            .map_err(load_error)?;
+        let program = iter_program(&mut self.ebpf, name)?;
         let mut file = match pid {
             None => {
                 let link_id = program.attach().map_err(load_error)?;
