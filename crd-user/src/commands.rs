@@ -421,19 +421,7 @@ pub fn exit_code(error: &(dyn std::error::Error + 'static)) -> u8 {
     if Interrupted::caused(error) { 130 } else { 1 }
 }
 
-/// The error and its causes on one line, skipping causes the message already quotes.
-pub fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = error.to_string();
-    let mut next = error.source();
-    while let Some(cause) = next {
-        let cause_text = cause.to_string();
-        if !line.contains(&cause_text) {
-            line = format!("{line}: {cause_text}");
-        }
-        next = cause.source();
-    }
-    line
-}
+pub use crate::error_text::one_line;
 
 /// `crd checkpoint`.
 pub fn checkpoint(

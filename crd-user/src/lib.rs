@@ -20,6 +20,7 @@ pub mod admission;
 pub mod checkpoint;
 pub mod commands;
 pub mod demo;
+pub mod error_text;
 #[cfg(feature = "testing")]
 pub mod fixture;
 pub mod freeze;

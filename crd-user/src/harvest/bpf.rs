@@ -123,15 +123,7 @@ fn iter_program<'e>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut Iter, BpfE
 
 fn load_error(e: impl std::error::Error) -> BpfError {
     // aya's messages leave the kernel's answer to the error's sources: say them all.
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text = format!("{text}: {cause_text}");
-        }
-        source = cause.source();
-    }
+    let text = crate::error_text::one_line(&e);
     let lower = text.to_lowercase();
     if lower.contains("operation not permitted") || lower.contains("permission denied") {
         let lacking = privilege::missing(&[Cap::Bpf, Cap::Perfmon]);
