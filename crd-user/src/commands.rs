@@ -554,22 +554,34 @@ pub fn inspect(
 
 /// One listing of what `args` names, as `ls` and each step of `watch` make it.
 pub fn listing(args: &LsArgs, cx: &mut Context<'_>) -> Result<Listing, CommandError> {
+    listing_timed(args, cx, &mut Phases::start())
+}
+
+/// [`listing`], its phases timed (`load`, `harvest`, `graph`, `listing`).
+fn listing_timed(args: &LsArgs, cx: &mut Context<'_>, phases: &mut Phases) -> Result<Listing, CommandError> {
     let targets = Targets::new(&args.pids, args.all)?;
     let harvester = cx.harvesters.get(args.source.into(), targets == Targets::All).map_err(LsError::from)?;
+    phases.lap("load");
     let (harvest, unix_queues) =
         ls::harvest_with(harvester, &targets, &cx.admission, cx.caller, cx.interrupted)?;
-    let listing = Listing::new(harvest, &unix_queues);
+    phases.lap("harvest");
+    let listing = Listing::timed(harvest, &unix_queues, phases);
     Ok(if args.pipes { listing.only_pipes() } else { listing })
 }
 
 /// `crd ls`.
 pub fn ls(args: &LsArgs, cx: &mut Context<'_>, out: &mut Output<'_>) -> Result<(), CommandError> {
-    let listing = listing(args, cx)?;
-    match listing.write(&mut *out.stdout, args.json) {
+    let mut phases = Phases::start();
+    let listing = listing_timed(args, cx, &mut phases)?;
+    let written = match listing.write(&mut *out.stdout, args.json) {
         // A reader that stopped reading (`crd ls | head`) is not an error.
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        written => Ok(written?),
-    }
+        written => written,
+    };
+    phases.lap("write");
+    #[cfg(feature = "testing")]
+    phases.write_if_requested();
+    Ok(written?)
 }
 
 /// `crd watch`: a listing every `interval_ms`, one JSON line each (see [`Watcher`]).

@@ -258,9 +258,66 @@ impl InsideCounts {
 /// reader of a graph (restore, ls, inspect, tests).
 #[derive(Default)]
 pub struct GraphIndex<'g> {
-    pub tables: BTreeMap<ObjRef, &'g FdTable>,
-    pub files: BTreeMap<ObjRef, &'g FileDesc>,
-    pub objects: BTreeMap<ObjRef, &'g Object>,
+    pub tables: ByObjRef<'g, FdTable>,
+    pub files: ByObjRef<'g, FileDesc>,
+    pub objects: ByObjRef<'g, Object>,
+}
+
+/// One class of a graph's objects by objref. Objrefs count from 1 in a graph, so a
+/// vector indexed by the objref's number finds each in one step and iterates them in
+/// objref order (a `BTreeMap` took a tenth of `ls`'s listing at 100,000 fds to build,
+/// and more to search).
+#[derive(Debug)]
+pub struct ByObjRef<'g, T> {
+    slots: Vec<Option<&'g T>>,
+    len: usize,
+}
+
+impl<T> Default for ByObjRef<'_, T> {
+    fn default() -> Self {
+        Self { slots: Vec::new(), len: 0 }
+    }
+}
+
+impl<'g, T> ByObjRef<'g, T> {
+    fn insert(&mut self, objref: ObjRef, value: &'g T) {
+        let at = objref.0 as usize;
+        if at >= self.slots.len() {
+            self.slots.resize(at + 1, None);
+        }
+        if self.slots[at].replace(value).is_none() {
+            self.len += 1;
+        }
+    }
+
+    pub fn get(&self, objref: &ObjRef) -> Option<&'g T> {
+        self.slots.get(objref.0 as usize).copied().flatten()
+    }
+
+    pub fn contains_key(&self, objref: &ObjRef) -> bool {
+        self.get(objref).is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Each by objref, in objref order.
+    pub fn iter(&self) -> impl Iterator<Item = (ObjRef, &'g T)> + '_ {
+        self.slots.iter().enumerate().filter_map(|(at, slot)| Some((ObjRef(at as u32), (*slot)?)))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = ObjRef> + '_ {
+        self.iter().map(|(objref, _)| objref)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &'g T> + '_ {
+        self.iter().map(|(_, value)| value)
+    }
 }
 
 impl<'g> GraphIndex<'g> {
@@ -285,9 +342,9 @@ impl<'g> GraphIndex<'g> {
 
     /// The description `file` and the objref and object it opens.
     pub fn open(&self, file: ObjRef) -> Option<(&'g FileDesc, ObjRef, &'g Object)> {
-        let desc = *self.files.get(&file)?;
+        let desc = self.files.get(&file)?;
         let objref = desc.object.objref();
-        Some((desc, objref, *self.objects.get(&objref)?))
+        Some((desc, objref, self.objects.get(&objref)?))
     }
 }
 
@@ -720,6 +777,24 @@ fn tree_order(root: Tgid, tasks: &[TaskInfo]) -> Vec<&TaskInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_index_by_objref_finds_each_and_lists_them_in_objref_order() {
+        let (a, b, c) = (10, 20, 30);
+        let mut index: ByObjRef<'_, u32> = ByObjRef::default();
+        assert!(index.is_empty() && index.get(&ObjRef(0)).is_none());
+        index.insert(ObjRef(7), &b);
+        index.insert(ObjRef(2), &a);
+        index.insert(ObjRef(9), &c);
+        index.insert(ObjRef(7), &b);
+        assert_eq!(index.len(), 3, "an objref inserted twice counts once");
+        assert_eq!(index.get(&ObjRef(2)), Some(&10));
+        assert_eq!(index.get(&ObjRef(3)), None, "a gap");
+        assert_eq!(index.get(&ObjRef(100)), None, "past the end");
+        assert!(index.contains_key(&ObjRef(9)));
+        assert_eq!(index.keys().collect::<Vec<_>>(), vec![ObjRef(2), ObjRef(7), ObjRef(9)]);
+        assert_eq!(index.values().copied().collect::<Vec<_>>(), vec![10, 20, 30]);
+    }
     use crate::{
         kinds::pipe::PipeState,
         model::testing::{pipe_end, pipe_live, task},

@@ -141,7 +141,7 @@ fn text(body: &ImageBody) -> String {
                 pos,
                 object_ref,
                 object.map(|o| o.kind().to_string()).unwrap_or_default(),
-                object.map(|o| object_detail(o)).unwrap_or_default(),
+                object.map(object_detail).unwrap_or_default(),
                 if outside { "  (description held outside)" } else { "" }
             );
         }
@@ -226,7 +226,8 @@ fn ties_and_flight(
     // pty ends (the other end).
     let _ = writeln!(out, "\nnesting: what each object is tied to, and the files it carries:");
     for (objref, object) in nesting {
-        let _ = writeln!(out, "  {objref} {} {} ({})", object.kind(), object_detail(object), held_by(objref));
+        let _ =
+            writeln!(out, "  {objref} {} {} ({})", object.kind(), object_detail(object), held_by(&objref));
         for (tie, found) in object.ties() {
             let what = match found.and_then(|r| index.objects.get(&r).map(|o| (r, o))) {
                 Some((r, o)) => format!("{r} {} {} ({})", o.kind(), o.name(), held_by(&r)),
@@ -278,7 +279,7 @@ fn dot(g: &Graph) -> String {
             }
         }
     }
-    for (objref, file) in &index.files {
+    for (objref, file) in index.files.iter() {
         let _ = writeln!(
             out,
             "  obj{} [shape=ellipse,label=\"file {objref}\\n{} pos {}\"{}];",
@@ -289,7 +290,7 @@ fn dot(g: &Graph) -> String {
         );
         let _ = writeln!(out, "  obj{} -> obj{};", objref.0, file.object.objref().0);
     }
-    for (objref, object) in &index.objects {
+    for (objref, object) in index.objects.iter() {
         let _ = writeln!(
             out,
             "  obj{} [shape=note,label=\"{} {objref}\\n{}\"{}];",

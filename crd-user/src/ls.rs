@@ -7,12 +7,11 @@
 //! Nothing is frozen: `ls` looks, it does not checkpoint. The harvest goes through
 //! [`Graph::build`], so objects carry the same objrefs a checkpoint of the same state
 //! would give them, and both harvesters (BPF, /proc) list the same thing.
-use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    fmt::Write as _,
-    path::Path,
-};
+use std::{collections::BTreeMap, path::Path};
 
+// Keys here are kernel identities and small numbers: foldhash, not SipHash's defence
+// against chosen keys (see graph.rs).
+use foldhash::{HashMap, HashMapExt, HashSet};
 use serde::Serialize;
 
 use crate::{
@@ -23,6 +22,7 @@ use crate::{
         extras::{self, UnixQueue},
     },
     kinds::{Kind, Live, Saved, Tie, inet::InetState},
+    timings::Phases,
     types::{Access, DeviceId, Fd, ObjRef, Pid, Tgid},
 };
 
@@ -108,7 +108,7 @@ pub fn harvest_with(
     let (mut harvest, _) = harvester.harvest(scope, interrupted)?;
     if *targets == Targets::All && (caller.is_some() || !admission.admits_everyone()) {
         let mut admitted: HashMap<Tgid, bool> = HashMap::new();
-        let keep: HashSet<Tgid> = harvest
+        let keep: std::collections::HashSet<Tgid> = harvest
             .tasks
             .iter()
             .map(|t| t.tgid)
@@ -271,6 +271,11 @@ impl Listing {
     /// so that at most two of the three are in memory at once (at 100,000 fds each is
     /// tens of megabytes).
     pub fn new(harvest: Harvest, unix_queues: &UnixQueues) -> Self {
+        Self::timed(harvest, unix_queues, &mut Phases::start())
+    }
+
+    /// [`new`](Self::new), its phases timed (`graph`, then `listing`).
+    pub fn timed(harvest: Harvest, unix_queues: &UnixQueues, phases: &mut Phases) -> Self {
         let root = harvest.tasks.iter().map(|t| t.tgid).min().unwrap_or(Tgid(0));
         let graph = Graph::build(root, &harvest, SavedStates::default());
         // Pipes are keyed by inode: (dev, ino) names the same pipe in harvest and graph.
@@ -283,11 +288,14 @@ impl Listing {
             })
             .collect();
         drop(harvest);
-        Self::from_graph(
+        phases.lap("graph");
+        let listing = Self::from_graph(
             &graph,
             |object| queued.get(&(object.dev, object.ino)).copied().flatten().map(u64::from),
             |object| unix_queues.get(&(object.dev, object.ino)).copied().unwrap_or_default(),
-        )
+        );
+        phases.lap("listing");
+        listing
     }
 
     fn from_graph(
@@ -315,7 +323,8 @@ impl Listing {
         }
         let mut by_table: BTreeMap<ObjRef, Vec<(Tgid, Vec<Pid>)>> = BTreeMap::new();
         let mut by_description = Vec::new();
-        let mut pipe_ends: BTreeMap<ObjRef, (Vec<Holder>, Vec<Holder>)> = BTreeMap::new();
+        // Each pipe end's holder with its access, grouped by pipe below.
+        let mut pipe_holders: Vec<(ObjRef, Holder, Access)> = Vec::new();
         // Every listed fd of each object, to name a socket's other end by.
         let mut by_object = Vec::new();
         for process in processes.values_mut() {
@@ -328,13 +337,7 @@ impl Listing {
                 by_description.push((description, holder));
                 by_object.push((inode_ref, holder));
                 if object.kind().is_pipe_like() {
-                    let (readers, writers) = pipe_ends.entry(inode_ref).or_default();
-                    if file.access.read {
-                        readers.push(holder);
-                    }
-                    if file.access.write {
-                        writers.push(holder);
-                    }
+                    pipe_holders.push((inode_ref, holder, file.access));
                 }
                 process.fds.push(OpenFd {
                     fd: slot.fd,
@@ -384,15 +387,22 @@ impl Listing {
                 })
             })
             .collect();
-        let pipes = pipe_ends
-            .into_iter()
-            .filter_map(|(inode_ref, (readers, writers))| {
+        // Stable: each end's holders stay in listing order.
+        pipe_holders.sort_by_key(|(inode_ref, _, _)| *inode_ref);
+        let pipes = pipe_holders
+            .chunk_by(|a, b| a.0 == b.0)
+            .filter_map(|ends| {
+                let inode_ref = ends[0].0;
                 let object = index.objects.get(&inode_ref)?;
+                let holding = |read: bool| {
+                    let mode = move |access: &Access| if read { access.read } else { access.write };
+                    ends.iter().filter(|(_, _, access)| mode(access)).map(|(_, holder, _)| *holder).collect()
+                };
                 Some(PipeEnds {
                     inode: inode_ref,
                     name: name(object),
-                    readers,
-                    writers,
+                    readers: holding(true),
+                    writers: holding(false),
                     held_outside: object.held_outside,
                     queued: queued(object),
                 })
@@ -447,40 +457,21 @@ impl Listing {
     }
 
     /// [`render_text`](Self::render_text) into `out` as it goes (`crd ls` streams it to
-    /// stdout: at 100,000 fds the whole table is tens of megabytes). A row's padded
-    /// cells are formatted into buffers reused from row to row, not a `String` each.
+    /// stdout: at 100,000 fds the whole table is tens of megabytes). The two sections
+    /// that grow with the fds (the table and the pipes) are built a line at a time in
+    /// one reused [`Line`], cells padded and numbers written by hand: through
+    /// `format_args!` per cell they cost more than building the listing.
     pub fn write_text(&self, out: &mut impl std::fmt::Write) -> std::fmt::Result {
         writeln!(
             out,
             "{:>7} {:<15} {:>6} {:<7} {:<5} {:>10} {:>6} NAME",
             "PID", "COMMAND", "FD", "TYPE", "FLAGS", "OFFSET", "OFD"
         )?;
-        let (mut fd, mut kind, mut offset, mut ofd) =
-            (String::new(), String::new(), String::new(), String::new());
+        let mut line = Line::default();
         for p in &self.processes {
             for f in &p.fds {
-                fd.clear();
-                write!(fd, "{}{}", f.fd, mode_letter(f.access))?;
-                kind.clear();
-                write!(kind, "{}", f.kind)?;
-                offset.clear();
-                if !(f.kind.is_pipe_like() || f.kind.is_socket()) {
-                    write!(offset, "{}", f.offset)?;
-                }
-                ofd.clear();
-                write!(ofd, "{}", f.description)?;
-                write!(
-                    out,
-                    "{:>7} {:<15} {fd:>6} {kind:<7} {:<5} {offset:>10} {ofd:>6} {}",
-                    p.pid.0,
-                    p.comm,
-                    flag_letters(f.close_on_exec, f.flags),
-                    f.name
-                )?;
-                match &f.detail {
-                    Some(detail) => writeln!(out, " {detail}")?,
-                    None => writeln!(out)?,
-                }
+                line.row(p, f);
+                out.write_str(&line.text)?;
             }
         }
         if !self.shared_fd_tables.is_empty() {
@@ -506,18 +497,8 @@ impl Listing {
         if !self.pipes.is_empty() {
             writeln!(out, "\npipes (PID:FD of each end):")?;
             for p in &self.pipes {
-                let outside = if p.held_outside { "; an end is also open elsewhere" } else { "" };
-                write!(
-                    out,
-                    "  {}: read {}; write {}{outside}",
-                    p.name,
-                    or_none(&p.readers),
-                    or_none(&p.writers)
-                )?;
-                match p.queued {
-                    Some(n) => writeln!(out, "; {n} bytes queued")?,
-                    None => writeln!(out)?,
-                }
+                line.pipe(p);
+                out.write_str(&line.text)?;
             }
         }
         if self.processes.iter().any(|p| p.ctty.is_some()) {
@@ -716,18 +697,112 @@ fn mode_letter(access: Access) -> char {
 }
 
 /// `e` close-on-exec, `a` O_APPEND, `n` O_NONBLOCK, `s` O_SYNC, `d` O_DIRECT; `-` none.
-fn flag_letters(close_on_exec: bool, flags: u32) -> String {
-    let letters: String = [
+fn flag_letters(close_on_exec: bool, flags: u32) -> impl Iterator<Item = char> {
+    let letters = [
         (close_on_exec, 'e'),
         (flags & libc::O_APPEND as u32 != 0, 'a'),
         (flags & libc::O_NONBLOCK as u32 != 0, 'n'),
         (flags & libc::O_SYNC as u32 == libc::O_SYNC as u32, 's'),
         (flags & libc::O_DIRECT as u32 != 0, 'd'),
-    ]
-    .into_iter()
-    .filter_map(|(set, letter)| set.then_some(letter))
-    .collect();
-    if letters.is_empty() { "-".into() } else { letters }
+    ];
+    let none = letters.iter().all(|(set, _)| !set);
+    letters.into_iter().filter_map(|(set, letter)| set.then_some(letter)).chain(none.then_some('-'))
+}
+
+/// One line of the table or of the pipes section, built in place: reused from line to
+/// line, so that a listing of 100,000 fds allocates nothing per line.
+#[derive(Default)]
+struct Line {
+    text: String,
+    number: itoa::Buffer,
+}
+
+impl Line {
+    /// `PID COMMAND FD TYPE FLAGS OFFSET OFD NAME [DETAIL]`, padded as the header.
+    fn row(&mut self, p: &Process, f: &OpenFd) {
+        self.text.clear();
+        let pid = self.number.format(p.pid.0);
+        pad_to(&mut self.text, 7, pid.len());
+        self.text.push_str(pid);
+        self.text.push(' ');
+        self.text.push_str(&p.comm);
+        pad_to(&mut self.text, 15, p.comm.chars().count());
+        self.text.push(' ');
+        let fd = self.number.format(f.fd.0);
+        pad_to(&mut self.text, 6, fd.len() + 1);
+        self.text.push_str(fd);
+        self.text.push(mode_letter(f.access));
+        self.text.push(' ');
+        let kind = f.kind.name();
+        self.text.push_str(kind);
+        pad_to(&mut self.text, 7, kind.chars().count());
+        self.text.push(' ');
+        let before = self.text.len();
+        self.text.extend(flag_letters(f.close_on_exec, f.flags));
+        let flags = self.text.len() - before;
+        pad_to(&mut self.text, 5, flags);
+        self.text.push(' ');
+        if f.kind.is_pipe_like() || f.kind.is_socket() {
+            pad_to(&mut self.text, 10, 0);
+        } else {
+            let offset = self.number.format(f.offset);
+            pad_to(&mut self.text, 10, offset.len());
+            self.text.push_str(offset);
+        }
+        self.text.push(' ');
+        let ofd = self.number.format(f.description.0);
+        pad_to(&mut self.text, 6, ofd.len() + 1);
+        self.text.push('#');
+        self.text.push_str(ofd);
+        self.text.push(' ');
+        self.text.push_str(&f.name);
+        if let Some(detail) = &f.detail {
+            self.text.push(' ');
+            self.text.push_str(detail);
+        }
+        self.text.push('\n');
+    }
+
+    /// `  NAME: read PID:FD...; write PID:FD...[; an end is also open elsewhere][; N bytes queued]`.
+    fn pipe(&mut self, p: &PipeEnds) {
+        self.text.clear();
+        self.text.push_str("  ");
+        self.text.push_str(&p.name);
+        self.text.push_str(": read ");
+        self.holders(&p.readers);
+        self.text.push_str("; write ");
+        self.holders(&p.writers);
+        if p.held_outside {
+            self.text.push_str("; an end is also open elsewhere");
+        }
+        if let Some(queued) = p.queued {
+            self.text.push_str("; ");
+            self.text.push_str(self.number.format(queued));
+            self.text.push_str(" bytes queued");
+        }
+        self.text.push('\n');
+    }
+
+    /// `PID:FD PID:FD...`, or `none listed`.
+    fn holders(&mut self, holders: &[Holder]) {
+        if holders.is_empty() {
+            self.text.push_str("none listed");
+        }
+        for (i, holder) in holders.iter().enumerate() {
+            if i > 0 {
+                self.text.push(' ');
+            }
+            self.text.push_str(self.number.format(holder.pid.0));
+            self.text.push(':');
+            self.text.push_str(self.number.format(holder.fd.0));
+        }
+    }
+}
+
+/// Spaces to take a cell of `width` characters to `cell_width` (padding as `{:>N}` and
+/// `{:<N}` do: by characters, none when the cell is wider).
+fn pad_to(text: &mut String, cell_width: usize, width: usize) {
+    text.extend(std::iter::repeat_n(' ', cell_width.saturating_sub(width)));
 }
 
 /// A `fmt::Write` onto an `io::Write`, keeping the I/O error that `fmt::Error` cannot
@@ -763,22 +838,6 @@ impl<T: std::fmt::Display> std::fmt::Display for Joined<'_, T> {
         }
         Ok(())
     }
-}
-
-/// The holders, or `none listed`.
-struct OrNone<'a>(&'a [Holder]);
-
-impl std::fmt::Display for OrNone<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            [] => f.write_str("none listed"),
-            holders => write!(f, "{}", join(holders)),
-        }
-    }
-}
-
-fn or_none(holders: &[Holder]) -> OrNone<'_> {
-    OrNone(holders)
 }
 
 #[cfg(test)]
@@ -886,6 +945,49 @@ mod tests {
                 String::from_utf8(json).unwrap(),
                 serde_json::to_string_pretty(&listing).unwrap() + "\n"
             );
+        }
+    }
+
+    /// A row as `format!`'s padding lays it out: the header's widths, by characters.
+    fn padded_row(p: &Process, f: &OpenFd) -> String {
+        let fd = format!("{}{}", f.fd, mode_letter(f.access));
+        let flags: String = flag_letters(f.close_on_exec, f.flags).collect();
+        let offset =
+            if f.kind.is_pipe_like() || f.kind.is_socket() { String::new() } else { f.offset.to_string() };
+        let detail = f.detail.as_ref().map(|d| format!(" {d}")).unwrap_or_default();
+        format!(
+            "{:>7} {:<15} {fd:>6} {:<7} {flags:<5} {offset:>10} {:>6} {}{detail}\n",
+            p.pid.0, p.comm, f.kind, f.description, f.name
+        )
+    }
+
+    #[test]
+    fn a_row_built_by_hand_is_laid_out_as_the_header_pads_it() {
+        let listing = Listing::new(harvest(), &UnixQueues::new());
+        let mut process = listing.processes[0].clone();
+        let mut fd = process.fds[0].clone();
+        let mut line = Line::default();
+        // comm, fd (and PID / 7), kind, offset, description, detail, close-on-exec
+        type Case<'a> = (&'a str, u32, Kind, i64, u32, Option<&'a str>, bool);
+        let cases: [Case<'_>; 5] = [
+            ("cat", 3, Kind::Pipe, 0, 7, None, false),
+            ("ünïcødé-näme", 1_000_000, Kind::Regular, -1, 1_234_567, Some("count=7"), true),
+            ("a-very-long-command-name", 12, Kind::Unix, 99, 3, Some("->10:3"), false),
+            ("x", 0, Kind::CharDevice, i64::MAX, u32::MAX, None, true),
+            ("", 7, Kind::Eventfd, 42, 12, Some("count=0 semaphore"), false),
+        ];
+        for (comm, number, kind, offset, description, detail, cloexec) in cases {
+            process.pid = Tgid(number.wrapping_mul(7));
+            process.comm = comm.into();
+            fd.fd = Fd(number);
+            fd.kind = kind;
+            fd.offset = offset;
+            fd.description = ObjRef(description);
+            fd.detail = detail.map(String::from);
+            fd.close_on_exec = cloexec;
+            fd.flags = if cloexec { libc::O_NONBLOCK as u32 | libc::O_APPEND as u32 } else { 0 };
+            line.row(&process, &fd);
+            assert_eq!(line.text, padded_row(&process, &fd));
         }
     }
 

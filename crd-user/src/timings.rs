@@ -3,7 +3,7 @@
 //! `cargo xtask bench` judges crd by wall time, but needs to see which phase dominates
 //! (loading BPF, freezing, harvesting, copying pipes, writing): in builds with the
 //! `testing` feature (which the bench uses), with `CRD_TIMINGS_FILE=PATH`, `crd
-//! checkpoint` and `crd restore` write their phases there as one JSON object of
+//! checkpoint`, `crd restore` and `crd ls` write their phases there as one JSON object of
 //! milliseconds. The product reads no such variable.
 use std::time::{Duration, Instant};
 

@@ -91,7 +91,7 @@ impl<'g> Index<'g> {
             .iter()
             .find(|t| t.tgid.0 == pid)
             .unwrap_or_else(|| panic!("no task {pid} in the graph"));
-        self.index.tables[&task.fd_table.objref()]
+        self.index.tables.get(&task.fd_table.objref()).expect("the task's fd table is in the graph")
     }
 
     pub fn slot(&self, pid: u32, fd: u32) -> &'g FdSlot {
@@ -99,7 +99,10 @@ impl<'g> Index<'g> {
     }
 
     pub fn file(&self, pid: u32, fd: u32) -> &'g FileDesc {
-        self.index.files[&self.slot(pid, fd).file.objref()]
+        self.index
+            .files
+            .get(&self.slot(pid, fd).file.objref())
+            .unwrap_or_else(|| panic!("no description for {pid}:{fd}"))
     }
 
     pub fn file_ref(&self, pid: u32, fd: u32) -> ObjRef {
@@ -113,7 +116,7 @@ impl<'g> Index<'g> {
 
     /// The object behind an fd.
     pub fn inode(&self, pid: u32, fd: u32) -> &'g Object {
-        self.index.objects[&self.inode_ref(pid, fd)]
+        self.index.objects.get(&self.inode_ref(pid, fd)).unwrap_or_else(|| panic!("no object for {pid}:{fd}"))
     }
 
     /// The pipe (or FIFO) state behind an fd.

@@ -101,7 +101,7 @@ impl Maker<'_, '_> {
     /// met, for errors.
     fn file(&mut self, tgid: Tgid, fd: Fd, objref: ObjRef, desc: &FileDesc) -> Result<(), ObjectError> {
         let object_ref = desc.object.objref();
-        let object = *self.index.objects.get(&object_ref).ok_or(ObjectError::Inconsistent {
+        let object = self.index.objects.get(&object_ref).ok_or(ObjectError::Inconsistent {
             tgid,
             fd,
             objref: object_ref,
@@ -162,7 +162,7 @@ impl Maker<'_, '_> {
     /// Completes every object that is tied to others or carries files, stage by stage.
     fn complete(&mut self) -> Result<(), ObjectError> {
         for stage in [Stage::Fill, Stage::Seal] {
-            for (&objref, object) in &self.index.objects {
+            for (objref, object) in self.index.objects.iter() {
                 let Some(own) = self.first_file.get(&objref).and_then(|f| self.table.files.get(f)) else {
                     continue;
                 };
