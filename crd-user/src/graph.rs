@@ -233,8 +233,10 @@ impl InsideCounts {
         carried: &std::collections::HashMap<KernelPtr, Vec<Carried>>,
         states: &std::collections::HashMap<KernelPtr, Saved>,
     ) -> Self {
-        let mut counts = Self::default();
-        let mut descriptions: HashSet<KernelPtr> = HashSet::new();
+        let fds = harvest.fds.len();
+        let mut counts =
+            Self { slots_per_file: HashMap::with_capacity(fds), use_per_object: HashMap::with_capacity(fds) };
+        let mut descriptions: HashSet<KernelPtr> = HashSet::with_capacity(fds);
         let held = |carrier: &KernelPtr| states.get(carrier).is_none_or(|s| s.kind().holds_carried());
         let files =
             harvest.fds.iter().map(|f| (&f.file, true)).chain(
@@ -354,7 +356,7 @@ impl Graph {
     /// not copied again).
     pub fn build(root: Tgid, harvest: &Harvest, saved: SavedStates) -> Graph {
         let mut walk = Walk::new(harvest, saved);
-        let mut tables: HashMap<KernelPtr, Vec<&FdInfo>> = HashMap::new();
+        let mut tables: HashMap<KernelPtr, Vec<&FdInfo>> = HashMap::with_capacity(harvest.tasks.len());
         for f in &harvest.fds {
             tables.entry(f.fd_table).or_default().push(f);
         }
@@ -619,12 +621,13 @@ impl<'h> Walk<'h> {
     fn new(harvest: &'h Harvest, saves: Saves) -> Self {
         let Saves { states: mut saved, carried } = saves;
         let inside = InsideCounts::of(harvest, &carried, &saved);
-        let mut objects: HashMap<KernelPtr, (&ObjectInfo, Option<&String>)> = HashMap::new();
+        let mut objects: HashMap<KernelPtr, (&ObjectInfo, Option<&String>)> =
+            HashMap::with_capacity(harvest.fds.len());
         for f in &harvest.fds {
             objects.entry(f.file.object.id).or_insert((&f.file.object, f.link.as_ref()));
         }
         let mut states: HashMap<KernelPtr, Saved> = HashMap::with_capacity(objects.len());
-        let mut by_inode = HashMap::new();
+        let mut by_inode = HashMap::with_capacity(objects.len());
         let mut listeners = HashMap::new();
         let mut bound = HashMap::new();
         let mut ptys = HashMap::new();
@@ -667,18 +670,18 @@ impl<'h> Walk<'h> {
             pos: file.pos,
             held_outside: file.refs > slots_inside,
             object: objhash.encounter(Class::Object, file.object.id, |objhash| {
-                let link =
-                    self.objects.get(&file.object.id).and_then(|(_, link)| link.cloned()).or_else(|| {
-                        self.carried
-                            .values()
-                            .flatten()
-                            .find(|c| c.file.object.id == file.object.id)?
-                            .link
-                            .clone()
-                    });
+                // Only a kind with a path keeps its link: no copy for the others.
+                let link = file.object.kind().has_path().then(|| self.link(file.object.id)).flatten();
                 Box::new(self.object(&file.object, link, objhash))
             }),
         }
+    }
+
+    /// What /proc/PID/fd/N linked to for the object `id`, from an fd or a file in flight.
+    fn link(&self, id: KernelPtr) -> Option<String> {
+        self.objects.get(&id).and_then(|(_, link)| link.cloned()).or_else(|| {
+            self.carried.values().flatten().find(|c| c.file.object.id == id)?.link.clone()
+        })
     }
 
     /// An object's record, on its first encounter: its state, then the objects it is
