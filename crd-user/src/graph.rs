@@ -679,9 +679,10 @@ impl<'h> Walk<'h> {
 
     /// What /proc/PID/fd/N linked to for the object `id`, from an fd or a file in flight.
     fn link(&self, id: KernelPtr) -> Option<String> {
-        self.objects.get(&id).and_then(|(_, link)| link.cloned()).or_else(|| {
-            self.carried.values().flatten().find(|c| c.file.object.id == id)?.link.clone()
-        })
+        self.objects
+            .get(&id)
+            .and_then(|(_, link)| link.cloned())
+            .or_else(|| self.carried.values().flatten().find(|c| c.file.object.id == id)?.link.clone())
     }
 
     /// An object's record, on its first encounter: its state, then the objects it is

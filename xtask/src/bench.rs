@@ -145,6 +145,7 @@ fn harvest(
     let workload = Workload::spawn(processes, wiring)?;
     let pids: Vec<String> = workload.pids.iter().map(i32::to_string).collect();
     let mut row = Harvest { processes, fds_per_process: wiring.fds_per_process(), ..Harvest::default() };
+    let mut ls_phases = Vec::new();
     let expected = (processes * wiring.fds_per_process()) as u64;
     for _ in 0..reps.harvest {
         for (source, runs) in [("bpf", reps.bpf_runs), ("procfs", reps.procfs_runs)] {
@@ -193,6 +194,7 @@ fn harvest(
             bail!("crd ls --all listed {} lines for {expected} fds", table.lines);
         }
         row.ls_all_ms.push(table.wall_ms());
+        ls_phases.push(table.timings);
         row.ls_all_json_ms.push(json.wall_ms());
         row.ls_all_rss.push(table.max_rss.max(json.max_rss));
         row.ls_all_procfs_ms.push(ls(&["--source", "procfs"])?.wall_ms());
@@ -200,6 +202,7 @@ fn harvest(
     }
     drop(workload);
     check_interrupted()?;
+    row.ls_all_phases = phase_medians(&ls_phases);
     Ok(row)
 }
 
@@ -335,12 +338,13 @@ fn phase_medians(runs: &[std::collections::BTreeMap<String, f64>]) -> Vec<(Strin
 
 /// The order phases happen in, for the known ones; unknown ones go after them.
 fn phase_rank(name: &str) -> usize {
-    const ORDER: [&str; 9] = [
+    const ORDER: [&str; 10] = [
         "load_ms",
         "freeze_ms",
         "harvest_ms",
         "extras_ms",
         "graph_ms",
+        "listing_ms",
         "write_ms",
         "read_ms",
         "plan_ms",

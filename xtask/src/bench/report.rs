@@ -44,6 +44,8 @@ pub struct Harvest {
     pub lsof_all_ms: Vec<f64>,
     /// Peak RSS of the two BPF `crd ls --all` commands.
     pub ls_all_rss: Vec<u64>,
+    /// Median ms of each phase of `crd ls --all` (the table), as crd reports them.
+    pub ls_all_phases: Vec<(String, f64)>,
 }
 
 impl Harvest {
@@ -493,6 +495,14 @@ pub fn render(
                 ratio(h.ls_procfs_ratio()),
             );
         }
+        phase_table(
+            w,
+            "Where `crd ls --all` (the table) spends its time (median ms per phase; *listing*: \
+             the rows and sections built from the graph, *write*: formatted and written)",
+            harvests,
+            Harvest::label,
+            |h| &h.ls_all_phases,
+        );
     }
     let _ = writeln!(w, "\n## Checkpoint and restore\n");
     let _ = writeln!(
@@ -535,10 +545,10 @@ pub fn render(
             let _ = writeln!(w, "\nRestore of the {} failed: `{}`", c.name, error.replace('`', "'"));
         }
     }
-    phase_table(w, "Where `crd checkpoint` spends its time (median ms per phase)", checkpoints, |c| {
+    phase_table(w, "Where `crd checkpoint` spends its time (median ms per phase)", checkpoints, name, |c| {
         &c.checkpoint_phases
     });
-    phase_table(w, "Where `crd restore` spends its time (median ms per phase)", checkpoints, |c| {
+    phase_table(w, "Where `crd restore` spends its time (median ms per phase)", checkpoints, name, |c| {
         &c.restore_phases
     });
     socket_table(w, sockets);
@@ -620,17 +630,27 @@ fn socket_table(w: &mut String, rows: &[SocketRow]) {
     }
     let named: Vec<Checkpoint> =
         rows.iter().map(|r| Checkpoint { name: r.name.clone(), ..r.checkpoint.clone() }).collect();
-    phase_table(w, "Where `crd checkpoint` spends its time on them (median ms per phase)", &named, |c| {
-        &c.checkpoint_phases
-    });
+    phase_table(
+        w,
+        "Where `crd checkpoint` spends its time on them (median ms per phase)",
+        &named,
+        name,
+        |c| &c.checkpoint_phases,
+    );
+}
+
+/// A checkpoint row's workload name.
+fn name(c: &Checkpoint) -> String {
+    c.name.clone()
 }
 
 /// One column per phase name, in the order crd first reported them.
-fn phase_table(
+fn phase_table<T>(
     w: &mut String,
     title: &str,
-    rows: &[Checkpoint],
-    phases: impl Fn(&Checkpoint) -> &Vec<(String, f64)>,
+    rows: &[T],
+    label: impl Fn(&T) -> String,
+    phases: impl Fn(&T) -> &Vec<(String, f64)>,
 ) {
     let mut names: Vec<&str> = Vec::new();
     for row in rows {
@@ -652,7 +672,7 @@ fn phase_table(
             .iter()
             .map(|n| ms(phases(row).iter().find(|(name, _)| name == n).map(|(_, v)| *v)))
             .collect();
-        let _ = writeln!(w, "| {} | {} |", row.name, cells.join(" | "));
+        let _ = writeln!(w, "| {} | {} |", label(row), cells.join(" | "));
     }
 }
 
@@ -676,6 +696,7 @@ mod tests {
             ls_all_procfs_ms: vec![procfs * 2.0; 3],
             lsof_all_ms: vec![lsof * 2.0; 3],
             ls_all_rss: vec![50 << 20, 70 << 20, 60 << 20],
+            ls_all_phases: vec![("load_ms".into(), 40.0), ("listing_ms".into(), 12.5)],
         }
     }
 
@@ -861,6 +882,10 @@ mod tests {
             page.contains("Machine: 2 cores (Test CPU), 24 GiB, kernel 6.18.0; 2026-01-01; crd abc1234.")
         );
         assert!(page.contains("](benchmarks.svg)"));
+        assert!(
+            page.contains("| workload | load | listing |\n|---|--:|--:|\n| 100 × 1,000 | 40.0 | 12.5 |"),
+            "{page}"
+        );
         assert!(
             page.contains(
                 "| 100 × 1,000 | 100,000 | 20.0 | 200 | 50 | 600 | 6000 | 200 | 2000 | 30.0× | 10.0× | 20.0 | 12.0 MiB |"
