@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     kinds::{InsideUse, Kind, Saved, Tie, decoding, socket::UnixName, terminal::PtyEnd},
-    model::{Carried, FdInfo, FileInfo, Harvest, ObjectInfo, Saves, Session, TaskInfo},
+    model::{Carried, FileInfo, Harvest, ObjectInfo, Saves, Session, TaskInfo},
     types::{Access, DeviceId, Fd, KernelPtr, ObjRef, Pid, Tgid},
 };
 
@@ -180,79 +180,60 @@ impl Object {
     }
 }
 
-/// The kinds of object that get objrefs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Class {
-    FdTable,
-    File,
-    Object,
+/// What an objref is given for: an fd table by its kernel address, a description or an
+/// object by its number in the walk (see [`Numbering`]).
+#[derive(Clone, Copy, Debug)]
+enum Key {
+    FdTable(KernelPtr),
+    File(usize),
+    Object(usize),
 }
 
 /// linux-cr's objhash at checkpoint time: kernel identity → objref.
-#[derive(Default)]
 struct ObjHash {
-    refs: HashMap<(Class, KernelPtr), ObjRef>,
+    tables: HashMap<KernelPtr, ObjRef>,
+    /// By description and by object number.
+    files: Vec<Option<ObjRef>>,
+    objects: Vec<Option<ObjRef>>,
     next: u32,
 }
 
 impl ObjHash {
+    /// For the descriptions and objects `walk` numbered.
+    fn for_walk(walk: &Walk<'_>) -> Self {
+        ObjHash {
+            tables: HashMap::new(),
+            files: vec![None; walk.file_object.len()],
+            objects: vec![None; walk.sources.len()],
+            next: 0,
+        }
+    }
+
     /// Registers the object on first encounter (building it with `make`, which may
     /// register objects nested inside it) or refers to it.
-    fn encounter<T>(
-        &mut self,
-        class: Class,
-        key: KernelPtr,
-        make: impl FnOnce(&mut Self) -> T,
-    ) -> Encounter<T> {
-        if let Some(&objref) = self.refs.get(&(class, key)) {
-            return Encounter::Again(objref);
+    fn encounter<T>(&mut self, key: Key, make: impl FnOnce(&mut Self) -> T) -> Encounter<T> {
+        let slot = match key {
+            Key::FdTable(table) => match self.tables.get(&table) {
+                Some(&objref) => return Encounter::Again(objref),
+                None => None,
+            },
+            Key::File(at) => Some(&mut self.files[at]),
+            Key::Object(at) => Some(&mut self.objects[at]),
+        };
+        if let Some(Some(objref)) = slot.as_deref() {
+            return Encounter::Again(*objref);
+        }
+        let objref = ObjRef(self.next + 1);
+        match slot {
+            Some(slot) => *slot = Some(objref),
+            None => {
+                if let Key::FdTable(table) = key {
+                    self.tables.insert(table, objref);
+                }
+            }
         }
         self.next += 1;
-        let objref = ObjRef(self.next);
-        self.refs.insert((class, key), objref);
         Encounter::First { objref, object: make(self) }
-    }
-}
-
-/// How many descriptions/slots inside the set reference each object, to compare with
-/// what the kernel counts (linux-cr's leak check).
-#[derive(Default)]
-struct InsideCounts {
-    slots_per_file: HashMap<KernelPtr, u64>,
-    /// Distinct read and write descriptions of each object.
-    use_per_object: HashMap<KernelPtr, InsideUse>,
-}
-
-impl InsideCounts {
-    /// Every fd slot, and every file in flight inside an object of the set (the kernel
-    /// counts the message's reference too).
-    /// A file carried by an object that holds no reference to it (an epoll's target)
-    /// is not counted as a slot: the kernel's count of the description does not include it.
-    fn of(
-        harvest: &Harvest,
-        carried: &std::collections::HashMap<KernelPtr, Vec<Carried>>,
-        states: &std::collections::HashMap<KernelPtr, Saved>,
-    ) -> Self {
-        let fds = harvest.fds.len();
-        let mut counts =
-            Self { slots_per_file: HashMap::with_capacity(fds), use_per_object: HashMap::with_capacity(fds) };
-        let mut descriptions: HashSet<KernelPtr> = HashSet::with_capacity(fds);
-        let held = |carrier: &KernelPtr| states.get(carrier).is_none_or(|s| s.kind().holds_carried());
-        let files =
-            harvest.fds.iter().map(|f| (&f.file, true)).chain(
-                carried.iter().flat_map(|(carrier, c)| c.iter().map(move |c| (&c.file, held(carrier)))),
-            );
-        for (file, slot) in files {
-            if slot {
-                *counts.slots_per_file.entry(file.id).or_default() += 1;
-            }
-            if descriptions.insert(file.id) {
-                let inside = counts.use_per_object.entry(file.object.id).or_default();
-                inside.readers += file.access.read as u32;
-                inside.writers += file.access.write as u32;
-            }
-        }
-        counts
     }
 }
 
@@ -356,14 +337,15 @@ impl Graph {
     /// not copied again).
     pub fn build(root: Tgid, harvest: &Harvest, saved: SavedStates) -> Graph {
         let mut walk = Walk::new(harvest, saved);
-        let mut tables: HashMap<KernelPtr, Vec<&FdInfo>> = HashMap::with_capacity(harvest.tasks.len());
-        for f in &harvest.fds {
-            tables.entry(f.fd_table).or_default().push(f);
+        // Each table's fds (by their place in the harvest), by fd number.
+        let mut tables: HashMap<KernelPtr, Vec<usize>> = HashMap::with_capacity(harvest.tasks.len());
+        for (at, f) in harvest.fds.iter().enumerate() {
+            tables.entry(f.fd_table).or_default().push(at);
         }
         for fds in tables.values_mut() {
-            fds.sort_by_key(|f| f.fd);
+            fds.sort_by_key(|&at| harvest.fds[at].fd);
         }
-        let mut objhash = ObjHash::default();
+        let mut objhash = ObjHash::for_walk(&walk);
         let tasks = tree_order(root, &harvest.tasks)
             .into_iter()
             .map(|t| Task {
@@ -372,17 +354,21 @@ impl Graph {
                 parent: t.parent,
                 comm: t.comm.clone(),
                 session: t.session,
-                fd_table: objhash.encounter(Class::FdTable, t.fd_table, |objhash| FdTable {
+                fd_table: objhash.encounter(Key::FdTable(t.fd_table), |objhash| FdTable {
                     fds: tables
                         .get(&t.fd_table)
                         .into_iter()
                         .flatten()
-                        .map(|f| FdSlot {
-                            fd: f.fd,
-                            close_on_exec: f.close_on_exec,
-                            file: objhash.encounter(Class::File, f.file.id, |objhash| {
-                                walk.file_desc(&f.file, objhash)
-                            }),
+                        .map(|&at| {
+                            let f = &harvest.fds[at];
+                            let file = walk.fd_file[at];
+                            FdSlot {
+                                fd: f.fd,
+                                close_on_exec: f.close_on_exec,
+                                file: objhash.encounter(Key::File(file), |objhash| {
+                                    walk.file_desc(&f.file, file, objhash)
+                                }),
+                            }
                         })
                         .collect(),
                 }),
@@ -596,23 +582,68 @@ fn same_object(a: &Object, b: &Object) -> Result<(), String> {
     Ok(())
 }
 
+/// Where the walk finds an object's record: an fd's, borrowed from the harvest (with
+/// what /proc/PID/fd/N linked to), or a file in flight's, held by the walk.
+#[derive(Clone, Copy)]
+enum Source<'h> {
+    Fd(&'h ObjectInfo, Option<&'h String>),
+    InFlight(usize),
+}
+
+/// Numbers for the harvest's descriptions and objects, in order of first appearance
+/// (fds first, then files in flight): what the walk knows of each sits in vectors
+/// indexed by them. Each kernel address is hashed once, when numbered, not once per
+/// map per fd (seven maps keyed by address were half a graph's build at 100,000 fds).
+#[derive(Default)]
+struct Numbering {
+    files: HashMap<KernelPtr, usize>,
+    objects: HashMap<KernelPtr, usize>,
+}
+
+impl Numbering {
+    /// The description's number, and whether it is new.
+    fn file(&mut self, id: KernelPtr) -> (usize, bool) {
+        let next = self.files.len();
+        let at = *self.files.entry(id).or_insert(next);
+        (at, at == next)
+    }
+
+    /// The object's number, and whether it is new.
+    fn object(&mut self, id: KernelPtr) -> (usize, bool) {
+        let next = self.objects.len();
+        let at = *self.objects.entry(id).or_insert(next);
+        (at, at == next)
+    }
+}
+
 /// What the walk looks objects up in: every object of the harvest (and every file in
 /// flight) with its state, so that an object can nest the objects it is tied to.
 struct Walk<'h> {
-    inside: InsideCounts,
+    /// Each fd's description number, in harvest order; each description's object number.
+    fd_file: Vec<usize>,
+    file_object: Vec<usize>,
+    /// Each object's record.
+    sources: Vec<Source<'h>>,
     /// Each object's state, taken by its first encounter.
-    states: HashMap<KernelPtr, Saved>,
-    /// Each object's record and a link to name it by.
-    objects: HashMap<KernelPtr, (&'h ObjectInfo, Option<&'h String>)>,
-    /// Objects by (kind, inode number), for [`Tie::Peer`].
-    by_inode: HashMap<(Kind, u64), KernelPtr>,
+    states: Vec<Option<Saved>>,
+    /// How many fd slots inside the set hold each description, and how many distinct
+    /// read and write descriptions inside the set open each object: to compare with
+    /// what the kernel counts (linux-cr's leak check).
+    slots_inside: Vec<u64>,
+    use_inside: Vec<InsideUse>,
+    /// Objects by (kind, inode number), for [`Tie::Peer`]: made on the first look-up
+    /// (only sockets have peers; a listing of pipes never needs it).
+    by_inode: Option<HashMap<(Kind, u64), usize>>,
     /// Listeners by name, for [`Tie::Listener`].
-    listeners: HashMap<UnixName, KernelPtr>,
+    listeners: HashMap<UnixName, usize>,
     /// Sockets by the address they are bound at, for [`Tie::Address`].
-    bound: HashMap<std::net::SocketAddr, KernelPtr>,
+    bound: HashMap<std::net::SocketAddr, usize>,
     /// Pty ends by index and end, for [`Tie::Pty`].
-    ptys: HashMap<PtyEnd, KernelPtr>,
-    carried: std::collections::HashMap<KernelPtr, Vec<Carried>>,
+    ptys: HashMap<PtyEnd, usize>,
+    /// Every file in flight, with its description number; each carrier's, by the
+    /// carrier's kernel address, in the order its state names them.
+    in_flight: Vec<(Carried, usize)>,
+    carried: HashMap<KernelPtr, std::ops::Range<usize>>,
     /// Every checkpointed task (TID), for the objects that refer to one (a pidfd).
     tasks: HashSet<Pid>,
 }
@@ -620,116 +651,196 @@ struct Walk<'h> {
 impl<'h> Walk<'h> {
     fn new(harvest: &'h Harvest, saves: Saves) -> Self {
         let Saves { states: mut saved, carried } = saves;
-        let inside = InsideCounts::of(harvest, &carried, &saved);
-        let mut objects: HashMap<KernelPtr, (&ObjectInfo, Option<&String>)> =
-            HashMap::with_capacity(harvest.fds.len());
+        let fds = harvest.fds.len();
+        let mut numbering =
+            Numbering { files: HashMap::with_capacity(fds), objects: HashMap::with_capacity(fds) };
+        let (mut fd_file, mut file_object, mut sources) =
+            (Vec::with_capacity(fds), Vec::with_capacity(fds), Vec::with_capacity(fds));
         for f in &harvest.fds {
-            objects.entry(f.file.object.id).or_insert((&f.file.object, f.link.as_ref()));
-        }
-        let mut states: HashMap<KernelPtr, Saved> = HashMap::with_capacity(objects.len());
-        let mut by_inode = HashMap::with_capacity(objects.len());
-        let mut listeners = HashMap::new();
-        let mut bound = HashMap::new();
-        let mut ptys = HashMap::new();
-        for (id, (object, _)) in &objects {
-            let state = saved.remove(id).unwrap_or_else(|| object.live.sketch());
-            by_inode.insert((object.kind(), object.ino), *id);
-            if let Some(name) = state.listens_at() {
-                listeners.insert(name.clone(), *id);
+            let (file, new_file) = numbering.file(f.file.id);
+            fd_file.push(file);
+            if new_file {
+                let (object, new_object) = numbering.object(f.file.object.id);
+                if new_object {
+                    sources.push(Source::Fd(&f.file.object, f.link.as_ref()));
+                }
+                file_object.push(object);
             }
-            if let Some(addr) = state.bound_at() {
-                // Several sockets may share an address (SO_REUSEPORT): any one sends.
-                bound.entry(addr).or_insert(*id);
+        }
+        let fd_objects = sources.len();
+        // Carriers in address order, so that the numbering does not depend on a map's.
+        let mut carriers: Vec<(KernelPtr, Vec<Carried>)> = carried.into_iter().collect();
+        carriers.sort_by_key(|(carrier, _)| *carrier);
+        // A file carried by an object that holds no reference to it (an epoll's target)
+        // is not counted as a slot: the kernel's count of the description does not
+        // include it.
+        let held = |carrier: &KernelPtr| saved.get(carrier).is_none_or(|s| s.kind().holds_carried());
+        let mut in_flight = Vec::new();
+        let mut carried = HashMap::new();
+        let mut held_in_flight = Vec::new();
+        for (carrier, files) in carriers {
+            let start = in_flight.len();
+            let counted = held(&carrier);
+            for c in files {
+                let (file, new_file) = numbering.file(c.file.id);
+                if new_file {
+                    let (object, new_object) = numbering.object(c.file.object.id);
+                    if new_object {
+                        sources.push(Source::InFlight(in_flight.len()));
+                    }
+                    file_object.push(object);
+                }
+                held_in_flight.push(counted);
+                in_flight.push((c, file));
+            }
+            carried.insert(carrier, start..in_flight.len());
+        }
+        // Every fd slot, and every file in flight inside an object of the set (the kernel
+        // counts the message's reference too).
+        let mut slots_inside = vec![0; file_object.len()];
+        let mut use_inside = vec![InsideUse::default(); sources.len()];
+        let mut seen = vec![false; file_object.len()];
+        let files = harvest.fds.iter().zip(&fd_file).map(|(f, &file)| (&f.file, file, true));
+        let files = files
+            .chain(in_flight.iter().zip(&held_in_flight).map(|((c, file), &held)| (&c.file, *file, held)));
+        for (info, file, slot) in files {
+            if slot {
+                slots_inside[file] += 1;
+            }
+            if !std::mem::replace(&mut seen[file], true) {
+                let inside = &mut use_inside[file_object[file]];
+                inside.readers += info.access.read as u32;
+                inside.writers += info.access.write as u32;
+            }
+        }
+        let (mut listeners, mut bound, mut ptys) = (HashMap::new(), HashMap::new(), HashMap::new());
+        let mut states = Vec::with_capacity(sources.len());
+        for (object, source) in sources.iter().enumerate() {
+            let info = match *source {
+                Source::Fd(info, _) => info,
+                Source::InFlight(at) => &in_flight[at].0.file.object,
+            };
+            let state = saved.remove(&info.id).unwrap_or_else(|| info.live.sketch());
+            if object < fd_objects {
+                if let Some(name) = state.listens_at() {
+                    listeners.insert(name.clone(), object);
+                }
+                if let Some(addr) = state.bound_at() {
+                    // Several sockets may share an address (SO_REUSEPORT): any one sends.
+                    bound.entry(addr).or_insert(object);
+                }
             }
             if let Some(end) = state.pty_end() {
-                ptys.entry(end).or_insert(*id);
+                ptys.entry(end).or_insert(object);
             }
-            states.insert(*id, state);
-        }
-        for c in carried.values().flatten() {
-            let id = c.file.object.id;
-            if states.contains_key(&id) {
-                continue;
-            }
-            let state = saved.remove(&id).unwrap_or_else(|| c.file.object.live.sketch());
-            by_inode.entry((c.file.object.kind(), c.file.object.ino)).or_insert(id);
-            if let Some(end) = state.pty_end() {
-                ptys.entry(end).or_insert(id);
-            }
-            states.insert(id, state);
+            states.push(Some(state));
         }
         let tasks = harvest.tasks.iter().map(|t| t.pid).collect();
-        Walk { inside, states, objects, by_inode, listeners, bound, ptys, carried, tasks }
+        Walk {
+            fd_file,
+            file_object,
+            sources,
+            states,
+            slots_inside,
+            use_inside,
+            by_inode: None,
+            listeners,
+            bound,
+            ptys,
+            in_flight,
+            carried,
+            tasks,
+        }
     }
 
-    fn file_desc(&mut self, file: &FileInfo, objhash: &mut ObjHash) -> FileDesc {
-        let slots_inside = self.inside.slots_per_file.get(&file.id).copied().unwrap_or(0);
+    /// The object's record.
+    fn info(&self, object: usize) -> &ObjectInfo {
+        match self.sources[object] {
+            Source::Fd(info, _) => info,
+            Source::InFlight(at) => &self.in_flight[at].0.file.object,
+        }
+    }
+
+    /// What /proc/PID/fd/N linked to for the object, from an fd or a file in flight.
+    fn link(&self, object: usize) -> Option<String> {
+        match self.sources[object] {
+            Source::Fd(_, link) => link.cloned(),
+            Source::InFlight(at) => self.in_flight[at].0.link.clone(),
+        }
+    }
+
+    /// The object of `kind` with inode number `ino` (an fd's before a file in flight's).
+    fn by_inode(&mut self, kind: Kind, ino: u64) -> Option<usize> {
+        if self.by_inode.is_none() {
+            let mut by_inode = HashMap::with_capacity(self.sources.len());
+            for object in 0..self.sources.len() {
+                let info = self.info(object);
+                by_inode.entry((info.kind(), info.ino)).or_insert(object);
+            }
+            self.by_inode = Some(by_inode);
+        }
+        self.by_inode.as_ref().and_then(|by_inode| by_inode.get(&(kind, ino)).copied())
+    }
+
+    /// The description `file` (numbered `at`), on its first encounter.
+    fn file_desc(&mut self, file: &FileInfo, at: usize, objhash: &mut ObjHash) -> FileDesc {
+        let object = self.file_object[at];
         FileDesc {
             flags: file.flags,
             access: file.access,
             pos: file.pos,
-            held_outside: file.refs > slots_inside,
-            object: objhash.encounter(Class::Object, file.object.id, |objhash| {
-                // Only a kind with a path keeps its link: no copy for the others.
-                let link = file.object.kind().has_path().then(|| self.link(file.object.id)).flatten();
-                Box::new(self.object(&file.object, link, objhash))
+            held_outside: file.refs > self.slots_inside[at],
+            object: objhash.encounter(Key::Object(object), |objhash| {
+                Box::new(self.object(&file.object, object, objhash))
             }),
         }
     }
 
-    /// What /proc/PID/fd/N linked to for the object `id`, from an fd or a file in flight.
-    fn link(&self, id: KernelPtr) -> Option<String> {
-        self.objects
-            .get(&id)
-            .and_then(|(_, link)| link.cloned())
-            .or_else(|| self.carried.values().flatten().find(|c| c.file.object.id == id)?.link.clone())
-    }
-
-    /// An object's record, on its first encounter: its state, then the objects it is
-    /// tied to and the files it carries, each encountered in turn.
-    fn object(&mut self, o: &ObjectInfo, link: Option<String>, objhash: &mut ObjHash) -> Object {
+    /// An object's record (`o`, numbered `at`), on its first encounter: its state, then
+    /// the objects it is tied to and the files it carries, each encountered in turn.
+    fn object(&mut self, o: &ObjectInfo, at: usize, objhash: &mut ObjHash) -> Object {
         let kind = o.kind();
-        let state = self.states.remove(&o.id).unwrap_or_else(|| o.live.sketch());
+        let state = self.states[at].take().unwrap_or_else(|| o.live.sketch());
         let mut found = Vec::new();
         let tied = state
             .ties()
             .iter()
             .map(|tie| {
                 let target = match tie {
-                    Tie::Peer(ino) => self.by_inode.get(&(kind, *ino)).copied(),
-                    Tie::Listener(name) => self.listeners.get(name).copied().filter(|id| *id != o.id),
-                    Tie::Address(addr) => self.bound.get(addr).copied().filter(|id| *id != o.id),
-                    Tie::Pty(end) => self.ptys.get(end).copied().filter(|id| *id != o.id),
+                    Tie::Peer(ino) => self.by_inode(kind, *ino),
+                    Tie::Listener(name) => self.listeners.get(name).copied().filter(|&t| t != at),
+                    Tie::Address(addr) => self.bound.get(addr).copied().filter(|&t| t != at),
+                    Tie::Pty(end) => self.ptys.get(end).copied().filter(|&t| t != at),
                 };
                 found.push(target.is_some());
-                let id = target?;
-                Some(objhash.encounter(Class::Object, id, |objhash| {
-                    let (info, link) = match self.objects.get(&id) {
-                        Some((info, link)) => ((*info).clone(), link.cloned()),
-                        None => {
-                            let c = self.carried.values().flatten().find(|c| c.file.object.id == id);
-                            match c {
-                                Some(c) => (c.file.object.clone(), c.link.clone()),
-                                None => unreachable!("ties resolve only to harvested objects"),
-                            }
+                let target = target?;
+                Some(objhash.encounter(Key::Object(target), |objhash| {
+                    let info = match self.sources[target] {
+                        Source::Fd(info, _) => std::borrow::Cow::Borrowed(info),
+                        Source::InFlight(k) => {
+                            std::borrow::Cow::Owned(self.in_flight[k].0.file.object.clone())
                         }
                     };
-                    Box::new(self.object(&info, link, objhash))
+                    Box::new(self.object(&info, target, objhash))
                 }))
             })
             .collect();
         let carried_files = self.carried.get(&o.id).cloned().unwrap_or_default();
         let carried = carried_files
-            .iter()
-            .map(|c| objhash.encounter(Class::File, c.file.id, |objhash| self.file_desc(&c.file, objhash)))
+            .map(|k| {
+                let (c, file) = &self.in_flight[k];
+                let (c, file) = (c.file.clone(), *file);
+                objhash.encounter(Key::File(file), |objhash| self.file_desc(&c, file, objhash))
+            })
             .collect();
-        let inside = self.inside.use_per_object.get(&o.id).copied().unwrap_or_default();
+        let inside = self.use_inside[at];
         Object {
             ino: o.ino,
             mode: o.mode,
             dev: o.dev,
             rdev: o.rdev,
-            path: if kind.has_path() { link } else { None },
+            // Only a kind with a path keeps its link: no copy for the others.
+            path: if kind.has_path() { self.link(at) } else { None },
             // A pidfd to a process outside the set: the task it refers to is not
             // restored, so it cannot be made.
             held_outside: o.live.held_outside(inside)
