@@ -637,7 +637,7 @@ pub struct FdChange {
     pub pid: Tgid,
     pub fd: Fd,
     pub kind: crate::kinds::Kind,
-    pub name: String,
+    pub name: ls::Name,
 }
 
 impl Changes {

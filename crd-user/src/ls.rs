@@ -184,7 +184,7 @@ pub struct OpenFd {
     pub flags: u32,
     pub offset: i64,
     /// The path, or `pipe:[ino]`-style for objects without one.
-    pub name: String,
+    pub name: Name,
     /// What the object's kind tells beyond its name (`count=7 semaphore`,
     /// `4096 bytes seals=shrink`); pipes tell theirs in the pipe section.
     pub detail: Option<String>,
@@ -212,7 +212,7 @@ pub struct SocketPair {
 pub struct SocketEnd {
     /// Objref of the socket; None: no listed process holds it.
     pub inode: Option<ObjRef>,
-    pub name: String,
+    pub name: Name,
     pub holders: Vec<Holder>,
     /// Bytes queued for this end to read; None: unknown (a datagram socket, whose
     /// FIONREAD counts one datagram; an end not listed or not reachable).
@@ -221,6 +221,11 @@ pub struct SocketEnd {
     /// fdinfo).
     pub fds_in_flight: Option<u32>,
 }
+
+/// An object's name as `ls` shows it (a path, `pipe:[ino]`...): made once per object and
+/// shared by every fd and section that shows it (a pipe's name is shown by both its ends
+/// and the pipe section; formatting it each time was a tenth of the listing).
+pub type Name = std::sync::Arc<str>;
 
 /// One fd of one process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -247,7 +252,7 @@ pub struct SharedDescription {
     pub description: ObjRef,
     /// Objref of its inode.
     pub inode: ObjRef,
-    pub name: String,
+    pub name: Name,
     pub access: Access,
     pub holders: Vec<Holder>,
 }
@@ -255,7 +260,7 @@ pub struct SharedDescription {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PipeEnds {
     pub inode: ObjRef,
-    pub name: String,
+    pub name: Name,
     pub readers: Vec<Holder>,
     pub writers: Vec<Holder>,
     /// Some end is also open in a process not listed.
@@ -327,6 +332,7 @@ impl Listing {
         let mut pipe_holders: Vec<(ObjRef, Holder, Access)> = Vec::new();
         // Every listed fd of each object, to name a socket's other end by.
         let mut by_object = Vec::new();
+        let mut names = Names::default();
         for process in processes.values_mut() {
             by_table.entry(process.fd_table).or_default().push((process.pid, process.threads.clone()));
             let Some(table) = index.tables.get(&process.fd_table) else { continue };
@@ -346,7 +352,7 @@ impl Listing {
                     close_on_exec: slot.close_on_exec,
                     flags: file.flags & !(libc::O_ACCMODE as u32),
                     offset: file.pos,
-                    name: name(object),
+                    name: names.of(inode_ref, object),
                     detail: if object.kind().is_pipe_like() { None } else { object.state.detail() },
                     description,
                     inode: inode_ref,
@@ -381,7 +387,7 @@ impl Listing {
                 Some(SharedDescription {
                     description,
                     inode: inode_ref,
-                    name: name(object),
+                    name: names.of(inode_ref, object),
                     access: file.access,
                     holders,
                 })
@@ -400,7 +406,7 @@ impl Listing {
                 };
                 Some(PipeEnds {
                     inode: inode_ref,
-                    name: name(object),
+                    name: names.of(inode_ref, object),
                     readers: holding(true),
                     writers: holding(false),
                     held_outside: object.held_outside,
@@ -408,7 +414,7 @@ impl Listing {
                 })
             })
             .collect();
-        let socket_pairs = socket_pairs(&index, &by_object, &unix_queue);
+        let socket_pairs = socket_pairs(&index, &by_object, &unix_queue, &mut names);
         Self {
             processes: processes.into_values().collect(),
             shared_fd_tables,
@@ -573,7 +579,7 @@ fn end(end: &SocketEnd) -> String {
 fn queued_for(end: &SocketEnd) -> String {
     let who = match end.holders.first() {
         Some(holder) => holder.to_string(),
-        None => end.name.clone(),
+        None => end.name.to_string(),
     };
     let bytes = match end.queued {
         Some(1) => "1 byte".to_string(),
@@ -635,12 +641,13 @@ fn socket_pairs(
     index: &GraphIndex<'_>,
     listed: &HoldersBy,
     unix_queue: &impl Fn(&Object) -> UnixQueue,
+    names: &mut Names,
 ) -> Vec<SocketPair> {
-    let listed_end = |objref: ObjRef, object: &Object| {
+    let mut listed_end = |objref: ObjRef, object: &Object| {
         let queue = unix_queue(object);
         SocketEnd {
             inode: Some(objref),
-            name: name(object),
+            name: names.of(objref, object),
             holders: listed.get(&objref).map(<[Holder]>::to_vec).unwrap_or_default(),
             queued: queue.bytes,
             fds_in_flight: queue.fds_in_flight,
@@ -666,7 +673,7 @@ fn socket_pairs(
             Some((ino, None)) => {
                 let outside = SocketEnd {
                     inode: None,
-                    name: format!("socket:[{ino}]"),
+                    name: format!("socket:[{ino}]").into(),
                     holders: Vec::new(),
                     queued: None,
                     fds_in_flight: None,
@@ -677,6 +684,20 @@ fn socket_pairs(
         }
     }
     pairs
+}
+
+/// Each object's [`Name`] by objref, made on first use.
+#[derive(Default)]
+struct Names(Vec<Option<Name>>);
+
+impl Names {
+    fn of(&mut self, objref: ObjRef, object: &Object) -> Name {
+        let at = objref.0 as usize;
+        if at >= self.0.len() {
+            self.0.resize(at + 1, None);
+        }
+        self.0[at].get_or_insert_with(|| name(object).into()).clone()
+    }
 }
 
 fn name(object: &Object) -> String {
@@ -1041,7 +1062,7 @@ mod tests {
         assert_eq!(fd(0, 5).peer, vec![h(20, 6)]);
         assert_eq!(fd(1, 6).peer, vec![h(10, 5)]);
         assert!(fd(0, 7).peer.is_empty() && fd(0, 8).peer.is_empty(), "other ends not listed");
-        assert_eq!(fd(0, 3).name, format!("socket:[{}]", 0x701));
+        assert_eq!(&*fd(0, 3).name, format!("socket:[{}]", 0x701));
         assert_eq!(fd(0, 3).detail.as_deref(), Some("type=STREAM (CONNECTED) ->INO=1794 ->20:4"));
         assert_eq!(fd(0, 5).detail.as_deref(), Some("IPv4 ->20:6"));
 
@@ -1051,7 +1072,7 @@ mod tests {
         assert_eq!((b.queued, b.fds_in_flight), (Some(5006), Some(1)));
         assert_eq!((a.queued, a.fds_in_flight), (None, None));
         let [_, outside] = &listing.socket_pairs[1].ends;
-        assert_eq!((outside.inode, outside.name.as_str()), (None, "socket:[2457]"));
+        assert_eq!((outside.inode, &*outside.name), (None, "socket:[2457]"));
 
         let text = listing.render_text();
         for line in [
