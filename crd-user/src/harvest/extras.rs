@@ -262,9 +262,11 @@ pub fn count_queued(harvest: &mut Harvest) {
 /// reading the queue (a peek would move the target's own peek offset under it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UnixQueue {
-    /// Bytes queued, from FIONREAD on a `pidfd_getfd` copy: the kernel sums every
-    /// message of a stream or seqpacket socket but counts only the first datagram of a
-    /// datagram socket, so those (and listeners, and fds crd could not reach) say None.
+    /// Bytes queued: 0 for a stream socket one sock_diag dump of its namespace shows
+    /// empty (`UNIX_DIAG_RQLEN`), else FIONREAD on a `pidfd_getfd` copy. The kernel sums
+    /// every message of a stream or seqpacket socket but counts only the first datagram
+    /// of a datagram socket, so those (and listeners, and fds crd could not reach) say
+    /// None.
     pub bytes: Option<u64>,
     /// Files in flight in the queue, from the `scm_fds:` line of the fd's fdinfo (the
     /// kernel's own count, `unix_sock::scm_stat`; Linux 5.8+). None: no such line.
@@ -277,10 +279,21 @@ pub fn unix_queues(harvest: &Harvest) -> HashMap<(DeviceId, u64), UnixQueue> {
     use crate::kinds::socket::SockType;
     let mut pidfds: HashMap<Tgid, Option<OwnedFd>> = HashMap::new();
     let mut queues: HashMap<(DeviceId, u64), UnixQueue> = HashMap::new();
+    let mut dumped = super::sockets::UnixReceiveQueues::new();
     for f in &harvest.fds {
         let Live::Unix(facts) = &f.file.object.live else { continue };
         let key = (f.file.object.dev, f.file.object.ino);
         if queues.get(&key).is_some_and(|q| q.bytes.is_some() && q.fds_in_flight.is_some()) {
+            continue;
+        }
+        // An empty stream socket, as one sock_diag dump tells for all of them: nothing
+        // queued, and so no fd in flight (a stream socket sends fds only with bytes).
+        // Anything else is asked socket by socket.
+        if facts.sock_type == SockType::Stream
+            && !facts.is_listening()
+            && dumped.bytes(Pid(f.tgid.0), f.file.object.ino) == Some(0)
+        {
+            queues.insert(key, UnixQueue { bytes: Some(0), fds_in_flight: Some(0) });
             continue;
         }
         let fdinfo = fs::read_to_string(format!("/proc/{}/fdinfo/{}", f.tgid.0, f.fd.0)).unwrap_or_default();

@@ -76,11 +76,13 @@ pub enum SockDiagError {
     Decode { what: &'static str, reason: String },
 }
 
-/// One dump request: unix, or one inet family and protocol.
+/// One dump request: unix, or one inet family and protocol; or only the unix sockets'
+/// receive queues.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Dump {
     Unix,
     Inet { family: u8, protocol: u8 },
+    UnixQueues,
 }
 
 const DUMPS: [Dump; 5] = [
@@ -95,6 +97,7 @@ impl Dump {
     fn what(self) -> &'static str {
         match self {
             Dump::Unix => "unix",
+            Dump::UnixQueues => "unix queue",
             Dump::Inet { family, protocol } => {
                 match (i32::from(family) == libc::AF_INET6, i32::from(protocol) == libc::IPPROTO_TCP) {
                     (false, true) => "TCP/IPv4",
@@ -110,7 +113,7 @@ impl Dump {
     /// where it can run modprobe).
     fn module(self) -> &'static str {
         match self {
-            Dump::Unix => "unix_diag",
+            Dump::Unix | Dump::UnixQueues => "unix_diag",
             Dump::Inet { protocol, .. } if i32::from(protocol) == libc::IPPROTO_TCP => "tcp_diag",
             Dump::Inet { .. } => "udp_diag",
         }
@@ -124,6 +127,12 @@ impl Dump {
                 state_flags: unix::StateFlags::from_bits_retain(u32::MAX),
                 inode: 0,
                 show_flags: ShowFlags::NAME | ShowFlags::PEER | ShowFlags::RQLEN | ShowFlags::ICONS,
+                cookie: [0xff; 8],
+            }),
+            Dump::UnixQueues => SockDiagMessage::UnixRequest(UnixRequest {
+                state_flags: unix::StateFlags::from_bits_retain(u32::MAX),
+                inode: 0,
+                show_flags: ShowFlags::RQLEN,
                 cookie: [0xff; 8],
             }),
             Dump::Inet { family, protocol } => SockDiagMessage::InetRequest(InetRequest {
@@ -144,54 +153,135 @@ impl Dump {
 /// The facts of every socket sock_diag knows in one network namespace, by inode.
 pub type Table = HashMap<u64, SocketFacts>;
 
-/// Every socket of the namespaces the harvest met so far, dumped on first need.
-#[derive(Default)]
-pub struct Sockets {
+/// What one dump per network namespace says, for the namespaces met so far, each
+/// dumped on first need.
+struct PerNamespace<T> {
     /// By namespace identity (st_dev, st_ino of `/proc/TID/ns/net`).
-    namespaces: HashMap<(u64, u64), Table>,
+    namespaces: HashMap<(u64, u64), T>,
     /// crd's own namespace: no `setns` needed.
     own: Option<(u64, u64)>,
 }
 
-impl Sockets {
-    pub fn new() -> Self {
+impl<T> PerNamespace<T> {
+    fn new() -> Self {
         let own = std::fs::metadata("/proc/thread-self/ns/net").ok().map(|m| (m.dev(), m.ino()));
-        Sockets { namespaces: HashMap::new(), own }
+        PerNamespace { namespaces: HashMap::new(), own }
     }
 
-    /// What sock_diag says of socket inode `ino`, held by thread `tid`. None: sock_diag
-    /// does not know it (a family or protocol without a dump here, a diag module
-    /// missing, a namespace crd cannot enter — each said once with a warning).
-    pub fn facts(&mut self, tid: Pid, ino: u64) -> Option<&SocketFacts> {
+    /// What `dump` says of the namespace thread `tid` is in (`dump` takes the
+    /// namespace's path and whether it is crd's own), then every namespace's, in turn.
+    fn of(&mut self, tid: Pid, dump: impl FnOnce(&str, bool) -> T) -> impl Iterator<Item = &T> {
         let path = format!("/proc/{}/ns/net", tid.0);
         let netns = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
         if let Some(netns) = netns
             && !self.namespaces.contains_key(&netns)
         {
             let own = self.own == Some(netns);
-            let table = dump_namespace(&path, own).unwrap_or_else(|e| {
+            self.namespaces.insert(netns, dump(&path, own));
+        }
+        let first = netns.and_then(|n| self.namespaces.get(&n));
+        first
+            .into_iter()
+            .chain(self.namespaces.iter().filter(move |(n, _)| Some(**n) != netns).map(|(_, t)| t))
+    }
+}
+
+/// Every socket of the namespaces the harvest met so far, dumped on first need.
+pub struct Sockets(PerNamespace<Table>);
+
+impl Default for Sockets {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sockets {
+    pub fn new() -> Self {
+        Sockets(PerNamespace::new())
+    }
+
+    /// What sock_diag says of socket inode `ino`, held by thread `tid`. None: sock_diag
+    /// does not know it (a family or protocol without a dump here, a diag module
+    /// missing, a namespace crd cannot enter — each said once with a warning). A socket
+    /// made in another namespace than its holder's present one is found in any
+    /// namespace dumped so far.
+    pub fn facts(&mut self, tid: Pid, ino: u64) -> Option<&SocketFacts> {
+        let dump = |path: &str, own: bool| {
+            dump_namespace(path, own).unwrap_or_else(|e| {
                 log::warn!("{e}; sockets in that network namespace are listed by family only");
                 Table::new()
-            });
-            self.namespaces.insert(netns, table);
-        }
-        if let Some(facts) = netns.and_then(|n| self.namespaces.get(&n)).and_then(|t| t.get(&ino)) {
-            return Some(facts);
-        }
-        // A socket made in another namespace than its holder's present one.
-        self.namespaces.values().find_map(|t| t.get(&ino))
+            })
+        };
+        self.0.of(tid, dump).find_map(|t| t.get(&ino))
     }
+}
+
+/// The bytes queued for reading in each unix socket that is not listening, by inode,
+/// in the namespaces met so far (`UNIX_DIAG_RQLEN`'s first number: what FIONREAD says —
+/// every byte for stream and seqpacket sockets, the first datagram's for datagram ones).
+/// One dump tells it for every socket of a namespace; `crd ls` otherwise copies each
+/// socket into itself to ask.
+pub struct UnixReceiveQueues(PerNamespace<HashMap<u64, u32>>);
+
+impl Default for UnixReceiveQueues {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl UnixReceiveQueues {
+    pub fn new() -> Self {
+        UnixReceiveQueues(PerNamespace::new())
+    }
+
+    /// Bytes queued for socket inode `ino`, held by thread `tid`. None: not known (a
+    /// listener, a namespace crd cannot enter, no unix_diag).
+    pub fn bytes(&mut self, tid: Pid, ino: u64) -> Option<u32> {
+        let dump = |path: &str, own: bool| {
+            dump_queues(path, own).unwrap_or_else(|e| {
+                log::debug!("{e}; unix queues are asked socket by socket");
+                HashMap::new()
+            })
+        };
+        self.0.of(tid, dump).find_map(|t| t.get(&ino)).copied()
+    }
+}
+
+/// A netlink socket for sock_diag in the namespace `/proc/TID/ns/net` names (`own`:
+/// crd's own).
+fn diag_socket(path: &str, own: bool) -> Result<Socket, SockDiagError> {
+    if own {
+        Socket::new(NETLINK_SOCK_DIAG).map_err(SockDiagError::Socket)
+    } else {
+        let target =
+            File::open(path).map_err(|source| SockDiagError::Namespace { path: path.to_string(), source })?;
+        in_namespace(&target, path, || Socket::new(NETLINK_SOCK_DIAG))?.map_err(SockDiagError::Socket)
+    }
+}
+
+/// Dumps the receive queues of the unix sockets of the namespace `path` names.
+fn dump_queues(path: &str, own: bool) -> Result<HashMap<u64, u32>, SockDiagError> {
+    let socket = diag_socket(path, own)?;
+    let messages = dump_one(&socket, Dump::UnixQueues)?;
+    Ok(messages.iter().filter_map(unix_queued).collect())
+}
+
+/// A unix socket's inode and queued bytes, from its answer. None: a listener (the
+/// numbers are then its pending connections and backlog), or a socket without inode.
+fn unix_queued(message: &SockDiagMessage) -> Option<(u64, u32)> {
+    let SockDiagMessage::UnixResponse(r) = message else { return None };
+    if r.header.inode == 0 || r.header.state == state::LISTEN {
+        return None;
+    }
+    r.nlas.iter().find_map(|nla| match nla {
+        unix::nlas::Nla::ReceiveQueueLength(bytes, _) => Some((u64::from(r.header.inode), *bytes)),
+        _ => None,
+    })
 }
 
 /// Dumps every socket of the namespace `/proc/TID/ns/net` names (`own`: crd's own).
 fn dump_namespace(path: &str, own: bool) -> Result<Table, SockDiagError> {
-    let socket = if own {
-        Socket::new(NETLINK_SOCK_DIAG).map_err(SockDiagError::Socket)?
-    } else {
-        let target =
-            File::open(path).map_err(|source| SockDiagError::Namespace { path: path.to_string(), source })?;
-        in_namespace(&target, path, || Socket::new(NETLINK_SOCK_DIAG))?.map_err(SockDiagError::Socket)?
-    };
+    let socket = diag_socket(path, own)?;
     let mut table = Table::new();
     for dump in DUMPS {
         // One family failing (its diag module missing: ENOENT) leaves the others, and
@@ -625,6 +715,51 @@ mod tests {
         assert_eq!(family_of_protoname("TCPv6"), Some(libc::AF_INET6 as u16));
         assert_eq!(family_of_protoname("NETLINK"), Some(libc::AF_NETLINK as u16));
         assert_eq!(family_of_protoname("martian"), None);
+    }
+
+    #[test]
+    fn a_queue_answer_gives_a_sockets_bytes_and_none_for_a_listener() {
+        let mut buf = unix_answer(
+            libc::SOCK_STREAM as u8,
+            state::ESTABLISHED,
+            7,
+            vec![UnixNla::ReceiveQueueLength(11, 0)],
+        );
+        buf.extend(unix_answer(
+            libc::SOCK_STREAM as u8,
+            state::LISTEN,
+            8,
+            vec![UnixNla::ReceiveQueueLength(2, 128)],
+        ));
+        buf.extend(unix_answer(libc::SOCK_STREAM as u8, state::ESTABLISHED, 9, vec![]));
+        buf.extend(done());
+        let mut messages = Vec::new();
+        assert!(parse_answers(&buf, Dump::UnixQueues.what(), &mut messages).unwrap());
+        let queued: HashMap<u64, u32> = messages.iter().filter_map(unix_queued).collect();
+        assert_eq!(
+            queued,
+            HashMap::from([(7, 11)]),
+            "a listener's numbers are not bytes; no answer, no count"
+        );
+    }
+
+    #[test]
+    fn this_process_unix_queues_are_dumped_from_its_own_namespace() {
+        use std::{
+            io::Write,
+            os::{fd::AsRawFd, unix::fs::MetadataExt},
+        };
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.write_all(b"hello").unwrap();
+        let ino = |fd: i32| std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
+        let mut queues = UnixReceiveQueues::new();
+        let me = Pid(std::process::id());
+        let Some(to_b) = queues.bytes(me, ino(b.as_raw_fd())) else {
+            eprintln!("skipped: unix_diag is not available here");
+            return;
+        };
+        assert_eq!(to_b, 5);
+        assert_eq!(queues.bytes(me, ino(a.as_raw_fd())), Some(0));
     }
 
     #[test]
