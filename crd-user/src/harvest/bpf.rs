@@ -585,10 +585,15 @@ pub fn decode(bytes: &[u8], file_ref_bias: i64, harvest: &mut Harvest) -> Result
 /// unix sockets' peers as the BPF records name them, by the peer's `struct sock`
 /// ([`SocketTail::peer`]), until the whole harvest is in and each can be mapped to the
 /// peer's inode.
+///
+/// The sockets are only listed while records arrive: the map from `struct sock` to inode
+/// is built once, in [`resolve`](Self::resolve), at the size the list says. Built as the
+/// records came, it was rehashed at every doubling (the harvest's size is not known
+/// before its last record), a sixth of a unix socket's decoding.
 #[derive(Debug, Default)]
 pub struct UnixPeers {
-    /// Every harvested socket's inode number, by its `struct sock`.
-    inode_of: foldhash::HashMap<u64, u64>,
+    /// Every harvested unix socket: (its `struct sock`, its inode number).
+    sockets: Vec<(u64, u64)>,
     /// (index in `Harvest::fds`, the peer's `struct sock`) of each unix socket with one.
     wanted: Vec<(usize, u64)>,
 }
@@ -600,7 +605,7 @@ impl UnixPeers {
             return;
         }
         if tail.sock != 0 {
-            self.inode_of.insert(tail.sock, record.ino);
+            self.sockets.push((tail.sock, record.ino));
         }
         if tail.peer != 0 {
             self.wanted.push((index, tail.peer));
@@ -612,10 +617,16 @@ impl UnixPeers {
     /// the /proc harvester finds every peer). A peer neither knows (a connection not
     /// yet accepted has no inode) stays unknown.
     pub fn resolve(&self, harvest: &mut Harvest) {
+        if self.wanted.is_empty() {
+            return;
+        }
+        let mut inode_of: foldhash::HashMap<u64, u64> =
+            foldhash::HashMap::with_capacity_and_hasher(self.sockets.len(), Default::default());
+        inode_of.extend(self.sockets.iter().copied());
         let mut diag: Option<super::sockets::Sockets> = None;
         for &(index, peer) in &self.wanted {
             let Some(fd) = harvest.fds.get_mut(index) else { continue };
-            let ino = match self.inode_of.get(&peer) {
+            let ino = match inode_of.get(&peer) {
                 Some(&ino) => Some(ino),
                 None => diag
                     .get_or_insert_with(super::sockets::Sockets::new)
@@ -635,7 +646,7 @@ pub struct Decoder {
     file_ref_bias: i64,
     /// Item records by epoll (`struct eventpoll *`), by index; a walk restarted after a
     /// full ring overwrites its first attempt's.
-    epoll_items: std::collections::HashMap<u64, Vec<Option<EpollItemRecord>>>,
+    epoll_items: foldhash::HashMap<u64, Vec<Option<EpollItemRecord>>>,
     /// Epolls whose interest list came from BPF's walk.
     pub epoll_walks: u64,
     /// Epolls whose walk fell back to fdinfo.
