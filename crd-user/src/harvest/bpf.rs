@@ -590,26 +590,67 @@ pub fn decode(bytes: &[u8], file_ref_bias: i64, harvest: &mut Harvest) -> Result
 /// is built once, in [`resolve`](Self::resolve), at the size the list says. Built as the
 /// records came, it was rehashed at every doubling (the harvest's size is not known
 /// before its last record), a sixth of a unix socket's decoding.
+///
+/// Two sockets that name each other in consecutive unix records (the two ends of a
+/// `socketpair()`, whose fds are adjacent, held by one process) are paired as the
+/// second arrives, while the first's facts are still in the cache: they never enter
+/// [`wanted`](Self::wanted), and a harvest whose peers all came so builds no map.
 #[derive(Debug, Default)]
 pub struct UnixPeers {
     /// Every harvested unix socket: (its `struct sock`, its inode number).
     sockets: Vec<(u64, u64)>,
-    /// (index in `Harvest::fds`, the peer's `struct sock`) of each unix socket with one.
+    /// (index in `Harvest::fds`, the peer's `struct sock`) of each unix socket with a
+    /// peer not yet found.
     wanted: Vec<(usize, u64)>,
+    /// The unix socket noted last.
+    previous: Option<Noted>,
+}
+
+/// A unix socket as [`UnixPeers::note`] saw it.
+#[derive(Clone, Copy, Debug)]
+struct Noted {
+    /// Its index in `Harvest::fds`.
+    index: usize,
+    /// Its `struct sock` and its peer's (0: none).
+    sock: u64,
+    peer: u64,
+    ino: u64,
+    /// Its peer is still wanted: its entry is the last of [`UnixPeers::wanted`].
+    wanted: bool,
 }
 
 impl UnixPeers {
-    /// Only unix sockets: a unix socket's peer is always another.
-    fn note(&mut self, index: usize, record: &FdRecord, tail: &SocketTail) {
+    /// Notes the unix socket `fds[index]`, as its record says; pairs it with the unix
+    /// socket noted before it if they name each other. Only unix sockets: a unix socket's
+    /// peer is always another.
+    fn note(&mut self, fds: &mut [FdInfo], index: usize, record: &FdRecord, tail: &SocketTail) {
         if tail.family != crd_common::AF_UNIX {
             return;
+        }
+        let previous = self.previous.take();
+        if let Some(p) = previous
+            && p.wanted
+            && tail.sock != 0
+            && p.peer == tail.sock
+        {
+            // The previous socket's entry is the last (only this function pushes).
+            self.wanted.pop();
+            set_peer(fds, p.index, Some(record.ino));
         }
         if tail.sock != 0 {
             self.sockets.push((tail.sock, record.ino));
         }
+        let mut wanted = false;
         if tail.peer != 0 {
-            self.wanted.push((index, tail.peer));
+            match previous {
+                Some(p) if p.sock != 0 && p.sock == tail.peer => set_peer(fds, index, Some(p.ino)),
+                _ => {
+                    self.wanted.push((index, tail.peer));
+                    wanted = true;
+                }
+            }
         }
+        self.previous = Some(Noted { index, sock: tail.sock, peer: tail.peer, ino: record.ino, wanted });
     }
 
     /// Gives each unix socket its peer's inode: from the harvest when the peer is one of
@@ -637,6 +678,16 @@ impl UnixPeers {
                 facts.peer = ino;
             }
         }
+    }
+}
+
+/// Gives the unix socket `fds[index]` its peer's inode.
+fn set_peer(fds: &mut [FdInfo], index: usize, ino: Option<u64>) {
+    if let Some(FdInfo {
+        file: FileInfo { object: ObjectInfo { live: Live::Unix(facts), .. }, .. }, ..
+    }) = fds.get_mut(index)
+    {
+        facts.peer = ino;
     }
 }
 
@@ -688,7 +739,8 @@ impl Decoder {
                 if r.tail == TAIL_SOCKET
                     && let Some(socket) = kinds::tail::<SocketTail>(tail)
                 {
-                    self.peers.note(harvest.fds.len() - 1, &r, &socket);
+                    let index = harvest.fds.len() - 1;
+                    self.peers.note(&mut harvest.fds, index, &r, &socket);
                 }
             }
             RECORD_EPOLL_ITEM => {
@@ -1125,14 +1177,10 @@ mod tests {
         let peer_record = FdRecord { fd: 5, ino: 4243, inode: 0x60c, ..socket_record(TAIL_SOCKET) };
         let mut harvest = Harvest::default();
         let mut decoder = Decoder::new(1);
-        for record in [
-            bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail }),
-            bytes(&FdWith { common: peer_record, tail: peer_tail }),
-        ] {
-            decoder.decode(&record, &mut harvest).unwrap();
-        }
+        decoder.decode(&bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail }), &mut harvest).unwrap();
         let Live::Unix(before) = &harvest.fds[0].file.object.live else { panic!() };
         assert_eq!(before.peer, None, "a record alone does not know its peer's inode");
+        decoder.decode(&bytes(&FdWith { common: peer_record, tail: peer_tail }), &mut harvest).unwrap();
         decoder.peers.resolve(&mut harvest);
         let Live::Unix(other) = &harvest.fds[1].file.object.live else { panic!() };
         assert_eq!(other.peer, Some(4242));
@@ -1154,6 +1202,79 @@ mod tests {
         tail.backlog = 16;
         let f = decoded(&bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail })).unwrap();
         assert_eq!(shown(&f), (Some("@ab@c".into()), Some("type=SEQPACKET (LISTEN) backlog 16".into())));
+    }
+
+    /// A unix socket record: fd, inode number, its `struct sock` and its peer's.
+    fn unix_socket(fd: u32, ino: u64, sock: u64, peer: u64) -> Vec<u8> {
+        let common = FdRecord { fd, ino, inode: 0x1000 + ino, ..socket_record(TAIL_SOCKET) };
+        let tail = SocketTail { sock, peer, ..socket_tail(libc::AF_UNIX, libc::SOCK_STREAM, 0, 1) };
+        bytes(&FdWith { common, tail })
+    }
+
+    fn peers_of(harvest: &Harvest) -> Vec<(u32, Option<u64>)> {
+        harvest
+            .fds
+            .iter()
+            .map(|f| match &f.file.object.live {
+                Live::Unix(facts) => (f.fd.0, facts.peer),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unix_peers_in_consecutive_records_pair_at_once_and_the_others_when_the_harvest_is_in() {
+        let mut harvest = Harvest::default();
+        let mut decoder = Decoder::new(1);
+        for record in [
+            // A socketpair's ends, one after the other: paired as the second arrives.
+            unix_socket(3, 103, 0xa3, 0xa4),
+            unix_socket(4, 104, 0xa4, 0xa3),
+            // A pair with an unconnected socket between its ends.
+            unix_socket(5, 105, 0xa5, 0xa7),
+            unix_socket(6, 106, 0xa6, 0),
+            unix_socket(7, 107, 0xa7, 0xa5),
+            // Consecutive, but only the first names the second: a datagram socket
+            // connected to one that names another (fd 3, paired above).
+            unix_socket(8, 108, 0xa8, 0xa9),
+            unix_socket(9, 109, 0xa9, 0xa3),
+            // A peer that is no harvested socket (nor, here, any sock_diag knows).
+            unix_socket(10, 110, 0xaa, 0xdead),
+        ] {
+            decoder.decode(&record, &mut harvest).unwrap();
+        }
+        assert_eq!(
+            peers_of(&harvest),
+            vec![
+                (3, Some(104)),
+                (4, Some(103)),
+                (5, None),
+                (6, None),
+                (7, None),
+                (8, Some(109)),
+                (9, None),
+                (10, None)
+            ],
+            "only consecutive records are paired as they come"
+        );
+        assert_eq!(
+            decoder.peers.wanted.iter().map(|&(i, _)| harvest.fds[i].fd.0).collect::<Vec<_>>(),
+            [5, 7, 9, 10]
+        );
+        decoder.peers.resolve(&mut harvest);
+        assert_eq!(
+            peers_of(&harvest),
+            vec![
+                (3, Some(104)),
+                (4, Some(103)),
+                (5, Some(107)),
+                (6, None),
+                (7, Some(105)),
+                (8, Some(109)),
+                (9, Some(103)),
+                (10, None)
+            ]
+        );
     }
 
     #[test]
