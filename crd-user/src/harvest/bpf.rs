@@ -296,6 +296,10 @@ impl BpfHarvester {
         }
         let mut stats = HarvestStats::default();
         let mut harvest = Harvest::default();
+        if let Scope::Processes(tgids) = scope {
+            // Best effort: without the room, the records make their own.
+            let _ = harvest.fds.try_reserve(open_fds(tgids));
+        }
         let before = self.counters()?;
         let mut decoder = Decoder::new(self.file_ref_bias);
         self.clear_walk_resume()?;
@@ -543,6 +547,20 @@ impl BpfHarvester {
             log::debug!("{name}: ring buffer full after {} records; drained, resuming", stats.records);
         }
     }
+}
+
+/// How many fds the processes `tgids` hold, as `stat(2)` of `/proc/PID/fd` counts them
+/// (its size, since Linux 6.2; 0 before, and for a process gone), so that a harvest
+/// makes room for its records once, before they come: growing by doubling copied all of
+/// a large harvest's records at each step (in a process holding 18,000 unix sockets, a
+/// sixth of their decoding). One `stat` per process; the kernel counts the bits of the
+/// fd table's open bitmap.
+fn open_fds(tgids: &[Tgid]) -> usize {
+    tgids
+        .iter()
+        .filter_map(|tgid| std::fs::metadata(format!("/proc/{}/fd", tgid.0)).ok())
+        .map(|fds| usize::try_from(fds.len()).unwrap_or(0))
+        .fold(0, usize::saturating_add)
 }
 
 /// At most this many processes are harvested one iterator run each; more are harvested
