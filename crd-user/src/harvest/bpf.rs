@@ -296,6 +296,10 @@ impl BpfHarvester {
         }
         let mut stats = HarvestStats::default();
         let mut harvest = Harvest::default();
+        if let Scope::Processes(tgids) = scope {
+            // Best effort: without the room, the records make their own.
+            let _ = harvest.fds.try_reserve(open_fds(tgids));
+        }
         let before = self.counters()?;
         let mut decoder = Decoder::new(self.file_ref_bias);
         self.clear_walk_resume()?;
@@ -545,6 +549,20 @@ impl BpfHarvester {
     }
 }
 
+/// How many fds the processes `tgids` hold, as `stat(2)` of `/proc/PID/fd` counts them
+/// (its size, since Linux 6.2; 0 before, and for a process gone), so that a harvest
+/// makes room for its records once, before they come: growing by doubling copied all of
+/// a large harvest's records at each step (in a process holding 18,000 unix sockets, a
+/// sixth of their decoding). One `stat` per process; the kernel counts the bits of the
+/// fd table's open bitmap.
+fn open_fds(tgids: &[Tgid]) -> usize {
+    tgids
+        .iter()
+        .filter_map(|tgid| std::fs::metadata(format!("/proc/{}/fd", tgid.0)).ok())
+        .map(|fds| usize::try_from(fds.len()).unwrap_or(0))
+        .fold(0, usize::saturating_add)
+}
+
 /// At most this many processes are harvested one iterator run each; more are harvested
 /// in one run over every task. A run costs two syscalls and a link (tens of
 /// microseconds); an unfiltered run costs a visit to each fd on the machine (~100 ns
@@ -585,26 +603,72 @@ pub fn decode(bytes: &[u8], file_ref_bias: i64, harvest: &mut Harvest) -> Result
 /// unix sockets' peers as the BPF records name them, by the peer's `struct sock`
 /// ([`SocketTail::peer`]), until the whole harvest is in and each can be mapped to the
 /// peer's inode.
+///
+/// The sockets are only listed while records arrive: the map from `struct sock` to inode
+/// is built once, in [`resolve`](Self::resolve), at the size the list says. Built as the
+/// records came, it was rehashed at every doubling (the harvest's size is not known
+/// before its last record), a sixth of a unix socket's decoding.
+///
+/// Two sockets that name each other in consecutive unix records (the two ends of a
+/// `socketpair()`, whose fds are adjacent, held by one process) are paired as the
+/// second arrives, while the first's facts are still in the cache: they never enter
+/// [`wanted`](Self::wanted), and a harvest whose peers all came so builds no map.
 #[derive(Debug, Default)]
 pub struct UnixPeers {
-    /// Every harvested socket's inode number, by its `struct sock`.
-    inode_of: foldhash::HashMap<u64, u64>,
-    /// (index in `Harvest::fds`, the peer's `struct sock`) of each unix socket with one.
+    /// Every harvested unix socket: (its `struct sock`, its inode number).
+    sockets: Vec<(u64, u64)>,
+    /// (index in `Harvest::fds`, the peer's `struct sock`) of each unix socket with a
+    /// peer not yet found.
     wanted: Vec<(usize, u64)>,
+    /// The unix socket noted last.
+    previous: Option<Noted>,
+}
+
+/// A unix socket as [`UnixPeers::note`] saw it.
+#[derive(Clone, Copy, Debug)]
+struct Noted {
+    /// Its index in `Harvest::fds`.
+    index: usize,
+    /// Its `struct sock` and its peer's (0: none).
+    sock: u64,
+    peer: u64,
+    ino: u64,
+    /// Its peer is still wanted: its entry is the last of [`UnixPeers::wanted`].
+    wanted: bool,
 }
 
 impl UnixPeers {
-    /// Only unix sockets: a unix socket's peer is always another.
-    fn note(&mut self, index: usize, record: &FdRecord, tail: &SocketTail) {
+    /// Notes the unix socket `fds[index]`, as its record says; pairs it with the unix
+    /// socket noted before it if they name each other. Only unix sockets: a unix socket's
+    /// peer is always another.
+    fn note(&mut self, fds: &mut [FdInfo], index: usize, record: &FdRecord, tail: &SocketTail) {
         if tail.family != crd_common::AF_UNIX {
             return;
         }
+        let previous = self.previous.take();
+        if let Some(p) = previous
+            && p.wanted
+            && tail.sock != 0
+            && p.peer == tail.sock
+        {
+            // The previous socket's entry is the last (only this function pushes).
+            self.wanted.pop();
+            set_peer(fds, p.index, Some(record.ino));
+        }
         if tail.sock != 0 {
-            self.inode_of.insert(tail.sock, record.ino);
+            self.sockets.push((tail.sock, record.ino));
         }
+        let mut wanted = false;
         if tail.peer != 0 {
-            self.wanted.push((index, tail.peer));
+            match previous {
+                Some(p) if p.sock != 0 && p.sock == tail.peer => set_peer(fds, index, Some(p.ino)),
+                _ => {
+                    self.wanted.push((index, tail.peer));
+                    wanted = true;
+                }
+            }
         }
+        self.previous = Some(Noted { index, sock: tail.sock, peer: tail.peer, ino: record.ino, wanted });
     }
 
     /// Gives each unix socket its peer's inode: from the harvest when the peer is one of
@@ -612,10 +676,16 @@ impl UnixPeers {
     /// the /proc harvester finds every peer). A peer neither knows (a connection not
     /// yet accepted has no inode) stays unknown.
     pub fn resolve(&self, harvest: &mut Harvest) {
+        if self.wanted.is_empty() {
+            return;
+        }
+        let mut inode_of: foldhash::HashMap<u64, u64> =
+            foldhash::HashMap::with_capacity_and_hasher(self.sockets.len(), Default::default());
+        inode_of.extend(self.sockets.iter().copied());
         let mut diag: Option<super::sockets::Sockets> = None;
         for &(index, peer) in &self.wanted {
             let Some(fd) = harvest.fds.get_mut(index) else { continue };
-            let ino = match self.inode_of.get(&peer) {
+            let ino = match inode_of.get(&peer) {
                 Some(&ino) => Some(ino),
                 None => diag
                     .get_or_insert_with(super::sockets::Sockets::new)
@@ -629,13 +699,23 @@ impl UnixPeers {
     }
 }
 
+/// Gives the unix socket `fds[index]` its peer's inode.
+fn set_peer(fds: &mut [FdInfo], index: usize, ino: Option<u64>) {
+    if let Some(FdInfo {
+        file: FileInfo { object: ObjectInfo { live: Live::Unix(facts), .. }, .. }, ..
+    }) = fds.get_mut(index)
+    {
+        facts.peer = ino;
+    }
+}
+
 /// Decodes the records of one harvest, in order: an epoll's items come as records of
 /// their own before the epoll's fd record, which says how many belong to it.
 pub struct Decoder {
     file_ref_bias: i64,
     /// Item records by epoll (`struct eventpoll *`), by index; a walk restarted after a
     /// full ring overwrites its first attempt's.
-    epoll_items: std::collections::HashMap<u64, Vec<Option<EpollItemRecord>>>,
+    epoll_items: foldhash::HashMap<u64, Vec<Option<EpollItemRecord>>>,
     /// Epolls whose interest list came from BPF's walk.
     pub epoll_walks: u64,
     /// Epolls whose walk fell back to fdinfo.
@@ -677,7 +757,8 @@ impl Decoder {
                 if r.tail == TAIL_SOCKET
                     && let Some(socket) = kinds::tail::<SocketTail>(tail)
                 {
-                    self.peers.note(harvest.fds.len() - 1, &r, &socket);
+                    let index = harvest.fds.len() - 1;
+                    self.peers.note(&mut harvest.fds, index, &r, &socket);
                 }
             }
             RECORD_EPOLL_ITEM => {
@@ -1114,14 +1195,10 @@ mod tests {
         let peer_record = FdRecord { fd: 5, ino: 4243, inode: 0x60c, ..socket_record(TAIL_SOCKET) };
         let mut harvest = Harvest::default();
         let mut decoder = Decoder::new(1);
-        for record in [
-            bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail }),
-            bytes(&FdWith { common: peer_record, tail: peer_tail }),
-        ] {
-            decoder.decode(&record, &mut harvest).unwrap();
-        }
+        decoder.decode(&bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail }), &mut harvest).unwrap();
         let Live::Unix(before) = &harvest.fds[0].file.object.live else { panic!() };
         assert_eq!(before.peer, None, "a record alone does not know its peer's inode");
+        decoder.decode(&bytes(&FdWith { common: peer_record, tail: peer_tail }), &mut harvest).unwrap();
         decoder.peers.resolve(&mut harvest);
         let Live::Unix(other) = &harvest.fds[1].file.object.live else { panic!() };
         assert_eq!(other.peer, Some(4242));
@@ -1143,6 +1220,79 @@ mod tests {
         tail.backlog = 16;
         let f = decoded(&bytes(&FdWith { common: socket_record(TAIL_SOCKET), tail })).unwrap();
         assert_eq!(shown(&f), (Some("@ab@c".into()), Some("type=SEQPACKET (LISTEN) backlog 16".into())));
+    }
+
+    /// A unix socket record: fd, inode number, its `struct sock` and its peer's.
+    fn unix_socket(fd: u32, ino: u64, sock: u64, peer: u64) -> Vec<u8> {
+        let common = FdRecord { fd, ino, inode: 0x1000 + ino, ..socket_record(TAIL_SOCKET) };
+        let tail = SocketTail { sock, peer, ..socket_tail(libc::AF_UNIX, libc::SOCK_STREAM, 0, 1) };
+        bytes(&FdWith { common, tail })
+    }
+
+    fn peers_of(harvest: &Harvest) -> Vec<(u32, Option<u64>)> {
+        harvest
+            .fds
+            .iter()
+            .map(|f| match &f.file.object.live {
+                Live::Unix(facts) => (f.fd.0, facts.peer),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unix_peers_in_consecutive_records_pair_at_once_and_the_others_when_the_harvest_is_in() {
+        let mut harvest = Harvest::default();
+        let mut decoder = Decoder::new(1);
+        for record in [
+            // A socketpair's ends, one after the other: paired as the second arrives.
+            unix_socket(3, 103, 0xa3, 0xa4),
+            unix_socket(4, 104, 0xa4, 0xa3),
+            // A pair with an unconnected socket between its ends.
+            unix_socket(5, 105, 0xa5, 0xa7),
+            unix_socket(6, 106, 0xa6, 0),
+            unix_socket(7, 107, 0xa7, 0xa5),
+            // Consecutive, but only the first names the second: a datagram socket
+            // connected to one that names another (fd 3, paired above).
+            unix_socket(8, 108, 0xa8, 0xa9),
+            unix_socket(9, 109, 0xa9, 0xa3),
+            // A peer that is no harvested socket (nor, here, any sock_diag knows).
+            unix_socket(10, 110, 0xaa, 0xdead),
+        ] {
+            decoder.decode(&record, &mut harvest).unwrap();
+        }
+        assert_eq!(
+            peers_of(&harvest),
+            vec![
+                (3, Some(104)),
+                (4, Some(103)),
+                (5, None),
+                (6, None),
+                (7, None),
+                (8, Some(109)),
+                (9, None),
+                (10, None)
+            ],
+            "only consecutive records are paired as they come"
+        );
+        assert_eq!(
+            decoder.peers.wanted.iter().map(|&(i, _)| harvest.fds[i].fd.0).collect::<Vec<_>>(),
+            [5, 7, 9, 10]
+        );
+        decoder.peers.resolve(&mut harvest);
+        assert_eq!(
+            peers_of(&harvest),
+            vec![
+                (3, Some(104)),
+                (4, Some(103)),
+                (5, Some(107)),
+                (6, None),
+                (7, Some(105)),
+                (8, Some(109)),
+                (9, Some(103)),
+                (10, None)
+            ]
+        );
     }
 
     #[test]
