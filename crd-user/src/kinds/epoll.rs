@@ -275,7 +275,9 @@ impl FileKind for Epoll {
         let items = live.items.as_ref().ok_or_else(|| {
             KindError::Other("its interest list (fdinfo tfd: lines) could not be read".into())
         })?;
-        let mut found: Vec<(Watch, OwnedFd)> = Vec::with_capacity(items.len());
+        // Each watch, with the lowest fd of the epoll's own process holding the file it
+        // watches (None: none does), and a copy of that file.
+        let mut found: Vec<(Watch, Option<Fd>, OwnedFd)> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             // Which of the items registered under this number it is (kcmp counts them
             // in the kernel's order, which fdinfo shows).
@@ -284,7 +286,7 @@ impl FileKind for Epoll {
                 Some(watched) => held(reach, item.watch.tfd, watched.id)?,
                 None => target(reach, item, toff)?,
             };
-            let file = reached.ok_or_else(|| {
+            let (file, own) = reached.ok_or_else(|| {
                 let elsewhere = match item.file {
                     Some(watched) => format!(
                         "BPF found it registered, kept open by {} reference(s) outside them: a process not checkpointed, or a message in flight",
@@ -297,12 +299,16 @@ impl FileKind for Epoll {
                     item.watch.tfd, item.ino
                 ))
             })?;
-            found.push((item.watch, file));
+            found.push((item.watch, own, file));
         }
-        found.sort_by_key(|(w, _)| *w);
+        // Two items can share a watch (one fd number, registered for two files in turn),
+        // and the kernel orders those by file address, which a restore does not keep:
+        // they go by the fd that holds each file in the epoll's own process, which it
+        // does (an item's file held by no fd of its own process last).
+        found.sort_by_key(|(w, own, _)| (*w, own.map_or(u32::MAX, |fd| fd.0)));
         let mut carried = reach.carried.borrow_mut();
         let mut targets = Vec::with_capacity(found.len());
-        for (watch, file) in found {
+        for (watch, _, file) in found {
             targets.push(watch);
             carried.push(file);
         }
@@ -365,36 +371,43 @@ impl FileKind for Epoll {
 }
 
 /// A copy of the description at `file` (as a BPF walk named it) from a checkpointed fd
-/// holding it, preferring the registered number `tfd` in the epoll's own process; None
-/// if no checkpointed fd holds it.
-fn held(reach: &Reach<'_>, tfd: u32, file: KernelPtr) -> Result<Option<OwnedFd>, KindError> {
+/// holding it, preferring the registered number `tfd` in the epoll's own process, with
+/// the lowest fd of that process holding it; None if no checkpointed fd holds it.
+fn held(reach: &Reach<'_>, tfd: u32, file: KernelPtr) -> Result<Option<(OwnedFd, Option<Fd>)>, KindError> {
     let holders = reach.holders.get().by_file.get(&file).map(Vec::as_slice).unwrap_or_default();
     let own = (reach.tgid, Fd(tfd));
     let Some(&(tgid, fd)) = holders.iter().find(|&&h| h == own).or_else(|| holders.first()) else {
         return Ok(None);
     };
+    let lowest_own = holders.iter().filter(|(t, _)| *t == reach.tgid).map(|(_, fd)| *fd).min();
     let pidfd =
         if tgid == reach.tgid { Some(reach.pidfd) } else { reach.holders.get().pidfds.get(&tgid).copied() };
     match pidfd {
-        Some(pidfd) => Ok(Some(sys::pidfd_getfd(pidfd, fd)?)),
+        Some(pidfd) => Ok(Some((sys::pidfd_getfd(pidfd, fd)?, lowest_own))),
         None => Ok(None),
     }
 }
 
-/// The very description `item` (from fdinfo) watches, or None if no checkpointed fd
-/// holds it.
-fn target(reach: &Reach<'_>, item: &Item, toff: u32) -> Result<Option<OwnedFd>, KindError> {
+/// The very description `item` (from fdinfo) watches, with the lowest fd of the epoll's
+/// own process holding it, or None if no checkpointed fd holds it.
+fn target(reach: &Reach<'_>, item: &Item, toff: u32) -> Result<Option<(OwnedFd, Option<Fd>)>, KindError> {
     let tfd = item.watch.tfd;
     let me = Pid(reach.tgid.0);
     let watched = |tgid: Tgid, fd: Fd| sys::kcmp_epoll_tfd(Pid(tgid.0), fd, me, reach.fd, tfd, toff);
-    // Most often the registered number still holds the file, in the epoll's process.
-    if watched(reach.tgid, Fd(tfd))? {
-        return Ok(Some(sys::pidfd_getfd(reach.pidfd, Fd(tfd))?));
+    let holders =
+        reach.holders.get().by_inode.get(&(item.dev, item.ino)).map(Vec::as_slice).unwrap_or_default();
+    // The epoll's own process first, by fd number, then the others.
+    let mut own: Vec<Fd> = holders.iter().filter(|(t, _)| *t == reach.tgid).map(|(_, fd)| *fd).collect();
+    own.sort_unstable();
+    for &fd in &own {
+        if watched(reach.tgid, fd)? {
+            return Ok(Some((sys::pidfd_getfd(reach.pidfd, fd)?, Some(fd))));
+        }
     }
-    for &(tgid, fd) in reach.holders.get().by_inode.get(&(item.dev, item.ino)).into_iter().flatten() {
+    for &(tgid, fd) in holders.iter().filter(|(t, _)| *t != reach.tgid) {
         let Some(pidfd) = reach.holders.get().pidfds.get(&tgid) else { continue };
         if watched(tgid, fd)? {
-            return Ok(Some(sys::pidfd_getfd(pidfd.as_fd(), fd)?));
+            return Ok(Some((sys::pidfd_getfd(pidfd.as_fd(), fd)?, None)));
         }
     }
     Ok(None)
