@@ -33,6 +33,7 @@ pub mod interrupt;
 pub mod kinds;
 pub mod ls;
 pub mod model;
+pub mod pretty_json;
 pub mod privilege;
 pub mod restore;
 pub mod serve;

@@ -442,7 +442,7 @@ impl Listing {
         use std::io::Write as _;
         let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
         if json {
-            serde_json::to_writer_pretty(&mut out, self)?;
+            crate::pretty_json::to_writer(&mut out, self)?;
             writeln!(out)?;
         } else {
             let mut text = IoText { out: &mut out, error: None };
