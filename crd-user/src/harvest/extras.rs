@@ -279,7 +279,7 @@ pub fn unix_queues(harvest: &Harvest) -> HashMap<(DeviceId, u64), UnixQueue> {
     use crate::kinds::socket::SockType;
     let mut pidfds: HashMap<Tgid, Option<OwnedFd>> = HashMap::new();
     let mut queues: HashMap<(DeviceId, u64), UnixQueue> = HashMap::new();
-    let mut dumped = super::sockets::UnixReceiveQueues::new();
+    let mut dumped = super::sockets::UnixReceiveQueues::default();
     for f in &harvest.fds {
         let Live::Unix(facts) = &f.file.object.live else { continue };
         let key = (f.file.object.dev, f.file.object.ino);

@@ -162,12 +162,14 @@ struct PerNamespace<T> {
     own: Option<(u64, u64)>,
 }
 
-impl<T> PerNamespace<T> {
-    fn new() -> Self {
+impl<T> Default for PerNamespace<T> {
+    fn default() -> Self {
         let own = std::fs::metadata("/proc/thread-self/ns/net").ok().map(|m| (m.dev(), m.ino()));
         PerNamespace { namespaces: HashMap::new(), own }
     }
+}
 
+impl<T> PerNamespace<T> {
     /// What `dump` says of the namespace thread `tid` is in (`dump` takes the
     /// namespace's path and whether it is crd's own), then every namespace's, in turn.
     fn of(&mut self, tid: Pid, dump: impl FnOnce(&str, bool) -> T) -> impl Iterator<Item = &T> {
@@ -187,17 +189,12 @@ impl<T> PerNamespace<T> {
 }
 
 /// Every socket of the namespaces the harvest met so far, dumped on first need.
+#[derive(Default)]
 pub struct Sockets(PerNamespace<Table>);
-
-impl Default for Sockets {
-    fn default() -> Self {
-        Self::new()
-    }
-}
 
 impl Sockets {
     pub fn new() -> Self {
-        Sockets(PerNamespace::new())
+        Self::default()
     }
 
     /// What sock_diag says of socket inode `ino`, held by thread `tid`. None: sock_diag
@@ -221,19 +218,10 @@ impl Sockets {
 /// every byte for stream and seqpacket sockets, the first datagram's for datagram ones).
 /// One dump tells it for every socket of a namespace; `crd ls` otherwise copies each
 /// socket into itself to ask.
+#[derive(Default)]
 pub struct UnixReceiveQueues(PerNamespace<HashMap<u64, u32>>);
 
-impl Default for UnixReceiveQueues {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl UnixReceiveQueues {
-    pub fn new() -> Self {
-        UnixReceiveQueues(PerNamespace::new())
-    }
-
     /// Bytes queued for socket inode `ino`, held by thread `tid`. None: not known (a
     /// listener, a namespace crd cannot enter, no unix_diag).
     pub fn bytes(&mut self, tid: Pid, ino: u64) -> Option<u32> {
@@ -752,7 +740,7 @@ mod tests {
         let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         a.write_all(b"hello").unwrap();
         let ino = |fd: i32| std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
-        let mut queues = UnixReceiveQueues::new();
+        let mut queues = UnixReceiveQueues::default();
         let me = Pid(std::process::id());
         let Some(to_b) = queues.bytes(me, ino(b.as_raw_fd())) else {
             eprintln!("skipped: unix_diag is not available here");
