@@ -135,7 +135,8 @@ pub struct Carried {
 /// the harvest's object identity. Objects without a state are sketched from the harvest.
 #[derive(Clone, Debug, Default)]
 pub struct Saves {
-    pub states: std::collections::HashMap<KernelPtr, crate::kinds::Saved>,
+    /// Keyed by kernel address: foldhash (see graph.rs), not SipHash.
+    pub states: foldhash::HashMap<KernelPtr, crate::kinds::Saved>,
     /// In the order the object's state names them.
     pub carried: std::collections::HashMap<KernelPtr, Vec<Carried>>,
 }

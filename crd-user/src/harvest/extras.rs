@@ -46,7 +46,8 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen, options: SaveOptions) -> 
     fill_links(harvest);
     // One fd per object to read it through: a readable one if the set has one (a pipe's
     // queue can only be copied from a read end).
-    let mut sources: foldhash::HashMap<KernelPtr, &FdInfo> = foldhash::HashMap::default();
+    let mut sources: foldhash::HashMap<KernelPtr, &FdInfo> =
+        foldhash::HashMap::with_capacity_and_hasher(harvest.fds.len(), Default::default());
     for f in &harvest.fds {
         match sources.get(&f.file.object.id) {
             Some(old) if old.file.access.read || !f.file.access.read => {}
@@ -57,6 +58,7 @@ pub fn collect(harvest: &mut Harvest, frozen: &Frozen, options: SaveOptions) -> 
     }
     let holders = Holders::new(|| holders(harvest, frozen));
     let mut extras = Extras::default();
+    extras.saved.states.reserve(sources.len());
     // Files found in flight, to identify once every object is saved: (the object
     // carrying them, where it was reached, the fds received).
     let mut in_flight: Vec<(KernelPtr, Tgid, Fd, Vec<OwnedFd>)> = Vec::new();
