@@ -212,27 +212,23 @@ impl ObjHash {
     /// Registers the object on first encounter (building it with `make`, which may
     /// register objects nested inside it) or refers to it.
     fn encounter<T>(&mut self, key: Key, make: impl FnOnce(&mut Self) -> T) -> Encounter<T> {
-        let slot = match key {
-            Key::FdTable(table) => match self.tables.get(&table) {
-                Some(&objref) => return Encounter::Again(objref),
-                None => None,
-            },
-            Key::File(at) => Some(&mut self.files[at]),
-            Key::Object(at) => Some(&mut self.objects[at]),
+        let known = match key {
+            Key::FdTable(table) => self.tables.get(&table).copied(),
+            Key::File(at) => self.files[at],
+            Key::Object(at) => self.objects[at],
         };
-        if let Some(Some(objref)) = slot.as_deref() {
-            return Encounter::Again(*objref);
-        }
-        let objref = ObjRef(self.next + 1);
-        match slot {
-            Some(slot) => *slot = Some(objref),
-            None => {
-                if let Key::FdTable(table) = key {
-                    self.tables.insert(table, objref);
-                }
-            }
+        if let Some(objref) = known {
+            return Encounter::Again(objref);
         }
         self.next += 1;
+        let objref = ObjRef(self.next);
+        match key {
+            Key::FdTable(table) => {
+                self.tables.insert(table, objref);
+            }
+            Key::File(at) => self.files[at] = Some(objref),
+            Key::Object(at) => self.objects[at] = Some(objref),
+        }
         Encounter::First { objref, object: make(self) }
     }
 }
@@ -594,25 +590,26 @@ enum Source<'h> {
 /// (fds first, then files in flight): what the walk knows of each sits in vectors
 /// indexed by them. Each kernel address is hashed once, when numbered, not once per
 /// map per fd (seven maps keyed by address were half a graph's build at 100,000 fds).
-#[derive(Default)]
 struct Numbering {
     files: HashMap<KernelPtr, usize>,
     objects: HashMap<KernelPtr, usize>,
+    /// Each description's object number.
+    file_object: Vec<usize>,
 }
 
 impl Numbering {
-    /// The description's number, and whether it is new.
-    fn file(&mut self, id: KernelPtr) -> (usize, bool) {
+    /// The number of the description `file`, numbering it and its object on first
+    /// sight; and whether its object was new (its record is then the caller's to keep).
+    fn description(&mut self, file: &FileInfo) -> (usize, bool) {
         let next = self.files.len();
-        let at = *self.files.entry(id).or_insert(next);
-        (at, at == next)
-    }
-
-    /// The object's number, and whether it is new.
-    fn object(&mut self, id: KernelPtr) -> (usize, bool) {
-        let next = self.objects.len();
-        let at = *self.objects.entry(id).or_insert(next);
-        (at, at == next)
+        let at = *self.files.entry(file.id).or_insert(next);
+        if at != next {
+            return (at, false);
+        }
+        let next_object = self.objects.len();
+        let object = *self.objects.entry(file.object.id).or_insert(next_object);
+        self.file_object.push(object);
+        (at, object == next_object)
     }
 }
 
@@ -652,19 +649,17 @@ impl<'h> Walk<'h> {
     fn new(harvest: &'h Harvest, saves: Saves) -> Self {
         let Saves { states: mut saved, carried } = saves;
         let fds = harvest.fds.len();
-        let mut numbering =
-            Numbering { files: HashMap::with_capacity(fds), objects: HashMap::with_capacity(fds) };
-        let (mut fd_file, mut file_object, mut sources) =
-            (Vec::with_capacity(fds), Vec::with_capacity(fds), Vec::with_capacity(fds));
+        let mut numbering = Numbering {
+            files: HashMap::with_capacity(fds),
+            objects: HashMap::with_capacity(fds),
+            file_object: Vec::with_capacity(fds),
+        };
+        let (mut fd_file, mut sources) = (Vec::with_capacity(fds), Vec::with_capacity(fds));
         for f in &harvest.fds {
-            let (file, new_file) = numbering.file(f.file.id);
+            let (file, new_object) = numbering.description(&f.file);
             fd_file.push(file);
-            if new_file {
-                let (object, new_object) = numbering.object(f.file.object.id);
-                if new_object {
-                    sources.push(Source::Fd(&f.file.object, f.link.as_ref()));
-                }
-                file_object.push(object);
+            if new_object {
+                sources.push(Source::Fd(&f.file.object, f.link.as_ref()));
             }
         }
         let fd_objects = sources.len();
@@ -682,19 +677,16 @@ impl<'h> Walk<'h> {
             let start = in_flight.len();
             let counted = held(&carrier);
             for c in files {
-                let (file, new_file) = numbering.file(c.file.id);
-                if new_file {
-                    let (object, new_object) = numbering.object(c.file.object.id);
-                    if new_object {
-                        sources.push(Source::InFlight(in_flight.len()));
-                    }
-                    file_object.push(object);
+                let (file, new_object) = numbering.description(&c.file);
+                if new_object {
+                    sources.push(Source::InFlight(in_flight.len()));
                 }
                 held_in_flight.push(counted);
                 in_flight.push((c, file));
             }
             carried.insert(carrier, start..in_flight.len());
         }
+        let file_object = numbering.file_object;
         // Every fd slot, and every file in flight inside an object of the set (the kernel
         // counts the message's reference too).
         let mut slots_inside = vec![0; file_object.len()];

@@ -400,15 +400,11 @@ impl Listing {
             .filter_map(|ends| {
                 let inode_ref = ends[0].0;
                 let object = index.objects.get(&inode_ref)?;
-                let holding = |read: bool| {
-                    let mode = move |access: &Access| if read { access.read } else { access.write };
-                    ends.iter().filter(|(_, _, access)| mode(access)).map(|(_, holder, _)| *holder).collect()
-                };
                 Some(PipeEnds {
                     inode: inode_ref,
                     name: names.of(inode_ref, object),
-                    readers: holding(true),
-                    writers: holding(false),
+                    readers: ends.iter().filter(|(_, _, access)| access.read).map(|(_, h, _)| *h).collect(),
+                    writers: ends.iter().filter(|(_, _, access)| access.write).map(|(_, h, _)| *h).collect(),
                     held_outside: object.held_outside,
                     queued: queued(object),
                 })
